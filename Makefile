@@ -1,0 +1,42 @@
+# The two commands: `make run` (set up + whole pipeline on the embedded synthetic data)
+# and `make test` (set up + test suite). Both create a project-local venv from pyproject.toml.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export BENTOML_DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: install run test test-all serve params clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## run: the whole DVC pipeline (synthesize -> prepare -> train -> evaluate -> select)
+run: install
+	dvc repro
+
+## test: the test suite (real-data tests run when ../shared exists; `-m slow` ones are opt-in)
+test: install
+	python -m pytest -m "not slow"
+
+test-all: install
+	python -m pytest
+
+## params: recompose params.yaml from conf/ (what `dvc exp run -S` does by itself)
+params: install
+	python -m pox_pipeline.config
+
+## serve: serve the champion chosen by `select` on http://127.0.0.1:3000
+serve: install
+	bentoml serve service:PoxClassifier --host 127.0.0.1 --port 3000
+
+clean:
+	rm -rf $(VENV) datas/synthetic datas/prepared models reports outputs mlflow.db mlruns
