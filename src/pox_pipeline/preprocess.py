@@ -31,6 +31,10 @@ class ImageError(ValueError):
     """An input that is not a usable photo; ``str(err)`` is a reason fit for a user."""
 
 
+class ImageTooLarge(ImageError):
+    """An input over the byte or pixel limits (the service answers HTTP 413, not 400)."""
+
+
 def decode_image(
     data: bytes,
     *,
@@ -42,14 +46,14 @@ def decode_image(
     if not data:
         raise ImageError("the file is empty (0 bytes)")
     if max_bytes is not None and len(data) > max_bytes:
-        raise ImageError(f"the file is {len(data):,} bytes; the limit is {max_bytes:,} bytes")
+        raise ImageTooLarge(f"the file is {len(data):,} bytes; the limit is {max_bytes:,} bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
-                raise ImageError(
+                raise ImageTooLarge(
                     f"the image is {width}x{height} = {width * height:,} pixels; "
                     f"the limit is {max_pixels:,}"
                 )
@@ -63,7 +67,7 @@ def decode_image(
     except UnidentifiedImageError:
         raise ImageError("the file is not an image in a format this service can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"the image is too large to decode safely ({err})") from None
+        raise ImageTooLarge(f"the image is too large to decode safely ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"the image could not be decoded: {err}") from None
     return to_rgb(image)

@@ -1,0 +1,158 @@
+"""The BentoML service: ``bentoml serve service:PoxClassifier`` (``make serve``).
+
+Two services run together. ``PoxClassifier`` owns HTTP: it decodes uploads (bad ones get a
+4xx JSON reason), formats answers and serves the web page. ``PoxModel`` owns the model,
+loaded once, and batches concurrent requests adaptively. The split is how BentoML batches file
+uploads: a batchable API takes arrays, and an API cannot call another API of its own service,
+so the route decodes the file and calls the model service's batchable API with the array.
+Settings come from the ``serve`` section of ``params.yaml`` (or ``$POX_PARAMS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, RedirectResponse
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pox_pipeline import serve
+from pox_pipeline.preprocess import ImageError
+
+SETTINGS = serve.ServeConfig.load()
+CHAMPION = bentoml.models.BentoModel(SETTINGS.model_tag)
+STATIC_DIR = Path(serve.__file__).parent / "static"
+
+
+@bentoml.service(
+    name="pox-model",
+    workers=1,
+    threads=SETTINGS.model_threads,
+    traffic={"timeout": SETTINGS.timeout_s},
+)
+class PoxModel:
+    """The champion model; its inputs are preprocessed float32 arrays, never files."""
+
+    model = CHAMPION
+
+    def __init__(self) -> None:
+        self.predictor = serve.Predictor.from_stored(self.model, SETTINGS.backend)
+
+    @bentoml.api(
+        batchable=SETTINGS.batching,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_latency_ms,
+    )
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        """Raw model outputs for a (N, S, S, 3) batch; concurrent calls are merged into one."""
+        return self.predictor.outputs(images)
+
+    @bentoml.api
+    def gradcam(self, image: np.ndarray) -> np.ndarray:
+        """Grad-CAM map of the positive class for one (S, S, 3) image, in [0, 1]."""
+        return self.predictor.gradcam(image)
+
+
+class EntryPoints:
+    """``/`` opens the web page; ``/docs`` shows BentoML's OpenAPI page (BentoML's own ``/``)."""
+
+    def __init__(self, app: ASGIApp, ui_path: str) -> None:
+        self.app = app
+        self.ui_path = ui_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            if scope["path"] == "/":
+                await RedirectResponse(f"{self.ui_path}/")(scope, receive, send)
+                return
+            if scope["path"] == "/docs":
+                scope = {**scope, "path": "/", "raw_path": b"/"}
+        await self.app(scope, receive, send)
+
+
+def web_page() -> Starlette:
+    """The static page in ``pox_pipeline/static`` (plain HTML/JS/CSS, nothing fetched online)."""
+    return Starlette(routes=[Mount("/", StaticFiles(directory=STATIC_DIR, html=True))])
+
+
+def rejection(error: ImageError, which: str = "") -> JSONResponse:
+    """A bad upload's answer: 413 over the limits, else 400, with the reason as ``error``."""
+    reason = f"{which}: {error}" if which else str(error)
+    return JSONResponse({"error": reason}, status_code=serve.http_status(error))
+
+
+@bentoml.asgi_app(web_page(), path=SETTINGS.ui_path, name="web-page")
+@bentoml.service(
+    name="pox-classifier",
+    workers=SETTINGS.api_workers,
+    traffic={"timeout": SETTINGS.timeout_s},
+    http={"host": SETTINGS.host, "port": SETTINGS.port},
+)
+class PoxClassifier:
+    """Classifies skin-lesion photos as the champion's classes. Not a diagnosis."""
+
+    model_service = bentoml.depends(PoxModel)
+
+    def __init__(self) -> None:
+        self.settings = SETTINGS
+        self.card = serve.ModelCard.from_stored(CHAMPION.resolve())
+
+    async def _load(self, upload: Path) -> tuple[Image.Image, np.ndarray]:
+        """Decode off the event loop; raises ImageError with a reason for the client."""
+        return await asyncio.to_thread(serve.load_upload, upload, self.settings, self.card)
+
+    async def _outputs(self, batch: np.ndarray) -> np.ndarray:
+        return await self.model_service.to_async.infer(images=batch)
+
+    @bentoml.api
+    async def predict(self, image: Path) -> dict[str, Any]:
+        """One photo (multipart field ``image``) -> label, probability, threshold,
+        probabilities per class and the model's name, version and MLflow run."""
+        try:
+            _, array = await self._load(image)
+        except ImageError as error:
+            return rejection(error)
+        return self.card.results(await self._outputs(array[None]))[0]
+
+    @bentoml.api
+    async def predict_batch(self, images: list[Path]) -> list[dict[str, Any]]:
+        """Several photos (repeated multipart field ``images``) -> one answer each, in order."""
+        limit = self.settings.max_images_per_request
+        if len(images) > limit:
+            return JSONResponse(
+                {"error": f"{len(images)} images sent; the limit is {limit} per request"},
+                status_code=413,
+            )
+        arrays = []
+        for number, upload in enumerate(images, 1):
+            try:
+                arrays.append((await self._load(upload))[1])
+            except ImageError as error:
+                return rejection(error, f"image {number} of {len(images)}")
+        return self.card.results(await self._outputs(np.stack(arrays)))
+
+    @bentoml.api
+    async def explain(self, image: Path) -> dict[str, Any]:
+        """The ``/predict`` answer plus ``heatmap_png_base64``: the Grad-CAM map of the
+        positive class over the photo, as a base64 PNG."""
+        try:
+            photo, array = await self._load(image)
+        except ImageError as error:
+            return rejection(error)
+        outputs, cam = await asyncio.gather(
+            self._outputs(array[None]), self.model_service.to_async.gradcam(image=array)
+        )
+        png = await asyncio.to_thread(serve.render_heatmap, photo, cam, self.settings.heatmap)
+        result = self.card.results(outputs)[0]
+        return {**result, "heatmap_png_base64": base64.b64encode(png).decode("ascii")}
+
+
+PoxClassifier.add_asgi_middleware(EntryPoints, ui_path=SETTINGS.ui_path)

@@ -1,0 +1,319 @@
+"""Stage `evaluate@<name>`: score a trained model on val and test, pick the operating
+threshold on val, report test metrics with bootstrap CIs, curves and figures.
+
+The threshold is chosen on the validation split only, so the test figures are an honest
+estimate of the deployed decision. Everything is logged to the MLflow run that trained the
+model (``models/<name>/run.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from pox_pipeline import metrics  # noqa: E402
+from pox_pipeline.config import stage_entry  # noqa: E402
+from pox_pipeline.data import load_split  # noqa: E402
+from pox_pipeline.tracking import read_run_info, setup_mlflow  # noqa: E402
+
+MODEL_FILE = "model.keras"
+MULTICLASS_RULE = "argmax"
+MULTICLASS_NOTE = (
+    "multi-class: the predicted class is the argmax of the softmax; evaluate.threshold "
+    "applies to binary models only"
+)
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """Model outputs on one split: class-index labels, P(positive) and, for N > 2 classes,
+    the full softmax."""
+
+    files: list[str]
+    labels: np.ndarray
+    positive_score: np.ndarray
+    proba: np.ndarray | None
+
+
+def eval_dir(cfg: DictConfig, model_name: str) -> Path:
+    return Path(cfg.paths.reports_dir) / "eval" / model_name
+
+
+def model_path(cfg: DictConfig, model_name: str) -> Path:
+    return Path(cfg.paths.models_dir) / model_name / MODEL_FILE
+
+
+def predict_scores(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Model outputs in batches through Keras' compiled predict step (not image by image)."""
+    batches = [
+        np.asarray(model.predict_on_batch(images[start : start + batch_size]))
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(batches).astype(np.float64)
+
+
+def score_split(cfg: DictConfig, model: Any, split: str) -> SplitScores:
+    """Load a prepared split and run the model over it."""
+    images, labels, files = load_split(cfg, split)
+    outputs = predict_scores(model, images, int(cfg.evaluate.batch_size))
+    positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
+    relative = [os.path.relpath(f, cfg.paths.prepared_dir) for f in files]
+    if len(cfg.data.classes) == 2:
+        return SplitScores(relative, np.asarray(labels), outputs[:, 0], None)
+    return SplitScores(relative, np.asarray(labels), outputs[:, positive_index], outputs)
+
+
+def split_metrics(
+    scores: SplitScores, threshold: float | None, positive_index: int
+) -> dict[str, float]:
+    """Point metrics of one split (binary at ``threshold``, multi-class by argmax)."""
+    if scores.proba is None:
+        is_positive = (scores.labels == positive_index).astype(int)
+        return metrics.binary_metrics(is_positive, scores.positive_score, threshold)
+    return metrics.multiclass_metrics(scores.labels, scores.proba, positive_index)
+
+
+def predicted_indices(
+    scores: SplitScores, threshold: float | None, positive_index: int
+) -> np.ndarray:
+    """Class index decided for every image."""
+    if scores.proba is not None:
+        return scores.proba.argmax(axis=1)
+    negative_index = 1 - positive_index
+    return np.where(scores.positive_score >= threshold, positive_index, negative_index)
+
+
+def with_ci(
+    scores: SplitScores, threshold: float | None, positive_index: int, cfg: DictConfig
+) -> dict[str, float]:
+    """Test metrics, each with its percentile bootstrap interval, as flat keys."""
+    point = split_metrics(scores, threshold, positive_index)
+
+    def resampled(indices: np.ndarray) -> dict[str, float]:
+        subset = SplitScores(
+            [],
+            scores.labels[indices],
+            scores.positive_score[indices],
+            None if scores.proba is None else scores.proba[indices],
+        )
+        return split_metrics(subset, threshold, positive_index)
+
+    intervals = metrics.bootstrap_ci(
+        resampled,
+        len(scores.labels),
+        samples=int(cfg.evaluate.bootstrap.samples),
+        confidence=float(cfg.evaluate.bootstrap.confidence),
+        seed=int(cfg.seed),
+    )
+    flat: dict[str, float] = {}
+    for name, value in point.items():
+        flat[name] = value
+        flat[f"{name}_ci_low"] = intervals[name].low
+        flat[f"{name}_ci_high"] = intervals[name].high
+    flat["bootstrap_samples"] = int(cfg.evaluate.bootstrap.samples)
+    flat["bootstrap_confidence"] = float(cfg.evaluate.bootstrap.confidence)
+    flat["bootstrap_min_resamples_used"] = min(ci.resamples_used for ci in intervals.values())
+    return flat
+
+
+def _json_ready(values: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN (an undefined metric) becomes null: strict JSON for DVC and every other reader."""
+    return {
+        k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()
+    }
+
+
+def _write_json(path: Path, values: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(_json_ready(values), indent=2) + "\n")
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4 + 0.5 * len(classes), 3.5 + 0.5 * len(classes)))
+    ax.imshow(matrix, cmap="Blues")
+    for (row, col), count in np.ndenumerate(matrix):
+        color = "white" if count > matrix.max() / 2 else "black"
+        ax.text(col, row, str(count), ha="center", va="center", color=color)
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curve(
+    x: pd.Series,
+    y: pd.Series,
+    axis_labels: tuple[str, str],
+    title: str,
+    path: Path,
+    diagonal: bool = False,
+) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(x, y, lw=2)
+    if diagonal:
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_reports(
+    out: Path,
+    model_name: str,
+    classes: list[str],
+    positive_index: int,
+    test: SplitScores,
+    predicted: np.ndarray,
+    test_auc: float,
+) -> None:
+    """predictions.csv, roc.csv, pr.csv, per_class.csv (multi-class) and the figures."""
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(
+        {
+            "file": test.files,
+            "actual": [classes[i] for i in test.labels],
+            "predicted": [classes[i] for i in predicted],
+            "probability": test.positive_score,
+        }
+    ).to_csv(out / "predictions.csv", index=False)
+    is_positive = (test.labels == positive_index).astype(int)
+    roc = metrics.roc_points(is_positive, test.positive_score)
+    pr = metrics.pr_points(is_positive, test.positive_score)
+    roc.to_csv(out / "roc.csv", index=False)
+    pr.to_csv(out / "pr.csv", index=False)
+    if test.proba is not None:
+        metrics.per_class_table(test.labels, test.proba, classes).to_csv(
+            out / "per_class.csv", index=False
+        )
+    positive = classes[positive_index]
+    auc = f"AUC {test_auc:.3f}"
+    plot_confusion(
+        metrics.confusion_matrix(test.labels, predicted, len(classes)),
+        classes,
+        f"{model_name}: test confusion ({auc})",
+        figures / "confusion.png",
+    )
+    plot_curve(
+        roc["fpr"],
+        roc["tpr"],
+        ("false positive rate", f"sensitivity ({positive})"),
+        f"{model_name}: ROC, test ({auc})",
+        figures / "roc.png",
+        diagonal=True,
+    )
+    plot_curve(
+        pr["recall"],
+        pr["precision"],
+        (f"recall ({positive})", "precision"),
+        f"{model_name}: precision-recall, test ({auc})",
+        figures / "pr.png",
+    )
+
+
+def log_to_mlflow(
+    cfg: DictConfig, model_name: str, out: Path, val: Mapping[str, Any], test: Mapping[str, Any]
+) -> str:
+    """Log val_/test_ metrics, the threshold and the figures to the model's training run."""
+    setup_mlflow(cfg)
+    run_id = read_run_info(cfg, model_name)["mlflow_run_id"]
+    numeric = {
+        **{f"val_{k}": v for k, v in val.items() if k != "threshold"},
+        **{f"test_{k}": v for k, v in test.items() if k != "threshold"},
+        "threshold": val["threshold"],
+    }
+    finite = {
+        k: float(v)
+        for k, v in numeric.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(finite)
+        mlflow.set_tag("threshold_rule", val["threshold_rule"])
+        mlflow.log_artifacts(str(out / "figures"), artifact_path="eval/figures")
+        mlflow.log_artifact(str(out / "val_metrics.json"), artifact_path="eval")
+        mlflow.log_artifact(str(out / "metrics.json"), artifact_path="eval")
+    return run_id
+
+
+def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
+    """Evaluate ``models/<model_name>/model.keras``; returns the written val and test metrics."""
+    import keras
+
+    classes = list(cfg.data.classes)
+    positive_index = classes.index(cfg.data.positive_class)
+    model = keras.saving.load_model(model_path(cfg, model_name))
+    val = score_split(cfg, model, "val")
+    test = score_split(cfg, model, "test")
+
+    if test.proba is None:
+        is_positive = (val.labels == positive_index).astype(int)
+        rule_cfg = OmegaConf.to_container(cfg.evaluate.threshold, resolve=True)
+        threshold = metrics.choose_threshold(is_positive, val.positive_score, rule_cfg)
+        rule = str(cfg.evaluate.threshold.rule)
+        note = {}
+    else:
+        threshold, rule, note = None, MULTICLASS_RULE, {"decision": MULTICLASS_NOTE}
+
+    header = {"threshold": threshold, "threshold_rule": rule, **note}
+    val_metrics = {
+        **header,
+        "n_val": len(val.labels),
+        **split_metrics(val, threshold, positive_index),
+    }
+    test_metrics = {
+        **header,
+        "n_test": len(test.labels),
+        **with_ci(test, threshold, positive_index, cfg),
+    }
+
+    out = eval_dir(cfg, model_name)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "val_metrics.json", val_metrics)
+    _write_json(out / "metrics.json", test_metrics)
+    predicted = predicted_indices(test, threshold, positive_index)
+    write_reports(out, model_name, classes, positive_index, test, predicted, test_metrics["auc"])
+    log_to_mlflow(cfg, model_name, out, val_metrics, test_metrics)
+    return {"val": _json_ready(val_metrics), "test": _json_ready(test_metrics)}
+
+
+def run(cfg: DictConfig) -> None:
+    result = evaluate(cfg, cfg.model_name)
+    test = result["test"]
+    print(
+        f"{cfg.model_name}: threshold {test['threshold']} ({test['threshold_rule']}), test "
+        + ", ".join(
+            f"{m} {test[m]:.3f} [{test[f'{m}_ci_low']:.3f}, {test[f'{m}_ci_high']:.3f}]"
+            for m in ("balanced_accuracy", "sensitivity", "specificity", "auc")
+            if test[m] is not None and test[f"{m}_ci_low"] is not None
+        )
+    )
+
+
+main = stage_entry(run)
+
+if __name__ == "__main__":
+    main()

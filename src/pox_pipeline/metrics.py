@@ -1,0 +1,272 @@
+"""Classification metrics, bootstrap confidence intervals and threshold rules.
+
+Pure numpy / scikit-learn: no model, no files. Binary functions take ``y_true`` as 1 for the
+positive class (``data.positive_class``) and 0 otherwise, and ``score`` as P(positive); a
+sample is called positive when ``score >= threshold``. A metric that is undefined on the
+given labels (sensitivity without positives, AUC with one class) is ``nan``, never a guess.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import log_loss, precision_recall_curve, roc_auc_score, roc_curve
+
+BINARY_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "auc",
+    "log_loss",
+)
+MULTICLASS_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "macro_specificity",
+    "auc",
+    "log_loss",
+)
+THRESHOLD_RULES = ("sensitivity_target", "fixed", "youden")
+# Probabilities are clipped this far from 0 and 1 before the log in log loss.
+LOG_LOSS_EPS = 1e-7
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator) / float(denominator) if denominator else math.nan
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, int]:
+    """TP/FP/TN/FN of binary 0/1 labels and decisions (1 = positive class)."""
+    y_true = np.asarray(y_true).astype(bool)
+    y_pred = np.asarray(y_pred).astype(bool)
+    return {
+        "tp": int(np.sum(y_true & y_pred)),
+        "fp": int(np.sum(~y_true & y_pred)),
+        "tn": int(np.sum(~y_true & ~y_pred)),
+        "fn": int(np.sum(y_true & ~y_pred)),
+    }
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """``matrix[actual, predicted]`` counts for class indices ``0..n_classes-1``."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)), 1)
+    return matrix
+
+
+def rates_from_counts(tp: int, fp: int, tn: int, fn: int) -> dict[str, float]:
+    """Threshold metrics from confusion counts (``nan`` where a denominator is zero)."""
+    sensitivity = _ratio(tp, tp + fn)
+    specificity = _ratio(tn, tn + fp)
+    return {
+        "accuracy": _ratio(tp + tn, tp + fp + tn + fn),
+        "balanced_accuracy": (sensitivity + specificity) / 2.0,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "precision": _ratio(tp, tp + fp),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+    }
+
+
+def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Binary ROC AUC, ``nan`` when only one class is present."""
+    y_true = np.asarray(y_true)
+    if np.unique(y_true).size < 2:
+        return math.nan
+    return float(roc_auc_score(y_true, score))
+
+
+def binary_log_loss(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Mean binary cross-entropy of P(positive) scores."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    p = np.clip(np.asarray(score, dtype=np.float64), LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
+    return float(-np.mean(y_true * np.log(p) + (1.0 - y_true) * np.log(1.0 - p)))
+
+
+def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
+    """Every metric of :data:`BINARY_METRICS` at ``threshold`` (positive when score >= it)."""
+    y_true = np.asarray(y_true).astype(int)
+    score = np.asarray(score, dtype=np.float64)
+    counts = confusion_counts(y_true, score >= threshold)
+    return {
+        **rates_from_counts(**counts),
+        "auc": roc_auc(y_true, score),
+        "log_loss": binary_log_loss(y_true, score),
+    }
+
+
+def per_class_table(
+    y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]
+) -> pd.DataFrame:
+    """One row per class, one-vs-rest with the argmax decision: support, precision,
+    recall (sensitivity), specificity, F1 and AUC."""
+    y_true = np.asarray(y_true, dtype=int)
+    proba = np.asarray(proba, dtype=np.float64)
+    y_pred = proba.argmax(axis=1)
+    rows = []
+    for index, name in enumerate(classes):
+        is_class = y_true == index
+        counts = confusion_counts(is_class, y_pred == index)
+        rates = rates_from_counts(**counts)
+        rows.append(
+            {
+                "class": name,
+                "support": int(is_class.sum()),
+                "precision": rates["precision"],
+                "recall": rates["sensitivity"],
+                "specificity": rates["specificity"],
+                "f1": rates["f1"],
+                "auc": roc_auc(is_class.astype(int), proba[:, index]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def multiclass_metrics(
+    y_true: np.ndarray, proba: np.ndarray, positive_index: int
+) -> dict[str, float]:
+    """Every metric of :data:`MULTICLASS_METRICS` with the argmax decision.
+
+    Macro figures average the per-class one-vs-rest values over the classes present
+    (``balanced_accuracy`` = macro recall, ``auc`` = macro one-vs-rest AUC); ``sensitivity``
+    and ``specificity`` are those of the positive class against all the others.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    proba = np.asarray(proba, dtype=np.float64)
+    n_classes = proba.shape[1]
+    table = per_class_table(y_true, proba, [str(i) for i in range(n_classes)])
+    present = table[table["support"] > 0]
+    positive = table.iloc[positive_index]
+    clipped = np.clip(proba, LOG_LOSS_EPS, 1.0)
+    macro_recall = _nanmean(present["recall"].tolist())
+    return {
+        "accuracy": float(np.mean(proba.argmax(axis=1) == y_true)),
+        "balanced_accuracy": macro_recall,
+        "sensitivity": float(positive["recall"]),
+        "specificity": float(positive["specificity"]),
+        "macro_precision": _nanmean(present["precision"].tolist()),
+        "macro_recall": macro_recall,
+        "macro_f1": _nanmean(present["f1"].tolist()),
+        "macro_specificity": _nanmean(present["specificity"].tolist()),
+        "auc": _nanmean(present["auc"].tolist()),
+        "log_loss": float(
+            log_loss(y_true, clipped / clipped.sum(axis=1, keepdims=True), labels=range(n_classes))
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class ConfidenceInterval:
+    low: float
+    high: float
+    resamples_used: int
+
+
+def bootstrap_ci(
+    metric_fn: Callable[[np.ndarray], Mapping[str, float]],
+    n_items: int,
+    *,
+    samples: int,
+    confidence: float,
+    seed: int,
+) -> dict[str, ConfidenceInterval]:
+    """Seeded percentile bootstrap over items (images).
+
+    ``metric_fn(indices)`` returns the metrics of the items at ``indices`` (a resample with
+    replacement). Resamples where a metric is ``nan`` (undefined, e.g. one class only) are
+    skipped for that metric; ``resamples_used`` says how many were left. A metric undefined
+    in every resample gets a ``nan`` interval.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {}
+    for _ in range(samples):
+        indices = rng.integers(0, n_items, size=n_items)
+        for name, value in metric_fn(indices).items():
+            values.setdefault(name, []).append(value)
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    intervals = {}
+    for name, series in values.items():
+        finite = np.asarray([v for v in series if not math.isnan(v)])
+        if finite.size == 0:
+            intervals[name] = ConfidenceInterval(math.nan, math.nan, 0)
+            continue
+        low, high = np.percentile(finite, [tail, 100.0 - tail])
+        intervals[name] = ConfidenceInterval(float(low), float(high), int(finite.size))
+    return intervals
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity is still >= ``target``.
+
+    Missing mpox costs more than a false alarm, so sensitivity is the constraint; among
+    the thresholds meeting it the highest keeps the most specificity.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"sensitivity target must be in (0, 1], got {target}")
+    positives = np.sort(np.asarray(score, dtype=np.float64)[np.asarray(y_true).astype(bool)])
+    if positives.size == 0:
+        raise ValueError("no positive samples: a sensitivity target cannot be met")
+    # Sensitivity at threshold = the k-th highest positive score is k / n_positives.
+    needed = math.ceil(target * positives.size - 1e-9)
+    return float(positives[::-1][needed - 1])
+
+
+def youden_threshold(y_true: np.ndarray, score: np.ndarray) -> float:
+    """The threshold maximising Youden's J = sensitivity + specificity - 1 (highest on ties)."""
+    y_true = np.asarray(y_true).astype(int)
+    if np.unique(y_true).size < 2:
+        raise ValueError("Youden's J needs both classes in the labels")
+    fpr, tpr, thresholds = roc_curve(y_true, score, drop_intermediate=False)
+    finite = np.isfinite(thresholds)
+    j = np.where(finite, tpr - fpr, -np.inf)
+    return float(thresholds[int(np.argmax(j))])  # roc_curve lists thresholds descending
+
+
+def choose_threshold(
+    y_true: np.ndarray, score: np.ndarray, rule_cfg: Mapping[str, Any]
+) -> float:
+    """Apply ``evaluate.threshold`` (``rule``: sensitivity_target | fixed | youden)."""
+    rule = rule_cfg["rule"]
+    if rule == "sensitivity_target":
+        return threshold_for_sensitivity(y_true, score, float(rule_cfg["sensitivity_target"]))
+    if rule == "fixed":
+        return float(rule_cfg["fixed"])
+    if rule == "youden":
+        return youden_threshold(y_true, score)
+    raise ValueError(f"unknown threshold rule {rule!r}; choose one of {THRESHOLD_RULES}")
+
+
+def roc_points(y_true: np.ndarray, score: np.ndarray) -> pd.DataFrame:
+    """ROC curve as ``fpr, tpr, threshold`` rows (the first threshold is +inf: nothing called
+    positive)."""
+    fpr, tpr, thresholds = roc_curve(np.asarray(y_true).astype(int), score)
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thresholds})
+
+
+def pr_points(y_true: np.ndarray, score: np.ndarray) -> pd.DataFrame:
+    """Precision-recall curve as ``recall, precision, threshold`` rows; the closing
+    (recall 0, precision 1) point has no threshold (empty)."""
+    precision, recall, thresholds = precision_recall_curve(np.asarray(y_true).astype(int), score)
+    return pd.DataFrame(
+        {"recall": recall, "precision": precision, "threshold": np.append(thresholds, np.nan)}
+    )

@@ -1,0 +1,315 @@
+"""Model factories, one per architecture, configured from ``conf/model/<name>.yaml``.
+
+Every model takes the float32 RGB image in [0, 255] (``preprocess.to_model_input``) and
+scales it itself, so a saved ``.keras`` file needs nothing else to be used. Transfer models
+are a chain of named sub-models (``augmentation`` -> ``frozen`` -> ``trainable``) so that
+training can precompute the frozen prefix once and fit only the trainable rest
+(:func:`frozen_split`). Adding a family = one factory in :data:`FACTORIES` + one yaml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+from keras.src.applications.vgg16 import WEIGHTS_PATH_NO_TOP as VGG16_NOTOP_URL
+from omegaconf import DictConfig
+
+# Keras' own cache name and published md5 for the ImageNet VGG16 conv base (no top).
+VGG16_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+VGG16_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"
+# keras.applications.vgg16.preprocess_input ("caffe"): BGR order, minus these per-channel means.
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+
+AUGMENTATION = "augmentation"
+FROZEN = "frozen"
+TRAINABLE = "trainable"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Requested pretrained weights cannot be found or fetched; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class FrozenSplit:
+    """A model's parts for feature caching: model(x) == trainable(frozen(augmentation(x)))."""
+
+    augmentation: keras.Model | None
+    frozen: keras.Model
+    trainable: keras.Model
+
+
+# ---------------------------------------------------------------------------- shared blocks
+
+
+def augmentation_block(augment_cfg: DictConfig) -> keras.Sequential | None:
+    """Random flip/rotation/zoom, active only in training; None when disabled or empty."""
+    if not augment_cfg.enabled:
+        return None
+    steps = []
+    if augment_cfg.flip:
+        steps.append(layers.RandomFlip(augment_cfg.flip, name="random_flip"))
+    if augment_cfg.rotation:
+        steps.append(layers.RandomRotation(augment_cfg.rotation, name="random_rotation"))
+    if augment_cfg.zoom:
+        steps.append(layers.RandomZoom(augment_cfg.zoom, name="random_zoom"))
+    return keras.Sequential(steps, name=AUGMENTATION) if steps else None
+
+
+def classifier_head(num_classes: int) -> layers.Dense:
+    """Binary: one sigmoid unit = P(positive class). N > 2: softmax over ``data.classes``."""
+    if num_classes < 2:
+        raise ValueError(f"need at least 2 classes, got {num_classes}")
+    if num_classes == 2:
+        return layers.Dense(1, activation="sigmoid", name="output")
+    return layers.Dense(num_classes, activation="softmax", name="output")
+
+
+def loss_for(num_classes: int) -> str:
+    return "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+
+
+def compile_model(model: keras.Model, model_cfg: DictConfig, num_classes: int) -> keras.Model:
+    """Optimizer and learning rate from config; the accuracy metric is logged as ``accuracy``."""
+    optimizer = keras.optimizers.get(
+        {"class_name": model_cfg.optimizer, "config": {"learning_rate": model_cfg.learning_rate}}
+    )
+    model.compile(optimizer=optimizer, loss=loss_for(num_classes), metrics=["accuracy"])
+    return model
+
+
+def imagenet_caffe_preprocessing() -> layers.Conv2D:
+    """``vgg16.preprocess_input`` as a fixed 1x1 convolution: RGB->BGR, minus the ImageNet mean.
+
+    A built-in layer (not a Lambda or custom class) keeps the saved model loadable anywhere
+    without custom objects; permutation weights of 0/1 make it exact in float32.
+    """
+    conv = layers.Conv2D(3, 1, name="imagenet_caffe_preprocessing", trainable=False)
+    conv.build((None, None, None, 3))
+    reverse_channels = np.eye(3, dtype=np.float32)[::-1].reshape(1, 1, 3, 3)
+    conv.set_weights([reverse_channels, -np.asarray(IMAGENET_BGR_MEAN, dtype=np.float32)])
+    return conv
+
+
+def chain_frozen(
+    image_shape: tuple[int, int, int],
+    augmentation: keras.Model | None,
+    frozen: keras.Model,
+    trainable: keras.Model,
+    name: str,
+) -> keras.Model:
+    """The whole model as augmentation -> frozen -> trainable (what :func:`frozen_split` reads)."""
+    inputs = keras.Input(image_shape, name="image")
+    x = augmentation(inputs) if augmentation is not None else inputs
+    return keras.Model(inputs, trainable(frozen(x)), name=name)
+
+
+def frozen_split(model: keras.Model) -> FrozenSplit | None:
+    """The parts of a :func:`chain_frozen` model whose frozen prefix holds weights, else None."""
+    named = {layer.name: layer for layer in model.layers}
+    frozen, trainable = named.get(FROZEN), named.get(TRAINABLE)
+    if frozen is None or trainable is None or frozen.trainable or not frozen.weights:
+        return None
+    return FrozenSplit(named.get(AUGMENTATION), frozen, trainable)
+
+
+def weights_source(model_cfg: DictConfig) -> str:
+    """Plain provenance of the initial weights: ``imagenet``, ``local:<path>`` or ``random``."""
+    weights = model_cfg.get("weights")
+    if weights is None:
+        return "random"
+    return "imagenet" if weights == "imagenet" else f"local:{weights}"
+
+
+# ---------------------------------------------------------------------------- cnn
+
+
+def cnn(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Model:
+    """The tutorial's CNN: scaling, Conv2D + MaxPool blocks, Flatten, Dense, output head."""
+    if len(model_cfg.filters) != len(model_cfg.kernel_sizes):
+        raise ValueError("model.cnn.filters and model.cnn.kernel_sizes must have equal length")
+    _check_spatial_size(model_cfg, image_size)
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    augmentation = augmentation_block(model_cfg.augment)
+    x = augmentation(inputs) if augmentation is not None else inputs
+    x = layers.Rescaling(model_cfg.rescale, name="rescale")(x)
+    for block, (filters, kernel) in enumerate(zip(model_cfg.filters, model_cfg.kernel_sizes), 1):
+        x = layers.Conv2D(
+            filters,
+            kernel,
+            activation=model_cfg.activation,
+            padding=model_cfg.padding,
+            name=f"conv{block}",
+        )(x)
+        x = layers.MaxPooling2D(model_cfg.pool_size, name=f"pool{block}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(model_cfg.dense_units, activation=model_cfg.activation, name="dense")(x)
+    if model_cfg.dropout:
+        x = layers.Dropout(model_cfg.dropout, name="dropout")(x)
+    return keras.Model(inputs, classifier_head(num_classes)(x), name="cnn")
+
+
+def _check_spatial_size(model_cfg: DictConfig, image_size: int) -> None:
+    """Fail with a usable message, not a negative-dimension error, when the image is too small."""
+    size = image_size
+    for kernel in model_cfg.kernel_sizes:
+        if model_cfg.padding == "valid":
+            size -= kernel - 1
+        size //= model_cfg.pool_size
+        if size < 1:
+            raise ValueError(
+                f"data.image_size={image_size} is too small for {len(model_cfg.kernel_sizes)} "
+                f"conv+pool blocks with padding={model_cfg.padding!r}; use a larger image or "
+                "model.cnn.padding=same"
+            )
+
+
+# ---------------------------------------------------------------------------- vgg16
+
+
+def vgg16(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Model:
+    """VGG16 conv base (first ``freeze`` layers frozen) + Flatten + Dense head, as the tutorial.
+
+    Built as augmentation -> frozen (scaling + frozen base layers) -> trainable (rest of the
+    base + head), sharing the base's layers and therefore its loaded weights.
+    """
+    image_shape = (image_size, image_size, 3)
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=image_shape)
+    weights_file = resolve_vgg16_weights(model_cfg.weights, model_cfg.download_timeout_s)
+    if weights_file is not None:
+        base.load_weights(str(weights_file))
+    # base.layers[0] is its input layer: the new sub-models bring their own inputs
+    n_frozen = max(frozen_layer_count(base, model_cfg.freeze), 1)
+
+    frozen = keras.Sequential(
+        [keras.Input(image_shape), *vgg16_scaling(model_cfg), *base.layers[1:n_frozen]],
+        name=FROZEN,
+    )
+    frozen.trainable = False
+    head: list[layers.Layer] = [layers.Flatten(name="flatten")]
+    for index, units in enumerate(model_cfg.head_units, 1):
+        head.append(layers.Dense(units, activation="relu", name=f"dense{index}"))
+        if model_cfg.dropout:
+            head.append(layers.Dropout(model_cfg.dropout, name=f"dropout{index}"))
+    trainable = keras.Sequential(
+        [
+            keras.Input(frozen.output_shape[1:]),
+            *base.layers[n_frozen:],
+            *head,
+            classifier_head(num_classes),
+        ],
+        name=TRAINABLE,
+    )
+    augmentation = augmentation_block(model_cfg.augment)
+    return chain_frozen(image_shape, augmentation, frozen, trainable, name="vgg16")
+
+
+def vgg16_scaling(model_cfg: DictConfig) -> list[layers.Layer]:
+    """Rescaling for random weights, ImageNet caffe preprocessing for pretrained ones."""
+    mode = model_cfg.preprocessing
+    if mode == "auto":
+        mode = "rescale" if model_cfg.weights is None else "imagenet"
+    if mode == "rescale":
+        return [layers.Rescaling(model_cfg.rescale, name="rescale")]
+    if mode == "imagenet":
+        return [imagenet_caffe_preprocessing()]
+    raise ValueError(f"model preprocessing must be auto, rescale or imagenet, got {mode!r}")
+
+
+def frozen_layer_count(base: keras.Model, freeze: int | str) -> int:
+    """How many of ``base.layers`` (input layer first) to freeze: a count, a layer name, "all"."""
+    names = [layer.name for layer in base.layers]
+    if freeze == "all":
+        return len(names)
+    if isinstance(freeze, int) and not isinstance(freeze, bool):
+        if not 0 <= freeze <= len(names):
+            raise ValueError(f"freeze={freeze} is outside 0..{len(names)} (the base's layers)")
+        return freeze
+    if freeze in names:
+        return names.index(freeze) + 1
+    raise ValueError(f"freeze={freeze!r}: use an int, 'all', or one of the layer names {names}")
+
+
+def resolve_vgg16_weights(weights: str | None, download_timeout_s: float) -> Path | None:
+    """The .h5 file to load into the base (None = random init)."""
+    if weights is None:
+        return None
+    if weights == "imagenet":
+        return imagenet_vgg16_weights(download_timeout_s)
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"model.vgg16.weights={weights!r}: no such file (from {Path.cwd()}). Point it at a "
+            f"{VGG16_NOTOP_FILE} file, use 'imagenet', or null for random weights."
+        )
+    return path
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras caches downloads: ``$KERAS_HOME`` (read now, not at import) or ~/.keras."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+
+
+def imagenet_vgg16_weights(download_timeout_s: float) -> Path:
+    """The cached ImageNet notop file, downloading it into Keras' cache if it is missing.
+
+    A file already in the cache is used as is (no hash check), so weights placed there by
+    hand work offline; a failed download raises :class:`WeightsUnavailableError`.
+    """
+    cache_dir = keras_cache_dir()
+    cached = cache_dir / "models" / VGG16_NOTOP_FILE
+    if cached.is_file():
+        return cached
+    try:
+        with _socket_timeout(download_timeout_s):
+            fetched = keras.utils.get_file(
+                VGG16_NOTOP_FILE,
+                VGG16_NOTOP_URL,
+                cache_subdir="models",
+                cache_dir=str(cache_dir),
+                file_hash=VGG16_NOTOP_MD5,
+            )
+    except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
+        raise WeightsUnavailableError(
+            f"ImageNet VGG16 weights are not cached and could not be downloaded ({err}). "
+            f"Place {VGG16_NOTOP_FILE} in {cached.parent}/ (Keras' cache; set KERAS_HOME for "
+            "another directory), or set model.vgg16.weights to the path of that file, or to "
+            "null for random weights."
+        ) from None
+    return Path(fetched)
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """urllib's urlretrieve has no timeout argument; bound every socket operation instead."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+# ---------------------------------------------------------------------------- registry
+
+FACTORIES: dict[str, Callable[[DictConfig, int, int], keras.Model]] = {
+    "cnn": cnn,
+    "vgg16": vgg16,
+}
+
+
+def build_model(model_cfg: DictConfig, data_cfg: DictConfig) -> keras.Model:
+    """The (uncompiled) model for ``model_cfg.architecture`` at ``data.image_size``."""
+    factory = FACTORIES.get(model_cfg.architecture)
+    if factory is None:
+        raise ValueError(
+            f"unknown architecture {model_cfg.architecture!r}; known: {sorted(FACTORIES)}"
+        )
+    return factory(model_cfg, data_cfg.image_size, len(data_cfg.classes))

@@ -1,0 +1,217 @@
+"""Stage `select`: choose the champion on validation metrics, register it in the MLflow
+Model Registry (alias ``select.alias``) and save it to the BentoML model store.
+
+The choice reads ``reports/eval/<name>/val_metrics.json`` and nothing else
+(:func:`choose_champion` only ever sees validation numbers), so the test split stays an
+unbiased estimate. The winner's test metrics are read afterwards, only to ship with the
+model as metadata. Both the registry and the BentoML store are idempotent: re-running on
+unchanged inputs reuses the registered version and the saved BentoML model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from omegaconf import DictConfig
+
+from pox_pipeline.config import stage_entry
+from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
+
+VAL_METRICS_FILE = "val_metrics.json"
+TEST_METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.keras"
+MLFLOW_ARTIFACT = "model"
+HASH_LABEL = "content_sha256"
+# Metadata left out of the content hash: a new commit alone is no new model.
+UNHASHED_METADATA = ("git_commit",)
+
+
+def _eval_dir(cfg: DictConfig, model_name: str) -> Path:
+    return Path(cfg.paths.reports_dir) / "eval" / model_name
+
+
+def read_val_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
+    """The validation metrics and threshold of one candidate: all that the choice may see."""
+    path = _eval_dir(cfg, model_name) / VAL_METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `evaluate@{model_name}` first")
+    return json.loads(path.read_text())
+
+
+def choose_champion(
+    val_metrics: Mapping[str, Mapping[str, Any]], metric: str, greater_is_better: bool
+) -> str:
+    """The candidate with the best validation ``metric``.
+
+    Ties go to the candidate listed first (``models`` order), so the choice is
+    deterministic. A candidate whose metric is undefined (null / nan) cannot win.
+    """
+    scored = []
+    for order, (name, values) in enumerate(val_metrics.items()):
+        if metric not in values:
+            raise KeyError(f"{name}: {VAL_METRICS_FILE} has no metric {metric!r}")
+        value = values[metric]
+        if value is not None and not math.isnan(value):
+            scored.append((value if greater_is_better else -value, -order, name))
+    if not scored:
+        raise ValueError(f"no candidate has a defined validation {metric!r}")
+    return max(scored)[2]
+
+
+def read_test_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
+    """The winner's test metrics, read after the choice only to ship as metadata ({} if absent)."""
+    path = _eval_dir(cfg, model_name) / TEST_METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def register_champion(
+    cfg: DictConfig, run_id: str, tags: Mapping[str, Any]
+) -> ModelVersion:
+    """Register ``runs:/<run_id>/model`` (reusing a version of the same run if there is one),
+    tag it and point ``select.alias`` at it."""
+    name = cfg.select.registered_model_name
+    client = MlflowClient()
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = max(existing, key=lambda v: int(v.version))
+    else:
+        version = mlflow.register_model(f"runs:/{run_id}/{MLFLOW_ARTIFACT}", name)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, str(value))
+    client.set_registered_model_alias(name, cfg.select.alias, version.version)
+    return version
+
+
+def _without_nulls(values: Mapping[str, Any]) -> dict[str, Any]:
+    """BentoML metadata takes no None: undefined metrics are left out."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def content_hash(model_file: Path, metadata: Mapping[str, Any]) -> str:
+    """sha256 over the model bytes and the metadata that changes what is served."""
+    digest = hashlib.sha256(model_file.read_bytes())
+    hashed = {k: v for k, v in metadata.items() if k not in UNHASHED_METADATA}
+    digest.update(json.dumps(hashed, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def save_bentoml_model(cfg: DictConfig, model_file: Path, metadata: Mapping[str, Any]) -> str:
+    """Save the champion to the BentoML store; reuse the latest if its content is identical.
+
+    Only the latest counts: after A, B, A the store gets a new A, because serving loads
+    ``<name>:latest``.
+    """
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    name = cfg.select.bentoml_model_name
+    sha = content_hash(model_file, metadata)
+    try:
+        latest = bentoml.models.get(f"{name}:latest")
+        if latest.info.labels.get(HASH_LABEL) == sha:
+            return str(latest.tag)
+    except NotFound:
+        pass
+    labels = {HASH_LABEL: sha, "model_name": str(metadata["model_name"])}
+    with bentoml.models.create(name, labels=labels, metadata=dict(metadata)) as ref:
+        shutil.copyfile(model_file, Path(ref.path) / MODEL_FILE)
+    return str(ref.tag)
+
+
+def select(cfg: DictConfig) -> dict[str, Any]:
+    """Choose, register and save the champion; writes and returns ``reports/select.json``."""
+    metric = cfg.select.metric
+    val_metrics = {name: read_val_metrics(cfg, name) for name in cfg.models}
+    winner = choose_champion(val_metrics, metric, bool(cfg.select.greater_is_better))
+
+    # From here on the choice is made; test metrics only travel with the model.
+    chosen = val_metrics[winner]
+    run_info = read_run_info(cfg, winner)
+    run_id = run_info["mlflow_run_id"]
+    commit = git_commit()
+    setup_mlflow(cfg)
+    version = register_champion(
+        cfg,
+        run_id,
+        {
+            "model_name": winner,
+            "threshold": chosen["threshold"],
+            "threshold_rule": chosen["threshold_rule"],
+            f"val_{metric}": chosen[metric],
+            "git_commit": commit,
+        },
+    )
+    metadata = {
+        "classes": list(cfg.data.classes),
+        "positive_class": cfg.data.positive_class,
+        "threshold": chosen["threshold"],
+        "threshold_rule": chosen["threshold_rule"],
+        "image_size": int(cfg.data.image_size),
+        "resample": cfg.data.resample,
+        "architecture": run_info["architecture"],
+        "model_name": winner,
+        "weights": run_info["weights"] or "none",
+        "mlflow_run_id": run_id,
+        "mlflow_model_version": int(version.version),
+        "registered_model_name": cfg.select.registered_model_name,
+        "git_commit": commit,
+        "val_metrics": _without_nulls(chosen),
+        "test_metrics": _without_nulls(read_test_metrics(cfg, winner)),
+    }
+    model_file = Path(cfg.paths.models_dir) / winner / MODEL_FILE
+    bento_tag = save_bentoml_model(cfg, model_file, _without_nulls(metadata))
+
+    result = {
+        "winner": winner,
+        "metric": metric,
+        "greater_is_better": bool(cfg.select.greater_is_better),
+        "value": chosen[metric],
+        "candidates": {
+            name: {metric: values[metric], "threshold": values["threshold"]}
+            for name, values in val_metrics.items()
+        },
+        "threshold": chosen["threshold"],
+        "threshold_rule": chosen["threshold_rule"],
+        "mlflow_run_id": run_id,
+        "registered_model_name": cfg.select.registered_model_name,
+        "registered_model_version": int(version.version),
+        "alias": cfg.select.alias,
+        "bentoml_tag": bento_tag,
+    }
+    out = Path(cfg.paths.reports_dir) / "select.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def load_champion(cfg: DictConfig) -> Any:
+    """The Keras model behind ``models:/<registered_model_name>@<alias>``."""
+    setup_mlflow(cfg)
+    return mlflow.keras.load_model(
+        f"models:/{cfg.select.registered_model_name}@{cfg.select.alias}"
+    )
+
+
+def run(cfg: DictConfig) -> None:
+    result = select(cfg)
+    print(
+        f"champion: {result['winner']} (val {result['metric']} {result['value']}), "
+        f"threshold {result['threshold']}, "
+        f"{result['registered_model_name']} v{result['registered_model_version']} "
+        f"@{result['alias']}, BentoML {result['bentoml_tag']}"
+    )
+
+
+main = stage_entry(run)
+
+if __name__ == "__main__":
+    main()

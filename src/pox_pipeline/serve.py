@@ -1,0 +1,457 @@
+"""Serving core, free of HTTP: settings, model card, predictor, Grad-CAM and upload handling.
+
+``service.py`` wraps these in BentoML; tests and scripts call them directly. TensorFlow is
+imported inside the functions that run the model, so the API process (which only decodes
+uploads and formats JSON) starts without it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from pox_pipeline import preprocess
+from pox_pipeline.preprocess import ImageError, ImageTooLarge
+
+if TYPE_CHECKING:
+    import keras
+    from bentoml import Model as StoredModel
+
+PARAMS_ENV = "POX_PARAMS"
+DEFAULT_PARAMS = "params.yaml"
+MODEL_FILE = "model.keras"  # inside the BentoML model directory (docs/architecture.md)
+BACKENDS = ("keras", "tflite_fp32", "tflite_int8")
+
+# Grad-CAM colours: a perceptually ordered dark-blue -> cyan -> yellow -> red ramp ("jet"-like),
+# interpolated linearly between these stops so serving needs no matplotlib.
+COLORMAP_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+COLORMAP_RGB = np.array(
+    [[48, 18, 140], [30, 130, 240], [60, 220, 150], [250, 210, 40], [220, 30, 20]],
+    dtype=np.float64,
+)
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class HeatmapConfig:
+    alpha: float
+    max_side: int
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The ``serve:`` section of the composed params (conf/serve/default.yaml says what each is)."""
+
+    model_tag: str
+    host: str
+    port: int
+    backend: str
+    max_upload_bytes: int
+    max_pixels: int
+    max_images_per_request: int
+    batching: bool
+    max_batch_size: int
+    max_latency_ms: int
+    api_workers: int
+    model_threads: int
+    timeout_s: float
+    ui_path: str
+    heatmap: HeatmapConfig
+    store_uploads: bool
+    upload_dir: Path
+
+    @classmethod
+    def from_cfg(cls, serve_cfg: DictConfig | Mapping[str, Any]) -> ServeConfig:
+        values = (
+            OmegaConf.to_container(serve_cfg, resolve=True)
+            if isinstance(serve_cfg, DictConfig)
+            else dict(serve_cfg)
+        )
+        if values["backend"] not in BACKENDS:
+            raise ValueError(f"serve.backend={values['backend']!r}; choose one of {BACKENDS}")
+        values["heatmap"] = HeatmapConfig(**values["heatmap"])
+        values["upload_dir"] = Path(values["upload_dir"])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, overrides: Sequence[str] = ()) -> ServeConfig:
+        """Read ``$POX_PARAMS`` (default ``params.yaml`` in the working directory)."""
+        from pox_pipeline.config import load_params
+
+        path = os.environ.get(PARAMS_ENV, DEFAULT_PARAMS)
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"{path} not found (from {Path.cwd()}): run `python -m pox_pipeline.config` "
+                f"in the project root, or set {PARAMS_ENV} to a composed params file"
+            )
+        return cls.from_cfg(load_params(path, overrides).serve)
+
+
+# ---------------------------------------------------------------------------- model card
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the served model means, from its BentoML metadata; needs no TensorFlow."""
+
+    name: str
+    version: str
+    classes: tuple[str, ...]
+    positive_class: str
+    threshold: float | None
+    image_size: int
+    resample: str
+    mlflow_run_id: str | None
+
+    @classmethod
+    def from_metadata(cls, name: str, version: str, metadata: Mapping[str, Any]) -> ModelCard:
+        classes = tuple(metadata["classes"])
+        positive = metadata["positive_class"]
+        if positive not in classes:
+            raise ValueError(f"positive_class {positive!r} is not one of the classes {classes}")
+        threshold = metadata.get("threshold")
+        if len(classes) == 2 and threshold is None:
+            raise ValueError("a binary model needs a decision threshold in its metadata")
+        return cls(
+            name=name,
+            version=version,
+            classes=classes,
+            positive_class=positive,
+            threshold=None if threshold is None else float(threshold),
+            image_size=int(metadata["image_size"]),
+            resample=str(metadata["resample"]),
+            mlflow_run_id=metadata.get("mlflow_run_id"),
+        )
+
+    @classmethod
+    def from_stored(cls, stored: StoredModel) -> ModelCard:
+        return cls.from_metadata(stored.tag.name, str(stored.tag.version), stored.info.metadata)
+
+    @property
+    def is_binary(self) -> bool:
+        return len(self.classes) == 2
+
+    @property
+    def positive_index(self) -> int:
+        """Which output unit scores the positive class: the single sigmoid, or its softmax slot."""
+        return 0 if self.is_binary else self.classes.index(self.positive_class)
+
+    def class_probabilities(self, outputs: np.ndarray) -> np.ndarray:
+        """Model outputs -> (N, len(classes)) probabilities in ``classes`` order.
+
+        Binary models have one sigmoid unit = P(positive class); others a softmax row.
+        """
+        outputs = np.asarray(outputs, dtype=np.float64)
+        if not self.is_binary:
+            return outputs
+        positive = outputs.reshape(-1)
+        probabilities = np.empty((positive.size, 2))
+        index = self.classes.index(self.positive_class)
+        probabilities[:, index] = positive
+        probabilities[:, 1 - index] = 1.0 - positive
+        return probabilities
+
+    def result(self, probabilities: np.ndarray) -> dict[str, Any]:
+        """One image's answer: binary = positive iff P(positive) >= threshold, else argmax."""
+        if self.is_binary:
+            positive = probabilities[self.classes.index(self.positive_class)]
+            negative = next(c for c in self.classes if c != self.positive_class)
+            label = self.positive_class if positive >= self.threshold else negative
+        else:
+            label = self.classes[int(np.argmax(probabilities))]
+        return {
+            "label": label,
+            "probability": float(probabilities[self.classes.index(label)]),
+            "threshold": self.threshold,
+            "probabilities": {c: float(p) for c, p in zip(self.classes, probabilities)},
+            "model": {
+                "name": self.name,
+                "version": self.version,
+                "mlflow_run_id": self.mlflow_run_id,
+            },
+        }
+
+    def results(self, outputs: np.ndarray) -> list[dict[str, Any]]:
+        return [self.result(row) for row in self.class_probabilities(outputs)]
+
+
+# ---------------------------------------------------------------------------- predictor
+
+
+class Predictor:
+    """Loads one model once and answers batches through a compiled call (never model.predict)."""
+
+    def __init__(self, model_dir: Path, card: ModelCard, backend: str = "keras") -> None:
+        import keras
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+        self.card = card
+        self.backend = backend
+        self.model = keras.models.load_model(Path(model_dir) / MODEL_FILE, compile=False)
+        self._run = (
+            compiled_keras_call(self.model, card.image_size)
+            if backend == "keras"
+            else TFLiteRunner(self.model, int8=backend == "tflite_int8")
+        )
+        self._gradcam_layer = last_conv2d(self.model)
+        self._gradcam_lock = threading.Lock()
+        # Trace / allocate now so that the first request is not the slow one.
+        self.outputs(np.zeros((1, card.image_size, card.image_size, 3), np.float32))
+
+    @classmethod
+    def from_stored(cls, stored: StoredModel, backend: str = "keras") -> Predictor:
+        return cls(Path(stored.path), ModelCard.from_stored(stored), backend)
+
+    @classmethod
+    def from_tag(cls, tag: str, backend: str = "keras") -> Predictor:
+        import bentoml
+
+        return cls.from_stored(bentoml.models.get(tag), backend)
+
+    def outputs(self, batch: np.ndarray) -> np.ndarray:
+        """Raw model outputs for a float32 (N, S, S, 3) batch in [0, 255]."""
+        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        """Model inputs (``preprocess.to_model_input``) -> one result dict per image, in order."""
+        if not images:
+            return []
+        return self.card.results(self.outputs(np.stack(images)))
+
+    def gradcam(self, image: np.ndarray) -> np.ndarray:
+        """Grad-CAM of the positive-class score at the last Conv2D, in [0, 1] (conv resolution)."""
+        with self._gradcam_lock:  # the layer hook is process-wide state
+            return gradcam(self.model, self._gradcam_layer, image, self.card.positive_index)
+
+    def explain(self, photo: Image.Image, heatmap: HeatmapConfig) -> tuple[dict[str, Any], bytes]:
+        """Prediction for a decoded photo and its Grad-CAM overlay as PNG bytes."""
+        image = preprocess.to_model_input(photo, self.card.image_size, self.card.resample)
+        result = self.predict([image])[0]
+        return result, render_heatmap(photo, self.gradcam(image), heatmap)
+
+
+def compiled_keras_call(model: keras.Model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A tf.function with a fixed input signature: traced once, no per-call Keras overhead."""
+    import tensorflow as tf
+
+    signature = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32)]
+    call = tf.function(lambda batch: model(batch, training=False), input_signature=signature)
+    return lambda batch: call(batch).numpy()
+
+
+class TFLiteRunner:
+    """The model converted to TFLite (float32, or dynamic-range int8 weights), run on CPU."""
+
+    def __init__(self, model: keras.Model, int8: bool) -> None:
+        import tensorflow as tf
+
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        if int8:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        self.flatbuffer = converter.convert()
+        self._interpreter = tf.lite.Interpreter(model_content=self.flatbuffer)
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._batch_size = -1
+        self._lock = threading.Lock()  # an interpreter is not thread-safe
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if batch.shape[0] != self._batch_size:
+                self._interpreter.resize_tensor_input(self._input, list(batch.shape))
+                self._interpreter.allocate_tensors()
+                self._batch_size = batch.shape[0]
+            self._interpreter.set_tensor(self._input, batch)
+            self._interpreter.invoke()
+            return self._interpreter.get_tensor(self._output).copy()
+
+
+# ---------------------------------------------------------------------------- Grad-CAM
+
+
+def last_conv2d(model: keras.Layer) -> keras.layers.Conv2D:
+    """The last Conv2D in layer order, searching nested sub-models (a VGG16 base, a chain)."""
+    import keras
+
+    def walk(layer: keras.Layer) -> Iterator[keras.Layer]:
+        yield layer
+        for sub in getattr(layer, "layers", None) or ():
+            yield from walk(sub)
+
+    convs = [layer for layer in walk(model) if isinstance(layer, keras.layers.Conv2D)]
+    if not convs:
+        raise ValueError(f"model {model.name!r} has no Conv2D layer for Grad-CAM")
+    return convs[-1]
+
+
+@contextmanager
+def captured_output(layer: keras.Layer) -> Iterator[list[Any]]:
+    """Record the layer's output tensor on every call while inside the block.
+
+    Wrapping the layer's own ``call`` works wherever the layer sits (plain, nested in a
+    sub-model, shared between chained sub-models), where building a second Keras model
+    from the layer's symbolic output fails for nested graphs.
+    """
+    outputs: list[Any] = []
+    original = layer.call
+
+    def recording_call(*args: Any, **kwargs: Any) -> Any:
+        output = original(*args, **kwargs)
+        outputs.append(output)
+        return output
+
+    layer.call = recording_call
+    try:
+        yield outputs
+    finally:
+        del layer.call  # the class's method shows through again
+
+
+def gradcam(
+    model: keras.Model, layer: keras.Layer, image: np.ndarray, output_index: int
+) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al.): ReLU of the feature maps weighted by mean gradients."""
+    import tensorflow as tf
+
+    batch = tf.constant(image[None], dtype=tf.float32)
+    with captured_output(layer) as recorded, tf.GradientTape() as tape:
+        score = model(batch, training=False)[:, output_index]
+        features = recorded[-1]
+    gradients = tape.gradient(score, features)
+    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[0].numpy()
+    peak = float(cam.max())
+    return cam / peak if peak > 0 else np.zeros_like(cam)
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+    """[0, 1] array (H, W) -> uint8 RGB (H, W, 3) through :data:`COLORMAP_RGB`."""
+    clipped = np.clip(values, 0.0, 1.0)
+    channels = [np.interp(clipped, COLORMAP_STOPS, COLORMAP_RGB[:, c]) for c in range(3)]
+    return np.stack(channels, axis=-1).round().astype(np.uint8)
+
+
+def render_heatmap(photo: Image.Image, cam: np.ndarray, heatmap: HeatmapConfig) -> bytes:
+    """The Grad-CAM map stretched over the whole photo (as the model saw it), as PNG bytes."""
+    shown = photo.convert("RGB")
+    shown.thumbnail((heatmap.max_side, heatmap.max_side), Image.Resampling.BILINEAR)
+    cam_image = Image.fromarray(np.asarray(cam, dtype=np.float32), mode="F")
+    stretched = np.asarray(cam_image.resize(shown.size, Image.Resampling.BILINEAR))
+    colours = colorize(stretched).astype(np.float32)
+    blended = (1 - heatmap.alpha) * np.asarray(shown, np.float32) + heatmap.alpha * colours
+    buffer = io.BytesIO()
+    Image.fromarray(blended.round().astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------- uploads
+
+
+def read_upload(path: Path, max_bytes: int) -> bytes:
+    """The uploaded file's bytes; too large is refused from its size, before reading it."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageTooLarge(f"the file is {size:,} bytes; the limit is {max_bytes:,} bytes")
+    return path.read_bytes()
+
+
+def decode_upload(data: bytes, settings: ServeConfig) -> Image.Image:
+    """Upload bytes -> upright RGB photo within the limits, or :class:`ImageError`."""
+    photo = preprocess.decode_image(
+        data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels
+    )
+    if settings.store_uploads:
+        store_upload(data, settings.upload_dir)
+    return photo
+
+
+def store_upload(data: bytes, upload_dir: Path, now: datetime | None = None) -> Path:
+    """Keep an accepted upload (only when ``serve.store_uploads``) under a timestamped name.
+
+    The client's filename is never used: it may itself identify the patient.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        suffix = (image.format or "img").lower()
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%S.%fZ")
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    path = upload_dir / f"{stamp}-{secrets.token_hex(4)}.{suffix}"
+    path.write_bytes(data)
+    return path
+
+
+def load_upload(
+    path: Path, settings: ServeConfig, card: ModelCard
+) -> tuple[Image.Image, np.ndarray]:
+    """An uploaded file -> (photo, model input); raises :class:`ImageError` with the reason."""
+    photo = decode_upload(read_upload(path, settings.max_upload_bytes), settings)
+    return photo, preprocess.to_model_input(photo, card.image_size, card.resample)
+
+
+def http_status(error: ImageError) -> int:
+    """413 for uploads over the limits, 400 for anything else that is not a usable photo."""
+    return 413 if isinstance(error, ImageTooLarge) else 400
+
+
+# ---------------------------------------------------------------------------- TFLite check
+
+
+def compare_backends(
+    stored: StoredModel,
+    image_dir: Path,
+    extensions: Sequence[str],
+    baseline: str = "tflite_fp32",
+    candidate: str = "tflite_int8",
+) -> dict[str, Any]:
+    """How far ``candidate`` drifts from ``baseline`` on a folder of images (any depth).
+
+    Reports label agreement and probability differences; when images sit in class folders
+    (``<dir>/<class>/x.jpg``) also both accuracies, so the cost of quantization is visible.
+    """
+    card = ModelCard.from_stored(stored)
+    suffixes = {e.lower() for e in extensions}
+    files = sorted(p for p in Path(image_dir).rglob("*") if p.suffix.lower() in suffixes)
+    if not files:
+        raise FileNotFoundError(f"no images under {image_dir}")
+    inputs = np.stack(
+        [preprocess.preprocess_file(p, card.image_size, card.resample) for p in files]
+    )
+    answers = {}
+    for backend in (baseline, candidate):
+        predictor = Predictor.from_stored(stored, backend)
+        answers[backend] = card.results(predictor.outputs(inputs))
+    base, cand = answers[baseline], answers[candidate]
+    positive = [
+        (b["probabilities"][card.positive_class], c["probabilities"][card.positive_class])
+        for b, c in zip(base, cand)
+    ]
+    difference = np.abs(np.subtract(*zip(*positive)))
+    report: dict[str, Any] = {
+        "images": len(files),
+        "baseline": baseline,
+        "candidate": candidate,
+        "label_agreement": float(np.mean([b["label"] == c["label"] for b, c in zip(base, cand)])),
+        "mean_abs_probability_difference": float(difference.mean()),
+        "max_abs_probability_difference": float(difference.max()),
+    }
+    truth = [p.parent.name for p in files]
+    if set(truth) <= set(card.classes):
+        for backend, results in answers.items():
+            report[f"accuracy_{backend}"] = float(
+                np.mean([r["label"] == t for r, t in zip(results, truth)])
+            )
+    return report

@@ -1,0 +1,465 @@
+"""The ``train@<name>`` stage: one training loop for every model in ``conf/model/``.
+
+Reads the prepared train/val splits, fits the model with class weights, early stopping and
+a best-epoch checkpoint, and writes ``models/<name>/model.keras`` + ``run.json`` and
+``reports/train/<name>/{history.csv,curves.png}``, all tracked in one MLflow run.
+
+When the model begins with frozen layers (VGG16's frozen base), their outputs are computed
+once per image and only the trainable rest is fitted on that cache: the frozen forward pass
+is then paid once instead of every epoch. The saved model is still the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from matplotlib.figure import Figure
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+from omegaconf import DictConfig, OmegaConf
+
+from pox_pipeline import tracking
+from pox_pipeline.config import flatten, stage_entry
+from pox_pipeline.data import load_split
+from pox_pipeline.models import (
+    FrozenSplit,
+    WeightsUnavailableError,
+    build_model,
+    compile_model,
+    frozen_split,
+    weights_source,
+)
+
+log = logging.getLogger(__name__)
+
+EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy"]
+HISTORY_COLUMNS = ["epoch", *EPOCH_METRICS]
+MLFLOW_PARAMS_PER_CALL = 100
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """``default`` | ``mirrored`` (all local devices; the CPU when there is no GPU) |
+    ``multi_worker`` (workers from ``TF_CONFIG``; must exist before any other TF op)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"train.strategy must be default, mirrored or multi_worker, got {name!r}")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Only the chief writes files and tracks to MLflow; single-process runs are always chief."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def seed_everything(cfg: DictConfig) -> None:
+    """Same seed, same run: Python/NumPy/TF seeds, plus deterministic kernels if asked."""
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Inverse class frequency, n / (k * n_c), so every present class weighs the same in total."""
+    counts = np.bincount(labels, minlength=num_classes)
+    present = np.flatnonzero(counts)
+    return {int(c): float(len(labels) / (len(present) * counts[c])) for c in present}
+
+
+def sample_weights(labels: np.ndarray, weights: dict[int, float] | None) -> np.ndarray | None:
+    return None if weights is None else np.array([weights[int(y)] for y in labels], np.float32)
+
+
+def label_array(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Binary targets are floats for the sigmoid loss; multi-class ones stay class indices."""
+    return labels.astype(np.float32 if num_classes == 2 else np.int64)
+
+
+def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Shard by element across workers (in-memory data has no files to shard by)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def image_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray | None,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+) -> tf.data.Dataset:
+    """Decoded images (already in memory) -> (x, y[, w]) batches; shuffled when seeded."""
+    tensors = (images, labels) if weights is None else (images, labels, weights)
+    dataset = tf.data.Dataset.from_tensor_slices(tensors)
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return _with_options(dataset.batch(batch_size))
+
+
+# ---------------------------------------------------------------------------- feature cache
+
+
+@dataclass
+class FeatureCache:
+    """Frozen-prefix outputs: ``train`` is (views, n, ...), ``val`` is (1, n, ...)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    mode: str  # "memory" (float32 arrays) or "disk" (float16 memmaps)
+    build_seconds: float
+
+
+def feature_cache_bytes(split: FrozenSplit, n_images: int) -> int:
+    """Size of ``n_images`` frozen outputs as float32."""
+    return n_images * math.prod(split.frozen.output_shape[1:]) * np.dtype(np.float32).itemsize
+
+
+def build_feature_cache(
+    split: FrozenSplit,
+    train_images: np.ndarray,
+    val_images: np.ndarray,
+    views: int,
+    batch_size: int,
+    max_memory_mb: float,
+    directory: Path,
+) -> FeatureCache:
+    """Run the frozen prefix once per image (``views`` augmented copies of each training image
+    when the model augments); float32 in memory, or float16 memmaps in ``directory`` when the
+    float32 cache would exceed ``max_memory_mb``."""
+    started = time.perf_counter()
+    augment = split.augmentation is not None
+    views = views if augment else 1
+    total = feature_cache_bytes(split, views * len(train_images) + len(val_images))
+    on_disk = total > max_memory_mb * 2**20
+    shape = split.frozen.output_shape[1:]
+
+    def allocate(name: str, n_views: int, n: int) -> np.ndarray:
+        if not on_disk:
+            return np.empty((n_views, n, *shape), np.float32)
+        directory.mkdir(parents=True, exist_ok=True)
+        return np.lib.format.open_memmap(
+            directory / f"{name}.npy", mode="w+", dtype=np.float16, shape=(n_views, n, *shape)
+        )
+
+    @tf.function(reduce_retracing=True)
+    def extract(batch: tf.Tensor, training_augmentation: bool) -> tf.Tensor:
+        if training_augmentation:
+            batch = split.augmentation(batch, training=True)
+        return split.frozen(batch, training=False)
+
+    def fill(out: np.ndarray, images: np.ndarray, augmented: bool) -> None:
+        for view in range(out.shape[0]):
+            for start in range(0, len(images), batch_size):
+                features = extract(images[start : start + batch_size], augmented).numpy()
+                if on_disk:
+                    features = np.clip(features, -FLOAT16_MAX, FLOAT16_MAX)
+                out[view, start : start + len(features)] = features
+
+    train = allocate("train", views, len(train_images))
+    val = allocate("val", 1, len(val_images))
+    fill(train, train_images, augment)
+    fill(val, val_images, False)
+    mode = "disk" if on_disk else "memory"
+    seconds = time.perf_counter() - started
+    log.info(
+        "feature cache: %s, %d train x %d view(s) + %d val of shape %s (%.1f MB as float32), "
+        "built in %.1f s%s",
+        mode, len(train_images), views, len(val_images), tuple(shape), total / 2**20, seconds,
+        f" under {directory}" if on_disk else "",
+    )  # fmt: skip
+    return FeatureCache(train, val, mode, seconds)
+
+
+def cached_dataset(
+    features: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray | None,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+) -> tf.data.Dataset:
+    """(x, y[, w]) batches from a (views, n, ...) cache; each epoch takes one random view per
+    image, so an epoch has as many steps as without the cache. Works on arrays and memmaps."""
+    views, n = features.shape[:2]
+    feature_shape = features.shape[2:]
+
+    def gather(view: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return np.asarray(features[view, index], dtype=np.float32)
+
+    indices = tf.data.Dataset.range(n)
+    if shuffle_seed is not None:
+        indices = indices.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
+    if views > 1:
+        chosen = tf.data.Dataset.random(seed=shuffle_seed, rerandomize_each_iteration=True)
+        chosen = chosen.map(lambda r: tf.math.floormod(r, views))
+    else:
+        chosen = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat()
+    label_tensor = tf.constant(labels)
+    weight_tensor = None if weights is None else tf.constant(weights)
+
+    def load(view: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        x = tf.numpy_function(gather, [view, index], tf.float32, stateful=False)
+        x = tf.ensure_shape(x, (None, *feature_shape))
+        y = tf.gather(label_tensor, index)
+        return (x, y) if weight_tensor is None else (x, y, tf.gather(weight_tensor, index))
+
+    dataset = tf.data.Dataset.zip(chosen, indices).batch(batch_size).map(load)
+    return _with_options(dataset)
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+class MlflowEpochMetrics(keras.callbacks.Callback):
+    """Per-epoch loss/accuracy (train and val) to the active MLflow run, step = epoch (1-based)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        logs = logs or {}
+        metrics = {key: float(logs[key]) for key in EPOCH_METRICS if key in logs}
+        mlflow.log_metrics(metrics, step=epoch + 1)
+
+
+def history_frame(history: dict[str, list[float]]) -> pd.DataFrame:
+    """Keras history -> epoch,loss,accuracy,val_loss,val_accuracy (epochs from 1)."""
+    frame = pd.DataFrame({key: history[key] for key in EPOCH_METRICS})
+    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
+    return frame[HISTORY_COLUMNS]
+
+
+def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> Path:
+    """Loss and accuracy, train vs validation, side by side (as the tutorial plotted them)."""
+    figure = Figure(figsize=(10, 4))
+    for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
+        axis.plot(frame["epoch"], frame[metric], marker="o", label=f"train {metric}")
+        axis.plot(frame["epoch"], frame[f"val_{metric}"], marker="o", label=f"val {metric}")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.set_title(metric)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def model_summary(model: keras.Model) -> str:
+    lines: list[str] = []
+    model.summary(print_fn=lambda text, line_break=True: lines.append(text), expand_nested=True)
+    return "\n".join(lines)
+
+
+def model_signature(model: keras.Model) -> ModelSignature:
+    """Explicit MLflow signature: float32 (-1, S, S, 3) images in, class scores out."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *model.input_shape[1:]))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *model.output_shape[1:]))]),
+    )
+
+
+def log_params(cfg: DictConfig) -> None:
+    """The whole resolved config as dotted MLflow params (MLflow takes <= 100 per call)."""
+    items = list(flatten(cfg).items())
+    for start in range(0, len(items), MLFLOW_PARAMS_PER_CALL):
+        mlflow.log_params(dict(items[start : start + MLFLOW_PARAMS_PER_CALL]))
+
+
+@contextlib.contextmanager
+def mlflow_run(cfg: DictConfig, tags: dict[str, str], enabled: bool) -> Iterator[Any]:
+    """The stage's MLflow run (None on non-chief workers, which track nothing)."""
+    if not enabled:
+        yield None
+        return
+    tracking.setup_mlflow(cfg)
+    with mlflow.start_run(run_name=f"train-{tags['model_name']}", tags=tags) as active:
+        yield active
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
+    """Train ``cfg.model[model_name]`` on the prepared splits; returns what run.json records."""
+    started = time.perf_counter()
+    strategy = make_strategy(cfg.train.strategy)  # first: multi-worker needs a fresh runtime
+    chief = is_chief(strategy)
+    seed_everything(cfg)
+    model_cfg = cfg.model[model_name]
+    num_classes = len(cfg.data.classes)
+
+    with strategy.scope():
+        model = build_model(model_cfg, cfg.data)
+        split = frozen_split(model) if cfg.train.feature_cache.enabled else None
+        fit_model = split.trainable if split is not None else model
+        compile_model(fit_model, model_cfg, num_classes)
+
+    train_images, train_labels, _ = load_split(cfg, "train")
+    val_images, val_labels, _ = load_split(cfg, "val")
+    weights = class_weights(train_labels, num_classes) if cfg.train.class_weights else None
+    train_y, val_y = label_array(train_labels, num_classes), label_array(val_labels, num_classes)
+    train_w = sample_weights(train_labels, weights)
+    log.info(
+        "%s: %d train / %d val images, class weights %s", model_name, len(train_images),
+        len(val_images), weights,
+    )  # fmt: skip
+
+    tags = {
+        "model_name": model_name,
+        "architecture": model_cfg.architecture,
+        "git_commit": tracking.git_commit(),
+        "dvc_stage": f"train@{model_name}",
+        "weights": weights_source(model_cfg),
+    }
+    cache_root = Path(cfg.train.feature_cache.dir)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(dir=cache_root, prefix=f"{model_name}-") as scratch,
+        mlflow_run(cfg, tags, enabled=chief) as active_run,
+    ):
+        if split is not None:
+            cache = build_feature_cache(
+                split,
+                train_images,
+                val_images,
+                views=model_cfg.augment.cached_copies,
+                batch_size=model_cfg.batch_size,
+                max_memory_mb=cfg.train.feature_cache.max_memory_mb,
+                directory=Path(scratch),
+            )
+            cache_mode = cache.mode
+            train_data = cached_dataset(
+                cache.train, train_y, train_w, model_cfg.batch_size, shuffle_seed=cfg.seed
+            )
+            val_data = cached_dataset(cache.val, val_y, None, model_cfg.batch_size)
+        else:
+            cache_mode = "none" if cfg.train.feature_cache.enabled else "off"
+            train_data = image_dataset(
+                train_images, train_y, train_w, model_cfg.batch_size, shuffle_seed=cfg.seed
+            )
+            val_data = image_dataset(val_images, val_y, None, model_cfg.batch_size)
+
+        if active_run is not None:
+            log_params(cfg)
+            mlflow.set_tag("feature_cache", cache_mode)
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor=cfg.train.monitor,
+            patience=model_cfg.patience,
+            restore_best_weights=cfg.train.restore_best_weights,
+        )
+        checkpoint_dir = Path(cfg.train.checkpoint_dir) if chief else Path(scratch)
+        checkpoint = checkpoint_dir / model_name / "best.weights.h5"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        callbacks: list[keras.callbacks.Callback] = [
+            early_stopping,
+            keras.callbacks.ModelCheckpoint(
+                checkpoint, monitor=cfg.train.monitor, save_best_only=True, save_weights_only=True
+            ),
+        ]
+        if active_run is not None:
+            callbacks.append(MlflowEpochMetrics())
+        fitted = fit_model.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=model_cfg.epochs,
+            shuffle=False,  # the training dataset shuffles itself, seeded
+            callbacks=callbacks,
+            verbose=cfg.train.verbose,
+        )
+        frame = history_frame(fitted.history)
+        info = {
+            "mlflow_run_id": active_run.info.run_id if active_run else None,
+            "experiment_id": active_run.info.experiment_id if active_run else None,
+            "model_name": model_name,
+            "architecture": model_cfg.architecture,
+            "weights": weights_source(model_cfg),
+            "epochs_run": len(frame),
+            "best_epoch": early_stopping.best_epoch + 1,
+            "wall_seconds": round(time.perf_counter() - started, 2),
+            "cpu_count": os.cpu_count(),
+            "feature_cache": cache_mode,
+        }
+        if chief:
+            _write_outputs(cfg, model_name, model, frame, info, started)
+
+    log.info(
+        "%s: %d epoch(s), best epoch %d (%s %.4f), %.1f s wall, feature cache %s",
+        model_name, info["epochs_run"], info["best_epoch"], cfg.train.monitor,
+        early_stopping.best, info["wall_seconds"], cache_mode,
+    )  # fmt: skip
+    return info
+
+
+def _write_outputs(
+    cfg: DictConfig,
+    model_name: str,
+    model: keras.Model,
+    frame: pd.DataFrame,
+    info: dict[str, Any],
+    started: float,
+) -> None:
+    """Model, history and curves to the stage outputs and the active MLflow run; then run.json
+    (its wall time includes the saving)."""
+    model_path = Path(cfg.paths.models_dir) / model_name / "model.keras"
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(model_path)
+    report_dir = Path(cfg.paths.reports_dir) / "train" / model_name
+    report_dir.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(report_dir / "history.csv", index=False)
+    curves = plot_curves(frame, report_dir / "curves.png", f"{model_name} training")
+
+    mlflow.log_artifact(str(curves))
+    mlflow.log_text(model_summary(model), "model_summary.txt")
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    mlflow.keras.log_model(
+        model,
+        name="model",
+        signature=model_signature(model),
+        # explicit: inferring them re-imports TensorFlow in a subprocess (~10 s a model)
+        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={tf.__version__}"],
+    )
+    info["wall_seconds"] = round(time.perf_counter() - started, 2)
+    mlflow.log_metrics(
+        {"epochs_run": info["epochs_run"], "best_epoch": info["best_epoch"],
+         "wall_seconds": info["wall_seconds"]}
+    )  # fmt: skip
+    tracking.write_run_info(cfg, model_name, info)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Stage entry: train ``cfg.model_name``; a missing weights file is a message, not a trace."""
+    try:
+        return train(cfg, cfg.model_name)
+    except WeightsUnavailableError as err:
+        raise SystemExit(f"train@{cfg.model_name}: {err}") from None
+
+
+main = stage_entry(run)
+
+if __name__ == "__main__":
+    main()

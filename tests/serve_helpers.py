@@ -1,0 +1,180 @@
+"""Shared by the serving tests: a tiny champion in the test BentoML store, and test uploads."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+from conftest import MSLD_DIR, TEST_IMAGE_SIZE
+from pox_pipeline.config import PROJECT_ROOT, write_params
+
+CLASSES = ("Monkeypox", "Others")
+THRESHOLD = 0.5
+MODEL_NAME = "pox-classifier"
+READY_TIMEOUT_S = 180  # two processes importing TensorFlow on a busy 2-core machine
+
+
+def tiny_model(image_size: int = TEST_IMAGE_SIZE, seed: int = 0):
+    """The architecture contract in miniature: [0, 255] in, scaling inside, P(positive) out."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="output")(x)
+    return keras.Model(inputs, outputs, name="tiny")
+
+
+def save_champion(model=None, image_size: int = TEST_IMAGE_SIZE) -> str:
+    """Save a model as ``pox-classifier`` with select.py's metadata keys; returns its tag."""
+    import bentoml
+
+    model = model or tiny_model(image_size)
+    metadata = {
+        "classes": list(CLASSES),
+        "positive_class": CLASSES[0],
+        "threshold": THRESHOLD,
+        "threshold_rule": "fixed",
+        "image_size": image_size,
+        "resample": "bilinear",
+        "architecture": "cnn",
+        "model_name": "cnn",
+        "weights": "none",
+        "mlflow_run_id": "0123456789abcdef",
+        "mlflow_model_version": 1,
+        "registered_model_name": MODEL_NAME,
+        "git_commit": "unknown",
+        "val_metrics": {"balanced_accuracy": 0.5},
+        "test_metrics": {"balanced_accuracy": 0.5},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        model_file = Path(tmp) / "model.keras"
+        model.save(model_file)
+        with bentoml.models.create(MODEL_NAME, metadata=metadata) as ref:
+            shutil.copyfile(model_file, Path(ref.path) / "model.keras")
+    return str(ref.tag)
+
+
+def write_serve_params(path: Path, *overrides: str) -> Path:
+    """A composed params file (what ``POX_PARAMS`` points at) with ``serve.*`` overrides."""
+    write_params(path, overrides=list(overrides))
+    return path
+
+
+def image_bytes(size: tuple[int, int] = (48, 40), fmt: str = "PNG", seed: int = 0) -> bytes:
+    """A small deterministic noise photo, encoded."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    return buffer.getvalue()
+
+
+def bad_uploads(max_bytes: int, max_pixels: int) -> dict[str, tuple[bytes, int, str]]:
+    """name -> (bytes, expected status, a word the reason must contain)."""
+    side = int(max_pixels**0.5) + 8
+    big_pixels = Image.new("RGB", (side, side), "white")
+    buffer = io.BytesIO()
+    big_pixels.save(buffer, format="PNG")
+    return {
+        "text": (b"this is not a photo\n", 400, "not an image"),
+        "truncated_jpeg": (image_bytes(fmt="JPEG")[:300], 400, "could not be decoded"),
+        "zero_bytes": (b"", 400, "empty"),
+        "over_max_bytes": (os.urandom(max_bytes + 1), 413, "limit"),
+        "over_max_pixels": (buffer.getvalue(), 413, "pixels"),
+        "animated_gif": (animated_gif(), 400, "animated"),
+        "unsupported_pdf": (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n", 400, "not an image"),
+    }
+
+
+def msld_samples(count: int = 2) -> list[Path]:
+    """The first ``count`` MSLD photos of each class, when the real data set is beside us."""
+    return [p for cls in CLASSES for p in sorted((MSLD_DIR / cls).glob("*.jpg"))[:count]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_service(
+    params: Path, log_file: Path, extra_args: Sequence[str] = ()
+) -> Iterator[str]:
+    """``bentoml serve service:PoxClassifier`` on a free loopback port; yields its base URL.
+
+    Runs in its own process group, always stopped (SIGTERM, then SIGKILL) on the way out.
+    """
+    port = free_port()
+    env = {**os.environ, "POX_PARAMS": str(params), "BENTOML_DO_NOT_TRACK": "true"}
+    command = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "service:PoxClassifier",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra_args,
+    ]
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, log_file)
+        yield url
+    finally:
+        stop_process_group(process)
+
+
+def wait_ready(url: str, process: subprocess.Popen, log_file: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited ({process.returncode}):\n{log_file.read_text()}")
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/readyz not ready in {READY_TIMEOUT_S}s:\n{log_file.read_text()}")
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 15) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -1,0 +1,95 @@
+"""conf/ -> params.yaml -> dvc.yaml: the composition stays in sync and stages track the
+params they use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from pox_pipeline.config import PROJECT_ROOT, compose, flatten, load_params, write_params
+
+
+def test_params_yaml_equals_composition_of_conf(tmp_path: Path) -> None:
+    composed = write_params(tmp_path / "params.yaml")
+    committed = PROJECT_ROOT / "params.yaml"
+    assert committed.read_text() == composed.read_text(), (
+        "params.yaml has drifted from conf/: run `make params` (python -m pox_pipeline.config)"
+    )
+
+
+def test_every_config_group_option_composes() -> None:
+    for group_dir in sorted(p for p in (PROJECT_ROOT / "conf").iterdir() if p.is_dir()):
+        for option in sorted(group_dir.glob("*.yaml")):
+            if group_dir.name == "model":  # selected once per model, under model.<name>
+                cfg = compose([f"+model@model.probe={option.stem}"])
+                assert cfg.model.probe.architecture
+            else:
+                cfg = compose([f"{group_dir.name}={option.stem}"])
+                assert group_dir.name in cfg
+
+
+def test_msld_data_config_points_at_shared_dataset() -> None:
+    cfg = compose(["data=msld"])
+    assert cfg.data.raw_dir == "../shared/datasets/msld"
+    assert cfg.data.classes == ["Monkeypox", "Others"]
+    # the synthetic defaults are inherited, only what differs is overridden
+    assert cfg.data.image_size == compose().data.image_size
+
+
+def test_overrides_reach_params(tmp_path: Path) -> None:
+    out = write_params(tmp_path / "params.yaml", overrides=["model.cnn.epochs=3", "seed=7"])
+    params = load_params(out, overrides=["data.image_size=64"])
+    assert params.model.cnn.epochs == 3
+    assert params.seed == 7
+    assert params.data.image_size == 64
+
+
+def test_flatten_gives_dotted_keys() -> None:
+    flat = flatten(OmegaConf.create({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}))
+    assert flat == {"a.b": 1, "a.c.d": [1, 2], "e": "x"}
+
+
+@pytest.fixture(scope="module")
+def dvc_stages() -> dict[str, dict]:
+    """dvc.yaml as DVC resolves it (foreach expanded, ${...} filled from params.yaml)."""
+    from dvc.repo import Repo
+
+    with Repo(str(PROJECT_ROOT)) as repo:
+        return {stage.addressing: stage for stage in repo.index.stages}
+
+
+def _param_keys(stage) -> set[str]:
+    keys: set[str] = set()
+    for dep in stage.deps:
+        if hasattr(dep, "params"):
+            keys.update(dep.params)
+    return keys
+
+
+def test_pipeline_has_one_train_and_evaluate_stage_per_model(dvc_stages: dict) -> None:
+    models = compose().models
+    expected = {"synthesize", "prepare", "select"}
+    expected |= {f"train@{m}" for m in models} | {f"evaluate@{m}" for m in models}
+    assert set(dvc_stages) == expected
+
+
+def test_model_stages_track_only_their_own_model_params(dvc_stages: dict) -> None:
+    models = list(compose().models)
+    for name in models:
+        keys = _param_keys(dvc_stages[f"train@{name}"])
+        assert f"model.{name}" in keys
+        assert not any(k.startswith("model.") and k != f"model.{name}" for k in keys)
+        assert not any(k.startswith("model.") for k in _param_keys(dvc_stages[f"evaluate@{name}"]))
+
+
+def test_stage_params_exist_in_params_yaml(dvc_stages: dict) -> None:
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for stage in dvc_stages.values():
+        for key in _param_keys(stage):
+            node = params
+            for part in key.split("."):
+                assert part in node, f"{stage.addressing} declares missing param {key}"
+                node = node[part]

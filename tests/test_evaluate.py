@@ -1,0 +1,117 @@
+"""The evaluate stage: contract files with the expected keys and columns, the threshold
+chosen on val, and the metrics logged to the model's MLflow run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fake_training import fake_trained_model
+from mlflow import MlflowClient
+from omegaconf import DictConfig
+
+from pox_pipeline import evaluate as evaluate_module
+from pox_pipeline.evaluate import evaluate
+from pox_pipeline.metrics import BINARY_METRICS, MULTICLASS_METRICS, binary_metrics
+
+FIGURES = {"confusion.png", "roc.png", "pr.png"}
+PNG_MAGIC = b"\x89PNG"
+
+
+def _read_outputs(cfg: DictConfig, name: str) -> tuple[dict, dict, pd.DataFrame]:
+    out = Path(cfg.paths.reports_dir) / "eval" / name
+    assert {p.name for p in (out / "figures").iterdir()} == FIGURES
+    for figure in FIGURES:
+        assert (out / "figures" / figure).read_bytes()[:4] == PNG_MAGIC
+    val = json.loads((out / "val_metrics.json").read_text())
+    test = json.loads((out / "metrics.json").read_text())
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert list(predictions.columns) == ["file", "actual", "predicted", "probability"]
+    assert list(pd.read_csv(out / "roc.csv").columns) == ["fpr", "tpr", "threshold"]
+    assert list(pd.read_csv(out / "pr.csv").columns) == ["recall", "precision", "threshold"]
+    return val, test, predictions
+
+
+def test_evaluate_binary_writes_the_contract_and_logs_to_the_run(
+    prepared_cfg: Callable[..., DictConfig],
+) -> None:
+    cfg = prepared_cfg("evaluate.bootstrap.samples=50")
+    fake_trained_model(cfg, "cnn")
+    result = evaluate(cfg, "cnn")
+    val, test, predictions = _read_outputs(cfg, "cnn")
+    assert result == {"val": val, "test": test}
+
+    # threshold chosen on val by the configured rule, applied unchanged to test
+    assert val["threshold_rule"] == test["threshold_rule"] == "sensitivity_target"
+    assert val["threshold"] == test["threshold"]
+    assert val["sensitivity"] >= cfg.evaluate.threshold.sensitivity_target
+    assert set(BINARY_METRICS) <= set(val)
+    for name in BINARY_METRICS:
+        assert {name, f"{name}_ci_low", f"{name}_ci_high"} <= set(test)
+    assert test["n_test"] == len(predictions)
+    assert test["bootstrap_samples"] == 50
+    assert 0 < test["bootstrap_min_resamples_used"] <= 50
+
+    # predictions.csv is the decision at that threshold, and reproduces metrics.json
+    classes = list(cfg.data.classes)
+    positive = cfg.data.positive_class
+    negative = next(c for c in classes if c != positive)
+    called_positive = predictions["probability"] >= test["threshold"]
+    assert predictions["predicted"].tolist() == np.where(called_positive, positive, negative).tolist()
+    assert set(predictions["actual"]) <= set(classes)
+    assert all((Path(cfg.paths.prepared_dir) / f).is_file() for f in predictions["file"])
+    recomputed = binary_metrics(
+        (predictions["actual"] == positive).to_numpy(),
+        predictions["probability"].to_numpy(),
+        test["threshold"],
+    )
+    assert recomputed["balanced_accuracy"] == pytest.approx(test["balanced_accuracy"])
+
+    run_id = json.loads((Path(cfg.paths.models_dir) / "cnn" / "run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.data.metrics["test_balanced_accuracy"] == pytest.approx(test["balanced_accuracy"])
+    assert run.data.metrics["val_sensitivity"] == pytest.approx(val["sensitivity"])
+    assert run.data.metrics["threshold"] == pytest.approx(test["threshold"])
+    assert run.data.tags["threshold_rule"] == "sensitivity_target"
+    logged = {Path(a.path).name for a in client.list_artifacts(run_id, "eval/figures")}
+    assert logged == FIGURES
+
+
+def test_evaluate_multiclass_uses_argmax_and_writes_per_class(
+    make_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    classes = ["Monkeypox", "Chickenpox", "Others"]
+    cfg = make_cfg(
+        f"data.classes=[{','.join(classes)}]",
+        "data.image_size=8",
+        "evaluate.bootstrap.samples=20",
+    )
+    rng = np.random.default_rng(0)
+
+    def fake_split(_cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        labels = np.tile(np.arange(3), 8)
+        images = rng.uniform(0, 255, (len(labels), 8, 8, 3)).astype(np.float32)
+        images[..., 0] += 60.0 * labels[:, None, None]  # make classes a bit separable
+        files = [str(Path(cfg.paths.prepared_dir) / split / f"{i}.png") for i in range(len(labels))]
+        return images, labels, files
+
+    monkeypatch.setattr(evaluate_module, "load_split", fake_split)
+    fake_trained_model(cfg, "cnn", n_classes=3)
+    evaluate(cfg, "cnn")
+    val, test, predictions = _read_outputs(cfg, "cnn")
+
+    assert val["threshold"] is None and val["threshold_rule"] == "argmax"
+    assert "binary" in val["decision"]
+    assert set(MULTICLASS_METRICS) <= set(val)
+    assert {"macro_f1_ci_low", "auc_ci_high"} <= set(test)
+    per_class = pd.read_csv(Path(cfg.paths.reports_dir) / "eval" / "cnn" / "per_class.csv")
+    assert per_class["class"].tolist() == classes
+    assert per_class["support"].tolist() == [8, 8, 8]
+    assert set(predictions["predicted"]) <= set(classes)
+    accuracy = (predictions["predicted"] == predictions["actual"]).mean()
+    assert accuracy == pytest.approx(test["accuracy"])

@@ -1,0 +1,86 @@
+"""The whole DVC pipeline, end to end, in a throw-away copy of the project at tiny settings:
+`dvc repro` runs every stage, a second `dvc repro` does nothing, and `dvc exp run -S` on a
+CNN param re-runs only the CNN stages (and select)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pox_pipeline.config import PROJECT_ROOT, write_params
+
+# Tiny settings, passed to DVC's own Hydra composition as -S overrides.
+TINY = [
+    "data.image_size=32",
+    "synthetic.image_size=48",
+    "synthetic.patients_per_class=6",
+    "model.cnn.epochs=1",
+    "model.vgg16.epochs=1",
+    "evaluate.bootstrap.samples=50",
+]
+COPIED = ["conf", "src", "dvc.yaml", ".dvcignore", ".gitignore"]
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
+    return output
+
+
+def _ran(output: str) -> set[str]:
+    return {
+        line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")
+    }
+
+
+@pytest.fixture(scope="module")
+def project_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    for name in COPIED:
+        src = PROJECT_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, root / name)
+    write_params(root / "params.yaml", overrides=TINY, conf_dir=root / "conf")
+    _run(["git", "init", "-q"], root)
+    _run(["dvc", "init", "-q"], root)
+    _run(["dvc", "config", "hydra.enabled", "true"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root)
+    return root
+
+
+def test_dvc_repro_runs_every_stage_then_nothing(project_copy: Path) -> None:
+    first = _run(["dvc", "repro"], project_copy)
+    assert _ran(first) == {
+        "synthesize", "prepare", "train@cnn", "train@vgg16",
+        "evaluate@cnn", "evaluate@vgg16", "select",
+    }
+    for name in ("cnn", "vgg16"):
+        assert (project_copy / "models" / name / "model.keras").is_file()
+        metrics = json.loads((project_copy / "reports/eval" / name / "metrics.json").read_text())
+        assert 0.0 <= metrics["balanced_accuracy"] <= 1.0
+    selected = json.loads((project_copy / "reports/select.json").read_text())
+    assert selected["winner"] in ("cnn", "vgg16")
+
+    second = _run(["dvc", "repro"], project_copy)
+    assert _ran(second) == set()
+    assert "up to date" in second.lower()
+
+    shown = _run(["dvc", "metrics", "show", "--json"], project_copy)
+    assert "reports/eval/cnn/metrics.json" in shown and "reports/eval/vgg16/metrics.json" in shown
+
+
+def test_changing_a_cnn_param_reruns_only_cnn_stages(project_copy: Path) -> None:
+    changed = [o.replace("model.cnn.epochs=1", "model.cnn.epochs=2") for o in TINY]
+    output = _run(["dvc", "exp", "run", *(a for o in changed for a in ("-S", o))], project_copy)
+    assert _ran(output) == {"train@cnn", "evaluate@cnn", "select"}

@@ -1,0 +1,138 @@
+"""Champion selection: the choice sees validation metrics only; registry alias and BentoML
+model are created once and reused when nothing changed."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_training import fake_trained_model
+from mlflow import MlflowClient
+from omegaconf import DictConfig
+
+from pox_pipeline.select import choose_champion, select
+
+METADATA_KEYS = {
+    "classes", "positive_class", "threshold", "image_size", "resample", "architecture",
+    "model_name", "weights", "mlflow_run_id", "mlflow_model_version",
+    "registered_model_name", "git_commit", "val_metrics", "test_metrics",
+}
+
+
+def test_choose_champion_on_the_metric_with_deterministic_ties() -> None:
+    vals = {"a": {"m": 0.8}, "b": {"m": 0.9}, "c": {"m": 0.9}}
+    assert choose_champion(vals, "m", greater_is_better=True) == "b"  # tie: first listed
+    assert choose_champion(dict(reversed(vals.items())), "m", True) == "c"
+    assert choose_champion(vals, "m", greater_is_better=False) == "a"
+    assert choose_champion({"a": {"m": None}, "b": {"m": math.nan}, "c": {"m": 0.1}}, "m", True) == "c"
+    with pytest.raises(ValueError, match="no candidate"):
+        choose_champion({"a": {"m": None}}, "m", True)
+    with pytest.raises(KeyError, match="no metric"):
+        choose_champion({"a": {"x": 1.0}}, "m", True)
+
+
+def _write_eval(cfg: DictConfig, name: str, file: str, content: str) -> None:
+    out = Path(cfg.paths.reports_dir) / "eval" / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / file).write_text(content)
+
+
+def _val(balanced_accuracy: float, threshold: float) -> str:
+    return json.dumps(
+        {"threshold": threshold, "threshold_rule": "fixed", "balanced_accuracy": balanced_accuracy,
+         "auc": None, "n_val": 10}
+    )
+
+
+@pytest.fixture
+def candidates(make_cfg: Callable[..., DictConfig]) -> DictConfig:
+    """cnn and vgg16 'trained'; vgg16 is better on val, cnn looks better on test."""
+    cfg = make_cfg(f"select.bentoml_model_name=pox-test-{uuid.uuid4().hex[:8]}")
+    assert list(cfg.models) == ["cnn", "vgg16"]
+    for seed, name in enumerate(cfg.models):
+        fake_trained_model(cfg, name, seed=seed)
+    _write_eval(cfg, "cnn", "val_metrics.json", _val(0.70, 0.4))
+    _write_eval(cfg, "vgg16", "val_metrics.json", _val(0.90, 0.3))
+    # would win on test, and is garbage: select must never look at it
+    _write_eval(cfg, "cnn", "metrics.json", "{balanced_accuracy: 1.0, not json")
+    return cfg
+
+
+def test_select_registers_saves_and_is_idempotent(candidates: DictConfig) -> None:
+    import bentoml
+
+    from pox_pipeline.select import load_champion
+
+    cfg = candidates
+    first = select(cfg)
+    assert first["winner"] == "vgg16"  # val decides; cnn's (garbage) test metrics unread
+    assert first["threshold"] == 0.3
+    assert first["candidates"] == {
+        "cnn": {"balanced_accuracy": 0.70, "threshold": 0.4},
+        "vgg16": {"balanced_accuracy": 0.90, "threshold": 0.3},
+    }
+    on_disk = json.loads((Path(cfg.paths.reports_dir) / "select.json").read_text())
+    assert on_disk == first
+
+    name = cfg.select.registered_model_name
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert int(champion.version) == first["registered_model_version"] == 1
+    assert champion.run_id == json.loads(
+        (Path(cfg.paths.models_dir) / "vgg16" / "run.json").read_text()
+    )["mlflow_run_id"]
+    assert champion.tags["threshold"] == "0.3" and champion.tags["model_name"] == "vgg16"
+
+    bento = bentoml.models.get(first["bentoml_tag"])
+    assert METADATA_KEYS <= set(bento.info.metadata)
+    assert bento.info.metadata["threshold"] == 0.3
+    assert bento.info.metadata["test_metrics"] == {}  # the winner has no metrics.json
+    assert bento.info.metadata["val_metrics"]["balanced_accuracy"] == 0.90
+    assert (Path(bento.path) / "model.keras").read_bytes() == (
+        Path(cfg.paths.models_dir) / "vgg16" / "model.keras"
+    ).read_bytes()
+
+    # the registered champion is the vgg16 model
+    import keras
+
+    batch = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    expected = keras.saving.load_model(Path(cfg.paths.models_dir) / "vgg16" / "model.keras")
+    np.testing.assert_allclose(load_champion(cfg).predict_on_batch(batch), expected(batch), rtol=1e-5)
+
+    # unchanged inputs: no new registry version, no new BentoML model
+    second = select(cfg)
+    assert second == first
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    assert len(bentoml.models.list(cfg.select.bentoml_model_name)) == 1
+
+    # cnn wins on val -> version 2; back to vgg16 -> version 1 again, served model follows
+    _write_eval(cfg, "cnn", "val_metrics.json", _val(0.95, 0.4))
+    _write_eval(cfg, "cnn", "metrics.json", json.dumps({"balanced_accuracy": 1.0, "n_test": 9}))
+    assert select(cfg)["registered_model_version"] == 2
+    _write_eval(cfg, "cnn", "val_metrics.json", _val(0.70, 0.4))
+    back = select(cfg)
+    assert back["registered_model_version"] == 1
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+    latest = bentoml.models.get(f"{cfg.select.bentoml_model_name}:latest")
+    assert back["bentoml_tag"] == str(latest.tag)
+    assert latest.info.metadata["model_name"] == "vgg16"
+
+    # the winner's test metrics ship as metadata; better test numbers elsewhere change nothing
+    _write_eval(cfg, "vgg16", "metrics.json", json.dumps({"balanced_accuracy": 0.1, "n_test": 9}))
+    shipped = select(cfg)
+    assert shipped["winner"] == "vgg16" and shipped["registered_model_version"] == 1
+    metadata = bentoml.models.get(shipped["bentoml_tag"]).info.metadata
+    assert metadata["test_metrics"] == {"balanced_accuracy": 0.1, "n_test": 9}
+
+
+def test_missing_val_metrics_is_a_clear_error(make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg()
+    _write_eval(cfg, "cnn", "val_metrics.json", _val(0.70, 0.4))
+    with pytest.raises(FileNotFoundError, match="evaluate@vgg16"):
+        select(cfg)

@@ -1,0 +1,187 @@
+"""The training stage: outputs and MLflow tracking, the frozen-feature cache (same model as
+training without it), strategies, and the missing-weights message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from pox_pipeline import models, train
+from pox_pipeline.data import load_split
+from pox_pipeline.models import build_model, compile_model, frozen_split
+
+SMALL_CNN = "model.cnn.padding=same"  # 5 valid conv+pool blocks do not fit in 32 px
+RUN_JSON_KEYS = {
+    "mlflow_run_id", "experiment_id", "model_name", "architecture", "weights", "epochs_run",
+    "best_epoch", "wall_seconds", "cpu_count", "feature_cache",
+}  # fmt: skip
+
+
+def _overrides(cfg_root: Path) -> list[str]:
+    return [f"train.checkpoint_dir={cfg_root}/checkpoints", "train.verbose=0"]
+
+
+def test_class_weights_are_inverse_frequency() -> None:
+    weights = train.class_weights(np.array([0, 0, 0, 1]), num_classes=2)
+    assert weights == pytest.approx({0: 4 / (2 * 3), 1: 4 / (2 * 1)})
+    assert train.class_weights(np.array([0, 2, 2]), num_classes=3) == pytest.approx(
+        {0: 3 / 2, 2: 3 / 4}
+    )
+
+
+def test_cnn_run_writes_stage_outputs_and_tracks_everything(prepared_cfg, tmp_path: Path) -> None:
+    cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=2", "model.cnn.patience=5", *_overrides(tmp_path))
+    info = train.train(cfg, "cnn")
+
+    model_dir = Path(cfg.paths.models_dir) / "cnn"
+    assert json.loads((model_dir / "run.json").read_text()) == info
+    assert set(info) == RUN_JSON_KEYS
+    assert info["epochs_run"] == 2 and 1 <= info["best_epoch"] <= 2
+    assert (info["weights"], info["feature_cache"]) == ("random", "none")
+
+    report_dir = Path(cfg.paths.reports_dir) / "train" / "cnn"
+    history = pd.read_csv(report_dir / "history.csv")
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert history["epoch"].tolist() == [1, 2]
+    assert (report_dir / "curves.png").stat().st_size > 0
+
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.get_run(info["mlflow_run_id"])
+    assert run.info.run_name == "train-cnn"
+    assert run.data.tags["dvc_stage"] == "train@cnn"
+    assert run.data.tags["weights"] == "random"
+    assert {"model_name", "architecture", "git_commit"} <= set(run.data.tags)
+    assert run.data.params["model.cnn.epochs"] == "2"
+    assert run.data.params["data.image_size"] == "32"
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        steps = client.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in steps] == [1, 2]
+        assert [m.value for m in steps] == pytest.approx(history[metric].tolist(), rel=1e-5)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"curves.png", "model_summary.txt", "config.yaml"} <= artifacts
+    logged_config = OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml"))
+    assert logged_config.model.cnn.epochs == 2 and logged_config.model_name == cfg.model_name
+
+    # the saved file, the logged model and the best checkpoint are the same model
+    images, _, _ = load_split(cfg, "val")
+    saved = keras.models.load_model(model_dir / "model.keras")
+    logged = mlflow.keras.load_model(f"runs:/{info['mlflow_run_id']}/model")
+    np.testing.assert_allclose(logged.predict(images, verbose=0), saved.predict(images, verbose=0))
+    keras.utils.set_random_seed(cfg.seed)
+    rebuilt = build_model(cfg.model.cnn, cfg.data)
+    rebuilt.load_weights(tmp_path / "checkpoints" / "cnn" / "best.weights.h5")
+    np.testing.assert_allclose(rebuilt.predict(images, verbose=0), saved.predict(images, verbose=0))
+
+
+def _predict(path: Path, images: np.ndarray) -> np.ndarray:
+    return keras.models.load_model(path).predict(images, verbose=0)
+
+
+def test_training_on_the_feature_cache_gives_the_same_model(prepared_cfg, tmp_path: Path) -> None:
+    """Fitting the trainable rest on cached frozen outputs = fitting the whole model."""
+    common = ["model.vgg16.epochs=2", "model.vgg16.learning_rate=0.001", *_overrides(tmp_path)]
+    cached_cfg = prepared_cfg(*common, f"paths.models_dir={tmp_path}/cached")
+    plain_cfg = prepared_cfg(*common, f"paths.models_dir={tmp_path}/plain",
+                             "train.feature_cache.enabled=false")  # fmt: skip
+    cached_info = train.train(cached_cfg, "vgg16")
+    assert cached_info["feature_cache"] == "memory"
+    checkpoint = tmp_path / "checkpoints" / "vgg16" / "best.weights.h5"
+    trained_rest = frozen_split(build_model(cached_cfg.model.vgg16, cached_cfg.data)).trainable
+    trained_rest.load_weights(checkpoint)  # what the cached fit saved: the trainable rest only
+    assert train.train(plain_cfg, "vgg16")["feature_cache"] == "off"
+
+    images, _, _ = load_split(cached_cfg, "val")
+    cached_path = tmp_path / "cached" / "vgg16" / "model.keras"
+    with_cache = _predict(cached_path, images)
+    without_cache = _predict(tmp_path / "plain" / "vgg16" / "model.keras", images)
+    np.testing.assert_allclose(with_cache, without_cache, rtol=1e-3, atol=1e-5)
+    assert with_cache.std() > 0  # real, input-dependent predictions
+
+    # the saved whole model is the frozen prefix + the rest as trained on the cache
+    keras.utils.set_random_seed(cached_cfg.seed)
+    rebuilt = build_model(cached_cfg.model.vgg16, cached_cfg.data)
+    frozen_split(rebuilt).trainable.set_weights(trained_rest.get_weights())
+    np.testing.assert_allclose(rebuilt.predict(images, verbose=0), with_cache, rtol=1e-5)
+    assert frozen_split(keras.models.load_model(cached_path)) is not None  # still splittable
+
+
+@pytest.fixture
+def split_model(make_cfg):
+    cfg = make_cfg("model.vgg16.freeze=all", "model.vgg16.augment.enabled=true")
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_model(cfg.model.vgg16, cfg.data)
+    return cfg, model, frozen_split(model)
+
+
+def test_disk_cache_holds_float16_augmented_views(split_model, tmp_path: Path) -> None:
+    cfg, _, split = split_model
+    rng = np.random.default_rng(0)
+    train_images = rng.uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)
+    val_images = rng.uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    cache = train.build_feature_cache(
+        split, train_images, val_images, views=3, batch_size=4, max_memory_mb=0,
+        directory=tmp_path / "cache",
+    )  # fmt: skip
+    assert cache.mode == "disk"
+    assert isinstance(cache.train, np.memmap) and cache.train.dtype == np.float16
+    assert (tmp_path / "cache" / "train.npy").is_file()
+    assert cache.train.shape == (3, 6, 1, 1, 512) and cache.val.shape == (1, 3, 1, 1, 512)
+    # validation: the un-augmented frozen outputs; training: distinct augmented views
+    expected_val = split.frozen.predict(val_images, verbose=0)
+    np.testing.assert_allclose(cache.val[0], expected_val, rtol=2e-3, atol=1e-3)
+    assert not np.allclose(cache.train[0], cache.train[1])
+
+    labels = np.array([0, 1, 0, 1, 0, 1], np.float32)
+    dataset = train.cached_dataset(cache.train, labels, None, batch_size=4, shuffle_seed=1)
+    batches = list(dataset)
+    assert [len(x) for x, _ in batches] == [4, 2]  # one view per image per epoch
+    assert batches[0][0].dtype == "float32"
+    compile_model(split.trainable, cfg.model.vgg16, num_classes=2)
+    history = split.trainable.fit(dataset, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_memory_cache_equals_the_frozen_prefix(split_model, tmp_path: Path) -> None:
+    _, model, split = split_model
+    images = np.random.default_rng(1).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    cache = train.build_feature_cache(
+        split, images, images, views=2, batch_size=2, max_memory_mb=64, directory=tmp_path
+    )
+    assert cache.mode == "memory" and cache.train.dtype == np.float32
+    assert not any(tmp_path.iterdir())  # nothing written
+    np.testing.assert_allclose(cache.val[0], split.frozen.predict(images, verbose=0), rtol=1e-5)
+    # inference through the whole model never augments: rest(cache) == model(image)
+    np.testing.assert_allclose(
+        split.trainable.predict(cache.val[0], verbose=0), model.predict(images, verbose=0),
+        rtol=1e-5,
+    )  # fmt: skip
+
+
+def test_mirrored_strategy_trains_on_cpu(prepared_cfg, tmp_path: Path) -> None:
+    cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=1", "train.strategy=mirrored",
+                       *_overrides(tmp_path))  # fmt: skip
+    info = train.train(cfg, "cnn")
+    assert info["epochs_run"] == 1
+    saved = keras.models.load_model(Path(cfg.paths.models_dir) / "cnn" / "model.keras")
+    assert saved.output_shape == (None, 1)
+
+
+def test_unreachable_imagenet_weights_end_the_stage_with_a_message(
+    make_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(models, "VGG16_NOTOP_URL", "http://127.0.0.1:9/unreachable.h5")
+    cfg = make_cfg("model_name=vgg16", "model.vgg16.weights=imagenet", *_overrides(tmp_path))
+    with pytest.raises(SystemExit) as raised:
+        train.run(cfg)
+    message = str(raised.value.code)
+    assert message.startswith("train@vgg16: ImageNet VGG16 weights")
+    assert f"Place {models.VGG16_NOTOP_FILE} in {tmp_path / 'keras' / 'models'}/" in message
+    assert not (Path(cfg.paths.models_dir) / "vgg16").exists()
