@@ -49,7 +49,10 @@ def fake_trained_model(cfg: DictConfig, model_name: str, n_classes: int = 2, see
     with mlflow.start_run(run_name=model_name) as run:
         # explicit requirements: inferring them re-imports TensorFlow in a subprocess (~10 s)
         mlflow.keras.log_model(
-            model, name="model", signature=signature, pip_requirements=[f"keras=={keras.__version__}"]
+            model,
+            name="model",
+            signature=signature,
+            pip_requirements=[f"keras=={keras.__version__}"],
         )
     write_run_info(
         cfg,

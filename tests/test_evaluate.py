@@ -37,10 +37,19 @@ def _read_outputs(cfg: DictConfig, name: str) -> tuple[dict, dict, pd.DataFrame]
 
 
 def test_evaluate_binary_writes_the_contract_and_logs_to_the_run(
-    prepared_cfg: Callable[..., DictConfig],
+    prepared_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
-    cfg = prepared_cfg("evaluate.bootstrap.samples=50")
-    fake_trained_model(cfg, "cnn")
+    """On the output of the real `train` (one epoch of the CNN at 32 px)."""
+    from pox_pipeline.train import train
+
+    cfg = prepared_cfg(
+        "evaluate.bootstrap.samples=50",
+        "model.cnn.epochs=1",
+        "model.cnn.padding=same",  # 5 valid conv+pool blocks do not fit in 32 px
+        f"train.checkpoint_dir={tmp_path}/checkpoints",
+        "train.verbose=0",
+    )
+    train(cfg, "cnn")
     result = evaluate(cfg, "cnn")
     val, test, predictions = _read_outputs(cfg, "cnn")
     assert result == {"val": val, "test": test}
@@ -61,7 +70,8 @@ def test_evaluate_binary_writes_the_contract_and_logs_to_the_run(
     positive = cfg.data.positive_class
     negative = next(c for c in classes if c != positive)
     called_positive = predictions["probability"] >= test["threshold"]
-    assert predictions["predicted"].tolist() == np.where(called_positive, positive, negative).tolist()
+    expected = np.where(called_positive, positive, negative)
+    assert predictions["predicted"].tolist() == expected.tolist()
     assert set(predictions["actual"]) <= set(classes)
     assert all((Path(cfg.paths.prepared_dir) / f).is_file() for f in predictions["file"])
     recomputed = binary_metrics(
@@ -71,7 +81,8 @@ def test_evaluate_binary_writes_the_contract_and_logs_to_the_run(
     )
     assert recomputed["balanced_accuracy"] == pytest.approx(test["balanced_accuracy"])
 
-    run_id = json.loads((Path(cfg.paths.models_dir) / "cnn" / "run.json").read_text())["mlflow_run_id"]
+    run_json = Path(cfg.paths.models_dir) / "cnn" / "run.json"
+    run_id = json.loads(run_json.read_text())["mlflow_run_id"]
     client = MlflowClient()
     run = client.get_run(run_id)
     assert run.data.metrics["test_balanced_accuracy"] == pytest.approx(test["balanced_accuracy"])

@@ -43,6 +43,14 @@ def test_auc_and_log_loss_tiny_case() -> None:
     )
 
 
+def test_auc_equals_sklearn_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        y = np.r_[0, 1, rng.integers(0, 2, 30)]
+        s = rng.integers(0, 5, y.size) / 4  # few distinct scores: many ties
+        assert metrics.roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
 def test_undefined_metrics_are_nan() -> None:
     m = metrics.binary_metrics(np.zeros(4), np.array([0.1, 0.2, 0.3, 0.4]), 0.5)
     assert math.isnan(m["sensitivity"]) and math.isnan(m["auc"])

@@ -29,7 +29,8 @@ def test_choose_champion_on_the_metric_with_deterministic_ties() -> None:
     assert choose_champion(vals, "m", greater_is_better=True) == "b"  # tie: first listed
     assert choose_champion(dict(reversed(vals.items())), "m", True) == "c"
     assert choose_champion(vals, "m", greater_is_better=False) == "a"
-    assert choose_champion({"a": {"m": None}, "b": {"m": math.nan}, "c": {"m": 0.1}}, "m", True) == "c"
+    undefined = {"a": {"m": None}, "b": {"m": math.nan}, "c": {"m": 0.1}}
+    assert choose_champion(undefined, "m", greater_is_better=True) == "c"
     with pytest.raises(ValueError, match="no candidate"):
         choose_champion({"a": {"m": None}}, "m", True)
     with pytest.raises(KeyError, match="no metric"):
@@ -63,14 +64,26 @@ def candidates(make_cfg: Callable[..., DictConfig]) -> DictConfig:
     return cfg
 
 
-def test_select_registers_saves_and_is_idempotent(candidates: DictConfig) -> None:
+def test_select_registers_saves_and_is_idempotent(
+    candidates: DictConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import bentoml
 
+    from pox_pipeline import select as select_module
     from pox_pipeline.select import load_champion
 
     cfg = candidates
+    test_metrics_read = []
+    read_test_metrics = select_module.read_test_metrics
+
+    def spy(cfg: DictConfig, model_name: str) -> dict:
+        test_metrics_read.append(model_name)
+        return read_test_metrics(cfg, model_name)
+
+    monkeypatch.setattr(select_module, "read_test_metrics", spy)
     first = select(cfg)
     assert first["winner"] == "vgg16"  # val decides; cnn's (garbage) test metrics unread
+    assert test_metrics_read == ["vgg16"]  # only the winner's, to ship as metadata
     assert first["threshold"] == 0.3
     assert first["candidates"] == {
         "cnn": {"balanced_accuracy": 0.70, "threshold": 0.4},
@@ -102,7 +115,8 @@ def test_select_registers_saves_and_is_idempotent(candidates: DictConfig) -> Non
 
     batch = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     expected = keras.saving.load_model(Path(cfg.paths.models_dir) / "vgg16" / "model.keras")
-    np.testing.assert_allclose(load_champion(cfg).predict_on_batch(batch), expected(batch), rtol=1e-5)
+    champion_model = load_champion(cfg)
+    np.testing.assert_allclose(champion_model.predict_on_batch(batch), expected(batch), rtol=1e-5)
 
     # unchanged inputs: no new registry version, no new BentoML model
     second = select(cfg)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import logging
 import re
 import shutil
 import tempfile
@@ -25,21 +24,20 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
-from PIL import Image
+from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from pox_pipeline.config import stage_entry
 from pox_pipeline.preprocess import ImageError, decode_image, preprocess_file, resize
 
-log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("file", "source", "class", "group", "split", "sha256")
 REPORT_NAME = "report.json"
 SAMPLES_NAME = "samples.png"
-# An 8x8 difference hash is the usual 64-bit dHash; `near_duplicate_max_distance` counts bits.
-DHASH_SIZE = 8
+# Rows of the similarity matrix computed at once when looking for near duplicates.
+SIMILARITY_CHUNK = 512
 
 
 class DataError(ValueError):
@@ -55,7 +53,7 @@ class ImageRecord:
     given_split: str | None
     sha256: str
     pixel_sha256: str
-    dhash: int
+    detail: np.ndarray
     staged: Path
     patient: str
     group: str = ""
@@ -92,7 +90,7 @@ def find_candidates(
     skipped: list[dict[str, str]] = []
     expected_roots = {path.name for path in roots.values()}
     if data.layout == "presplit":
-        skipped += _unexpected_entries(raw_dir, expected_roots, "presplit_dirs")
+        skipped += _unexpected_entries(raw_dir, expected_roots, "data.presplit_dirs")
     for split, root in roots.items():
         missing = [name for name in data.classes if not (root / name).is_dir()]
         if missing:
@@ -108,7 +106,7 @@ def find_candidates(
                     continue
                 relative = path.relative_to(root / class_name)
                 if any(part.startswith(".") for part in relative.parts):
-                    skipped.append({"file": str(path), "reason": "hidden file"})
+                    skipped.append({"file": str(path), "reason": "hidden file or folder"})
                 elif path.suffix.lower() not in extensions:
                     skipped.append(
                         {
@@ -134,11 +132,12 @@ def _unexpected_entries(root: Path, expected: set[str], setting: str) -> list[di
 # --------------------------------------------------------------------------- reading
 
 
-def dhash(image: Image.Image) -> int:
-    """64-bit difference hash: which of each pair of neighbouring grey pixels is brighter."""
-    small = image.convert("L").resize((DHASH_SIZE + 1, DHASH_SIZE), Image.Resampling.BILINEAR)
-    grey = np.asarray(small, dtype=np.int16)
-    return int.from_bytes(np.packbits(grey[:, 1:] > grey[:, :-1]).tobytes(), "big")
+def detail_map(image: Image.Image, thumbnail: int, blur_radius: float) -> np.ndarray:
+    """Grey thumbnail minus its blur: fine structure that survives re-encoding and resizing,
+    without the smooth lighting gradients that make unrelated skin photos look alike."""
+    grey = image.convert("L").resize((thumbnail, thumbnail), Image.Resampling.BILINEAR)
+    blurred = grey.filter(ImageFilter.GaussianBlur(blur_radius))
+    return np.asarray(grey, dtype=np.float32) - np.asarray(blurred, dtype=np.float32)
 
 
 def patient_of(stem: str, pattern: re.Pattern[str]) -> tuple[str, bool]:
@@ -153,6 +152,7 @@ def read_images(
     """Decode every candidate, stage it resized; (records, dropped files, stems without a group)."""
     data = cfg.data
     pattern = _group_regex(data.group_pattern)
+    near = data.near_duplicates
     records: list[ImageRecord] = []
     dropped: list[dict[str, str]] = []
     ungrouped: list[str] = []
@@ -169,7 +169,9 @@ def read_images(
         if not matched:
             ungrouped.append(str(path))
         staged = staging / f"{index}.png"
-        resize(image, data.image_size, data.resample).save(staged)
+        resize(image, data.image_size, data.resample).save(
+            staged, compress_level=data.png_compress_level
+        )
         records.append(
             ImageRecord(
                 source=path,
@@ -177,7 +179,7 @@ def read_images(
                 given_split=split,
                 sha256=hashlib.sha256(raw).hexdigest(),
                 pixel_sha256=_pixel_digest(image),
-                dhash=dhash(image),
+                detail=detail_map(image, near.thumbnail, near.blur_radius),
                 staged=staged,
                 patient=patient,
             )
@@ -203,9 +205,9 @@ def _pixel_digest(image: Image.Image) -> str:
 
 
 def find_duplicates(
-    records: Sequence[ImageRecord], max_distance: int
+    records: Sequence[ImageRecord], near_cfg: DictConfig
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Exact duplicates (same bytes or same decoded pixels) and near duplicates (dHash)."""
+    """Exact duplicates (same bytes or same decoded pixels) and near duplicates (detail maps)."""
     exact: list[dict[str, Any]] = []
     paired: set[tuple[int, int]] = set()
     for key, kind in (("sha256", "identical bytes"), ("pixel_sha256", "identical pixels")):
@@ -219,15 +221,37 @@ def find_duplicates(
                     paired.add((first, other))
                     exact.append(_pair(records, first, other, kind=kind))
     near: list[dict[str, Any]] = []
-    if max_distance >= 0 and len(records) > 1:
-        hashes = np.array([record.dhash for record in records], dtype=np.uint64)
-        for first in range(len(records) - 1):
-            distances = np.bitwise_count(hashes[first + 1 :] ^ hashes[first])
-            for offset in np.flatnonzero(distances <= max_distance):
-                other = first + 1 + int(offset)
-                if records[first].pixel_sha256 != records[other].pixel_sha256:
-                    near.append(_pair(records, first, other, distance=int(distances[offset])))
+    if near_cfg.min_similarity is None or len(records) < 2:
+        return exact, near
+    maps = np.stack([record.detail for record in records])
+    views = _dihedral_views(maps) if near_cfg.flips_and_rotations else [maps]
+    anchors = _unit_rows(maps)
+    candidates = [_unit_rows(view) for view in views]
+    for start in range(0, len(records), SIMILARITY_CHUNK):
+        block = anchors[start : start + SIMILARITY_CHUNK]
+        similarity = block @ candidates[0].T
+        for view in candidates[1:]:
+            np.maximum(similarity, block @ view.T, out=similarity)
+        for row, other in zip(*np.nonzero(similarity >= near_cfg.min_similarity), strict=True):
+            first = start + int(row)
+            if other > first and records[first].pixel_sha256 != records[other].pixel_sha256:
+                score = round(float(similarity[row, other]), 4)
+                near.append(_pair(records, first, int(other), similarity=score))
     return exact, near
+
+
+def _dihedral_views(maps: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips and rotations of each (square) map, so mirrored copies are caught too."""
+    rotations = [np.rot90(maps, turns, axes=(1, 2)) for turns in range(4)]
+    return rotations + [rotation[:, :, ::-1] for rotation in rotations]
+
+
+def _unit_rows(maps: np.ndarray) -> np.ndarray:
+    """Flattened, zero-mean, unit-length rows; a featureless map stays all zeros."""
+    rows = maps.reshape(len(maps), -1).astype(np.float32)
+    rows = rows - rows.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
 
 
 def _pair(records: Sequence[ImageRecord], first: int, other: int, **what: Any) -> dict[str, Any]:
@@ -258,9 +282,7 @@ def merge_groups(
     members: dict[str, list[str]] = defaultdict(list)
     for patient in parent:
         members[root(patient)].append(patient)
-    return {
-        patient: "+".join(sorted(members[root(patient)])) for patient in parent
-    }
+    return {patient: "+".join(sorted(members[root(patient)])) for patient in parent}
 
 
 # --------------------------------------------------------------------------- splitting
@@ -310,7 +332,10 @@ def kfold_groups(
     image_groups = [g for g in groups for _ in range(group_size[g])]
     image_labels = [group_class[g] for g in image_groups]
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    all_folds = list(splitter.split(np.zeros(len(image_groups)), image_labels, image_groups))
+    try:
+        all_folds = list(splitter.split(np.zeros(len(image_groups)), image_labels, image_groups))
+    except ValueError as err:
+        raise DataError(f"cannot make {folds} grouped folds: {err}") from None
     test = {image_groups[i] for i in all_folds[fold][1]}
     rest = {g: group_class[g] for g in groups if g not in test}
     assignment = split_groups(
@@ -329,6 +354,8 @@ def _validate_split_settings(data: DictConfig) -> None:
             f"data.folds must be 0 (ratio split) or >= 2 with 0 <= data.fold < data.folds; "
             f"got folds={data.folds}, fold={data.fold}"
         )
+    if data.folds and data.layout == "presplit":
+        raise DataError("data.folds needs layout class_folders: a presplit layout keeps its splits")
 
 
 def check_no_leaks(records: Sequence[ImageRecord]) -> list[dict[str, Any]]:
@@ -366,7 +393,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
             raise DataError(f"{len(dropped)} unreadable image(s) (data.strict=true):\n{listing}")
         _check_every_class_present(records, data)
 
-        exact, near = find_duplicates(records, data.near_duplicate_max_distance)
+        exact, near = find_duplicates(records, data.near_duplicates)
         by_source = {str(r.source): r for r in records}
         groups = merge_groups(
             {r.patient for r in records},
@@ -379,12 +406,6 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         leaks = check_no_leaks(records)
         if leaks and data.layout != "presplit":
             raise RuntimeError(f"internal error: groups in two splits: {leaks}")
-        if leaks:
-            log.warning(
-                "%d group(s) of the given splits leak between splits: %s",
-                len(leaks),
-                [leak["group"] for leak in leaks],
-            )
         _place_files(records)
         out = work / "out"
         _write_prepared(out, records)
@@ -487,7 +508,8 @@ def _build_report(
 ) -> dict[str, Any]:
     data = cfg.data
     counts = {
-        split: {c: sum(r.split == split and r.class_name == c for r in records) for c in data.classes}
+        split: {c: sum(r.split == split and r.class_name == c for r in records)
+                for c in data.classes}
         for split in SPLITS
     }
     for split_counts in counts.values():
@@ -502,6 +524,7 @@ def _build_report(
         "folds": data.folds,
         "fold": data.fold,
         "seed": cfg.seed,
+        "split": {split: float(data.split[split]) for split in SPLITS},
         "image_size": data.image_size,
         "group_pattern": data.group_pattern,
         "totals": {
@@ -544,13 +567,12 @@ def _write_samples(
     interleaved = [r for row in _zip_longest(per_class) for r in row]
     figure = Figure(figsize=(grid.cols * grid.cell_inches, grid.rows * grid.cell_inches))
     axes = figure.subplots(grid.rows, grid.cols, squeeze=False).flatten()
+    for ax in axes:
+        ax.set_axis_off()  # before drawing: no tick layout work (most of the cost)
     for ax, record in zip(axes, interleaved, strict=False):
         with Image.open(record.staged) as image:
             ax.imshow(np.asarray(image))
         ax.set_title(record.class_name)
-    for ax in axes:
-        ax.axis("off")
-    figure.tight_layout()
     figure.savefig(path, format="png")
 
 
@@ -574,6 +596,21 @@ def _print_summary(report: dict[str, Any]) -> None:
         f"{totals['skipped']} skipped, {totals['duplicates']} duplicate and "
         f"{totals['near_duplicates']} near-duplicate pair(s), {totals['groups']} groups"
     )
+    if report["label_conflicts"]:
+        lines.append(
+            f"WARNING: {len(report['label_conflicts'])} duplicate pair(s) carry different "
+            "classes (report.json: label_conflicts)"
+        )
+    if report["leaks_between_given_splits"]:
+        lines.append(
+            f"WARNING: {len(report['leaks_between_given_splits'])} group(s) span the given "
+            "splits (report.json: leaks_between_given_splits)"
+        )
+    if report["ungrouped_files"]:
+        lines.append(
+            f"{len(report['ungrouped_files'])} file(s) matched no data.group_pattern and are "
+            "their own group (report.json: ungrouped_files)"
+        )
     print("\n".join(lines))
 
 

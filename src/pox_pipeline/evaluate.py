@@ -16,22 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from pox_pipeline import metrics  # noqa: E402
-from pox_pipeline.config import stage_entry  # noqa: E402
-from pox_pipeline.data import load_split  # noqa: E402
-from pox_pipeline.tracking import read_run_info, setup_mlflow  # noqa: E402
+from pox_pipeline import metrics
+from pox_pipeline.config import stage_entry
+from pox_pipeline.data import load_split
+from pox_pipeline.tracking import read_run_info, setup_mlflow
 
 MODEL_FILE = "model.keras"
+FIGURE_DPI = 100
 MULTICLASS_RULE = "argmax"
 MULTICLASS_NOTE = (
     "multi-class: the predicted class is the argmax of the softmax; evaluate.threshold "
@@ -58,7 +56,7 @@ def model_path(cfg: DictConfig, model_name: str) -> Path:
     return Path(cfg.paths.models_dir) / model_name / MODEL_FILE
 
 
-def predict_scores(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Model outputs in batches through Keras' compiled predict step (not image by image)."""
     batches = [
         np.asarray(model.predict_on_batch(images[start : start + batch_size]))
@@ -67,7 +65,7 @@ def predict_scores(model: Any, images: np.ndarray, batch_size: int) -> np.ndarra
     return np.concatenate(batches).astype(np.float64)
 
 
-def score_split(cfg: DictConfig, model: Any, split: str) -> SplitScores:
+def score_split(cfg: DictConfig, model: keras.Model, split: str) -> SplitScores:
     """Load a prepared split and run the model over it."""
     images, labels, files = load_split(cfg, split)
     outputs = predict_scores(model, images, int(cfg.evaluate.batch_size))
@@ -143,7 +141,9 @@ def _write_json(path: Path, values: Mapping[str, Any]) -> None:
 
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(4 + 0.5 * len(classes), 3.5 + 0.5 * len(classes)))
+    # a Figure without pyplot renders with Agg: no display, no global figure state
+    fig = Figure(figsize=(4 + 0.5 * len(classes), 3.5 + 0.5 * len(classes)))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     for (row, col), count in np.ndenumerate(matrix):
         color = "white" if count > matrix.max() / 2 else "black"
@@ -154,8 +154,7 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Pat
     ax.set_ylabel("actual")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=FIGURE_DPI)
 
 
 def plot_curve(
@@ -166,7 +165,8 @@ def plot_curve(
     path: Path,
     diagonal: bool = False,
 ) -> None:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
     ax.plot(x, y, lw=2)
     if diagonal:
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
@@ -176,8 +176,7 @@ def plot_curve(
     ax.set_ylabel(axis_labels[1])
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=FIGURE_DPI)
 
 
 def write_reports(
@@ -187,6 +186,7 @@ def write_reports(
     positive_index: int,
     test: SplitScores,
     predicted: np.ndarray,
+    decision: str,
     test_auc: float,
 ) -> None:
     """predictions.csv, roc.csv, pr.csv, per_class.csv (multi-class) and the figures."""
@@ -210,11 +210,11 @@ def write_reports(
             out / "per_class.csv", index=False
         )
     positive = classes[positive_index]
-    auc = f"AUC {test_auc:.3f}"
+    auc = f"ROC AUC {test_auc:.3f}"
     plot_confusion(
         metrics.confusion_matrix(test.labels, predicted, len(classes)),
         classes,
-        f"{model_name}: test confusion ({auc})",
+        f"{model_name}: test confusion, {decision} ({auc})",
         figures / "confusion.png",
     )
     plot_curve(
@@ -236,7 +236,7 @@ def write_reports(
 
 def log_to_mlflow(
     cfg: DictConfig, model_name: str, out: Path, val: Mapping[str, Any], test: Mapping[str, Any]
-) -> str:
+) -> None:
     """Log val_/test_ metrics, the threshold and the figures to the model's training run."""
     setup_mlflow(cfg)
     run_id = read_run_info(cfg, model_name)["mlflow_run_id"]
@@ -256,13 +256,10 @@ def log_to_mlflow(
         mlflow.log_artifacts(str(out / "figures"), artifact_path="eval/figures")
         mlflow.log_artifact(str(out / "val_metrics.json"), artifact_path="eval")
         mlflow.log_artifact(str(out / "metrics.json"), artifact_path="eval")
-    return run_id
 
 
 def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
     """Evaluate ``models/<model_name>/model.keras``; returns the written val and test metrics."""
-    import keras
-
     classes = list(cfg.data.classes)
     positive_index = classes.index(cfg.data.positive_class)
     model = keras.saving.load_model(model_path(cfg, model_name))
@@ -295,7 +292,10 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
     _write_json(out / "val_metrics.json", val_metrics)
     _write_json(out / "metrics.json", test_metrics)
     predicted = predicted_indices(test, threshold, positive_index)
-    write_reports(out, model_name, classes, positive_index, test, predicted, test_metrics["auc"])
+    decision = MULTICLASS_RULE if threshold is None else f"threshold {threshold:.3f}"
+    write_reports(
+        out, model_name, classes, positive_index, test, predicted, decision, test_metrics["auc"]
+    )
     log_to_mlflow(cfg, model_name, out, val_metrics, test_metrics)
     return {"val": _json_ready(val_metrics), "test": _json_ready(test_metrics)}
 

@@ -115,7 +115,8 @@ def frozen_split(model: keras.Model) -> FrozenSplit | None:
     """The parts of a :func:`chain_frozen` model whose frozen prefix holds weights, else None."""
     named = {layer.name: layer for layer in model.layers}
     frozen, trainable = named.get(FROZEN), named.get(TRAINABLE)
-    if frozen is None or trainable is None or frozen.trainable or not frozen.weights:
+    # a reloaded model keeps its frozen layers but not the container's own trainable flag
+    if frozen is None or trainable is None or frozen.trainable_weights or not frozen.weights:
         return None
     return FrozenSplit(named.get(AUGMENTATION), frozen, trainable)
 

@@ -18,7 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import bentoml
 import mlflow
+from bentoml.exceptions import NotFound
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig
@@ -110,9 +112,6 @@ def save_bentoml_model(cfg: DictConfig, model_file: Path, metadata: Mapping[str,
     Only the latest counts: after A, B, A the store gets a new A, because serving loads
     ``<name>:latest``.
     """
-    import bentoml
-    from bentoml.exceptions import NotFound
-
     name = cfg.select.bentoml_model_name
     sha = content_hash(model_file, metadata)
     try:

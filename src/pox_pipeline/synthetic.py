@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pox_pipeline.config import stage_entry
@@ -46,12 +46,13 @@ def synthesize(cfg: DictConfig) -> Path:
     _clear_owned_dir(out_dir)
     (out_dir / README_NAME).write_text(README_TEXT)
 
+    styles = OmegaConf.to_container(syn.styles)
     digits = max(2, len(str(syn.patients_per_class)))
     low, high = syn.images_per_patient
     written = 0
     for class_index, class_name in enumerate(classes):
-        own_style = syn.styles[syn.class_styles[class_index]]
-        other_style = syn.styles[syn.class_styles[(class_index + 1) % len(classes)]]
+        own_style = styles[syn.class_styles[class_index]]
+        other_style = styles[syn.class_styles[(class_index + 1) % len(classes)]]
         class_dir = out_dir / class_name
         class_dir.mkdir(parents=True)
         for patient in range(1, syn.patients_per_class + 1):
@@ -61,7 +62,8 @@ def synthesize(cfg: DictConfig) -> Path:
             for image_number in range(1, int(rng.integers(low, high + 1)) + 1):
                 pixels = _render(rng, syn, style, layout)
                 name = f"{syn.id_prefixes[class_index]}{patient:0{digits}d}_{image_number:02d}.png"
-                Image.fromarray(pixels).save(class_dir / name)
+                image = Image.fromarray(pixels)
+                image.save(class_dir / name, compress_level=syn.png_compress_level)
                 written += 1
     log.info("wrote %d synthetic images of %d classes to %s", written, len(classes), out_dir)
     return out_dir
@@ -87,7 +89,7 @@ def _uniform(rng: np.random.Generator, bounds: list[float]) -> float:
     return float(rng.uniform(low, high))
 
 
-def _blend_styles(own: DictConfig, other: DictConfig, weight: float) -> dict[str, np.ndarray]:
+def _blend_styles(own: dict, other: dict, weight: float) -> dict[str, np.ndarray]:
     """A patient's lesion style: its class's style moved ``weight`` of the way to another's.
 
     Near 0.5 the classes look alike, so some patients are genuinely hard, and a model can only
@@ -102,7 +104,7 @@ def _blend_styles(own: DictConfig, other: DictConfig, weight: float) -> dict[str
 
 def _patient_layout(rng: np.random.Generator, syn: DictConfig, style: dict) -> dict:
     """What stays the same across one patient's photos: skin, light and lesion layout."""
-    tones = np.asarray(syn.skin_tones, dtype=np.float64)
+    tones = np.asarray(OmegaConf.to_container(syn.skin_tones), dtype=np.float64)
     position = rng.uniform(0, len(tones) - 1)
     lower = int(np.floor(position))
     upper = min(lower + 1, len(tones) - 1)
@@ -135,7 +137,8 @@ def _render(
     image = image + rng.normal(0, syn.texture_sigma, size=image.shape)
 
     shift = rng.uniform(-jitter.shift, jitter.shift, size=2)
-    centres = layout["centres"] + shift + rng.normal(0, jitter.position, size=layout["centres"].shape)
+    wobble = rng.normal(0, jitter.position, size=layout["centres"].shape)
+    centres = layout["centres"] + shift + wobble
     radii = layout["radii"] * np.exp(rng.normal(0, jitter.radius, size=layout["radii"].shape))
     for centre, radius, aspect, theta in zip(
         centres, radii, layout["aspects"], layout["angles"], strict=True

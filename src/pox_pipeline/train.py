@@ -269,6 +269,14 @@ def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> Path:
     return path
 
 
+def inference_copy(model: keras.Model) -> keras.Model:
+    """The trained model without optimizer state (what evaluation and serving load): same
+    layers and weights, under half the file size for VGG16."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def model_summary(model: keras.Model) -> str:
     lines: list[str] = []
     model.summary(print_fn=lambda text, line_break=True: lines.append(text), expand_nested=True)
@@ -307,6 +315,7 @@ def mlflow_run(cfg: DictConfig, tags: dict[str, str], enabled: bool) -> Iterator
 def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     """Train ``cfg.model[model_name]`` on the prepared splits; returns what run.json records."""
     started = time.perf_counter()
+    cfg = OmegaConf.merge(cfg, {"model_name": model_name})  # what MLflow records
     strategy = make_strategy(cfg.train.strategy)  # first: multi-worker needs a fresh runtime
     chief = is_chief(strategy)
     seed_everything(cfg)
@@ -425,6 +434,7 @@ def _write_outputs(
 ) -> None:
     """Model, history and curves to the stage outputs and the active MLflow run; then run.json
     (its wall time includes the saving)."""
+    model = inference_copy(model)
     model_path = Path(cfg.paths.models_dir) / model_name / "model.keras"
     model_path.parent.mkdir(parents=True, exist_ok=True)
     model.save(model_path)
