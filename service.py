@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import bentoml
 import numpy as np
 from PIL import Image
@@ -24,8 +26,11 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pox_pipeline import serve
-from pox_pipeline.preprocess import ImageError
+# A built Bento (and its container) ships the package as source under src/, not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+from pox_pipeline import serve  # noqa: E402
+from pox_pipeline.preprocess import ImageError  # noqa: E402
 
 SETTINGS = serve.ServeConfig.load()
 CHAMPION = bentoml.models.BentoModel(SETTINGS.model_tag)
@@ -109,8 +114,25 @@ class PoxClassifier:
         """Decode off the event loop; raises ImageError with a reason for the client."""
         return await asyncio.to_thread(serve.load_upload, upload, self.settings, self.card)
 
+    async def _call_model(self, api: str, **inputs: np.ndarray) -> np.ndarray:
+        """Call the model service, retrying a dropped connection.
+
+        BentoML's client to a dependency replaces its HTTP session every 100 requests and
+        closes the old one under requests still in flight on it (bentoml/BentoML#5540, #5544),
+        which then fail with a disconnect. Inference has no side effects, so repeat it.
+        """
+        call = getattr(self.model_service.to_async, api)
+        for _ in range(self.settings.model_call_attempts - 1):
+            try:
+                return await call(**inputs)
+            except aiohttp.ClientConnectionError:
+                continue
+        return await call(**inputs)
+
     async def _outputs(self, batch: np.ndarray) -> np.ndarray:
-        return await self.model_service.to_async.infer(images=batch)
+        # Model inputs are whole numbers in [0, 255] (a resized 8-bit photo): uint8 carries
+        # them exactly in a quarter of the bytes between the two processes.
+        return await self._call_model("infer", images=batch.astype(np.uint8))
 
     @bentoml.api
     async def predict(self, image: Path) -> dict[str, Any]:
@@ -148,7 +170,7 @@ class PoxClassifier:
         except ImageError as error:
             return rejection(error)
         outputs, cam = await asyncio.gather(
-            self._outputs(array[None]), self.model_service.to_async.gradcam(image=array)
+            self._outputs(array[None]), self._call_model("gradcam", image=array)
         )
         png = await asyncio.to_thread(serve.render_heatmap, photo, cam, self.settings.heatmap)
         result = self.card.results(outputs)[0]

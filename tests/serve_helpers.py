@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -11,11 +12,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 import requests
 from PIL import Image
 
@@ -26,6 +28,9 @@ CLASSES = ("Monkeypox", "Others")
 THRESHOLD = 0.5
 MODEL_NAME = "pox-classifier"
 READY_TIMEOUT_S = 180  # two processes importing TensorFlow on a busy 2-core machine
+# Without a bound, uvicorn in BentoML's API worker can wait ~50 s for connections to drain.
+GRACEFUL_SHUTDOWN_S = 3
+STOP_TIMEOUT_S = 20
 
 
 def tiny_model(image_size: int = TEST_IMAGE_SIZE, seed: int = 0):
@@ -122,14 +127,15 @@ def free_port() -> int:
 
 @contextmanager
 def running_service(
-    params: Path, log_file: Path, extra_args: Sequence[str] = ()
+    params: Path, log_file: Path, extra_env: Mapping[str, str] | None = None
 ) -> Iterator[str]:
     """``bentoml serve service:PoxClassifier`` on a free loopback port; yields its base URL.
 
-    Runs in its own process group, always stopped (SIGTERM, then SIGKILL) on the way out.
+    Uses the test BentoML store (conftest's BENTOML_HOME), runs in its own process group and
+    is always stopped on the way out, whatever happened.
     """
     port = free_port()
-    env = {**os.environ, "POX_PARAMS": str(params), "BENTOML_DO_NOT_TRACK": "true"}
+    env = {**os.environ, "POX_PARAMS": str(params), **(extra_env or {})}
     command = [
         sys.executable,
         "-m",
@@ -140,7 +146,8 @@ def running_service(
         "127.0.0.1",
         "--port",
         str(port),
-        *extra_args,
+        "--timeout-graceful-shutdown",
+        str(GRACEFUL_SHUTDOWN_S),
     ]
     with log_file.open("wb") as log:
         process = subprocess.Popen(
@@ -152,7 +159,7 @@ def running_service(
         wait_ready(url, process, log_file)
         yield url
     finally:
-        stop_process_group(process)
+        stop_server(process)
 
 
 def wait_ready(url: str, process: subprocess.Popen, log_file: Path) -> None:
@@ -169,12 +176,23 @@ def wait_ready(url: str, process: subprocess.Popen, log_file: Path) -> None:
     raise TimeoutError(f"{url}/readyz not ready in {READY_TIMEOUT_S}s:\n{log_file.read_text()}")
 
 
-def stop_process_group(process: subprocess.Popen, grace_s: float = 15) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
+def stop_server(process: subprocess.Popen) -> None:
+    """Stop ``bentoml serve`` by pid: SIGTERM to its process group (the supervisor stops its
+    workers in order), then SIGKILL for anything still running after STOP_TIMEOUT_S.
+
+    The workers are looked up first: BentoML starts each in a process group of its own, so a
+    signal to the server's group does not reach them.
+    """
     try:
-        process.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        procs = [psutil.Process(process.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=STOP_TIMEOUT_S)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=STOP_TIMEOUT_S)
+    process.wait()

@@ -18,6 +18,7 @@ from pox_pipeline.config import PROJECT_ROOT, write_params
 # Tiny settings, passed to DVC's own Hydra composition as -S overrides.
 TINY = [
     "data.image_size=32",
+    "model.cnn.padding=same",
     "synthetic.image_size=48",
     "synthetic.patients_per_class=6",
     "model.cnn.epochs=1",

@@ -4,6 +4,10 @@ training without it), strategies, and the missing-weights message."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -13,7 +17,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import tmp_overrides
 from pox_pipeline import models, train
+from pox_pipeline.config import PROJECT_ROOT
 from pox_pipeline.data import load_split
 from pox_pipeline.models import build_model, compile_model, frozen_split
 
@@ -24,8 +30,12 @@ RUN_JSON_KEYS = {
 }  # fmt: skip
 
 
-def _overrides(cfg_root: Path) -> list[str]:
-    return [f"train.checkpoint_dir={cfg_root}/checkpoints", "train.verbose=0"]
+QUIET = "train.verbose=0"
+
+
+def _checkpoint(root: Path, model_name: str) -> Path:
+    """Where conftest's ``train.checkpoint_dir`` puts the best epoch's weights."""
+    return root / ".cache" / "checkpoints" / model_name / "best.weights.h5"
 
 
 def test_class_weights_are_inverse_frequency() -> None:
@@ -37,7 +47,7 @@ def test_class_weights_are_inverse_frequency() -> None:
 
 
 def test_cnn_run_writes_stage_outputs_and_tracks_everything(prepared_cfg, tmp_path: Path) -> None:
-    cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=2", "model.cnn.patience=5", *_overrides(tmp_path))
+    cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=2", "model.cnn.patience=5", QUIET)
     info = train.train(cfg, "cnn")
 
     model_dir = Path(cfg.paths.models_dir) / "cnn"
@@ -77,7 +87,7 @@ def test_cnn_run_writes_stage_outputs_and_tracks_everything(prepared_cfg, tmp_pa
     np.testing.assert_allclose(logged.predict(images, verbose=0), saved.predict(images, verbose=0))
     keras.utils.set_random_seed(cfg.seed)
     rebuilt = build_model(cfg.model.cnn, cfg.data)
-    rebuilt.load_weights(tmp_path / "checkpoints" / "cnn" / "best.weights.h5")
+    rebuilt.load_weights(_checkpoint(tmp_path, "cnn"))
     np.testing.assert_allclose(rebuilt.predict(images, verbose=0), saved.predict(images, verbose=0))
 
 
@@ -87,13 +97,13 @@ def _predict(path: Path, images: np.ndarray) -> np.ndarray:
 
 def test_training_on_the_feature_cache_gives_the_same_model(prepared_cfg, tmp_path: Path) -> None:
     """Fitting the trainable rest on cached frozen outputs = fitting the whole model."""
-    common = ["model.vgg16.epochs=2", "model.vgg16.learning_rate=0.001", *_overrides(tmp_path)]
+    common = ["model.vgg16.epochs=2", "model.vgg16.learning_rate=0.001", QUIET]
     cached_cfg = prepared_cfg(*common, f"paths.models_dir={tmp_path}/cached")
     plain_cfg = prepared_cfg(*common, f"paths.models_dir={tmp_path}/plain",
                              "train.feature_cache.enabled=false")  # fmt: skip
     cached_info = train.train(cached_cfg, "vgg16")
     assert cached_info["feature_cache"] == "memory"
-    checkpoint = tmp_path / "checkpoints" / "vgg16" / "best.weights.h5"
+    checkpoint = _checkpoint(tmp_path, "vgg16")
     trained_rest = frozen_split(build_model(cached_cfg.model.vgg16, cached_cfg.data)).trainable
     trained_rest.load_weights(checkpoint)  # what the cached fit saved: the trainable rest only
     assert train.train(plain_cfg, "vgg16")["feature_cache"] == "off"
@@ -168,7 +178,7 @@ def test_memory_cache_equals_the_frozen_prefix(split_model, tmp_path: Path) -> N
 
 def test_mirrored_strategy_trains_on_cpu(prepared_cfg, tmp_path: Path) -> None:
     cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=1", "train.strategy=mirrored",
-                       *_overrides(tmp_path))  # fmt: skip
+                       QUIET)  # fmt: skip
     info = train.train(cfg, "cnn")
     assert info["epochs_run"] == 1
     saved = keras.models.load_model(Path(cfg.paths.models_dir) / "cnn" / "model.keras")
@@ -180,10 +190,53 @@ def test_unreachable_imagenet_weights_end_the_stage_with_a_message(
 ) -> None:
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     monkeypatch.setattr(models, "VGG16_NOTOP_URL", "http://127.0.0.1:9/unreachable.h5")
-    cfg = make_cfg("model_name=vgg16", "model.vgg16.weights=imagenet", *_overrides(tmp_path))
+    cfg = make_cfg("model_name=vgg16", "model.vgg16.weights=imagenet", QUIET)
     with pytest.raises(SystemExit) as raised:
         train.run(cfg)
     message = str(raised.value.code)
     assert message.startswith("train@vgg16: ImageNet VGG16 weights")
     assert f"Place {models.VGG16_NOTOP_FILE} in {tmp_path / 'keras' / 'models'}/" in message
     assert not (Path(cfg.paths.models_dir) / "vgg16").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_worker_strategy_trains_with_two_local_workers(
+    prepared_root: Path, tmp_path: Path
+) -> None:
+    """Two processes on this machine as a TF_CONFIG cluster; only the chief writes outputs."""
+    workers = [f"localhost:{_free_port()}", f"localhost:{_free_port()}"]
+    # MLflow exports the URI of earlier in-process runs; the workers must use the config's
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    overrides = [
+        *tmp_overrides(tmp_path), f"paths.prepared_dir={prepared_root}/datas/prepared",
+        "model_name=cnn", SMALL_CNN, "model.cnn.epochs=2", "train.strategy=multi_worker",
+        QUIET,
+    ]  # fmt: skip
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pox_pipeline.train", *overrides,
+             f"hydra.run.dir={tmp_path}/hydra-{index}"],
+            cwd=PROJECT_ROOT,
+            env={**env, "TF_CONFIG": json.dumps(
+                {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+            )},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for index in range(len(workers))
+    ]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+        assert "cnn: 2 epoch(s)" in output
+    info = json.loads((tmp_path / "models" / "cnn" / "run.json").read_text())
+    assert info["epochs_run"] == 2 and info["mlflow_run_id"]
+    runs = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [info["experiment_id"]]
+    )
+    assert len(runs) == 1  # the chief tracks, the other worker does not

@@ -11,6 +11,7 @@ import io
 import os
 import secrets
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ class ServeConfig:
     max_latency_ms: int
     api_workers: int
     model_threads: int
+    model_call_attempts: int
     timeout_s: float
     ui_path: str
     heatmap: HeatmapConfig
@@ -264,7 +266,10 @@ class TFLiteRunner:
         if int8:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         self.flatbuffer = converter.convert()
-        self._interpreter = tf.lite.Interpreter(model_content=self.flatbuffer)
+        with warnings.catch_warnings():
+            # Deprecated in favour of ai_edge_litert, which TensorFlow does not install.
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+            self._interpreter = tf.lite.Interpreter(model_content=self.flatbuffer)
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
         self._batch_size = -1
@@ -347,13 +352,18 @@ def colorize(values: np.ndarray) -> np.ndarray:
 
 
 def render_heatmap(photo: Image.Image, cam: np.ndarray, heatmap: HeatmapConfig) -> bytes:
-    """The Grad-CAM map stretched over the whole photo (as the model saw it), as PNG bytes."""
+    """The Grad-CAM map stretched over the whole photo (as the model saw it), as PNG bytes.
+
+    Colours are blended in proportion to the map, up to ``alpha`` at its peak, so regions
+    without influence keep the photo's own colours.
+    """
     shown = photo.convert("RGB")
     shown.thumbnail((heatmap.max_side, heatmap.max_side), Image.Resampling.BILINEAR)
     cam_image = Image.fromarray(np.asarray(cam, dtype=np.float32), mode="F")
-    stretched = np.asarray(cam_image.resize(shown.size, Image.Resampling.BILINEAR))
+    stretched = np.clip(np.asarray(cam_image.resize(shown.size, Image.Resampling.BILINEAR)), 0, 1)
     colours = colorize(stretched).astype(np.float32)
-    blended = (1 - heatmap.alpha) * np.asarray(shown, np.float32) + heatmap.alpha * colours
+    weight = heatmap.alpha * stretched[..., None]
+    blended = (1 - weight) * np.asarray(shown, np.float32) + weight * colours
     buffer = io.BytesIO()
     Image.fromarray(blended.round().astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -363,11 +373,19 @@ def render_heatmap(photo: Image.Image, cam: np.ndarray, heatmap: HeatmapConfig) 
 
 
 def read_upload(path: Path, max_bytes: int) -> bytes:
-    """The uploaded file's bytes; too large is refused from its size, before reading it."""
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ImageTooLarge(f"the file is {size:,} bytes; the limit is {max_bytes:,} bytes")
-    return path.read_bytes()
+    """An uploaded file's bytes, its temporary file deleted at once.
+
+    BentoML hands a file parameter over as a temporary file that it deletes only after the
+    response has gone out; deleting it here keeps a photo on disk for milliseconds. Too large
+    is refused from the size, before reading.
+    """
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ImageTooLarge(f"the file is {size:,} bytes; the limit is {max_bytes:,} bytes")
+        return path.read_bytes()
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def decode_upload(data: bytes, settings: ServeConfig) -> Image.Image:

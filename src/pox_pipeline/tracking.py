@@ -12,11 +12,14 @@ import mlflow
 from omegaconf import DictConfig
 
 RUN_INFO_FILE = "run.json"
+# mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI itself, so only the value set before
+# this process configured MLflow is the user's choice (else the first config would stick).
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def setup_mlflow(cfg: DictConfig) -> str:
     """Point MLflow at the configured store (``MLFLOW_TRACKING_URI`` wins) and experiment."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    uri = _USER_TRACKING_URI or cfg.mlflow.tracking_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.mlflow.experiment)
     return uri

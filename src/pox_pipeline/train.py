@@ -27,6 +27,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from keras.src.backend.tensorflow import trainer as _keras_tf_trainer
 from matplotlib.figure import Figure
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
@@ -50,6 +51,7 @@ EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy"]
 HISTORY_COLUMNS = ["epoch", *EPOCH_METRICS]
 MLFLOW_PARAMS_PER_CALL = 100
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+_keras_reduce_per_replica = _keras_tf_trainer.reduce_per_replica
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -65,6 +67,31 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"train.strategy must be default, mirrored or multi_worker, got {name!r}")
+
+
+def _multi_worker_mean(values: Any, strategy: tf.distribute.Strategy, reduction: str) -> Any:
+    """Keras' per-step reduction, with multi-worker means taken over workers (``axis=None``):
+    Keras 3.15 passes ``axis=0``, which fails on the scalar loss and metrics."""
+    if reduction in ("auto", "mean") and _keras_tf_trainer._collective_all_reduce_multi_worker(
+        strategy
+    ):
+        return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+    return _keras_reduce_per_replica(values, strategy, reduction)
+
+
+def prepare_multi_worker_fit(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    """Let ``model.fit`` run under MultiWorkerMirroredStrategy with several workers.
+
+    Keras 3.15 fails there (keras-team/keras#20585): its symbolic pre-build reduces the first
+    (nested) batch across workers, which the collective strategy cannot do, and its step
+    reduction passes a bad axis. Two narrow shims, only for this strategy: the model defers
+    its build to the traced step (fit then runs inside ``strategy.scope()``), and the step
+    reduction above replaces Keras' for multi-worker means.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    model._distribute_strategy = None  # fit picks the strategy up from the scope instead
+    _keras_tf_trainer.reduce_per_replica = _multi_worker_mean
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -269,10 +296,11 @@ def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> Path:
     return path
 
 
-def inference_copy(model: keras.Model) -> keras.Model:
-    """The trained model without optimizer state (what evaluation and serving load): same
-    layers and weights, under half the file size for VGG16."""
-    copy = keras.models.clone_model(model)
+def inference_copy(model: keras.Model, model_cfg: DictConfig, data_cfg: DictConfig) -> keras.Model:
+    """A fresh, never-compiled build holding the trained weights: what evaluation and serving
+    load, without optimizer state (under half the file for VGG16). Keras' clone_model would
+    recompile, and so rebuild the optimizer's slots."""
+    copy = build_model(model_cfg, data_cfg)
     copy.set_weights(model.get_weights())
     return copy
 
@@ -361,13 +389,13 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
                 max_memory_mb=cfg.train.feature_cache.max_memory_mb,
                 directory=Path(scratch),
             )
-            cache_mode = cache.mode
+            cache_mode, cache_seconds = cache.mode, cache.build_seconds
             train_data = cached_dataset(
                 cache.train, train_y, train_w, model_cfg.batch_size, shuffle_seed=cfg.seed
             )
             val_data = cached_dataset(cache.val, val_y, None, model_cfg.batch_size)
         else:
-            cache_mode = "none" if cfg.train.feature_cache.enabled else "off"
+            cache_mode, cache_seconds = ("none" if cfg.train.feature_cache.enabled else "off"), 0.0
             train_data = image_dataset(
                 train_images, train_y, train_w, model_cfg.batch_size, shuffle_seed=cfg.seed
             )
@@ -376,6 +404,7 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
         if active_run is not None:
             log_params(cfg)
             mlflow.set_tag("feature_cache", cache_mode)
+            mlflow.log_metric("feature_cache_build_seconds", cache_seconds)
         early_stopping = keras.callbacks.EarlyStopping(
             monitor=cfg.train.monitor,
             patience=model_cfg.patience,
@@ -392,14 +421,16 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
         ]
         if active_run is not None:
             callbacks.append(MlflowEpochMetrics())
-        fitted = fit_model.fit(
-            train_data,
-            validation_data=val_data,
-            epochs=model_cfg.epochs,
-            shuffle=False,  # the training dataset shuffles itself, seeded
-            callbacks=callbacks,
-            verbose=cfg.train.verbose,
-        )
+        prepare_multi_worker_fit(fit_model, strategy)
+        with strategy.scope():
+            fitted = fit_model.fit(
+                train_data,
+                validation_data=val_data,
+                epochs=model_cfg.epochs,
+                shuffle=False,  # the training dataset shuffles itself, seeded
+                callbacks=callbacks,
+                verbose=cfg.train.verbose,
+            )
         frame = history_frame(fitted.history)
         info = {
             "mlflow_run_id": active_run.info.run_id if active_run else None,
@@ -434,7 +465,7 @@ def _write_outputs(
 ) -> None:
     """Model, history and curves to the stage outputs and the active MLflow run; then run.json
     (its wall time includes the saving)."""
-    model = inference_copy(model)
+    model = inference_copy(model, cfg.model[model_name], cfg.data)
     model_path = Path(cfg.paths.models_dir) / model_name / "model.keras"
     model_path.parent.mkdir(parents=True, exist_ok=True)
     model.save(model_path)

@@ -1,0 +1,380 @@
+"""Serving core (serve.py) and the BentoML service in-process (Starlette TestClient on the
+service's ASGI app, BentoML's recommended HTTP test), with a tiny 32 px champion."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import importlib
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TEST_IMAGE_SIZE
+from pox_pipeline import preprocess, serve
+from pox_pipeline.config import PROJECT_ROOT, compose
+from pox_pipeline.preprocess import ImageError, ImageTooLarge
+from serve_helpers import (
+    CLASSES,
+    THRESHOLD,
+    bad_uploads,
+    image_bytes,
+    save_champion,
+    write_serve_params,
+)
+
+LIMITS = {"max_upload_bytes": 200_000, "max_pixels": 250_000, "max_images_per_request": 4}
+HEATMAP = serve.HeatmapConfig(alpha=0.5, max_side=64)
+BAD_UPLOADS = bad_uploads(LIMITS["max_upload_bytes"], LIMITS["max_pixels"])
+
+
+@pytest.fixture(scope="module")
+def champion_tag() -> str:
+    return save_champion()
+
+
+@pytest.fixture(scope="module")
+def predictor(champion_tag: str) -> serve.Predictor:
+    return serve.Predictor.from_tag(champion_tag)
+
+
+def card(classes: tuple[str, ...] = CLASSES, threshold: float | None = THRESHOLD) -> serve.ModelCard:
+    metadata = {"classes": list(classes), "positive_class": classes[0], "threshold": threshold,
+                "image_size": TEST_IMAGE_SIZE, "resample": "bilinear", "mlflow_run_id": "run"}
+    return serve.ModelCard.from_metadata("pox-classifier", "v1", metadata)
+
+
+# ---------------------------------------------------------------------------- settings, card
+
+
+def test_serve_config_reads_every_key_of_the_composed_conf() -> None:
+    cfg = compose()
+    settings = serve.ServeConfig.from_cfg(cfg.serve)
+    assert settings.model_tag == cfg.serve.model_tag
+    assert settings.max_upload_bytes == cfg.serve.max_upload_bytes
+    assert settings.heatmap.alpha == cfg.serve.heatmap.alpha
+    assert settings.upload_dir == Path(cfg.serve.upload_dir)
+    with pytest.raises(ValueError, match="backend"):
+        serve.ServeConfig.from_cfg({**cfg.serve, "backend": "onnx"})
+    with pytest.raises(TypeError):
+        serve.ServeConfig.from_cfg({**cfg.serve, "unknown_knob": 1})
+
+
+def test_serve_config_load_follows_pox_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = write_serve_params(tmp_path / "params.yaml", "serve.max_pixels=1234")
+    monkeypatch.setenv(serve.PARAMS_ENV, str(params))
+    assert serve.ServeConfig.load().max_pixels == 1234
+    monkeypatch.setenv(serve.PARAMS_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(FileNotFoundError, match="POX_PARAMS"):
+        serve.ServeConfig.load()
+
+
+def test_binary_label_is_positive_from_the_threshold_up() -> None:
+    binary = card(threshold=0.3)
+    above, at, below = binary.results(np.array([[0.9], [0.3], [0.2999]]))
+    assert above["label"] == at["label"] == "Monkeypox"
+    assert below["label"] == "Others"
+    assert below["probability"] == pytest.approx(1 - 0.2999)
+    assert below["probabilities"] == pytest.approx({"Monkeypox": 0.2999, "Others": 0.7001})
+    assert at["threshold"] == 0.3
+    assert at["model"] == {"name": "pox-classifier", "version": "v1", "mlflow_run_id": "run"}
+
+
+def test_multiclass_label_is_the_argmax() -> None:
+    three = card(classes=("Monkeypox", "Chickenpox", "Measles"), threshold=None)
+    (result,) = three.results(np.array([[0.2, 0.5, 0.3]]))
+    assert result["label"] == "Chickenpox"
+    assert result["probability"] == pytest.approx(0.5)
+    assert three.positive_index == 0
+
+
+def test_card_rejects_inconsistent_metadata() -> None:
+    with pytest.raises(ValueError, match="positive_class"):
+        serve.ModelCard.from_metadata("m", "v", {"classes": ["a", "b"], "positive_class": "c",
+                                                 "threshold": 0.5, "image_size": 8, "resample": "bilinear"})
+    with pytest.raises(ValueError, match="threshold"):
+        card(threshold=None)
+
+
+# ---------------------------------------------------------------------------- predictor
+
+
+def test_predictor_matches_keras_and_keeps_order(predictor: serve.Predictor) -> None:
+    images = [preprocess.preprocess_bytes(image_bytes(seed=s), TEST_IMAGE_SIZE) for s in range(5)]
+    expected = predictor.model.predict(np.stack(images), verbose=0)[:, 0]
+    results = predictor.predict(images)
+    got = [r["probabilities"]["Monkeypox"] for r in results]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert len(set(np.round(got, 6))) > 1, "the test images should score differently"
+    assert predictor.predict([]) == []
+
+
+def test_tflite_backends_agree_with_keras(predictor: serve.Predictor, champion_tag: str, tmp_path: Path) -> None:
+    import bentoml
+
+    stored = bentoml.models.get(champion_tag)
+    batch = np.stack([preprocess.preprocess_bytes(image_bytes(seed=s), TEST_IMAGE_SIZE) for s in range(4)])
+    keras_out = predictor.outputs(batch)
+    fp32 = serve.Predictor.from_stored(stored, "tflite_fp32")
+    np.testing.assert_allclose(fp32.outputs(batch), keras_out, atol=1e-5)
+    np.testing.assert_allclose(fp32.outputs(batch[:1]), keras_out[:1], atol=1e-5)  # resized input
+    for cls in CLASSES:
+        (tmp_path / cls).mkdir()
+        for seed in range(3):
+            (tmp_path / cls / f"{seed}.png").write_bytes(image_bytes(seed=seed + 10 * len(cls)))
+    report = serve.compare_backends(stored, tmp_path, [".png"])
+    assert report["images"] == 6
+    assert 0.0 <= report["label_agreement"] <= 1.0
+    assert report["max_abs_probability_difference"] < 0.05  # int8 weights, tiny drift
+    assert {"accuracy_tflite_fp32", "accuracy_tflite_int8"} <= set(report)
+
+
+# ---------------------------------------------------------------------------- Grad-CAM
+
+
+def red_evidence_model(wrap: str):
+    """Scores only the red channel of the left half: Grad-CAM must light up exactly there.
+
+    ``wrap`` nests the Conv2D like real models do: "plain", "submodel" (a VGG16-style base
+    inside a functional model) or "chain" (Sequential sub-models chained, as models.vgg16).
+    """
+    import keras
+
+    size = 8
+    conv = keras.layers.Conv2D(2, 1, use_bias=False, activation="relu", name="rgb_to_rg")
+    conv.build((None, size, size, 3))
+    conv.set_weights([np.array([[[[1, 0], [0, 1], [0, 0]]]], dtype=np.float32)])
+    dense = keras.layers.Dense(1, activation="sigmoid")
+    dense.build((None, size * size * 2))
+    weights = np.zeros((size, size, 2), np.float32)
+    weights[:, : size // 2, 0] = 1.0  # red, left half
+    dense.set_weights([weights.reshape(-1, 1), np.zeros(1, np.float32)])
+    head = [keras.layers.Flatten(), dense]
+    scale = keras.layers.Rescaling(1 / 255)
+    if wrap == "plain":
+        return keras.Sequential([keras.Input((size, size, 3)), scale, conv, *head])
+    if wrap == "submodel":
+        base_in = keras.Input((size, size, 3))
+        base = keras.Model(base_in, conv(base_in), name="base")
+        inputs = keras.Input((size, size, 3))
+        return keras.Model(inputs, keras.Sequential(head)(base(scale(inputs))))
+    frozen = keras.Sequential([keras.Input((size, size, 3)), scale], name="frozen")
+    trainable = keras.Sequential([keras.Input((size, size, 3)), conv, *head], name="trainable")
+    inputs = keras.Input((size, size, 3))
+    return keras.Model(inputs, trainable(frozen(inputs)))
+
+
+@pytest.mark.parametrize("wrap", ["plain", "submodel", "chain"])
+def test_gradcam_points_at_the_evidence_wherever_the_conv_sits(wrap: str) -> None:
+    model = red_evidence_model(wrap)
+    layer = serve.last_conv2d(model)
+    assert layer.name == "rgb_to_rg"
+    image = np.zeros((8, 8, 3), np.float32)
+    image[:, :, 1] = 200  # green everywhere: present but not evidence
+    image[2:5, 1:3, 0] = 255  # a red patch on the left: the evidence
+    cam = serve.gradcam(model, layer, image, output_index=0)
+    assert cam.shape == (8, 8)
+    assert cam.max() == pytest.approx(1.0)
+    assert np.all(cam[2:5, 1:3] > 0.99)
+    cam[2:5, 1:3] = 0
+    assert np.all(cam == 0), "nothing outside the red patch counts"
+    assert "call" not in vars(layer), "the recording hook is gone again"
+
+
+def test_gradcam_finds_the_vgg16_base_conv_of_the_project_model() -> None:
+    from pox_pipeline.models import build_model
+
+    cfg = compose([f"data.image_size={TEST_IMAGE_SIZE}"])
+    model = build_model(cfg.model.vgg16, cfg.data)
+    layer = serve.last_conv2d(model)
+    assert layer.name == "block5_conv3"
+    image = np.random.default_rng(0).uniform(0, 255, (TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3))
+    cam = serve.gradcam(model, layer, image.astype(np.float32), output_index=0)
+    assert cam.shape == (2, 2) and 0.0 <= cam.min() and cam.max() <= 1.0
+
+
+def test_explain_returns_the_prediction_and_an_overlay_png(predictor: serve.Predictor) -> None:
+    photo = Image.open(io.BytesIO(image_bytes(size=(120, 90)))).convert("RGB")
+    result, png = predictor.explain(photo, HEATMAP)
+    expected = predictor.predict([preprocess.to_model_input(photo, TEST_IMAGE_SIZE)])[0]
+    assert result == expected
+    overlay = Image.open(io.BytesIO(png))
+    assert overlay.format == "PNG" and overlay.size == (64, 48)  # longest side = max_side
+    assert np.asarray(overlay).std() > 0
+
+
+def test_colorize_runs_from_dark_blue_to_red() -> None:
+    ends = serve.colorize(np.array([[0.0, 1.0, 2.0]]))
+    assert tuple(ends[0, 0]) == tuple(serve.COLORMAP_RGB[0].astype(int))
+    assert tuple(ends[0, 1]) == tuple(ends[0, 2]) == tuple(serve.COLORMAP_RGB[-1].astype(int))
+
+
+# ---------------------------------------------------------------------------- uploads
+
+
+def settings(tmp_path: Path, **changes: object) -> serve.ServeConfig:
+    base = serve.ServeConfig.from_cfg(compose().serve)
+    return dataclasses.replace(base, upload_dir=tmp_path / "uploads", **{**LIMITS, **changes})
+
+
+def test_read_upload_refuses_by_size_and_deletes_the_temporary_file(tmp_path: Path) -> None:
+    upload = tmp_path / "big.png"
+    upload.write_bytes(b"x" * 101)
+    with pytest.raises(ImageTooLarge, match="101 bytes; the limit is 100"):
+        serve.read_upload(upload, max_bytes=100)
+    assert not upload.exists()
+    upload.write_bytes(b"x" * 101)
+    assert serve.read_upload(upload, max_bytes=101) == b"x" * 101
+    assert not upload.exists()
+
+
+def test_uploads_are_not_stored_unless_asked(tmp_path: Path) -> None:
+    data = image_bytes(fmt="JPEG")
+    serve.decode_upload(data, settings(tmp_path))
+    assert not (tmp_path / "uploads").exists()
+    serve.decode_upload(data, settings(tmp_path, store_uploads=True))
+    (stored,) = (tmp_path / "uploads").iterdir()
+    assert stored.read_bytes() == data
+    assert stored.suffix == ".jpeg" and stored.name[:8].isdigit()  # UTC timestamp first
+
+
+def test_http_status_separates_too_large_from_bad() -> None:
+    assert serve.http_status(ImageTooLarge("x")) == 413
+    assert serve.http_status(ImageError("x")) == 400
+
+
+# ---------------------------------------------------------------------------- the service
+
+
+@pytest.fixture(scope="module")
+def service_app(champion_tag: str) -> Iterator[tuple[object, object]]:
+    """service.py imported as ``bentoml serve`` does, and its ASGI app (built once: BentoML
+    registers process-wide metrics per app); each TestClient runs start-up and shutdown."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(serve.PARAMS_ENV, str(PROJECT_ROOT / "params.yaml"))
+        patch.syspath_prepend(str(PROJECT_ROOT))
+        module = importlib.import_module("service")
+        original = module.SETTINGS
+        yield module, module.PoxClassifier.to_asgi()
+        module.SETTINGS = original
+
+
+def client_for(service_app, tmp_path: Path, **changes: object):
+    """A TestClient whose service instances read these settings (small limits by default)."""
+    from starlette.testclient import TestClient
+
+    module, app = service_app
+    module.SETTINGS = settings(tmp_path, **changes)
+    return TestClient(app, follow_redirects=False)
+
+
+@pytest.fixture(scope="module")
+def api(service_app, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    with client_for(service_app, tmp_path_factory.mktemp("api")) as client:
+        yield client
+
+
+def upload(data: bytes, name: str = "photo.png", field: str = "image") -> dict:
+    return {field: (name, data, "application/octet-stream")}
+
+
+def test_predict_answers_as_the_predictor_does(api, predictor: serve.Predictor) -> None:
+    data = image_bytes(seed=3)
+    response = api.post("/predict", files=upload(data))
+    assert response.status_code == 200, response.text
+    expected = predictor.predict([preprocess.preprocess_bytes(data, TEST_IMAGE_SIZE)])[0]
+    body = response.json()
+    assert body["label"] == expected["label"]
+    assert body["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
+    assert body["threshold"] == THRESHOLD
+    assert body["model"]["name"] == "pox-classifier" and body["model"]["version"]
+
+
+def test_predict_batch_answers_in_order(api) -> None:
+    photos = [image_bytes(seed=s) for s in (7, 8, 9)]
+    singles = [api.post("/predict", files=upload(p)).json() for p in photos]
+    files = [("images", (f"{i}.png", p, "image/png")) for i, p in enumerate(photos)]
+    batch = api.post("/predict_batch", files=files)
+    assert batch.status_code == 200, batch.text
+    got = [r["probabilities"]["Monkeypox"] for r in batch.json()]
+    assert got == pytest.approx([r["probabilities"]["Monkeypox"] for r in singles], abs=1e-6)
+
+
+def test_predict_batch_limits_and_names_the_bad_image(api) -> None:
+    too_many = [("images", (f"{i}.png", image_bytes(), "image/png")) for i in range(5)]
+    response = api.post("/predict_batch", files=too_many)
+    assert response.status_code == 413 and "limit is 4" in response.json()["error"]
+    mixed = [("images", ("a.png", image_bytes(), "image/png")), ("images", ("b.txt", b"hello", "text/plain"))]
+    response = api.post("/predict_batch", files=mixed)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("image 2 of 2: ")
+
+
+def test_explain_adds_a_heatmap_png(api) -> None:
+    response = api.post("/explain", files=upload(image_bytes(size=(80, 60))))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png_base64"])))
+    assert overlay.format == "PNG" and overlay.size == (80, 60)
+    assert body["label"] in CLASSES
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_UPLOADS))
+@pytest.mark.parametrize("route", ["/predict", "/explain"])
+def test_bad_uploads_get_a_reason_and_the_service_keeps_serving(api, route: str, kind: str) -> None:
+    data, status, word = BAD_UPLOADS[kind]
+    response = api.post(route, files=upload(data, name="upload.bin"))
+    assert response.status_code == status, response.text
+    assert word in response.json()["error"]
+    assert api.post(route, files=upload(image_bytes())).status_code == 200
+
+
+def test_requests_without_the_image_field_are_client_errors(api) -> None:
+    for request in ({"files": {"other": ("a.txt", b"text", "text/plain")}}, {"json": {"x": 1}}):
+        response = api.post("/predict", **request)
+        assert response.status_code == 400 and "image" in response.text
+
+
+def test_health_docs_and_web_page_routes(api) -> None:
+    for probe in ("/healthz", "/livez", "/readyz"):
+        assert api.get(probe).status_code == 200
+    assert api.get("/").headers["location"] == "/ui/"
+    docs = api.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = api.get("/docs.json").json()
+    assert {"/predict", "/predict_batch", "/explain"} <= set(spec["paths"])
+    page = api.get("/ui/")
+    assert page.status_code == 200 and "not a diagnosis" in page.text
+    assert api.get("/ui/app.js").status_code == 200 and api.get("/ui/style.css").status_code == 200
+
+
+def test_web_page_needs_nothing_from_the_internet() -> None:
+    for asset in (Path(serve.__file__).parent / "static").iterdir():
+        text = asset.read_text()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, asset.name
+
+
+def test_uploads_are_neither_stored_nor_logged(service_app, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    marker_name = "jane-doe-clinic-4711.png"
+    data = image_bytes(seed=11) + b"TRAILING-MARKER-BYTES"  # PNG readers ignore trailing data
+    caplog.set_level(logging.DEBUG)
+    with client_for(service_app, tmp_path) as client:
+        assert client.post("/predict", files=upload(data, name=marker_name)).status_code == 200
+        assert client.post("/predict", files=upload(b"not an image " * 4, name=marker_name)).status_code == 400
+    assert not (tmp_path / "uploads").exists()
+    assert "Service pox-classifier initialized" in caplog.text, "BentoML's logs were captured"
+    assert "jane-doe" not in caplog.text and "TRAILING-MARKER" not in caplog.text
+
+
+def test_store_uploads_keeps_accepted_photos_under_a_timestamp(service_app, tmp_path: Path) -> None:
+    data = image_bytes(seed=12)
+    with client_for(service_app, tmp_path, store_uploads=True) as client:
+        assert client.post("/predict", files=upload(data, name="jane-doe.png")).status_code == 200
+        assert client.post("/predict", files=upload(b"", name="empty.png")).status_code == 400
+    (stored,) = (tmp_path / "uploads").iterdir()
+    assert stored.read_bytes() == data and "jane" not in stored.name and stored.suffix == ".png"

@@ -1,0 +1,148 @@
+"""The real server: ``bentoml serve service:PoxClassifier`` as a subprocess on loopback, with
+a tiny champion in the test BentoML store; real images in, JSON out, bad uploads survived."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from conftest import MSLD_DIR, TEST_IMAGE_SIZE
+from pox_pipeline import preprocess, serve
+from serve_helpers import (
+    CLASSES,
+    image_bytes,
+    msld_samples,
+    running_service,
+    save_champion,
+    write_serve_params,
+)
+
+MAX_UPLOAD_BYTES = 300_000
+TIMEOUT_S = 60
+PRIVATE_NAME = "jane-doe-clinic-4711.png"
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    root: Path
+    tag: str
+
+    def post(self, route: str, data: bytes, name: str = "photo.png", field: str = "image"):
+        files = {field: (name, data, "application/octet-stream")}
+        return requests.post(f"{self.url}{route}", files=files, timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tag = save_champion()
+    root = tmp_path_factory.mktemp("e2e")
+    params = write_serve_params(
+        root / "params.yaml",
+        f"serve.upload_dir={root / 'uploads'}",
+        f"serve.max_upload_bytes={MAX_UPLOAD_BYTES}",
+    )
+    (root / "tmp").mkdir()
+    with running_service(params, root / "server.log", {"TMPDIR": str(root / "tmp")}) as url:
+        yield Server(url, root, tag)
+
+
+@pytest.fixture(scope="module")
+def predictor(server: Server) -> serve.Predictor:
+    return serve.Predictor.from_tag(server.tag)
+
+
+def photos() -> dict[str, bytes]:
+    """Synthetic PNG/JPEG photos, plus two MSLD JPEGs per class when the data set is here."""
+    found = {f"synthetic-{s}.png": image_bytes(size=(64 + s, 48), seed=s) for s in range(3)}
+    found["synthetic.jpg"] = image_bytes(size=(50, 70), fmt="JPEG", seed=9)
+    if MSLD_DIR.is_dir():
+        found.update({p.name: p.read_bytes() for p in msld_samples(2)})
+    return found
+
+
+def expected(predictor: serve.Predictor, data: bytes) -> dict:
+    return predictor.predict([preprocess.preprocess_bytes(data, TEST_IMAGE_SIZE)])[0]
+
+
+def assert_same_answer(got: dict, want: dict) -> None:
+    assert got["label"] == want["label"]
+    assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+    assert got["threshold"] == want["threshold"] and got["model"] == want["model"]
+
+
+def test_probes_answer(server: Server) -> None:
+    for probe in ("/healthz", "/livez", "/readyz"):
+        assert requests.get(f"{server.url}{probe}", timeout=TIMEOUT_S).status_code == 200
+
+
+def test_photos_get_the_models_answer(server: Server, predictor: serve.Predictor) -> None:
+    for name, data in photos().items():
+        response = server.post("/predict", data, name=name)
+        assert response.status_code == 200, f"{name}: {response.text}"
+        assert_same_answer(response.json(), expected(predictor, data))
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
+    server: Server, predictor: serve.Predictor
+) -> None:
+    images = [image_bytes(seed=100 + i) for i in range(6)]
+    jobs = [images[i % len(images)] for i in range(48)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda data: server.post("/predict", data), jobs))
+    for data, response in zip(jobs, responses):
+        assert response.status_code == 200, response.text
+        assert_same_answer(response.json(), expected(predictor, data))
+    metrics = requests.get(f"{server.url}/metrics", timeout=TIMEOUT_S).text
+    batches = re.search(r'adaptive_batch_size_count\{[^}]*method_name="infer"[^}]*\} (\S+)', metrics)
+    assert batches and float(batches.group(1)) > 0, "the model API runs through the batcher"
+
+
+def test_predict_batch_keeps_order(server: Server, predictor: serve.Predictor) -> None:
+    sent = list(photos().items())
+    files = [("images", (name, data, "application/octet-stream")) for name, data in sent]
+    response = requests.post(f"{server.url}/predict_batch", files=files, timeout=TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    for (_, data), got in zip(sent, response.json(), strict=True):
+        assert_same_answer(got, expected(predictor, data))
+
+
+def test_bad_uploads_are_refused_and_the_next_photo_works(server: Server) -> None:
+    for data, status in ((b"plain text, no photo", 400), (b"\0" * (MAX_UPLOAD_BYTES + 1), 413)):
+        response = server.post("/predict", data, name="bad.jpg")
+        assert response.status_code == status, response.text
+        assert response.json()["error"]
+        good = server.post("/predict", image_bytes(seed=5))
+        assert good.status_code == 200 and good.json()["label"] in CLASSES
+
+
+def test_explain_and_the_web_page(server: Server) -> None:
+    response = server.post("/explain", image_bytes(size=(90, 60)))
+    assert response.status_code == 200, response.text
+    overlay = Image.open(io.BytesIO(base64.b64decode(response.json()["heatmap_png_base64"])))
+    assert overlay.format == "PNG" and overlay.size == (90, 60)
+    root = requests.get(f"{server.url}/", timeout=TIMEOUT_S)
+    assert root.url.endswith("/ui/") and "not a diagnosis" in root.text
+    assert "swagger" in requests.get(f"{server.url}/docs", timeout=TIMEOUT_S).text.lower()
+
+
+def test_uploads_leave_no_trace_on_disk_or_in_the_log(server: Server) -> None:
+    marker = b"TRAILING-MARKER-BYTES"
+    assert server.post("/predict", image_bytes(seed=6) + marker, name=PRIVATE_NAME).status_code == 200
+    assert server.post("/predict", b"not an image" + marker, name=PRIVATE_NAME).status_code == 400
+    assert not (server.root / "uploads").exists()
+    log = (server.root / "server.log").read_text(errors="replace")
+    assert "/predict" in log, "the access log is in this file"
+    assert "jane-doe" not in log and marker.decode() not in log
+    # BentoML parks a multipart file in a per-request temp dir while the request runs.
+    leftovers = [p for p in (server.root / "tmp").rglob("*") if p.is_file()]
+    assert not [p for p in leftovers if "jane-doe" in p.name or marker in p.read_bytes()]
