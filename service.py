@@ -57,7 +57,8 @@ class PoxModel:
         max_latency_ms=SETTINGS.max_latency_ms,
     )
     def infer(self, images: np.ndarray) -> np.ndarray:
-        """Raw model outputs for a (N, S, S, 3) batch; concurrent calls are merged into one."""
+        """Model outputs for a (N, S, S, 3) batch (averaged over the champion's TTA views);
+        concurrent calls are merged into one."""
         return self.predictor.outputs(images)
 
     @bentoml.api

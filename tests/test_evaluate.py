@@ -3,6 +3,7 @@ chosen on val, and the metrics logged to the model's MLflow run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from pox_pipeline import evaluate as evaluate_module
 from pox_pipeline.evaluate import evaluate
 from pox_pipeline.metrics import BINARY_METRICS, MULTICLASS_METRICS, binary_metrics
 
-FIGURES = {"confusion.png", "roc.png", "pr.png"}
+FIGURES = {"confusion.png", "roc.png", "pr.png", "reliability_val.png", "reliability_test.png"}
 PNG_MAGIC = b"\x89PNG"
 
 
@@ -62,6 +63,14 @@ def test_evaluate_binary_writes_the_contract_and_logs_to_the_run(
     for name in BINARY_METRICS:
         assert {name, f"{name}_ci_low", f"{name}_ci_high"} <= set(test)
     assert test["n_test"] == len(predictions)
+    # temperature fitted on val (the default), within its bounds, shared by both files
+    assert val["calibration"] == test["calibration"] == "temperature"
+    assert val["tta"] == test["tta"] == "none"
+    low, high = cfg.evaluate.temperature_bounds
+    assert low <= val["temperature"] == test["temperature"] <= high
+    for values in (val, test):
+        assert 0.0 <= values["ece"] <= 1.0 and 0.0 <= values["ece_uncalibrated"] <= 1.0
+    assert test["ece_ci_low"] <= test["ece"] <= test["ece_ci_high"]
     assert test["bootstrap_samples"] == 50
     assert 0 < test["bootstrap_min_resamples_used"] <= 50
 
@@ -89,6 +98,9 @@ def test_evaluate_binary_writes_the_contract_and_logs_to_the_run(
     assert run.data.metrics["val_sensitivity"] == pytest.approx(val["sensitivity"])
     assert run.data.metrics["threshold"] == pytest.approx(test["threshold"])
     assert run.data.tags["threshold_rule"] == "sensitivity_target"
+    assert run.data.metrics["temperature"] == pytest.approx(val["temperature"])
+    assert run.data.metrics["test_ece"] == pytest.approx(test["ece"])
+    assert run.data.tags["calibration"] == "temperature" and run.data.tags["tta"] == "none"
     logged = {Path(a.path).name for a in client.list_artifacts(run_id, "eval/figures")}
     assert logged == FIGURES
 
@@ -117,6 +129,8 @@ def test_evaluate_multiclass_uses_argmax_and_writes_per_class(
     val, test, predictions = _read_outputs(cfg, "cnn")
 
     assert val["threshold"] is None and val["threshold_rule"] == "argmax"
+    assert val["temperature"] == test["temperature"] > 0
+    assert {"ece", "ece_uncalibrated"} <= set(val) and {"ece_ci_low", "ece_ci_high"} <= set(test)
     assert "binary" in val["decision"]
     assert set(MULTICLASS_METRICS) <= set(val)
     assert {"macro_f1_ci_low", "auc_ci_high"} <= set(test)
@@ -126,3 +140,80 @@ def test_evaluate_multiclass_uses_argmax_and_writes_per_class(
     assert set(predictions["predicted"]) <= set(classes)
     accuracy = (predictions["predicted"] == predictions["actual"]).mean()
     assert accuracy == pytest.approx(test["accuracy"])
+
+
+def test_uncalibrated_evaluation_keeps_the_model_probabilities(
+    make_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """calibration=none: T = 1 and the probabilities are the model's own."""
+    cfg = make_cfg("data.image_size=8", "evaluate.bootstrap.samples=10", "evaluate.calibration=none")
+
+    def fake_split(_cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        rng = np.random.default_rng({"val": 0, "test": 1}[split])  # same images every call
+        labels = np.tile(np.arange(2), 6)
+        images = rng.uniform(0, 255, (len(labels), 8, 8, 3)).astype(np.float32)
+        files = [str(Path(cfg.paths.prepared_dir) / split / f"{i}.png") for i in range(len(labels))]
+        return images, labels, files
+
+    monkeypatch.setattr(evaluate_module, "load_split", fake_split)
+    model = fake_trained_model(cfg, "cnn")
+    evaluate(cfg, "cnn")
+    images, _, _ = fake_split(cfg, "test")
+    val, test, predictions = _read_outputs(cfg, "cnn")
+    assert val["calibration"] == "none" and val["temperature"] == 1.0
+    assert val["ece"] == val["ece_uncalibrated"] and test["ece"] == test["ece_uncalibrated"]
+    np.testing.assert_allclose(
+        predictions["probability"], model.predict_on_batch(images)[:, 0], rtol=1e-6
+    )
+
+
+def test_calibrated_tta_evaluation_is_what_the_service_computes(
+    prepared_cfg: Callable[..., DictConfig],
+) -> None:
+    """Temperature and TTA from val_metrics.json, as select ships them, make the serving
+    Predictor reproduce predictions.csv: same probabilities, same decisions."""
+    from serve_helpers import tiny_model
+
+    from pox_pipeline import serve
+    from pox_pipeline.data import load_split
+
+    cfg = prepared_cfg(
+        "evaluate.bootstrap.samples=20",
+        "evaluate.tta=flips",
+        "evaluate.calibration=temperature",
+        "evaluate.threshold.rule=youden",
+    )
+    fake_trained_model(cfg, "cnn")
+    model_dir = Path(cfg.paths.models_dir) / "cnn"
+    # a convolution: unlike the fake's mean colour, its output changes when the image flips
+    tiny_model(int(cfg.data.image_size), seed=3).save(model_dir / "model.keras")
+    evaluate(cfg, "cnn")
+    val, test, predictions = _read_outputs(cfg, "cnn")
+    assert val["tta"] == test["tta"] == "flips"
+
+    classes = list(cfg.data.classes)
+    positive = cfg.data.positive_class
+    metadata = {
+        "classes": classes, "positive_class": positive, "image_size": int(cfg.data.image_size),
+        "resample": cfg.data.resample,
+        **{k: val[k] for k in ("threshold", "temperature", "tta")},
+    }
+    card = serve.ModelCard.from_metadata("pox-classifier", "v1", metadata)
+    predictor = serve.Predictor(model_dir, card)
+    images, _, _ = load_split(cfg, "test")
+    results = predictor.predict(list(images))
+    served = np.array([r["probabilities"][positive] for r in results])
+    np.testing.assert_allclose(served, predictions["probability"], rtol=1e-4, atol=1e-6)
+    clear = np.abs(served - val["threshold"]) > 1e-5  # float32 noise cannot flip these
+    assert clear.sum() > len(served) // 2
+    labels = np.array([r["label"] for r in results])
+    assert (labels[clear] == predictions["predicted"].to_numpy()[clear]).all()
+
+    # both halves mattered: without TTA or without T the service would answer differently
+    plain = serve.Predictor(model_dir, dataclasses.replace(card, tta="none"))
+    plain_served = [r["probabilities"][positive] for r in plain.predict(list(images))]
+    assert not np.allclose(plain_served, served, rtol=1e-4, atol=1e-6)
+    if val["temperature"] != pytest.approx(1.0, abs=1e-3):
+        uncalibrated = dataclasses.replace(card, temperature=1.0)
+        raw = uncalibrated.results(predictor.outputs(images))
+        assert not np.allclose([r["probabilities"][positive] for r in raw], served)

@@ -155,3 +155,76 @@ def test_curves_have_the_contract_columns() -> None:
     pr = metrics.pr_points(Y, S)
     assert list(pr.columns) == ["recall", "precision", "threshold"]
     assert pr["recall"].max() == 1.0
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def test_ece_and_reliability_bins_by_hand() -> None:
+    # 4 bins of width 0.25. Bin 0: 0.1, 0.2 (outcomes 0, 1); bin 2: 0.6 (1);
+    # bin 3: 0.8, 0.9, 1.0 (1, 1, 0). Bin 1 is empty.
+    confidence = np.array([0.1, 0.2, 0.6, 0.8, 0.9, 1.0])
+    outcome = np.array([0, 1, 1, 1, 1, 0])
+    bins = metrics.reliability_bins(confidence, outcome, n_bins=4)
+    assert bins["count"].tolist() == [2, 0, 1, 3]
+    assert bins["bin_low"].tolist() == [0.0, 0.25, 0.5, 0.75]
+    assert bins["confidence"][[0, 2, 3]].tolist() == pytest.approx([0.15, 0.6, 0.9])
+    assert bins["frequency"][[0, 2, 3]].tolist() == pytest.approx([0.5, 1.0, 2 / 3])
+    assert math.isnan(bins["confidence"][1]) and math.isnan(bins["frequency"][1])
+    # gaps 0.35, 0.4, 0.9 - 2/3 weighted 2, 1, 3 out of 6
+    expected = (2 * 0.35 + 1 * 0.4 + 3 * (0.9 - 2 / 3)) / 6
+    assert metrics.expected_calibration_error(confidence, outcome, 4) == pytest.approx(expected)
+    # one bin: |mean confidence - mean outcome|
+    assert metrics.expected_calibration_error(confidence, outcome, 1) == pytest.approx(
+        abs(confidence.mean() - outcome.mean())
+    )
+    perfect = metrics.expected_calibration_error([0.0, 0.0, 1.0], [0, 0, 1], 10)
+    assert perfect == 0.0
+    assert math.isnan(metrics.expected_calibration_error([], [], 10))
+
+
+def test_temperature_scale_is_monotone_and_identity_at_one() -> None:
+    p = np.array([0.3, 0.5, 0.9])
+    np.testing.assert_array_equal(metrics.temperature_scale(p, 1.0, binary=True), p)
+    softer = metrics.temperature_scale(p, 2.0, binary=True)
+    # sigmoid(logit(0.9) / 2) = sqrt(9) / (1 + sqrt(9)) = 0.75
+    assert softer.tolist() == pytest.approx([math.sqrt(3 / 7) / (1 + math.sqrt(3 / 7)), 0.5, 0.75])
+    proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    sharper = metrics.temperature_scale(proba, 0.5, binary=False)
+    # softmax(log p / 0.5) = p^2 / sum(p^2)
+    assert sharper[0].tolist() == pytest.approx([0.49 / 0.54, 0.04 / 0.54, 0.01 / 0.54])
+    assert (sharper.argmax(axis=1) == proba.argmax(axis=1)).all()
+    np.testing.assert_allclose(sharper.sum(axis=1), 1.0)
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 2.5])
+def test_fit_temperature_recovers_a_known_temperature(true_temperature: float) -> None:
+    """Labels drawn from softmax(z / T*): the model's outputs softmax(z) are miscalibrated
+    by exactly T*, which the NLL fit must find."""
+    rng = np.random.default_rng(0)
+    n = 20_000
+    bounds = [0.1, 10.0]
+    logits = rng.normal(0.0, 3.0, (n, 3))
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    true = np.exp(logits / true_temperature)
+    true /= true.sum(axis=1, keepdims=True)
+    labels = (rng.uniform(size=(n, 1)) > true.cumsum(axis=1)).sum(axis=1)
+    fitted = metrics.fit_temperature(labels, proba, bounds, binary=False)
+    assert fitted == pytest.approx(true_temperature, rel=0.05)
+
+    z = rng.normal(0.0, 3.0, n)
+    score = 1 / (1 + np.exp(-z))
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-z / true_temperature))).astype(int)
+    fitted = metrics.fit_temperature(y, score, bounds, binary=True)
+    assert fitted == pytest.approx(true_temperature, rel=0.05)
+    # calibrating lowers the NLL and the ECE
+    calibrated = metrics.temperature_scale(score, fitted, binary=True)
+    assert metrics.temperature_nll(y, score, fitted, True) < metrics.temperature_nll(y, score, 1.0, True)
+    assert metrics.binary_log_loss(y, calibrated) == pytest.approx(
+        metrics.temperature_nll(y, score, fitted, True), rel=1e-6
+    )
+    assert metrics.expected_calibration_error(calibrated, y, 15) < (
+        metrics.expected_calibration_error(score, y, 15)
+    )
+    with pytest.raises(ValueError, match="bounds"):
+        metrics.fit_temperature(y, score, [0.0, 1.0], binary=True)

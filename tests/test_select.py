@@ -21,6 +21,7 @@ METADATA_KEYS = {
     "classes", "positive_class", "threshold", "image_size", "resample", "architecture",
     "model_name", "weights", "mlflow_run_id", "mlflow_model_version",
     "registered_model_name", "git_commit", "val_metrics", "test_metrics",
+    "calibration", "temperature", "tta",
 }
 
 
@@ -106,6 +107,8 @@ def test_select_registers_saves_and_is_idempotent(
     assert bento.info.metadata["threshold"] == 0.3
     assert bento.info.metadata["test_metrics"] == {}  # the winner has no metrics.json
     assert bento.info.metadata["val_metrics"]["balanced_accuracy"] == 0.90
+    # val_metrics.json from before calibration / TTA: what that evaluation did, T = 1, no TTA
+    assert bento.info.metadata["temperature"] == 1.0 and bento.info.metadata["tta"] == "none"
     assert (Path(bento.path) / "model.keras").read_bytes() == (
         Path(cfg.paths.models_dir) / "vgg16" / "model.keras"
     ).read_bytes()
@@ -143,6 +146,37 @@ def test_select_registers_saves_and_is_idempotent(
     assert shipped["winner"] == "vgg16" and shipped["registered_model_version"] == 1
     metadata = bentoml.models.get(shipped["bentoml_tag"]).info.metadata
     assert metadata["test_metrics"] == {"balanced_accuracy": 0.1, "n_test": 9}
+
+
+def test_select_ships_the_temperature_and_tta_of_the_winner(candidates: DictConfig) -> None:
+    """The served model computes what evaluate computed: same T, same TTA, same threshold."""
+    import bentoml
+
+    from pox_pipeline.serve import ModelCard
+
+    cfg = candidates
+    calibrated = {**json.loads(_val(0.90, 0.3)), "calibration": "temperature",
+                  "temperature": 1.7, "tta": "flips"}  # fmt: skip
+    _write_eval(cfg, "vgg16", "val_metrics.json", json.dumps(calibrated))
+    result = select(cfg)
+    assert result["winner"] == "vgg16"
+    assert (result["temperature"], result["tta"], result["calibration"]) == (1.7, "flips", "temperature")
+    stored = bentoml.models.get(result["bentoml_tag"])
+    assert stored.info.metadata["temperature"] == 1.7
+    assert stored.info.metadata["tta"] == "flips"
+    assert stored.info.metadata["calibration"] == "temperature"
+    card = ModelCard.from_stored(stored)
+    assert (card.temperature, card.tta, card.threshold) == (1.7, "flips", 0.3)
+    version = MlflowClient().get_model_version(
+        cfg.select.registered_model_name, str(result["registered_model_version"])
+    )
+    assert version.tags["temperature"] == "1.7" and version.tags["tta"] == "flips"
+
+    # a new temperature alone is a new BentoML model: the served probabilities change
+    _write_eval(cfg, "vgg16", "val_metrics.json", json.dumps({**calibrated, "temperature": 1.2}))
+    again = select(cfg)
+    assert again["bentoml_tag"] != result["bentoml_tag"]
+    assert bentoml.models.get(again["bentoml_tag"]).info.metadata["temperature"] == 1.2
 
 
 def test_missing_val_metrics_is_a_clear_error(make_cfg: Callable[..., DictConfig]) -> None:

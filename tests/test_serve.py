@@ -43,9 +43,11 @@ def predictor(champion_tag: str) -> serve.Predictor:
     return serve.Predictor.from_tag(champion_tag)
 
 
-def card(classes: tuple[str, ...] = CLASSES, threshold: float | None = THRESHOLD) -> serve.ModelCard:
+def card(classes: tuple[str, ...] = CLASSES, threshold: float | None = THRESHOLD,
+         **extra: object) -> serve.ModelCard:
     metadata = {"classes": list(classes), "positive_class": classes[0], "threshold": threshold,
-                "image_size": TEST_IMAGE_SIZE, "resample": "bilinear", "mlflow_run_id": "run"}
+                "image_size": TEST_IMAGE_SIZE, "resample": "bilinear", "mlflow_run_id": "run",
+                **extra}
     return serve.ModelCard.from_metadata("pox-classifier", "v1", metadata)
 
 
@@ -101,6 +103,41 @@ def test_card_rejects_inconsistent_metadata() -> None:
         card(threshold=None)
 
 
+def test_card_applies_the_temperature_before_the_threshold() -> None:
+    assert card().temperature == 1.0 and card().tta == "none"  # metadata from before calibration
+    # sigmoid(logit(0.9) / 2) = 3 / 4; sigmoid(logit(0.6) / 2) = sqrt(1.5) / (1 + sqrt(1.5))
+    hot = card(threshold=0.58, temperature=2.0)
+    high, mid = hot.results(np.array([[0.9], [0.6]]))
+    assert high["probabilities"] == pytest.approx({"Monkeypox": 0.75, "Others": 0.25})
+    assert high["probability"] == pytest.approx(0.75) and high["label"] == "Monkeypox"
+    # 0.6 is above the threshold, but the threshold was set on calibrated probabilities
+    assert mid["probabilities"]["Monkeypox"] == pytest.approx(1.5**0.5 / (1 + 1.5**0.5))
+    assert mid["label"] == "Others"
+    three = card(classes=("Monkeypox", "Chickenpox", "Measles"), threshold=None, temperature=0.5)
+    (result,) = three.results(np.array([[0.2, 0.5, 0.3]]))
+    # softmax(log p / 0.5) = p^2 / sum(p^2)
+    assert result["probabilities"]["Chickenpox"] == pytest.approx(0.25 / 0.38)
+    assert result["label"] == "Chickenpox"
+    with pytest.raises(ValueError, match="temperature"):
+        card(temperature=0.0)
+    with pytest.raises(ValueError, match="tta"):
+        card(tta="rotations")
+
+
+def test_tta_views_are_the_four_flips() -> None:
+    batch = np.arange(2 * 2 * 3 * 3, dtype=np.float32).reshape(2, 2, 3, 3)
+    assert [v is batch for v in serve.tta_views(batch, "none")] == [True]
+    identity, horizontal, vertical, both = serve.tta_views(batch, "flips")
+    np.testing.assert_array_equal(identity, batch)
+    np.testing.assert_array_equal(horizontal[:, :, 0], batch[:, :, -1])  # columns mirrored
+    np.testing.assert_array_equal(vertical[:, 0], batch[:, -1])  # rows mirrored
+    np.testing.assert_array_equal(both, batch[:, ::-1, ::-1])
+    with pytest.raises(ValueError, match="tta"):
+        serve.tta_views(batch, "rotations")
+    stacked = np.concatenate([np.full((2, 1), k, np.float32) for k in range(4)])
+    np.testing.assert_array_equal(serve.mean_over_views(stacked, 4), [[1.5], [1.5]])
+
+
 # ---------------------------------------------------------------------------- predictor
 
 
@@ -112,6 +149,40 @@ def test_predictor_matches_keras_and_keeps_order(predictor: serve.Predictor) -> 
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert len(set(np.round(got, 6))) > 1, "the test images should score differently"
     assert predictor.predict([]) == []
+
+
+def test_predictor_tta_is_the_mean_of_the_flips_in_one_call(
+    predictor: serve.Predictor, champion_tag: str
+) -> None:
+    import bentoml
+
+    stored = bentoml.models.get(champion_tag)
+    flips = serve.Predictor(
+        Path(stored.path), dataclasses.replace(predictor.card, tta="flips", temperature=1.5)
+    )
+    batch = np.stack(
+        [preprocess.preprocess_bytes(image_bytes(seed=s), TEST_IMAGE_SIZE) for s in range(3)]
+    )
+    manual = np.mean(
+        [
+            predictor.model.predict(view, verbose=0)
+            for view in (batch, batch[:, :, ::-1], batch[:, ::-1], batch[:, ::-1, ::-1])
+        ],
+        axis=0,
+    )
+    calls = []
+    run = flips._run
+    flips._run = lambda images: calls.append(images.shape) or run(images)
+    outputs = flips.outputs(batch)
+    assert calls == [(4 * 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3)]  # one batched call
+    np.testing.assert_allclose(outputs, manual, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(outputs, predictor.outputs(batch), rtol=1e-4, atol=1e-6)
+    # predict = the card's calibrated reading of the averaged outputs
+    expected = flips.card.results(manual)
+    got = flips.predict(list(batch))
+    assert [r["label"] for r in got] == [r["label"] for r in expected]
+    for g, e in zip(got, expected):
+        assert g["probabilities"] == pytest.approx(e["probabilities"], rel=1e-5)
 
 
 def test_tflite_backends_agree_with_keras(predictor: serve.Predictor, champion_tag: str, tmp_path: Path) -> None:

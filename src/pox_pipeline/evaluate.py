@@ -1,9 +1,12 @@
-"""Stage `evaluate@<name>`: score a trained model on val and test, pick the operating
-threshold on val, report test metrics with bootstrap CIs, curves and figures.
+"""Stage `evaluate@<name>`: score a trained model on val and test (optionally averaged over
+test-time augmentation views), calibrate it on val, pick the operating threshold on val,
+report test metrics with bootstrap CIs, calibration, curves and figures.
 
-The threshold is chosen on the validation split only, so the test figures are an honest
-estimate of the deployed decision. Everything is logged to the MLflow run that trained the
-model (``models/<name>/run.json``).
+The temperature and the threshold are both chosen on the validation split only, so the test
+figures are an honest estimate of the deployed decision; they travel to the service through
+``val_metrics.json`` (``temperature``, ``threshold``, ``tta``), which ``select`` ships as the
+model's metadata. Everything is logged to the MLflow run that trained the model
+(``models/<name>/run.json``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from pox_pipeline import metrics
 from pox_pipeline.config import stage_entry
 from pox_pipeline.data import load_split
+from pox_pipeline.serve import tta_views
 from pox_pipeline.tracking import read_run_info, setup_mlflow
 
 MODEL_FILE = "model.keras"
@@ -35,6 +39,7 @@ MULTICLASS_NOTE = (
     "multi-class: the predicted class is the argmax of the softmax; evaluate.threshold "
     "applies to binary models only"
 )
+SPLITS = ("val", "test")
 
 
 @dataclass(frozen=True)
@@ -65,10 +70,20 @@ def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int) -> n
     return np.concatenate(batches).astype(np.float64)
 
 
+def model_outputs(
+    model: keras.Model, images: np.ndarray, batch_size: int, tta: str
+) -> np.ndarray:
+    """Model outputs averaged over the TTA views of ``serve.tta_views`` (what the service's
+    ``Predictor.outputs`` computes); each view goes through in batches of ``batch_size``,
+    so memory stays that of one view."""
+    views = tta_views(images, tta)
+    return np.mean([predict_scores(model, view, batch_size) for view in views], axis=0)
+
+
 def score_split(cfg: DictConfig, model: keras.Model, split: str) -> SplitScores:
-    """Load a prepared split and run the model over it."""
+    """Load a prepared split and run the model over it (uncalibrated outputs)."""
     images, labels, files = load_split(cfg, split)
-    outputs = predict_scores(model, images, int(cfg.evaluate.batch_size))
+    outputs = model_outputs(model, images, int(cfg.evaluate.batch_size), str(cfg.evaluate.tta))
     positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
     relative = [os.path.relpath(f, cfg.paths.prepared_dir) for f in files]
     if len(cfg.data.classes) == 2:
@@ -76,14 +91,73 @@ def score_split(cfg: DictConfig, model: keras.Model, split: str) -> SplitScores:
     return SplitScores(relative, np.asarray(labels), outputs[:, positive_index], outputs)
 
 
+def _probabilities(scores: SplitScores) -> np.ndarray:
+    """P(positive) of a binary model, else the softmax rows."""
+    return scores.positive_score if scores.proba is None else scores.proba
+
+
+def _targets(scores: SplitScores, positive_index: int) -> np.ndarray:
+    """Binary: 1 for the positive class, 0 otherwise; multi-class: the class indices."""
+    if scores.proba is None:
+        return (scores.labels == positive_index).astype(int)
+    return scores.labels
+
+
+def fit_calibration(scores: SplitScores, positive_index: int, cfg: DictConfig) -> float:
+    """The temperature of ``evaluate.calibration`` fitted on these (validation) scores;
+    ``none`` is T = 1."""
+    method = str(cfg.evaluate.calibration)
+    if method == metrics.NO_CALIBRATION:
+        return metrics.IDENTITY_TEMPERATURE
+    if method == "temperature":
+        return metrics.fit_temperature(
+            _targets(scores, positive_index),
+            _probabilities(scores),
+            list(cfg.evaluate.temperature_bounds),
+            binary=scores.proba is None,
+        )
+    raise ValueError(
+        f"evaluate.calibration={method!r}; choose one of {metrics.CALIBRATION_METHODS}"
+    )
+
+
+def calibrated(scores: SplitScores, temperature: float, positive_index: int) -> SplitScores:
+    """The same split with temperature-scaled probabilities (what the service shows)."""
+    if scores.proba is None:
+        positive = metrics.temperature_scale(scores.positive_score, temperature, binary=True)
+        return SplitScores(scores.files, scores.labels, positive, None)
+    proba = metrics.temperature_scale(scores.proba, temperature, binary=False)
+    return SplitScores(scores.files, scores.labels, proba[:, positive_index], proba)
+
+
+def calibration_inputs(
+    scores: SplitScores, positive_index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, outcome) whose agreement calibration measures.
+
+    Binary: P(positive) against being positive, the probability the service shows next to
+    its threshold. Multi-class: the top-class confidence against the argmax being right.
+    """
+    if scores.proba is None:
+        return scores.positive_score, _targets(scores, positive_index)
+    return scores.proba.max(axis=1), (scores.proba.argmax(axis=1) == scores.labels).astype(int)
+
+
+def split_ece(scores: SplitScores, positive_index: int, n_bins: int) -> float:
+    return metrics.expected_calibration_error(*calibration_inputs(scores, positive_index), n_bins)
+
+
 def split_metrics(
-    scores: SplitScores, threshold: float | None, positive_index: int
+    scores: SplitScores, threshold: float | None, positive_index: int, ece_bins: int
 ) -> dict[str, float]:
-    """Point metrics of one split (binary at ``threshold``, multi-class by argmax)."""
+    """Point metrics of one split (binary at ``threshold``, multi-class by argmax) and its
+    expected calibration error."""
     if scores.proba is None:
         is_positive = (scores.labels == positive_index).astype(int)
-        return metrics.binary_metrics(is_positive, scores.positive_score, threshold)
-    return metrics.multiclass_metrics(scores.labels, scores.proba, positive_index)
+        point = metrics.binary_metrics(is_positive, scores.positive_score, threshold)
+    else:
+        point = metrics.multiclass_metrics(scores.labels, scores.proba, positive_index)
+    return {**point, "ece": split_ece(scores, positive_index, ece_bins)}
 
 
 def predicted_indices(
@@ -100,7 +174,8 @@ def with_ci(
     scores: SplitScores, threshold: float | None, positive_index: int, cfg: DictConfig
 ) -> dict[str, float]:
     """Test metrics, each with its percentile bootstrap interval, as flat keys."""
-    point = split_metrics(scores, threshold, positive_index)
+    ece_bins = int(cfg.evaluate.ece_bins)
+    point = split_metrics(scores, threshold, positive_index, ece_bins)
 
     def resampled(indices: np.ndarray) -> dict[str, float]:
         subset = SplitScores(
@@ -109,7 +184,7 @@ def with_ci(
             scores.positive_score[indices],
             None if scores.proba is None else scores.proba[indices],
         )
-        return split_metrics(subset, threshold, positive_index)
+        return split_metrics(subset, threshold, positive_index, ece_bins)
 
     intervals = metrics.bootstrap_ci(
         resampled,
@@ -179,6 +254,62 @@ def plot_curve(
     fig.savefig(path, dpi=FIGURE_DPI)
 
 
+def plot_reliability(
+    curves: Mapping[str, pd.DataFrame], axis_labels: tuple[str, str], title: str, path: Path
+) -> None:
+    """Reliability diagram: observed frequency against mean confidence in each non-empty bin,
+    one line per curve (before / after calibration); the diagonal is perfect calibration."""
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    for label, bins in curves.items():
+        filled = bins[bins["count"] > 0]
+        ax.plot(filled["confidence"], filled["frequency"], marker="o", lw=2, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=FIGURE_DPI)
+
+
+def write_reliability(
+    figures: Path,
+    model_name: str,
+    positive: str,
+    raw: Mapping[str, SplitScores],
+    scored: Mapping[str, SplitScores],
+    temperature: float,
+    positive_index: int,
+    n_bins: int,
+) -> None:
+    """``figures/reliability_<split>.png`` for val and test: the model's own probabilities
+    and, when calibrated (T != 1), the temperature-scaled ones, each with its ECE."""
+    binary = raw["test"].proba is None
+    axis_labels = (
+        (f"mean predicted P({positive})", f"fraction {positive}")
+        if binary
+        else ("mean top-class confidence", "accuracy")
+    )
+    for split in SPLITS:
+        versions = {"uncalibrated": raw[split]}
+        if temperature != metrics.IDENTITY_TEMPERATURE:
+            versions[f"T = {temperature:.2f}"] = scored[split]
+        curves = {
+            f"{label} (ECE {split_ece(scores, positive_index, n_bins):.3f})":
+            metrics.reliability_bins(*calibration_inputs(scores, positive_index), n_bins)
+            for label, scores in versions.items()
+        }
+        plot_reliability(
+            curves,
+            axis_labels,
+            f"{model_name}: reliability, {split} ({n_bins} bins)",
+            figures / f"reliability_{split}.png",
+        )
+
+
 def write_reports(
     out: Path,
     model_name: str,
@@ -237,13 +368,15 @@ def write_reports(
 def log_to_mlflow(
     cfg: DictConfig, model_name: str, out: Path, val: Mapping[str, Any], test: Mapping[str, Any]
 ) -> None:
-    """Log val_/test_ metrics, the threshold and the figures to the model's training run."""
+    """Log val_/test_ metrics, the threshold, the temperature and the figures to the model's
+    training run."""
     setup_mlflow(cfg)
     run_id = read_run_info(cfg, model_name)["mlflow_run_id"]
+    shared = ("threshold", "temperature")  # chosen on val, the same number in both files
     numeric = {
-        **{f"val_{k}": v for k, v in val.items() if k != "threshold"},
-        **{f"test_{k}": v for k, v in test.items() if k != "threshold"},
-        "threshold": val["threshold"],
+        **{f"val_{k}": v for k, v in val.items() if k not in shared},
+        **{f"test_{k}": v for k, v in test.items() if k not in shared},
+        **{k: val[k] for k in shared},
     }
     finite = {
         k: float(v)
@@ -252,7 +385,7 @@ def log_to_mlflow(
     }
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(finite)
-        mlflow.set_tag("threshold_rule", val["threshold_rule"])
+        mlflow.set_tags({k: val[k] for k in ("threshold_rule", "calibration", "tta")})
         mlflow.log_artifacts(str(out / "figures"), artifact_path="eval/figures")
         mlflow.log_artifact(str(out / "val_metrics.json"), artifact_path="eval")
         mlflow.log_artifact(str(out / "metrics.json"), artifact_path="eval")
@@ -263,8 +396,11 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
     classes = list(cfg.data.classes)
     positive_index = classes.index(cfg.data.positive_class)
     model = keras.saving.load_model(model_path(cfg, model_name))
-    val = score_split(cfg, model, "val")
-    test = score_split(cfg, model, "test")
+    raw = {split: score_split(cfg, model, split) for split in SPLITS}
+    # Calibrate first: the threshold and every metric use the probabilities the service shows.
+    temperature = fit_calibration(raw["val"], positive_index, cfg)
+    scored = {split: calibrated(raw[split], temperature, positive_index) for split in SPLITS}
+    val, test = scored["val"], scored["test"]
 
     if test.proba is None:
         is_positive = (val.labels == positive_index).astype(int)
@@ -275,16 +411,26 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
     else:
         threshold, rule, note = None, MULTICLASS_RULE, {"decision": MULTICLASS_NOTE}
 
-    header = {"threshold": threshold, "threshold_rule": rule, **note}
+    ece_bins = int(cfg.evaluate.ece_bins)
+    header = {
+        "threshold": threshold,
+        "threshold_rule": rule,
+        "calibration": str(cfg.evaluate.calibration),
+        "temperature": temperature,
+        "tta": str(cfg.evaluate.tta),
+        **note,
+    }
     val_metrics = {
         **header,
         "n_val": len(val.labels),
-        **split_metrics(val, threshold, positive_index),
+        **split_metrics(val, threshold, positive_index, ece_bins),
+        "ece_uncalibrated": split_ece(raw["val"], positive_index, ece_bins),
     }
     test_metrics = {
         **header,
         "n_test": len(test.labels),
         **with_ci(test, threshold, positive_index, cfg),
+        "ece_uncalibrated": split_ece(raw["test"], positive_index, ece_bins),
     }
 
     out = eval_dir(cfg, model_name)
@@ -296,6 +442,10 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
     write_reports(
         out, model_name, classes, positive_index, test, predicted, decision, test_metrics["auc"]
     )
+    write_reliability(
+        out / "figures", model_name, classes[positive_index], raw, scored, temperature,
+        positive_index, ece_bins,
+    )
     log_to_mlflow(cfg, model_name, out, val_metrics, test_metrics)
     return {"val": _json_ready(val_metrics), "test": _json_ready(test_metrics)}
 
@@ -304,7 +454,9 @@ def run(cfg: DictConfig) -> None:
     result = evaluate(cfg, cfg.model_name)
     test = result["test"]
     print(
-        f"{cfg.model_name}: threshold {test['threshold']} ({test['threshold_rule']}), test "
+        f"{cfg.model_name}: threshold {test['threshold']} ({test['threshold_rule']}), "
+        f"temperature {test['temperature']:.3f} ({test['calibration']}), tta {test['tta']}, "
+        f"test ECE {test['ece_uncalibrated']:.3f} -> {test['ece']:.3f}, test "
         + ", ".join(
             f"{m} {test[m]:.3f} [{test[f'{m}_ci_low']:.3f}, {test[f'{m}_ci_high']:.3f}]"
             for m in ("balanced_accuracy", "sensitivity", "specificity", "auc")

@@ -1,4 +1,4 @@
-"""Classification metrics, bootstrap confidence intervals and threshold rules.
+"""Classification metrics, bootstrap confidence intervals, threshold rules and calibration.
 
 Pure numpy / scikit-learn: no model, no files. Binary functions take ``y_true`` as 1 for the
 positive class (``data.positive_class``) and 0 otherwise, and ``score`` as P(positive); a
@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import minimize_scalar
+from scipy.special import expit, log_softmax, softmax
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 BINARY_METRICS = (
@@ -40,8 +42,13 @@ MULTICLASS_METRICS = (
     "log_loss",
 )
 THRESHOLD_RULES = ("sensitivity_target", "fixed", "youden")
-# Probabilities are clipped this far from 0 and 1 before the log in log loss.
+# Probabilities are clipped this far from 0 and 1 before the log in log loss (and in the
+# logits that temperature scaling divides).
 LOG_LOSS_EPS = 1e-7
+NO_CALIBRATION = "none"
+CALIBRATION_METHODS = (NO_CALIBRATION, "temperature")
+# Dividing logits by 1 changes nothing: the temperature of an uncalibrated model.
+IDENTITY_TEMPERATURE = 1.0
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -282,3 +289,111 @@ def pr_points(y_true: np.ndarray, score: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(
         {"recall": recall, "precision": precision, "threshold": np.append(thresholds, np.nan)}
     )
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def _bin_sums(
+    confidence: np.ndarray, outcome: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin: sample count, sum of confidences, sum of outcomes."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    outcome = np.asarray(outcome, dtype=np.float64)
+    index = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    return (
+        np.bincount(index, minlength=n_bins),
+        np.bincount(index, confidence, minlength=n_bins),
+        np.bincount(index, outcome, minlength=n_bins),
+    )
+
+
+def reliability_bins(confidence: np.ndarray, outcome: np.ndarray, n_bins: int) -> pd.DataFrame:
+    """Equal-width bins over [0, 1]: ``bin_low, bin_high, count, confidence, frequency``.
+
+    ``confidence`` is a predicted probability and ``outcome`` 1 where the predicted event
+    happened; bin ``b`` holds ``b/n <= confidence < (b+1)/n`` (the last bin includes 1).
+    ``confidence`` and ``frequency`` are the bin's means (``nan`` for an empty bin).
+    """
+    count, confidence_sum, outcome_sum = _bin_sums(confidence, outcome, n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = confidence_sum / count
+        frequency = outcome_sum / count
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return pd.DataFrame(
+        {
+            "bin_low": edges[:-1],
+            "bin_high": edges[1:],
+            "count": count,
+            "confidence": mean_confidence,
+            "frequency": frequency,
+        }
+    )
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, outcome: np.ndarray, n_bins: int
+) -> float:
+    """ECE: the count-weighted mean of ``|frequency - confidence|`` over the equal-width bins
+    of :func:`reliability_bins` (``nan`` without samples). Plain numpy: it runs in every
+    bootstrap resample."""
+    count, confidence_sum, outcome_sum = _bin_sums(confidence, outcome, n_bins)
+    total = int(count.sum())
+    # count * |mean outcome - mean confidence| = |outcome sum - confidence sum|
+    return float(np.abs(outcome_sum - confidence_sum).sum() / total) if total else math.nan
+
+
+def _binary_logits(score: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(score, dtype=np.float64), LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def _softmax_logits(proba: np.ndarray) -> np.ndarray:
+    """Log-probabilities: logits up to a per-row constant, which softmax ignores."""
+    return np.log(np.clip(np.asarray(proba, dtype=np.float64), LOG_LOSS_EPS, 1.0))
+
+
+def temperature_scale(outputs: np.ndarray, temperature: float, binary: bool) -> np.ndarray:
+    """Calibrated probabilities: ``sigmoid(logit(p) / T)`` (binary, P(positive) of any shape)
+    or ``softmax(log(p) / T)`` over the last axis (multi-class).
+
+    T = 1 returns the input unchanged (bit for bit, so an uncalibrated model's probabilities
+    and thresholds are exactly the model's own); T > 1 softens, T < 1 sharpens. Dividing
+    logits by a positive T keeps the ranking and the argmax.
+    """
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if temperature == IDENTITY_TEMPERATURE:
+        return outputs
+    if binary:
+        return expit(_binary_logits(outputs) / temperature)
+    return softmax(_softmax_logits(outputs) / temperature, axis=-1)
+
+
+def temperature_nll(
+    labels: np.ndarray, outputs: np.ndarray, temperature: float, binary: bool
+) -> float:
+    """Mean negative log-likelihood of the labels under the temperature-scaled outputs.
+
+    Binary: ``labels`` 0/1 and ``outputs`` P(positive); multi-class: class indices and
+    softmax rows. Computed from the logits (log-sum-exp), so no probability is rounded to 0.
+    """
+    labels = np.asarray(labels, dtype=int)
+    if binary:
+        z = _binary_logits(outputs) / temperature
+        return float(np.mean(np.logaddexp(0.0, z) - labels * z))
+    z = _softmax_logits(outputs) / temperature
+    return float(np.mean(-log_softmax(z, axis=1)[np.arange(len(labels)), labels]))
+
+
+def fit_temperature(
+    labels: np.ndarray, outputs: np.ndarray, bounds: Sequence[float], binary: bool
+) -> float:
+    """The T in ``bounds`` minimising :func:`temperature_nll` (Guo et al. 2017), by a bounded
+    scalar search: one parameter, so it cannot change which images rank above which."""
+    low, high = (float(b) for b in bounds)
+    if not 0.0 < low < high:
+        raise ValueError(f"temperature bounds must satisfy 0 < low < high, got {bounds}")
+    result = minimize_scalar(
+        lambda t: temperature_nll(labels, outputs, t, binary), bounds=(low, high), method="bounded"
+    )
+    return float(result.x)

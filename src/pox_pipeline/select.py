@@ -26,6 +26,8 @@ from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig
 
 from pox_pipeline.config import stage_entry
+from pox_pipeline.metrics import IDENTITY_TEMPERATURE, NO_CALIBRATION
+from pox_pipeline.serve import NO_TTA
 from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
 
 VAL_METRICS_FILE = "val_metrics.json"
@@ -73,6 +75,17 @@ def read_test_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     """The winner's test metrics, read after the choice only to ship as metadata ({} if absent)."""
     path = _eval_dir(cfg, model_name) / TEST_METRICS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def inference_settings(val_metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """How evaluate turned model outputs into the probabilities its threshold was set on:
+    ``temperature`` and ``tta``. val_metrics.json written before calibration and TTA existed
+    has neither: T = 1 and no TTA, which is what that evaluation did."""
+    return {
+        "calibration": val_metrics.get("calibration", NO_CALIBRATION),
+        "temperature": float(val_metrics.get("temperature", IDENTITY_TEMPERATURE)),
+        "tta": val_metrics.get("tta", NO_TTA),
+    }
 
 
 def register_champion(
@@ -134,6 +147,7 @@ def select(cfg: DictConfig) -> dict[str, Any]:
 
     # From here on the choice is made; test metrics only travel with the model.
     chosen = val_metrics[winner]
+    inference = inference_settings(chosen)
     run_info = read_run_info(cfg, winner)
     run_id = run_info["mlflow_run_id"]
     commit = git_commit()
@@ -145,6 +159,7 @@ def select(cfg: DictConfig) -> dict[str, Any]:
             "model_name": winner,
             "threshold": chosen["threshold"],
             "threshold_rule": chosen["threshold_rule"],
+            **inference,
             f"val_{metric}": chosen[metric],
             "git_commit": commit,
         },
@@ -154,6 +169,7 @@ def select(cfg: DictConfig) -> dict[str, Any]:
         "positive_class": cfg.data.positive_class,
         "threshold": chosen["threshold"],
         "threshold_rule": chosen["threshold_rule"],
+        **inference,
         "image_size": int(cfg.data.image_size),
         "resample": cfg.data.resample,
         "architecture": run_info["architecture"],
@@ -180,6 +196,7 @@ def select(cfg: DictConfig) -> dict[str, Any]:
         },
         "threshold": chosen["threshold"],
         "threshold_rule": chosen["threshold_rule"],
+        **inference,
         "mlflow_run_id": run_id,
         "registered_model_name": cfg.select.registered_model_name,
         "registered_model_version": int(version.version),
@@ -204,7 +221,8 @@ def run(cfg: DictConfig) -> None:
     result = select(cfg)
     print(
         f"champion: {result['winner']} (val {result['metric']} {result['value']}), "
-        f"threshold {result['threshold']}, "
+        f"threshold {result['threshold']}, temperature {result['temperature']:.3f}, "
+        f"tta {result['tta']}, "
         f"{result['registered_model_name']} v{result['registered_model_version']} "
         f"@{result['alias']}, BentoML {result['bentoml_tag']}"
     )

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pox_pipeline import preprocess
+from pox_pipeline.metrics import IDENTITY_TEMPERATURE, temperature_scale
 from pox_pipeline.preprocess import ImageError, ImageTooLarge
 
 if TYPE_CHECKING:
@@ -34,6 +35,11 @@ PARAMS_ENV = "POX_PARAMS"
 DEFAULT_PARAMS = "params.yaml"
 MODEL_FILE = "model.keras"  # inside the BentoML model directory (docs/architecture.md)
 BACKENDS = ("keras", "tflite_fp32", "tflite_int8")
+# Test-time augmentation (evaluate.tta, shipped as the model's ``tta`` metadata).
+NO_TTA = "none"
+TTA_MODES = (NO_TTA, "flips")
+# Image array axes of a (N, S, S, 3) batch: rows flip vertically, columns horizontally.
+ROW_AXIS, COLUMN_AXIS = 1, 2
 
 # Grad-CAM colours: a perceptually ordered dark-blue -> cyan -> yellow -> red ramp ("jet"-like),
 # interpolated linearly between these stops so serving needs no matplotlib.
@@ -103,6 +109,34 @@ class ServeConfig:
         return cls.from_cfg(load_params(path, overrides).serve)
 
 
+# ---------------------------------------------------------------------------- test-time augmentation
+
+
+def tta_views(batch: np.ndarray, mode: str) -> list[np.ndarray]:
+    """The views of a (N, S, S, 3) batch that ``mode`` averages over.
+
+    ``none``: the batch itself; ``flips``: identity, horizontal flip, vertical flip and both
+    (a lesion photo has no preferred orientation). The flips are numpy views, not copies.
+    Evaluation and serving both take their views from here, so they average the same thing.
+    """
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta={mode!r}; choose one of {TTA_MODES}")
+    if mode == NO_TTA:
+        return [batch]
+    return [
+        batch,
+        np.flip(batch, axis=COLUMN_AXIS),
+        np.flip(batch, axis=ROW_AXIS),
+        np.flip(batch, axis=(ROW_AXIS, COLUMN_AXIS)),
+    ]
+
+
+def mean_over_views(outputs: np.ndarray, n_views: int) -> np.ndarray:
+    """Outputs of the concatenated views (view-major, as :func:`tta_views` lists them) ->
+    each image's mean output (probabilities are averaged, not logits)."""
+    return outputs.reshape(n_views, -1, *outputs.shape[1:]).mean(axis=0)
+
+
 # ---------------------------------------------------------------------------- model card
 
 
@@ -118,6 +152,8 @@ class ModelCard:
     image_size: int
     resample: str
     mlflow_run_id: str | None
+    temperature: float = IDENTITY_TEMPERATURE
+    tta: str = NO_TTA
 
     @classmethod
     def from_metadata(cls, name: str, version: str, metadata: Mapping[str, Any]) -> ModelCard:
@@ -128,6 +164,13 @@ class ModelCard:
         threshold = metadata.get("threshold")
         if len(classes) == 2 and threshold is None:
             raise ValueError("a binary model needs a decision threshold in its metadata")
+        # Models saved before calibration / TTA existed carry neither: T = 1, no TTA.
+        temperature = float(metadata.get("temperature", IDENTITY_TEMPERATURE))
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        tta = str(metadata.get("tta", NO_TTA))
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta={tta!r} in the metadata; known: {TTA_MODES}")
         return cls(
             name=name,
             version=version,
@@ -137,6 +180,8 @@ class ModelCard:
             image_size=int(metadata["image_size"]),
             resample=str(metadata["resample"]),
             mlflow_run_id=metadata.get("mlflow_run_id"),
+            temperature=temperature,
+            tta=tta,
         )
 
     @classmethod
@@ -153,11 +198,13 @@ class ModelCard:
         return 0 if self.is_binary else self.classes.index(self.positive_class)
 
     def class_probabilities(self, outputs: np.ndarray) -> np.ndarray:
-        """Model outputs -> (N, len(classes)) probabilities in ``classes`` order.
+        """Model outputs -> (N, len(classes)) calibrated probabilities in ``classes`` order.
 
-        Binary models have one sigmoid unit = P(positive class); others a softmax row.
+        Binary models have one sigmoid unit = P(positive class); others a softmax row. The
+        model's temperature is applied here, as evaluate applied it before choosing the
+        threshold, so the probability shown is the one the threshold was set on.
         """
-        outputs = np.asarray(outputs, dtype=np.float64)
+        outputs = temperature_scale(outputs, self.temperature, self.is_binary)
         if not self.is_binary:
             return outputs
         positive = outputs.reshape(-1)
@@ -226,8 +273,11 @@ class Predictor:
         return cls.from_stored(bentoml.models.get(tag), backend)
 
     def outputs(self, batch: np.ndarray) -> np.ndarray:
-        """Raw model outputs for a float32 (N, S, S, 3) batch in [0, 255]."""
-        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        """Model outputs for a float32 (N, S, S, 3) batch in [0, 255], averaged over the
+        card's TTA views: all views of all images go through the model as one batch."""
+        views = tta_views(np.asarray(batch, dtype=np.float32), self.card.tta)
+        outputs = self._run(np.ascontiguousarray(np.concatenate(views)))
+        return mean_over_views(outputs, len(views))
 
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """Model inputs (``preprocess.to_model_input``) -> one result dict per image, in order."""
