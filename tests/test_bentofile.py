@@ -1,0 +1,88 @@
+"""The Bento carries what the service imports: a package missing from bentofile.yaml only
+fails inside the built container, where no test runs."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from importlib.metadata import PackageNotFoundError, packages_distributions, requires
+from pathlib import Path
+
+import yaml
+
+from pox_pipeline.config import PROJECT_ROOT
+
+PACKAGE = "pox_pipeline"
+# Imported by a module the service loads, but only inside functions the service never calls.
+NOT_ON_THE_SERVE_PATH = {"dvc"}  # config.write_params: composing params.yaml is a build step
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute module names imported anywhere in the file."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def service_imports() -> set[str]:
+    """Top-level third-party modules reached from service.py through the package's modules."""
+    todo, seen, third_party = [PROJECT_ROOT / "service.py"], set(), set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for module in _imports(path):
+            top = module.split(".")[0]
+            if top == PACKAGE:
+                candidate = PROJECT_ROOT / "src" / (module.replace(".", "/") + ".py")
+                if candidate.is_file():
+                    todo.append(candidate)
+            elif top not in sys.stdlib_module_names and top != "__future__":
+                third_party.add(top)
+    return third_party
+
+
+def requirement_closure(names: list[str]) -> set[str]:
+    """The listed distributions and everything they require (extras left out)."""
+    closure: set[str] = set()
+    todo = [_normal(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in closure:
+            continue
+        closure.add(name)
+        try:
+            needs = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for line in needs:
+            if "extra ==" in line:
+                continue
+            todo.append(_normal(re.split(r"[\s;<>=!~\[(]", line, maxsplit=1)[0]))
+    return closure
+
+
+def test_bentofile_packages_cover_every_import_of_the_service() -> None:
+    bentofile = yaml.safe_load((PROJECT_ROOT / "bentofile.yaml").read_text())
+    listed = [re.split(r"[<>=!~\[]", p, maxsplit=1)[0] for p in bentofile["python"]["packages"]]
+    shipped = requirement_closure(listed)
+    distributions = packages_distributions()
+    imports = service_imports()
+    assert {"bentoml", "numpy", "PIL"} <= imports  # the walk reached service.py's own imports
+    missing = {
+        module: distributions.get(module)
+        for module in imports - NOT_ON_THE_SERVE_PATH
+        if not any(_normal(d) in shipped for d in distributions.get(module, [module]))
+    }
+    assert not missing, f"imported by the service but not in bentofile.yaml: {missing}"
