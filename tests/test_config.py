@@ -3,6 +3,8 @@ params they use."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,24 @@ def test_stage_params_exist_in_params_yaml(dvc_stages: dict) -> None:
             for part in key.split("."):
                 assert part in node, f"{stage.addressing} declares missing param {key}"
                 node = node[part]
+
+
+def test_stage_help_describes_the_stage_and_its_params() -> None:
+    """``--help`` answers at once (Hydra once scanned the whole project root as config
+    groups, .venv included) with the stage's purpose and the overridable params."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pox_pipeline.data", "--help"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("python -m pox_pipeline.data: The `prepare` stage")
+    assert "group_pattern:" in result.stdout and "Configuration groups" not in result.stdout
+
+
+def test_stage_outside_the_project_root_says_where_to_run(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pox_pipeline.data"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "params.yaml not found: run stages from the project root" in result.stderr

@@ -80,19 +80,38 @@ def stage_entry(func: Callable[[DictConfig], Any]) -> Callable[[], Any]:
     """A Hydra entry point whose primary config is ``params.yaml`` in the working directory.
 
     Gives every stage Hydra's command line: ``python -m pox_pipeline.train model_name=cnn
-    model.cnn.epochs=3``, ``--cfg job`` to print the config, ``--help``.
+    model.cnn.epochs=3``, ``--cfg job`` to print the config, ``--help``. params.yaml is handed
+    to Hydra through its ConfigStore, not as a config directory: Hydra lists every folder of
+    its config directory as a config group, and the project root holds .venv/ and the data.
     """
 
     @functools.wraps(func)
     def main() -> Any:
-        wrapped = hydra.main(version_base="1.3", config_path=str(Path.cwd()), config_name="params")(
-            func
-        )
-        return wrapped()
+        from hydra.core.config_store import ConfigStore
+
+        params = Path.cwd() / PARAMS_FILE
+        if not params.is_file():
+            raise SystemExit(
+                f"{params} not found: run stages from the project root, where "
+                "`python -m pox_pipeline.config` writes it"
+            )
+        node = OmegaConf.load(params)
+        entry = sys.modules["__main__"]
+        spec = getattr(entry, "__spec__", None)
+        node.hydra = {
+            "help": {
+                "app_name": f"python -m {spec.name}" if spec else Path(sys.argv[0]).name,
+                "header": f"${{hydra.help.app_name}}: {(entry.__doc__ or '').strip()}\n\n"
+                f"Reads {PARAMS_FILE} (composed from conf/); any key below can be overridden "
+                "as key=value.",
+                # no "Configuration groups" section: params.yaml is already composed
+                "template": "${hydra.help.header}\n\n== Config ==\n$CONFIG\n${hydra.help.footer}",
+            }
+        }
+        ConfigStore.instance().store(name="params", node=node)
+        return hydra.main(version_base="1.3", config_path=None, config_name="params")(func)()
 
     return main
-
-
 
 
 if __name__ == "__main__":
