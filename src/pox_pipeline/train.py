@@ -381,12 +381,14 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     model_cfg = cfg.model[model_name]
     num_classes = len(cfg.data.classes)
 
-    train_images, train_labels, _ = load_split(cfg, "train")
-    val_images, val_labels, _ = load_split(cfg, "val")
     with strategy.scope():
-        model = build_model(model_cfg, cfg.data)
+        model = build_model(model_cfg, cfg.data)  # first: missing weights fail before the data
         split = frozen_split(model) if cfg.train.feature_cache.enabled else None
         fit_model = split.trainable if split is not None else model
+
+    train_images, train_labels, _ = load_split(cfg, "train")
+    val_images, val_labels, _ = load_split(cfg, "val")
+    with strategy.scope():  # the learning-rate schedule needs the steps per epoch
         steps_per_epoch = math.ceil(len(train_images) / model_cfg.batch_size)
         compile_model(fit_model, model_cfg, num_classes, steps_per_epoch)
     weights = class_weights(train_labels, num_classes) if cfg.train.class_weights else None
