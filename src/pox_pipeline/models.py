@@ -397,10 +397,12 @@ def resnet(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Mo
         for block in range(1, blocks + 1):
             stride = 2 if stage > 1 and block == 1 else 1
             name = f"stage{stage}_block{block}"
-            pre = layers.ReLU(name=f"{name}_relu1")(layers.BatchNormalization(name=f"{name}_bn1")(x))
+            pre = layers.BatchNormalization(name=f"{name}_bn1")(x)
+            pre = layers.ReLU(name=f"{name}_relu1")(pre)
             shortcut = x
-            if stride != 1 or x.shape[-1] != filters:
-                shortcut = layers.Conv2D(filters, 1, strides=stride, name=f"{name}_proj", **conv)(pre)
+            if stride != 1 or x.shape[-1] != filters:  # project the pre-activation to match
+                projection = layers.Conv2D(filters, 1, strides=stride, name=f"{name}_proj", **conv)
+                shortcut = projection(pre)
             y = layers.Conv2D(filters, 3, strides=stride, name=f"{name}_conv1", **conv)(pre)
             y = layers.BatchNormalization(name=f"{name}_bn2")(y)
             y = layers.ReLU(name=f"{name}_relu2")(y)
