@@ -98,8 +98,8 @@ def test_binary_head_compiles_with_binary_crossentropy(make_cfg) -> None:
 
 
 def test_unknown_architecture_lists_the_known_ones(make_cfg) -> None:
-    cfg = make_cfg("model.cnn.architecture=resnet")
-    with pytest.raises(ValueError, match=r"\['cnn', 'vgg16'\]"):
+    cfg = make_cfg("model.cnn.architecture=inception")
+    with pytest.raises(ValueError, match=r"\['cnn', 'resnet', 'vgg16'\]"):
         build_model(cfg.model.cnn, cfg.data)
 
 
@@ -244,3 +244,96 @@ def test_vgg16_missing_local_weights_file_is_a_clear_error(make_cfg, tmp_path: P
     cfg = make_cfg(f"model.vgg16.weights={tmp_path}/nothing.h5")
     with pytest.raises(WeightsUnavailableError, match="no such file"):
         build_model(cfg.model.vgg16, cfg.data)
+
+
+# ---------------------------------------------------------------------------- resnet and recipe
+
+
+def test_resnet_builds_residual_stages_and_trains_a_step(make_cfg) -> None:
+    cfg = make_cfg()
+    model = build_model(cfg.model.resnet, cfg.data)
+    assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 1)
+    assert model.layers[1] is model.get_layer(models.AUGMENTATION)  # sees [0, 255] pixels
+    assert model.get_layer("rescale").scale == pytest.approx(1 / 255)
+    stages = cfg.model.resnet.stage_filters
+    adds = _layers_of(model, keras.layers.Add)
+    assert len(adds) == sum(cfg.model.resnet.blocks_per_stage)
+    assert [a.output.shape[-1] for a in adds] == list(stages)  # one block per stage
+    # the grid halves at every stage after the first (stem stride 2: 32 -> 16 -> ... -> 2)
+    assert [a.output.shape[1] for a in adds] == [16, 8, 4, 2]
+    assert isinstance(model.get_layer("pool"), keras.layers.GlobalAveragePooling2D)
+    assert model.get_layer("dropout").rate == cfg.model.resnet.dropout
+    assert len(_layers_of(model, keras.layers.BatchNormalization)) == 2 * len(adds) + 1
+    compile_model(model, cfg.model.resnet, num_classes=2, steps_per_epoch=1)
+    images, labels = _images(4, 32), np.array([0, 1, 0, 1], np.float32)
+    history = model.fit(images, labels, batch_size=4, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert set(history.history) == {"loss", "accuracy", "auc"}
+
+
+def test_resnet_softmax_head_and_config_errors(make_cfg) -> None:
+    cfg = make_cfg("data.classes=[A,B,C]", "model.resnet.label_smoothing=0")
+    assert build_model(cfg.model.resnet, cfg.data).output_shape == (None, 3)
+    cfg = make_cfg("model.resnet.blocks_per_stage=[1]")
+    with pytest.raises(ValueError, match="equal length"):
+        build_model(cfg.model.resnet, cfg.data)
+
+
+def test_strong_augmentation_layers_from_config(make_cfg) -> None:
+    cfg = make_cfg(
+        SMALL_CNN, "model.cnn.augment.enabled=true", "model.cnn.augment.translation=0.1",
+        "model.cnn.augment.brightness=0.2", "model.cnn.augment.contrast=0.3",
+        "model.cnn.augment.saturation=0.4", "model.cnn.augment.blur=0.5",
+    )  # fmt: skip
+    augmentation = build_model(cfg.model.cnn, cfg.data).get_layer(models.AUGMENTATION)
+    kinds = [type(layer).__name__ for layer in augmentation.layers]
+    assert kinds == [
+        "RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation",
+        "RandomBrightness", "RandomContrast", "RandomSaturation", "RandomGaussianBlur",
+    ]  # fmt: skip
+    assert tuple(augmentation.get_layer("random_brightness").value_range) == models.PIXEL_RANGE
+    images = _images(4, 32)
+    augmented = augmentation(images, training=True).numpy()
+    assert not np.allclose(augmented, images)
+    assert augmented.min() >= 0.0 and augmented.max() <= 255.0
+    np.testing.assert_array_equal(augmentation(images, training=False).numpy(), images)
+
+
+def test_recipe_options_are_off_for_the_baselines(make_cfg) -> None:
+    cfg = make_cfg()
+    for name in ("cnn", "vgg16"):
+        model_cfg = cfg.model[name]
+        assert model_cfg.label_smoothing == 0 and model_cfg.mixup_alpha == 0
+        assert not model_cfg.lr_schedule.cosine and model_cfg.monitor == cfg.train.monitor
+        augment = model_cfg.augment
+        assert not (augment.translation or augment.brightness or augment.contrast)
+        assert augment.saturation is None and augment.blur is None
+
+
+def test_label_smoothing_softens_the_binary_loss(make_cfg) -> None:
+    cfg = make_cfg(SMALL_CNN, "model.cnn.label_smoothing=0.2")
+    model = compile_model(build_model(cfg.model.cnn, cfg.data), cfg.model.cnn, num_classes=2)
+    assert isinstance(model.loss, keras.losses.BinaryCrossentropy)
+    # a perfect, confident prediction still costs something against targets 0.1 / 0.9
+    y, p = np.array([[1.0], [0.0]]), np.array([[0.999], [0.001]])
+    assert float(model.loss(y, p)) > float(keras.losses.BinaryCrossentropy()(y, p)) + 0.1
+    with pytest.raises(ValueError, match="binary"):
+        models.loss_for(3, label_smoothing=0.1)
+
+
+def test_warmup_then_cosine_learning_rate(make_cfg) -> None:
+    cfg = make_cfg(
+        "model.resnet.learning_rate=0.01", "model.resnet.epochs=10",
+        "model.resnet.lr_schedule.warmup_epochs=2", "model.resnet.lr_schedule.min_ratio=0.1",
+    )  # fmt: skip
+    schedule = models.learning_rate(cfg.model.resnet, steps_per_epoch=5)
+    rate = lambda step: float(schedule(step))  # noqa: E731
+    assert rate(0) == pytest.approx(0.0)
+    assert rate(5) == pytest.approx(0.005)  # halfway through the 10 warm-up steps
+    assert rate(10) == pytest.approx(0.01)  # peak at the end of warm-up
+    assert rate(30) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5), rel=1e-4)  # cosine halfway
+    assert rate(50) == pytest.approx(0.001, rel=1e-4)  # min_ratio at the last step
+    with pytest.raises(ValueError, match="steps per epoch"):
+        models.learning_rate(cfg.model.resnet, steps_per_epoch=None)
+    constant = make_cfg("model.resnet.lr_schedule.cosine=false").model.resnet
+    assert models.learning_rate(constant, steps_per_epoch=5) == constant.learning_rate

@@ -240,3 +240,79 @@ def test_multi_worker_strategy_trains_with_two_local_workers(
         [info["experiment_id"]]
     )
     assert len(runs) == 1  # the chief tracks, the other worker does not
+
+
+# ---------------------------------------------------------------------------- training recipe
+
+
+def test_binary_targets_are_one_for_the_positive_class() -> None:
+    """The sigmoid unit is P(data.positive_class), whatever its index in data.classes."""
+    labels = np.array([0, 1, 1, 0])
+    np.testing.assert_array_equal(train.label_array(labels, 2, positive_index=0), [1, 0, 0, 1])
+    np.testing.assert_array_equal(train.label_array(labels, 2, positive_index=1), [0, 1, 1, 0])
+    assert train.label_array(np.array([2, 0]), 3, positive_index=0).dtype == np.int64
+
+
+def test_trained_binary_model_scores_the_positive_class(prepared_cfg) -> None:
+    """Evaluation reads the sigmoid as P(positive): a trained model must rank positives up."""
+    cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=8", "model.cnn.learning_rate=0.003", QUIET)
+    info = train.train(cfg, "cnn")
+    images, labels, _ = load_split(cfg, "train")
+    model = keras.models.load_model(Path(cfg.paths.models_dir) / "cnn" / "model.keras")
+    scores = model.predict(images, verbose=0)[:, 0]
+    positive = labels == list(cfg.data.classes).index(cfg.data.positive_class)
+    assert info["epochs_run"] >= 1
+    assert scores[positive].mean() > scores[~positive].mean()
+
+
+def test_mixup_blends_inputs_targets_and_weights_reproducibly() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (8, 4, 4, 3)).astype(np.float32)
+    labels = np.array([0, 1] * 4, np.float32)
+    weights = np.array([1, 3] * 4, np.float32)
+    dataset = train.image_dataset(images, labels, weights, batch_size=8, shuffle_seed=None)
+    first = [t.numpy() for t in next(iter(train.mixup(dataset, 0.4, 2, seed=3)))]
+    again = [t.numpy() for t in next(iter(train.mixup(dataset, 0.4, 2, seed=3)))]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    x, y, w = first
+    assert not np.allclose(x, images) and 0 <= y.min() and y.max() <= 1
+    assert np.any((y > 0.01) & (y < 0.99))  # soft targets
+    # weights are 1 + 2 * label, so the same convex mix of two examples keeps w = 1 + 2 * y
+    np.testing.assert_allclose(w, 1 + 2 * y, atol=1e-5)
+    with pytest.raises(ValueError, match="binary"):
+        train.mixup(dataset, 0.4, 3, seed=0)
+
+
+def test_resnet_recipe_trains_with_every_option_on(prepared_cfg, tmp_path: Path) -> None:
+    """Strong augmentation, label smoothing, warm-up + cosine, mixup and a val_auc monitor,
+    through the one training loop; history.csv keeps its columns."""
+    cfg = prepared_cfg(
+        "model.resnet.epochs=2", "model.resnet.patience=1", "model.resnet.mixup_alpha=0.2",
+        "model.resnet.lr_schedule.warmup_epochs=1", "model.resnet.augment.saturation=0.6",
+        "model.resnet.augment.blur=0.3", "model.resnet.stage_filters=[8,16]",
+        "model.resnet.blocks_per_stage=[1,1]", "model.resnet.label_smoothing=0.1", QUIET,
+    )  # fmt: skip
+    assert cfg.model.resnet.monitor == "val_auc" and cfg.model.resnet.lr_schedule.cosine
+    info = train.train(cfg, "resnet")
+    assert info["architecture"] == "resnet" and 1 <= info["best_epoch"] <= info["epochs_run"]
+    history = pd.read_csv(Path(cfg.paths.reports_dir) / "train" / "resnet" / "history.csv")
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    saved = keras.models.load_model(Path(cfg.paths.models_dir) / "resnet" / "model.keras")
+    assert saved.output_shape == (None, 1)
+
+
+def test_monitor_is_per_model(prepared_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.<name>.monitor drives early stopping and the checkpoint (default: train.monitor)."""
+    seen: list[str] = []
+    original = keras.callbacks.EarlyStopping.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["monitor"])
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.callbacks.EarlyStopping, "__init__", spy)
+    cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=1", "model.cnn.monitor=val_auc", QUIET)
+    assert prepared_cfg().model.cnn.monitor == "val_loss"
+    train.train(cfg, "cnn")
+    assert seen == ["val_auc"]

@@ -123,9 +123,12 @@ def sample_weights(labels: np.ndarray, weights: dict[int, float] | None) -> np.n
     return None if weights is None else np.array([weights[int(y)] for y in labels], np.float32)
 
 
-def label_array(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Binary targets are floats for the sigmoid loss; multi-class ones stay class indices."""
-    return labels.astype(np.float32 if num_classes == 2 else np.int64)
+def label_array(labels: np.ndarray, num_classes: int, positive_index: int) -> np.ndarray:
+    """Binary targets are 1.0 for ``data.positive_class`` (the sigmoid unit is P(positive), as
+    evaluation and serving read it), else 0.0; multi-class ones stay class indices."""
+    if num_classes == 2:
+        return (labels == positive_index).astype(np.float32)
+    return labels.astype(np.int64)
 
 
 def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -148,6 +151,34 @@ def image_dataset(
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
     return _with_options(dataset.batch(batch_size))
+
+
+def mixup(
+    dataset: tf.data.Dataset, alpha: float, num_classes: int, seed: int
+) -> tf.data.Dataset:
+    """Mixup (Zhang et al. 2018) on (x, y[, w]) batches: each example is blended with another
+    of its batch, ``lam * a + (1 - lam) * b`` for inputs, targets and sample weights, with
+    ``lam ~ Beta(alpha, alpha)`` per example; seeded, so a run repeats exactly. Binary
+    (float) targets only: sparse multi-class labels cannot be mixed."""
+    if num_classes != 2:
+        raise ValueError("mixup is implemented for the binary (sigmoid) head only")
+
+    def blend(seeds: tf.Tensor, batch: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, ...]:
+        n = tf.shape(batch[0])[0]
+        seed_a, seed_b, seed_p = tf.unstack(tf.reshape(seeds, (3, 2)))
+        gamma_a = tf.random.stateless_gamma([n], seed_a, alpha)
+        gamma_b = tf.random.stateless_gamma([n], seed_b, alpha)
+        lam = gamma_a / (gamma_a + gamma_b)
+        order = tf.argsort(tf.random.stateless_uniform([n], seed_p))
+
+        def mix(t: tf.Tensor) -> tf.Tensor:
+            weight = tf.reshape(tf.cast(lam, t.dtype), [-1] + [1] * (len(t.shape) - 1))
+            return weight * t + (1 - weight) * tf.gather(t, order)
+
+        return tuple(mix(t) for t in batch)
+
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(6)
+    return tf.data.Dataset.zip(seeds, dataset).map(lambda s, b: blend(s, b))
 
 
 # ---------------------------------------------------------------------------- feature cache
@@ -351,15 +382,19 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     num_classes = len(cfg.data.classes)
 
     with strategy.scope():
-        model = build_model(model_cfg, cfg.data)
+        model = build_model(model_cfg, cfg.data)  # first: missing weights fail before the data
         split = frozen_split(model) if cfg.train.feature_cache.enabled else None
         fit_model = split.trainable if split is not None else model
-        compile_model(fit_model, model_cfg, num_classes)
 
     train_images, train_labels, _ = load_split(cfg, "train")
     val_images, val_labels, _ = load_split(cfg, "val")
+    with strategy.scope():  # the learning-rate schedule needs the steps per epoch
+        steps_per_epoch = math.ceil(len(train_images) / model_cfg.batch_size)
+        compile_model(fit_model, model_cfg, num_classes, steps_per_epoch)
     weights = class_weights(train_labels, num_classes) if cfg.train.class_weights else None
-    train_y, val_y = label_array(train_labels, num_classes), label_array(val_labels, num_classes)
+    positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
+    train_y = label_array(train_labels, num_classes, positive_index)
+    val_y = label_array(val_labels, num_classes, positive_index)
     train_w = sample_weights(train_labels, weights)
     log.info(
         "%s: %d train / %d val images, class weights %s", model_name, len(train_images),
@@ -400,13 +435,15 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
                 train_images, train_y, train_w, model_cfg.batch_size, shuffle_seed=cfg.seed
             )
             val_data = image_dataset(val_images, val_y, None, model_cfg.batch_size)
+        if model_cfg.mixup_alpha:
+            train_data = mixup(train_data, model_cfg.mixup_alpha, num_classes, seed=cfg.seed)
 
         if active_run is not None:
             log_params(cfg)
             mlflow.set_tag("feature_cache", cache_mode)
             mlflow.log_metric("feature_cache_build_seconds", cache_seconds)
         early_stopping = keras.callbacks.EarlyStopping(
-            monitor=cfg.train.monitor,
+            monitor=model_cfg.monitor,
             patience=model_cfg.patience,
             restore_best_weights=cfg.train.restore_best_weights,
         )
@@ -416,7 +453,7 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
         callbacks: list[keras.callbacks.Callback] = [
             early_stopping,
             keras.callbacks.ModelCheckpoint(
-                checkpoint, monitor=cfg.train.monitor, save_best_only=True, save_weights_only=True
+                checkpoint, monitor=model_cfg.monitor, save_best_only=True, save_weights_only=True
             ),
         ]
         if active_run is not None:
@@ -449,7 +486,7 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
 
     log.info(
         "%s: %d epoch(s), best epoch %d (%s %.4f), %.1f s wall, feature cache %s",
-        model_name, info["epochs_run"], info["best_epoch"], cfg.train.monitor,
+        model_name, info["epochs_run"], info["best_epoch"], model_cfg.monitor,
         early_stopping.best, info["wall_seconds"], cache_mode,
     )  # fmt: skip
     return info
