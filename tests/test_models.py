@@ -250,7 +250,7 @@ def test_vgg16_missing_local_weights_file_is_a_clear_error(make_cfg, tmp_path: P
 
 
 def test_resnet_builds_residual_stages_and_trains_a_step(make_cfg) -> None:
-    cfg = make_cfg()
+    cfg = make_cfg("model.resnet.input_size=null")  # the network at data.image_size
     model = build_model(cfg.model.resnet, cfg.data)
     assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 1)
     assert model.layers[1] is model.get_layer(models.AUGMENTATION)  # sees [0, 255] pixels
@@ -269,6 +269,19 @@ def test_resnet_builds_residual_stages_and_trains_a_step(make_cfg) -> None:
     history = model.fit(images, labels, batch_size=4, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert set(history.history) == {"loss", "accuracy", "auc"}
+
+
+def test_resnet_resizes_to_its_own_input_size_inside_the_model(make_cfg) -> None:
+    """The saved model takes data.image_size photos like the others and resizes itself."""
+    cfg = make_cfg("data.image_size=64", "model.resnet.input_size=40")
+    model = build_model(cfg.model.resnet, cfg.data)
+    assert model.input_shape == (None, 64, 64, 3)
+    names = [layer.name for layer in model.layers]
+    assert names.index(models.AUGMENTATION) < names.index("resize") < names.index("rescale")
+    assert model.get_layer("resize").output.shape[1:3] == (40, 40)
+    same = build_model(make_cfg("data.image_size=40", "model.resnet.input_size=40").model.resnet,
+                       make_cfg("data.image_size=40").data)  # fmt: skip
+    assert "resize" not in [layer.name for layer in same.layers]
 
 
 def test_resnet_softmax_head_and_config_errors(make_cfg) -> None:

@@ -54,7 +54,7 @@ def _val(balanced_accuracy: float, threshold: float) -> str:
 @pytest.fixture
 def candidates(make_cfg: Callable[..., DictConfig]) -> DictConfig:
     """cnn and vgg16 'trained'; vgg16 is better on val, cnn looks better on test."""
-    cfg = make_cfg(f"select.bentoml_model_name=pox-test-{uuid.uuid4().hex[:8]}")
+    cfg = make_cfg("models=[cnn,vgg16]", f"select.bentoml_model_name=pox-test-{uuid.uuid4().hex[:8]}")
     assert list(cfg.models) == ["cnn", "vgg16"]
     for seed, name in enumerate(cfg.models):
         fake_trained_model(cfg, name, seed=seed)

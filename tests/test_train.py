@@ -291,7 +291,8 @@ def test_resnet_recipe_trains_with_every_option_on(prepared_cfg, tmp_path: Path)
         "model.resnet.epochs=2", "model.resnet.patience=1", "model.resnet.mixup_alpha=0.2",
         "model.resnet.lr_schedule.warmup_epochs=1", "model.resnet.augment.saturation=0.6",
         "model.resnet.augment.blur=0.3", "model.resnet.stage_filters=[8,16]",
-        "model.resnet.blocks_per_stage=[1,1]", "model.resnet.label_smoothing=0.1", QUIET,
+        "model.resnet.blocks_per_stage=[1,1]", "model.resnet.label_smoothing=0.1",
+        "model.resnet.input_size=24", QUIET,  # resized inside the model, down from 32 px
     )  # fmt: skip
     assert cfg.model.resnet.monitor == "val_auc" and cfg.model.resnet.lr_schedule.cosine
     info = train.train(cfg, "resnet")

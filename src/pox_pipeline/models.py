@@ -386,6 +386,9 @@ def resnet(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Mo
     inputs = keras.Input((image_size, image_size, 3), name="image")
     augmentation = augmentation_block(model_cfg.augment)
     x = augmentation(inputs) if augmentation is not None else inputs
+    if model_cfg.input_size and model_cfg.input_size != image_size:
+        # inside the model, so the saved file takes data.image_size photos like every model
+        x = layers.Resizing(model_cfg.input_size, model_cfg.input_size, name="resize")(x)
     x = layers.Rescaling(model_cfg.rescale, name="rescale")(x)
     x = layers.Conv2D(
         model_cfg.stem_filters, model_cfg.stem_kernel, strides=model_cfg.stem_stride,
