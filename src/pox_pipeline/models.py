@@ -70,30 +70,14 @@ def augmentation_block(augment_cfg: DictConfig) -> keras.Sequential | None:
             )
         )
     # the model's input is [0, 255] pixels (scaling comes after this block)
-    if augment_cfg.brightness:
-        steps.append(
-            layers.RandomBrightness(
-                augment_cfg.brightness, value_range=PIXEL_RANGE, name="random_brightness"
-            )
-        )
-    if augment_cfg.contrast:
-        steps.append(
-            layers.RandomContrast(
-                augment_cfg.contrast, value_range=PIXEL_RANGE, name="random_contrast"
-            )
-        )
-    if augment_cfg.saturation:
-        steps.append(
-            layers.RandomSaturation(
-                augment_cfg.saturation, value_range=PIXEL_RANGE, name="random_saturation"
-            )
-        )
-    if augment_cfg.blur:
-        steps.append(
-            layers.RandomGaussianBlur(
-                factor=augment_cfg.blur, value_range=PIXEL_RANGE, name="random_blur"
-            )
-        )
+    for key, layer in (
+        ("brightness", layers.RandomBrightness),
+        ("contrast", layers.RandomContrast),
+        ("saturation", layers.RandomSaturation),
+        ("blur", layers.RandomGaussianBlur),
+    ):
+        if augment_cfg[key]:
+            steps.append(layer(augment_cfg[key], value_range=PIXEL_RANGE, name=f"random_{key}"))
     return keras.Sequential(steps, name=AUGMENTATION) if steps else None
 
 
