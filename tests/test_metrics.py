@@ -14,7 +14,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pox_pipeline import metrics
+from pox_pipeline import calibration, metrics
 
 # 4 positives then 6 negatives; at threshold 0.5: TP=3 FN=1 FP=2 TN=4.
 Y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
@@ -185,12 +185,12 @@ def test_ece_and_reliability_bins_by_hand() -> None:
 
 def test_temperature_scale_is_monotone_and_identity_at_one() -> None:
     p = np.array([0.3, 0.5, 0.9])
-    np.testing.assert_array_equal(metrics.temperature_scale(p, 1.0, binary=True), p)
-    softer = metrics.temperature_scale(p, 2.0, binary=True)
+    np.testing.assert_array_equal(calibration.temperature_scale(p, 1.0, binary=True), p)
+    softer = calibration.temperature_scale(p, 2.0, binary=True)
     # sigmoid(logit(0.9) / 2) = sqrt(9) / (1 + sqrt(9)) = 0.75
     assert softer.tolist() == pytest.approx([math.sqrt(3 / 7) / (1 + math.sqrt(3 / 7)), 0.5, 0.75])
     proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
-    sharper = metrics.temperature_scale(proba, 0.5, binary=False)
+    sharper = calibration.temperature_scale(proba, 0.5, binary=False)
     # softmax(log p / 0.5) = p^2 / sum(p^2)
     assert sharper[0].tolist() == pytest.approx([0.49 / 0.54, 0.04 / 0.54, 0.01 / 0.54])
     assert (sharper.argmax(axis=1) == proba.argmax(axis=1)).all()
@@ -218,7 +218,7 @@ def test_fit_temperature_recovers_a_known_temperature(true_temperature: float) -
     fitted = metrics.fit_temperature(y, score, bounds, binary=True)
     assert fitted == pytest.approx(true_temperature, rel=0.05)
     # calibrating lowers the NLL and the ECE
-    calibrated = metrics.temperature_scale(score, fitted, binary=True)
+    calibrated = calibration.temperature_scale(score, fitted, binary=True)
     assert metrics.temperature_nll(y, score, fitted, True) < metrics.temperature_nll(y, score, 1.0, True)
     assert metrics.binary_log_loss(y, calibrated) == pytest.approx(
         metrics.temperature_nll(y, score, fitted, True), rel=1e-6

@@ -26,7 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from pox_pipeline import metrics
+from pox_pipeline import calibration, metrics
 from pox_pipeline.config import stage_entry
 from pox_pipeline.data import load_split
 from pox_pipeline.serve import tta_views
@@ -107,8 +107,8 @@ def fit_calibration(scores: SplitScores, positive_index: int, cfg: DictConfig) -
     """The temperature of ``evaluate.calibration`` fitted on these (validation) scores;
     ``none`` is T = 1."""
     method = str(cfg.evaluate.calibration)
-    if method == metrics.NO_CALIBRATION:
-        return metrics.IDENTITY_TEMPERATURE
+    if method == calibration.NO_CALIBRATION:
+        return calibration.IDENTITY_TEMPERATURE
     if method == "temperature":
         return metrics.fit_temperature(
             _targets(scores, positive_index),
@@ -117,16 +117,16 @@ def fit_calibration(scores: SplitScores, positive_index: int, cfg: DictConfig) -
             binary=scores.proba is None,
         )
     raise ValueError(
-        f"evaluate.calibration={method!r}; choose one of {metrics.CALIBRATION_METHODS}"
+        f"evaluate.calibration={method!r}; choose one of {calibration.CALIBRATION_METHODS}"
     )
 
 
 def calibrated(scores: SplitScores, temperature: float, positive_index: int) -> SplitScores:
     """The same split with temperature-scaled probabilities (what the service shows)."""
     if scores.proba is None:
-        positive = metrics.temperature_scale(scores.positive_score, temperature, binary=True)
+        positive = calibration.temperature_scale(scores.positive_score, temperature, binary=True)
         return SplitScores(scores.files, scores.labels, positive, None)
-    proba = metrics.temperature_scale(scores.proba, temperature, binary=False)
+    proba = calibration.temperature_scale(scores.proba, temperature, binary=False)
     return SplitScores(scores.files, scores.labels, proba[:, positive_index], proba)
 
 
@@ -153,8 +153,9 @@ def split_metrics(
     """Point metrics of one split (binary at ``threshold``, multi-class by argmax) and its
     expected calibration error."""
     if scores.proba is None:
-        is_positive = (scores.labels == positive_index).astype(int)
-        point = metrics.binary_metrics(is_positive, scores.positive_score, threshold)
+        point = metrics.binary_metrics(
+            _targets(scores, positive_index), scores.positive_score, threshold
+        )
     else:
         point = metrics.multiclass_metrics(scores.labels, scores.proba, positive_index)
     return {**point, "ece": split_ece(scores, positive_index, ece_bins)}
@@ -295,7 +296,7 @@ def write_reliability(
     )
     for split in SPLITS:
         versions = {"uncalibrated": raw[split]}
-        if temperature != metrics.IDENTITY_TEMPERATURE:
+        if temperature != calibration.IDENTITY_TEMPERATURE:
             versions[f"T = {temperature:.2f}"] = scored[split]
         curves = {
             f"{label} (ECE {split_ece(scores, positive_index, n_bins):.3f})":
@@ -403,9 +404,10 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
     val, test = scored["val"], scored["test"]
 
     if test.proba is None:
-        is_positive = (val.labels == positive_index).astype(int)
         rule_cfg = OmegaConf.to_container(cfg.evaluate.threshold, resolve=True)
-        threshold = metrics.choose_threshold(is_positive, val.positive_score, rule_cfg)
+        threshold = metrics.choose_threshold(
+            _targets(val, positive_index), val.positive_score, rule_cfg
+        )
         rule = str(cfg.evaluate.threshold.rule)
         note = {}
     else:

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
-from scipy.special import expit, log_softmax, softmax
+from scipy.special import log_softmax
 from sklearn.metrics import precision_recall_curve, roc_curve
+
+from pox_pipeline.calibration import PROBABILITY_EPS, binary_logits, log_probabilities
 
 BINARY_METRICS = (
     "accuracy",
@@ -42,13 +44,6 @@ MULTICLASS_METRICS = (
     "log_loss",
 )
 THRESHOLD_RULES = ("sensitivity_target", "fixed", "youden")
-# Probabilities are clipped this far from 0 and 1 before the log in log loss (and in the
-# logits that temperature scaling divides).
-LOG_LOSS_EPS = 1e-7
-NO_CALIBRATION = "none"
-CALIBRATION_METHODS = (NO_CALIBRATION, "temperature")
-# Dividing logits by 1 changes nothing: the temperature of an uncalibrated model.
-IDENTITY_TEMPERATURE = 1.0
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -116,7 +111,7 @@ def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
 def binary_log_loss(y_true: np.ndarray, score: np.ndarray) -> float:
     """Mean binary cross-entropy of P(positive) scores."""
     y_true = np.asarray(y_true, dtype=np.float64)
-    p = np.clip(np.asarray(score, dtype=np.float64), LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
+    p = np.clip(np.asarray(score, dtype=np.float64), PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
     return float(-np.mean(y_true * np.log(p) + (1.0 - y_true) * np.log(1.0 - p)))
 
 
@@ -176,7 +171,7 @@ def multiclass_metrics(
     def macro(name: str) -> float:
         return _nanmean(per_class[name][present].tolist())
 
-    clipped = np.clip(proba, LOG_LOSS_EPS, 1.0)
+    clipped = np.clip(proba, PROBABILITY_EPS, 1.0)
     normalised = clipped / clipped.sum(axis=1, keepdims=True)
     return {
         "accuracy": float(np.mean(proba.argmax(axis=1) == y_true)),
@@ -343,32 +338,6 @@ def expected_calibration_error(
     return float(np.abs(outcome_sum - confidence_sum).sum() / total) if total else math.nan
 
 
-def _binary_logits(score: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(score, dtype=np.float64), LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
-    return np.log(p) - np.log1p(-p)
-
-
-def _softmax_logits(proba: np.ndarray) -> np.ndarray:
-    """Log-probabilities: logits up to a per-row constant, which softmax ignores."""
-    return np.log(np.clip(np.asarray(proba, dtype=np.float64), LOG_LOSS_EPS, 1.0))
-
-
-def temperature_scale(outputs: np.ndarray, temperature: float, binary: bool) -> np.ndarray:
-    """Calibrated probabilities: ``sigmoid(logit(p) / T)`` (binary, P(positive) of any shape)
-    or ``softmax(log(p) / T)`` over the last axis (multi-class).
-
-    T = 1 returns the input unchanged (bit for bit, so an uncalibrated model's probabilities
-    and thresholds are exactly the model's own); T > 1 softens, T < 1 sharpens. Dividing
-    logits by a positive T keeps the ranking and the argmax.
-    """
-    outputs = np.asarray(outputs, dtype=np.float64)
-    if temperature == IDENTITY_TEMPERATURE:
-        return outputs
-    if binary:
-        return expit(_binary_logits(outputs) / temperature)
-    return softmax(_softmax_logits(outputs) / temperature, axis=-1)
-
-
 def temperature_nll(
     labels: np.ndarray, outputs: np.ndarray, temperature: float, binary: bool
 ) -> float:
@@ -379,9 +348,9 @@ def temperature_nll(
     """
     labels = np.asarray(labels, dtype=int)
     if binary:
-        z = _binary_logits(outputs) / temperature
+        z = binary_logits(outputs) / temperature
         return float(np.mean(np.logaddexp(0.0, z) - labels * z))
-    z = _softmax_logits(outputs) / temperature
+    z = log_probabilities(outputs) / temperature
     return float(np.mean(-log_softmax(z, axis=1)[np.arange(len(labels)), labels]))
 
 

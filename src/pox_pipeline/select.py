@@ -26,7 +26,7 @@ from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig
 
 from pox_pipeline.config import stage_entry
-from pox_pipeline.metrics import IDENTITY_TEMPERATURE, NO_CALIBRATION
+from pox_pipeline.calibration import IDENTITY_TEMPERATURE, NO_CALIBRATION
 from pox_pipeline.serve import NO_TTA
 from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
 

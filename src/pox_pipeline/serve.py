@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pox_pipeline import preprocess
-from pox_pipeline.metrics import IDENTITY_TEMPERATURE, temperature_scale
+from pox_pipeline.calibration import IDENTITY_TEMPERATURE, temperature_scale
 from pox_pipeline.preprocess import ImageError, ImageTooLarge
 
 if TYPE_CHECKING:
@@ -276,7 +276,8 @@ class Predictor:
         """Model outputs for a float32 (N, S, S, 3) batch in [0, 255], averaged over the
         card's TTA views: all views of all images go through the model as one batch."""
         views = tta_views(np.asarray(batch, dtype=np.float32), self.card.tta)
-        outputs = self._run(np.ascontiguousarray(np.concatenate(views)))
+        inputs = views[0] if len(views) == 1 else np.concatenate(views)  # no copy without TTA
+        outputs = self._run(np.ascontiguousarray(inputs))
         return mean_over_views(outputs, len(views))
 
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
