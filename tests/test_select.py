@@ -44,10 +44,10 @@ def _write_eval(cfg: DictConfig, name: str, file: str, content: str) -> None:
     (out / file).write_text(content)
 
 
-def _val(balanced_accuracy: float, threshold: float) -> str:
+def _val(auc: float, threshold: float) -> str:
     return json.dumps(
-        {"threshold": threshold, "threshold_rule": "fixed", "balanced_accuracy": balanced_accuracy,
-         "auc": None, "n_val": 10}
+        {"threshold": threshold, "threshold_rule": "fixed", "auc": auc,
+         "balanced_accuracy": None, "n_val": 10}
     )
 
 
@@ -87,8 +87,8 @@ def test_select_registers_saves_and_is_idempotent(
     assert test_metrics_read == ["vgg16"]  # only the winner's, to ship as metadata
     assert first["threshold"] == 0.3
     assert first["candidates"] == {
-        "cnn": {"balanced_accuracy": 0.70, "threshold": 0.4},
-        "vgg16": {"balanced_accuracy": 0.90, "threshold": 0.3},
+        "cnn": {"auc": 0.70, "threshold": 0.4},
+        "vgg16": {"auc": 0.90, "threshold": 0.3},
     }
     on_disk = json.loads((Path(cfg.paths.reports_dir) / "select.json").read_text())
     assert on_disk == first
@@ -106,7 +106,7 @@ def test_select_registers_saves_and_is_idempotent(
     assert METADATA_KEYS <= set(bento.info.metadata)
     assert bento.info.metadata["threshold"] == 0.3
     assert bento.info.metadata["test_metrics"] == {}  # the winner has no metrics.json
-    assert bento.info.metadata["val_metrics"]["balanced_accuracy"] == 0.90
+    assert bento.info.metadata["val_metrics"]["auc"] == 0.90
     # val_metrics.json from before calibration / TTA: what that evaluation did, T = 1, no TTA
     assert bento.info.metadata["temperature"] == 1.0 and bento.info.metadata["tta"] == "none"
     assert (Path(bento.path) / "model.keras").read_bytes() == (

@@ -88,6 +88,16 @@ def inference_settings(val_metrics: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def data_metadata(cfg: DictConfig) -> dict[str, Any]:
+    """What the service needs to know about the inputs and outputs of any champion."""
+    return {
+        "classes": list(cfg.data.classes),
+        "positive_class": cfg.data.positive_class,
+        "image_size": int(cfg.data.image_size),
+        "resample": cfg.data.resample,
+    }
+
+
 def register_champion(
     cfg: DictConfig, run_id: str, tags: Mapping[str, Any]
 ) -> ModelVersion:
@@ -106,7 +116,7 @@ def register_champion(
     return version
 
 
-def _without_nulls(values: Mapping[str, Any]) -> dict[str, Any]:
+def without_nulls(values: Mapping[str, Any]) -> dict[str, Any]:
     """BentoML metadata takes no None: undefined metrics are left out."""
     return {k: v for k, v in values.items() if v is not None}
 
@@ -165,13 +175,10 @@ def select(cfg: DictConfig) -> dict[str, Any]:
         },
     )
     metadata = {
-        "classes": list(cfg.data.classes),
-        "positive_class": cfg.data.positive_class,
+        **data_metadata(cfg),
         "threshold": chosen["threshold"],
         "threshold_rule": chosen["threshold_rule"],
         **inference,
-        "image_size": int(cfg.data.image_size),
-        "resample": cfg.data.resample,
         "architecture": run_info["architecture"],
         "model_name": winner,
         "weights": run_info["weights"] or "none",
@@ -179,11 +186,11 @@ def select(cfg: DictConfig) -> dict[str, Any]:
         "mlflow_model_version": int(version.version),
         "registered_model_name": cfg.select.registered_model_name,
         "git_commit": commit,
-        "val_metrics": _without_nulls(chosen),
-        "test_metrics": _without_nulls(read_test_metrics(cfg, winner)),
+        "val_metrics": without_nulls(chosen),
+        "test_metrics": without_nulls(read_test_metrics(cfg, winner)),
     }
     model_file = Path(cfg.paths.models_dir) / winner / MODEL_FILE
-    bento_tag = save_bentoml_model(cfg, model_file, _without_nulls(metadata))
+    bento_tag = save_bentoml_model(cfg, model_file, without_nulls(metadata))
 
     result = {
         "winner": winner,

@@ -350,6 +350,17 @@ def model_signature(model: keras.Model) -> ModelSignature:
     )
 
 
+def log_keras_model(model: keras.Model) -> None:
+    """The model as the active run's ``model`` artifact, with an explicit signature."""
+    mlflow.keras.log_model(
+        model,
+        name="model",
+        signature=model_signature(model),
+        # explicit: inferring them re-imports TensorFlow in a subprocess (~10 s a model)
+        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={tf.__version__}"],
+    )
+
+
 def log_params(cfg: DictConfig) -> None:
     """The whole resolved config as dotted MLflow params (MLflow takes <= 100 per call)."""
     items = list(flatten(cfg).items())
@@ -514,13 +525,7 @@ def _write_outputs(
     mlflow.log_artifact(str(curves))
     mlflow.log_text(model_summary(model), "model_summary.txt")
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    mlflow.keras.log_model(
-        model,
-        name="model",
-        signature=model_signature(model),
-        # explicit: inferring them re-imports TensorFlow in a subprocess (~10 s a model)
-        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={tf.__version__}"],
-    )
+    log_keras_model(model)
     info["wall_seconds"] = round(time.perf_counter() - started, 2)
     mlflow.log_metrics(
         {"epochs_run": info["epochs_run"], "best_epoch": info["best_epoch"],

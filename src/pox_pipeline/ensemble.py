@@ -1,0 +1,264 @@
+"""Serve an ensemble of the cross-validation fold models.
+
+``python -m pox_pipeline.cv ...`` leaves one trained and evaluated model per fold (and seed)
+in ``cv.out_dir``. Run with the same overrides, this entry point averages one family's fold
+models into a single Keras model and, with ``ensemble.publish``, makes it the champion that
+the service serves::
+
+    python -m pox_pipeline.cv data=msld data.image_size=96 'cv.models=[resnet]'
+    python -m pox_pipeline.ensemble data=msld data.image_size=96 'cv.models=[resnet]'
+
+Every choice sees validation numbers only, as in ``select``: the family (``ensemble.model:
+auto`` takes the best mean validation ``select.metric``), each member's temperature (baked
+into its output layer, so the averaged probabilities are the calibrated ones) and the
+threshold (the mean of the members' validation-chosen thresholds). No image is held out from
+every member, so the ensemble has no test estimate of its own: it ships the cross-validated
+test metrics of its recipe, labelled as such.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import keras
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from pox_pipeline import select, tracking
+from pox_pipeline.calibration import IDENTITY_TEMPERATURE
+from pox_pipeline.config import CONF_DIR
+from pox_pipeline.cv import fold_config
+from pox_pipeline.train import log_keras_model, log_params
+
+AUTO = "auto"
+REPORT_FILE = "ensemble.json"
+# Output activations whose logits a temperature can divide through the last Dense layer.
+CALIBRATABLE_ACTIVATIONS = ("sigmoid", "softmax")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One fold model and what its own evaluation chose on its own validation split."""
+
+    seed: int
+    fold: int
+    model_file: Path
+    val_metrics: dict[str, Any]
+    test_metrics: dict[str, Any]
+    run_info: dict[str, Any]
+
+
+def fold_runs(cfg: DictConfig) -> list[tuple[int, int]]:
+    """(seed, fold) of every run ``cv`` makes: ``cv.folds`` < 2 is the fixed split, fold 0."""
+    folds = range(cfg.cv.folds) if cfg.cv.folds >= 2 else [0]
+    return [(int(seed), fold) for seed in cfg.cv.seeds for fold in folds]
+
+
+def read_members(cfg: DictConfig, model_name: str) -> list[Member]:
+    """The fold models of ``model_name`` that the cv run with this config left behind."""
+    members = []
+    for seed, fold in fold_runs(cfg):
+        fold_cfg = fold_config(cfg, fold, seed)
+        eval_dir = Path(fold_cfg.paths.reports_dir) / "eval" / model_name
+        model_file = Path(fold_cfg.paths.models_dir) / model_name / select.MODEL_FILE
+        needed = [model_file, eval_dir / select.VAL_METRICS_FILE, eval_dir / select.TEST_METRICS_FILE]
+        missing = [str(path) for path in needed if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{model_name} seed {seed} fold {fold}: {', '.join(missing)} missing; run "
+                "`python -m pox_pipeline.cv` with the same overrides first"
+            )
+        members.append(
+            Member(
+                seed=seed,
+                fold=fold,
+                model_file=model_file,
+                val_metrics=json.loads(needed[1].read_text()),
+                test_metrics=json.loads(needed[2].read_text()),
+                run_info=tracking.read_run_info(fold_cfg, model_name),
+            )
+        )
+    return members
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample std of the defined values (std 0 for one value, None for none)."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return None, None
+    return statistics.fmean(defined), statistics.stdev(defined) if len(defined) > 1 else 0.0
+
+
+def summary(members: list[Member], split: str, metric_names: list[str]) -> dict[str, float]:
+    """``<metric>_mean`` / ``<metric>_std`` over the members' ``val`` or ``test`` metrics."""
+    out: dict[str, float] = {}
+    for name in metric_names:
+        mean, std = mean_std(
+            [(m.val_metrics if split == "val" else m.test_metrics).get(name) for m in members]
+        )
+        if mean is not None:
+            out[f"{name}_mean"], out[f"{name}_std"] = mean, std
+    return out
+
+
+def choose_family(cfg: DictConfig, candidates: dict[str, list[Member]]) -> str:
+    """``ensemble.model``, or with ``auto`` the family with the best mean validation metric."""
+    wanted = str(cfg.ensemble.model)
+    if wanted != AUTO:
+        if wanted not in candidates:
+            raise ValueError(f"ensemble.model={wanted!r} is not one of cv.models {list(candidates)}")
+        return wanted
+    metric = str(cfg.select.metric)
+    means = {
+        name: {metric: mean_std([m.val_metrics.get(metric) for m in members])[0]}
+        for name, members in candidates.items()
+    }
+    return select.choose_champion(means, metric, bool(cfg.select.greater_is_better))
+
+
+def bake_temperature(model: keras.Model, temperature: float) -> keras.Model:
+    """Divide the logits by ``temperature`` inside the model: the last layer is the Dense
+    sigmoid/softmax head, and ``act(W x + b) / T`` logits are ``act((W / T) x + b / T)``."""
+    head = model.layers[-1]
+    activation = getattr(getattr(head, "activation", None), "__name__", None)
+    if not isinstance(head, keras.layers.Dense) or activation not in CALIBRATABLE_ACTIVATIONS:
+        raise ValueError(
+            f"{model.name}: the last layer must be a Dense {CALIBRATABLE_ACTIVATIONS} head to "
+            f"bake a temperature into, got {type(head).__name__} ({activation})"
+        )
+    if temperature != IDENTITY_TEMPERATURE:
+        head.kernel.assign(head.kernel / temperature)
+        head.bias.assign(head.bias / temperature)
+    return model
+
+
+def build_ensemble(members: list[keras.Model], image_size: int, name: str) -> keras.Model:
+    """One model whose output is the mean of the members' (calibrated) probabilities."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    outputs = [
+        keras.Model(member.input, member.output, name=f"member_{index}")(inputs)
+        for index, member in enumerate(members)
+    ]
+    averaged = outputs[0] if len(outputs) == 1 else keras.layers.Average()(outputs)
+    return keras.Model(inputs, averaged, name=name)
+
+
+def ensemble_threshold(members: list[Member]) -> float | None:
+    """The members' validation-chosen thresholds, averaged (None: multi-class argmax)."""
+    thresholds = [m.val_metrics.get("threshold") for m in members]
+    if any(t is None for t in thresholds):
+        return None
+    return statistics.fmean(thresholds)
+
+
+def load_member(member: Member) -> keras.Model:
+    model = keras.saving.load_model(member.model_file, compile=False)
+    return bake_temperature(model, float(member.val_metrics.get("temperature", IDENTITY_TEMPERATURE)))
+
+
+def publish(
+    cfg: DictConfig, family: str, members: list[Member], model: keras.Model, report: dict[str, Any]
+) -> dict[str, Any]:
+    """Log the ensemble as an MLflow run, register it as the champion, save it to BentoML."""
+    model_name = report["model_name"]
+    tracking.setup_mlflow(cfg)
+    tags = {"model_name": model_name, "architecture": report["architecture"],
+            "protocol": report["protocol"], "git_commit": tracking.git_commit()}  # fmt: skip
+    with mlflow.start_run(run_name=f"ensemble-{family}", tags=tags) as run:
+        log_params(cfg)
+        mlflow.log_metrics({f"val_{k}": v for k, v in report["val_metrics"].items()})
+        mlflow.log_metrics({f"cv_test_{k}": v for k, v in report["cv_test_metrics"].items()})
+        mlflow.log_dict(report, REPORT_FILE)
+        log_keras_model(model)
+    version = select.register_champion(
+        cfg,
+        run.info.run_id,
+        {**tags, "threshold": report["threshold"], "members": len(members)},
+    )
+    metadata = {
+        **select.data_metadata(cfg),
+        "threshold": report["threshold"],
+        "threshold_rule": report["threshold_rule"],
+        "calibration": report["calibration"],
+        "temperature": IDENTITY_TEMPERATURE,  # the members' temperatures are in the weights
+        "tta": report["tta"],
+        "architecture": report["architecture"],
+        "model_name": model_name,
+        "weights": report["weights"],
+        "mlflow_run_id": run.info.run_id,
+        "mlflow_model_version": int(version.version),
+        "registered_model_name": cfg.select.registered_model_name,
+        "git_commit": tags["git_commit"],
+        "val_metrics": report["val_metrics"],
+        "cv_test_metrics": report["cv_test_metrics"],
+    }
+    bento_tag = select.save_bentoml_model(cfg, Path(report["model_file"]), select.without_nulls(metadata))
+    return {"mlflow_run_id": run.info.run_id, "registered_model_version": int(version.version),
+            "alias": cfg.select.alias, "bentoml_tag": bento_tag}  # fmt: skip
+
+
+def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
+    """Build (and with ``ensemble.publish`` serve) the ensemble; returns the written report."""
+    candidates = {name: read_members(cfg, name) for name in cfg.cv.models}
+    family = choose_family(cfg, candidates)
+    members = candidates[family]
+    model_name = f"{family}-ensemble"
+    model = build_ensemble([load_member(m) for m in members], int(cfg.data.image_size),
+                           name=model_name.replace("-", "_"))  # fmt: skip
+    out_dir = Path(cfg.ensemble.out_dir) / family
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_file = out_dir / select.MODEL_FILE
+    model.save(model_file)
+
+    metric_names = list(cfg.cv.metrics)
+    first = members[0]
+    rules = {m.val_metrics.get("threshold_rule") for m in members}
+    report: dict[str, Any] = {
+        "model_name": model_name,
+        "family": family,
+        "members": [{"seed": m.seed, "fold": m.fold, "model_file": str(m.model_file),
+                     "temperature": m.val_metrics.get("temperature"),
+                     "threshold": m.val_metrics.get("threshold")} for m in members],  # fmt: skip
+        "architecture": f"mean of {len(members)} {first.run_info['architecture']}",
+        "weights": first.run_info.get("weights") or "none",
+        "protocol": f"cv{cfg.cv.folds} seeds {list(cfg.cv.seeds)}",
+        "threshold": ensemble_threshold(members),
+        "threshold_rule": f"mean of the members' ({', '.join(sorted(map(str, rules)))})",
+        "calibration": f"per member ({first.val_metrics.get('calibration')}), in the weights",
+        "tta": first.val_metrics.get("tta", "none"),
+        "candidates": {name: summary(ms, "val", [str(cfg.select.metric)])
+                       for name, ms in candidates.items()},  # fmt: skip
+        "val_metrics": summary(members, "val", metric_names),
+        "cv_test_metrics": summary(members, "test", metric_names),
+        "model_file": str(model_file),
+    }
+    if cfg.ensemble.publish:
+        report.update(publish(cfg, family, members, model, report))
+    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    OmegaConf.resolve(cfg)
+    report = make_ensemble(cfg)
+    served = (
+        f"champion {cfg.select.registered_model_name} v{report['registered_model_version']} "
+        f"@{report['alias']}, BentoML {report['bentoml_tag']}"
+        if cfg.ensemble.publish
+        else "not published (ensemble.publish=false)"
+    )
+    val = report["val_metrics"].get(f"{cfg.select.metric}_mean")
+    print(
+        f"{report['model_name']}: {len(report['members'])} members, threshold "
+        f"{report['threshold']}, mean val {cfg.select.metric} {val}; {report['model_file']}; "
+        f"{served}"
+    )
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Fold-model ensemble for serving: calibration baked into the weights, the mean of the
+members' probabilities, chosen on validation only, registered and served as the champion."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from omegaconf import DictConfig
+
+from pox_pipeline.calibration import temperature_scale
+from pox_pipeline.cv import cross_validate
+from pox_pipeline.data import load_split
+from pox_pipeline.ensemble import Member, bake_temperature, choose_family, make_ensemble
+from pox_pipeline.serve import Predictor
+from pox_pipeline.synthetic import synthesize
+
+
+def _head_model(units: int, activation: str) -> keras.Model:
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(units, activation=activation)(hidden))
+
+
+@pytest.mark.parametrize(("units", "activation"), [(1, "sigmoid"), (3, "softmax")])
+def test_baked_temperature_equals_temperature_scaling(units: int, activation: str) -> None:
+    keras.utils.set_random_seed(0)
+    model = _head_model(units, activation)
+    inputs = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32) * 3
+    raw = np.asarray(model(inputs))
+    baked = np.asarray(bake_temperature(model, 2.5)(inputs))
+    expected = temperature_scale(raw if units > 1 else raw[:, 0], 2.5, binary=units == 1)
+    np.testing.assert_allclose(baked if units > 1 else baked[:, 0], expected, atol=1e-5)
+    assert not np.allclose(baked, raw, atol=1e-3)  # the temperature did something
+
+
+def test_baking_needs_a_dense_probability_head() -> None:
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))  # linear: no probability
+    with pytest.raises(ValueError, match="Dense"):
+        bake_temperature(model, 2.0)
+
+
+def _member(fold: int, auc: float) -> Member:
+    return Member(seed=42, fold=fold, model_file=Path("unused"),
+                  val_metrics={"auc": auc}, test_metrics={},
+                  run_info={})  # fmt: skip
+
+
+def test_family_is_chosen_on_mean_validation_metric(make_cfg: Callable[..., DictConfig]) -> None:
+    candidates = {
+        "cnn": [_member(0, 0.9), _member(1, 0.5)],  # best single fold, worse mean (0.70)
+        "resnet": [_member(0, 0.75), _member(1, 0.75)],
+    }
+    assert choose_family(make_cfg(), candidates) == "resnet"
+    assert choose_family(make_cfg("ensemble.model=cnn"), candidates) == "cnn"
+    with pytest.raises(ValueError, match="not one of cv.models"):
+        choose_family(make_cfg("ensemble.model=vgg16"), candidates)
+
+
+def test_missing_cv_run_is_a_clear_error(make_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    cfg = make_cfg("cv.models=[cnn]", f"cv.out_dir={tmp_path}/nothing-here")
+    with pytest.raises(FileNotFoundError, match="run `python -m pox_pipeline.cv`"):
+        make_ensemble(cfg)
+
+
+def test_fold_ensemble_is_the_served_champion(
+    make_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    import bentoml
+
+    cfg = make_cfg(
+        "cv.folds=2", "cv.models=[cnn]", "model.cnn.epochs=2", "model.cnn.padding=same",
+        "evaluate.bootstrap.samples=20", f"cv.out_dir={tmp_path}/cv",
+        f"cv.work_dir={tmp_path}/cv-work", f"select.bentoml_model_name=pox-ens-{uuid.uuid4().hex[:8]}",
+    )  # fmt: skip
+    synthesize(cfg)
+    cross_validate(cfg)
+    report = make_ensemble(cfg)
+
+    assert report["model_name"] == "cnn-ensemble" and len(report["members"]) == 2
+    member_thresholds = [m["threshold"] for m in report["members"]]
+    assert report["threshold"] == pytest.approx(np.mean(member_thresholds))
+    assert "balanced_accuracy_mean" in report["cv_test_metrics"]
+
+    # The ensemble's output is the mean of each member's temperature-scaled probability.
+    from pox_pipeline.cv import fold_config
+
+    images, _, _ = load_split(fold_config(cfg, 0, 42), "test")
+    ensemble = keras.saving.load_model(report["model_file"], compile=False)
+    expected = np.mean(
+        [
+            temperature_scale(
+                np.asarray(keras.saving.load_model(m["model_file"], compile=False)(images))[:, 0],
+                m["temperature"],
+                binary=True,
+            )
+            for m in report["members"]
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(np.asarray(ensemble(images))[:, 0], expected, atol=1e-5)
+
+    # Registered as the champion, and what the service loads and answers with.
+    champion = MlflowClient().get_model_version_by_alias(
+        cfg.select.registered_model_name, cfg.select.alias
+    )
+    assert champion.run_id == report["mlflow_run_id"]
+    assert champion.tags["model_name"] == "cnn-ensemble"
+    stored = bentoml.models.get(report["bentoml_tag"])
+    assert stored.info.metadata["model_name"] == "cnn-ensemble"
+    assert stored.info.metadata["temperature"] == 1.0  # in the weights, not applied twice
+    assert "test_metrics" not in stored.info.metadata  # no held-out test for an ensemble
+    predictor = Predictor.from_stored(stored)
+    results = predictor.predict(list(images[:3]))
+    assert [r["label"] for r in results] == [
+        "Monkeypox" if p >= report["threshold"] else "Others" for p in expected[:3]
+    ]
