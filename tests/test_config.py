@@ -28,6 +28,8 @@ def test_every_config_group_option_composes() -> None:
             if group_dir.name == "model":  # selected once per model, under model.<name>
                 cfg = compose([f"+model@model.probe={option.stem}"])
                 assert cfg.model.probe.architecture
+            elif group_dir.name == "hparams_search":  # needs a Hydra run: test_hparams_search.py
+                continue
             else:
                 cfg = compose([f"{group_dir.name}={option.stem}"])
                 assert group_dir.name in cfg

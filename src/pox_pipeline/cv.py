@@ -7,6 +7,10 @@ stages it composes ``conf/`` directly, so Hydra group overrides work::
     python -m pox_pipeline.cv data=msld cv.folds=3 'cv.models=[cnn]' model.cnn.epochs=40
 
 ``cv.folds: 0`` repeats the fixed train/val/test split once per seed instead.
+
+``main`` returns the mean over folds of the *validation* metric ``cv.objective``, so Hydra's
+Optuna sweeper can optimise it (``-m hparams_search=cnn_optuna``, see conf/hparams_search/):
+the test folds never steer a search.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any
 
 import hydra
 import mlflow
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pox_pipeline import tracking
@@ -42,13 +48,32 @@ def fold_config(cfg: DictConfig, fold: int, seed: int) -> DictConfig:
     )
 
 
+def fold_runs(cfg: DictConfig) -> list[tuple[int, int]]:
+    """(seed, fold) of every run: ``cv.folds`` < 2 is the fixed split, as fold 0."""
+    folds = range(cfg.cv.folds) if cfg.cv.folds >= 2 else [0]
+    return [(int(seed), fold) for seed in cfg.cv.seeds for fold in folds]
+
+
+def mean_std(values: list[float | None], key: str) -> dict[str, float | None]:
+    """``<key>_mean`` and (sample) ``<key>_std`` of the defined values (None = undefined)."""
+    defined = [value for value in values if value is not None]
+    return {
+        f"{key}_mean": statistics.fmean(defined) if defined else None,
+        f"{key}_std": statistics.stdev(defined) if len(defined) > 1 else 0.0,
+    }
+
+
 def summarise(per_fold: list[dict[str, Any]], metric_names: list[str]) -> dict[str, Any]:
-    """Mean and (sample) standard deviation of each test metric over folds and seeds."""
+    """Mean and std over folds and seeds of each test metric (``<metric>_mean``) and, for
+    runs that carry their validation metrics under ``"val"``, of each validation metric
+    (``val_<metric>_mean``): the test figures report, the validation ones steer a search."""
     summary: dict[str, Any] = {"n_runs": len(per_fold)}
     for name in metric_names:
-        values = [run[name] for run in per_fold if run.get(name) is not None]
-        summary[f"{name}_mean"] = statistics.fmean(values) if values else None
-        summary[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.update(mean_std([run.get(name) for run in per_fold], name))
+    if any("val" in run for run in per_fold):
+        for name in metric_names:
+            values = [run.get("val", {}).get(name) for run in per_fold]
+            summary.update(mean_std(values, f"val_{name}"))
     return summary
 
 
@@ -76,29 +101,29 @@ def cross_validate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     from pox_pipeline.evaluate import evaluate
     from pox_pipeline.train import train
 
-    folds = list(range(cfg.cv.folds)) if cfg.cv.folds >= 2 else [0]
     metric_names = list(cfg.cv.metrics)
     per_model: dict[str, list[dict[str, Any]]] = {name: [] for name in cfg.cv.models}
     wall: dict[str, float] = {name: 0.0 for name in cfg.cv.models}
-    for seed in cfg.cv.seeds:
-        for fold in folds:
-            fold_cfg = fold_config(cfg, fold, seed)
-            prepare(fold_cfg)
-            for name in cfg.cv.models:
-                started = time.perf_counter()
-                info = train(fold_cfg, name)
-                test = evaluate(fold_cfg, name)["test"]
-                wall[name] += time.perf_counter() - started
-                mlflow.MlflowClient().set_tag(info["mlflow_run_id"], "cv_fold", f"{seed}/{fold}")
-                per_model[name].append({"seed": seed, "fold": fold, **test})
-                print(
-                    f"cv {name} seed {seed} fold {fold}: "
-                    + ", ".join(f"{m} {test[m]:.3f}" for m in metric_names if test.get(m) is not None)
-                )
+    for seed, fold in fold_runs(cfg):
+        fold_cfg = fold_config(cfg, fold, seed)
+        prepare(fold_cfg)
+        for name in cfg.cv.models:
+            started = time.perf_counter()
+            info = train(fold_cfg, name)
+            scores = evaluate(fold_cfg, name)
+            test = scores["test"]
+            wall[name] += time.perf_counter() - started
+            mlflow.MlflowClient().set_tag(info["mlflow_run_id"], "cv_fold", f"{seed}/{fold}")
+            per_model[name].append({"seed": seed, "fold": fold, **test, "val": scores["val"]})
+            print(
+                f"cv {name} seed {seed} fold {fold}: "
+                + ", ".join(f"{m} {test[m]:.3f}" for m in metric_names if test.get(m) is not None)
+                + f" (validation {cfg.cv.objective} {scores['val'].get(cfg.cv.objective)})"
+            )
 
     out_dir = Path(cfg.cv.out_dir)
     summaries = {
-        name: {**summarise(runs, metric_names), "wall_seconds": round(wall[name], 1)}
+        name: {**summarise(runs, summary_metrics(cfg)), "wall_seconds": round(wall[name], 1)}
         for name, runs in per_model.items()
     }
     result = {"folds": cfg.cv.folds, "seeds": list(cfg.cv.seeds), "summaries": summaries,
@@ -125,11 +150,55 @@ def log_summary(cfg: DictConfig, summaries: dict[str, dict[str, Any]], out_dir: 
             mlflow.log_artifact(str(out_dir / "summary.md"))
 
 
+def summary_metrics(cfg: DictConfig) -> list[str]:
+    """``cv.metrics`` plus ``cv.objective``: the objective is always summarised."""
+    return list(dict.fromkeys([*cfg.cv.metrics, cfg.cv.objective]))
+
+
+def in_optimising_sweep() -> bool:
+    """True in a multirun whose sweeper uses the return value (Optuna, not the basic
+    grid sweeper, which only enumerates)."""
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.mode == RunMode.MULTIRUN and "BasicSweeper" not in hydra_cfg.sweeper._target_
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """An optimising sweep needs one number per trial, so exactly one model: fail before
+    training rather than after the first trial."""
+    models = list(cfg.cv.models)
+    if in_optimising_sweep() and len(models) != 1:
+        raise ValueError(
+            f"a hyper-parameter sweep optimises one model's validation {cfg.cv.objective}, "
+            f"but cv.models is {models}: set cv.models=[<model>] (conf/hparams_search/ does)"
+        )
+
+
+def objective(cfg: DictConfig, summaries: dict[str, dict[str, Any]]) -> float | None:
+    """Mean over folds (and seeds) of the validation metric ``cv.objective`` of the only
+    model in ``cv.models``; None when several models are compared (nothing single to
+    optimise). Raises when the metric is undefined in every fold, so a sweep marks the
+    trial failed instead of ranking it."""
+    if len(summaries) != 1:
+        return None
+    [(name, summary)] = list(summaries.items())
+    value = summary[f"val_{cfg.cv.objective}_mean"]
+    if value is None:
+        raise ValueError(f"{name}: validation {cfg.cv.objective} is undefined in every fold")
+    return float(value)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Cross-validate; return the mean validation ``cv.objective`` (what a sweep optimises)."""
     OmegaConf.resolve(cfg)
+    check_objective(cfg)
     Path(cfg.cv.out_dir).mkdir(parents=True, exist_ok=True)
-    cross_validate(cfg)
+    value = objective(cfg, cross_validate(cfg))
+    if value is not None:
+        print(f"cv objective: mean validation {cfg.cv.objective} {value:.4f}")
+    return value
 
 
 if __name__ == "__main__":

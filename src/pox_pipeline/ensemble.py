@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from pox_pipeline import select, tracking
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE
 from pox_pipeline.config import CONF_DIR
-from pox_pipeline.cv import fold_config
+from pox_pipeline.cv import fold_config, fold_runs, mean_std, summarise
 from pox_pipeline.train import log_keras_model, log_params
 
 AUTO = "auto"
@@ -51,12 +51,6 @@ class Member:
     val_metrics: dict[str, Any]
     test_metrics: dict[str, Any]
     run_info: dict[str, Any]
-
-
-def fold_runs(cfg: DictConfig) -> list[tuple[int, int]]:
-    """(seed, fold) of every run ``cv`` makes: ``cv.folds`` < 2 is the fixed split, fold 0."""
-    folds = range(cfg.cv.folds) if cfg.cv.folds >= 2 else [0]
-    return [(int(seed), fold) for seed in cfg.cv.seeds for fold in folds]
 
 
 def read_members(cfg: DictConfig, model_name: str) -> list[Member]:
@@ -86,26 +80,6 @@ def read_members(cfg: DictConfig, model_name: str) -> list[Member]:
     return members
 
 
-def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample std of the defined values (std 0 for one value, None for none)."""
-    defined = [v for v in values if v is not None]
-    if not defined:
-        return None, None
-    return statistics.fmean(defined), statistics.stdev(defined) if len(defined) > 1 else 0.0
-
-
-def summary(members: list[Member], split: str, metric_names: list[str]) -> dict[str, float]:
-    """``<metric>_mean`` / ``<metric>_std`` over the members' ``val`` or ``test`` metrics."""
-    out: dict[str, float] = {}
-    for name in metric_names:
-        mean, std = mean_std(
-            [(m.val_metrics if split == "val" else m.test_metrics).get(name) for m in members]
-        )
-        if mean is not None:
-            out[f"{name}_mean"], out[f"{name}_std"] = mean, std
-    return out
-
-
 def choose_family(cfg: DictConfig, candidates: dict[str, list[Member]]) -> str:
     """``ensemble.model``, or with ``auto`` the family with the best mean validation metric."""
     wanted = str(cfg.ensemble.model)
@@ -115,7 +89,7 @@ def choose_family(cfg: DictConfig, candidates: dict[str, list[Member]]) -> str:
         return wanted
     metric = str(cfg.select.metric)
     means = {
-        name: {metric: mean_std([m.val_metrics.get(metric) for m in members])[0]}
+        name: {metric: mean_std([m.val_metrics.get(metric) for m in members], metric)[f"{metric}_mean"]}
         for name, members in candidates.items()
     }
     return select.choose_champion(means, metric, bool(cfg.select.greater_is_better))
@@ -171,8 +145,9 @@ def publish(
             "protocol": report["protocol"], "git_commit": tracking.git_commit()}  # fmt: skip
     with mlflow.start_run(run_name=f"ensemble-{family}", tags=tags) as run:
         log_params(cfg)
-        mlflow.log_metrics({f"val_{k}": v for k, v in report["val_metrics"].items()})
-        mlflow.log_metrics({f"cv_test_{k}": v for k, v in report["cv_test_metrics"].items()})
+        for prefix in ("val", "cv_test"):
+            values = select.without_nulls(report[f"{prefix}_metrics"])
+            mlflow.log_metrics({f"{prefix}_{key}": value for key, value in values.items()})
         mlflow.log_dict(report, REPORT_FILE)
         log_keras_model(model)
     version = select.register_champion(
@@ -194,8 +169,8 @@ def publish(
         "mlflow_model_version": int(version.version),
         "registered_model_name": cfg.select.registered_model_name,
         "git_commit": tags["git_commit"],
-        "val_metrics": report["val_metrics"],
-        "cv_test_metrics": report["cv_test_metrics"],
+        "val_metrics": select.without_nulls(report["val_metrics"]),
+        "cv_test_metrics": select.without_nulls(report["cv_test_metrics"]),
     }
     bento_tag = select.save_bentoml_model(cfg, Path(report["model_file"]), select.without_nulls(metadata))
     return {"mlflow_run_id": run.info.run_id, "registered_model_version": int(version.version),
@@ -231,10 +206,10 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
         "threshold_rule": f"mean of the members' ({', '.join(sorted(map(str, rules)))})",
         "calibration": f"per member ({first.val_metrics.get('calibration')}), in the weights",
         "tta": first.val_metrics.get("tta", "none"),
-        "candidates": {name: summary(ms, "val", [str(cfg.select.metric)])
+        "candidates": {name: summarise([m.val_metrics for m in ms], [str(cfg.select.metric)])
                        for name, ms in candidates.items()},  # fmt: skip
-        "val_metrics": summary(members, "val", metric_names),
-        "cv_test_metrics": summary(members, "test", metric_names),
+        "val_metrics": summarise([m.val_metrics for m in members], metric_names),
+        "cv_test_metrics": summarise([m.test_metrics for m in members], metric_names),
         "model_file": str(model_file),
     }
     if cfg.ensemble.publish:
