@@ -50,3 +50,11 @@ def test_cross_validate_runs_every_fold(make_cfg, tmp_path: Path) -> None:
     assert names.count("train-cnn") == 2 and "cv-cnn" in names
     cv_run = next(run for run in runs if run.info.run_name == "cv-cnn")
     assert "balanced_accuracy_mean" in cv_run.data.metrics
+
+
+def test_resplit_decides_whether_a_seed_redraws_the_folds(make_cfg) -> None:
+    cfg = make_cfg("cv.folds=3", "seed=7")
+    assert fold_config(cfg, 0, 1).data.split_seed == 1  # default: repeated k-fold
+    fixed = make_cfg("cv.folds=3", "seed=7", "cv.resplit=false")
+    assert fold_config(fixed, 0, 1).data.split_seed == 7  # folds of the base seed
+    assert fold_config(fixed, 0, 1).seed == 1  # training still varies

@@ -121,3 +121,50 @@ def test_fold_ensemble_is_the_served_champion(
     assert [r["label"] for r in results] == [
         "Monkeypox" if p >= report["threshold"] else "Others" for p in expected[:3]
     ]
+
+
+def test_fixed_folds_give_a_held_out_figure_for_seed_ensembles(
+    make_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    from pox_pipeline.cv import fold_config
+    from pox_pipeline.metrics import roc_auc
+
+    cfg = make_cfg(
+        "cv.folds=2", "cv.seeds=[1,2]", "cv.resplit=false", "cv.models=[cnn]",
+        "model.cnn.epochs=1", "model.cnn.padding=same", "evaluate.bootstrap.samples=20",
+        f"cv.out_dir={tmp_path}/cv", f"cv.work_dir={tmp_path}/cv-work", "ensemble.publish=false",
+    )  # fmt: skip
+    synthesize(cfg)
+    cross_validate(cfg)
+    report = make_ensemble(cfg)
+
+    held_out = report["held_out_ensemble_metrics"]
+    assert [(f["fold"], f["members"]) for f in held_out["folds"]] == [(0, 2), (1, 2)]
+    # Fixed folds: both seeds' fold 0 hold the same test images, which no member trained on.
+    (images, labels, files), (_, _, files_2) = (
+        load_split(fold_config(cfg, 0, seed), "test") for seed in (1, 2)
+    )
+    assert [Path(f).name for f in files] == [Path(f).name for f in files_2]
+    fold0 = [m for m in report["members"] if "fold0" in m["model_file"]]
+    expected = np.mean(
+        [
+            temperature_scale(
+                np.asarray(keras.saving.load_model(m["model_file"], compile=False)(images))[:, 0],
+                m["temperature"],
+                binary=True,
+            )
+            for m in fold0
+        ],
+        axis=0,
+    )
+    positive = (np.asarray(labels) == 0).astype(int)  # Monkeypox is class 0
+    assert held_out["folds"][0]["auc"] == pytest.approx(roc_auc(positive, expected), abs=1e-6)
+    assert "registered_model_version" not in report  # ensemble.publish=false
+
+
+def test_no_held_out_figure_when_seeds_redraw_the_folds(
+    make_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    from pox_pipeline.ensemble import held_out_ensembles
+
+    assert held_out_ensembles(make_cfg("cv.seeds=[1,2]"), [], "x") is None  # cv.resplit: true

@@ -38,7 +38,8 @@ def fold_config(cfg: DictConfig, fold: int, seed: int) -> DictConfig:
         cfg,
         {
             "seed": seed,
-            "data": {"folds": cfg.cv.folds, "fold": fold},
+            "data": {"folds": cfg.cv.folds, "fold": fold,
+                     "split_seed": seed if cfg.cv.resplit else cfg.data.split_seed},  # fmt: skip
             "paths": {
                 "prepared_dir": str(Path(cfg.cv.work_dir) / f"seed{seed}" / f"fold{fold}"),
                 "models_dir": str(root / "models"),

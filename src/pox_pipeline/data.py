@@ -401,7 +401,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         )
         for record in records:
             record.group = groups[record.patient]
-        _assign_splits(records, data, cfg.seed)
+        _assign_splits(records, data, int(data.split_seed))
 
         leaks = check_no_leaks(records)
         if leaks and data.layout != "presplit":
@@ -523,7 +523,7 @@ def _build_report(
         "classes": list(data.classes),
         "folds": data.folds,
         "fold": data.fold,
-        "seed": cfg.seed,
+        "seed": int(cfg.data.split_seed),
         "split": {split: float(data.split[split]) for split in SPLITS},
         "image_size": data.image_size,
         "group_pattern": data.group_pattern,

@@ -135,6 +135,26 @@ def load_member(member: Member) -> keras.Model:
     return bake_temperature(model, float(member.val_metrics.get("temperature", IDENTITY_TEMPERATURE)))
 
 
+def held_out_ensembles(cfg: DictConfig, members: list[Member], name: str) -> dict[str, Any] | None:
+    """With fixed folds (``cv.resplit: false``) and several seeds, each fold's seed models are
+    an ensemble no image of that fold's test split trained: score it there, as ``evaluate``
+    scores one model. Returns per-fold metrics and their mean +- std (None otherwise)."""
+    if cfg.cv.resplit or len(cfg.cv.seeds) < 2:
+        return None
+    from pox_pipeline.evaluate import score_split, split_metrics
+
+    positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
+    per_fold = []
+    for fold in sorted({m.fold for m in members}):
+        group = [m for m in members if m.fold == fold]
+        model = build_ensemble([load_member(m) for m in group], int(cfg.data.image_size), name)
+        scores = score_split(fold_config(cfg, fold, group[0].seed), model, "test")
+        point = split_metrics(scores, ensemble_threshold(group), positive_index,
+                              int(cfg.evaluate.ece_bins))  # fmt: skip
+        per_fold.append({"fold": fold, "members": len(group), "n_test": len(scores.labels), **point})
+    return {"folds": per_fold, **summarise(per_fold, list(cfg.cv.metrics))}
+
+
 def publish(
     cfg: DictConfig, family: str, members: list[Member], model: keras.Model, report: dict[str, Any]
 ) -> dict[str, Any]:
@@ -145,9 +165,10 @@ def publish(
             "protocol": report["protocol"], "git_commit": tracking.git_commit()}  # fmt: skip
     with mlflow.start_run(run_name=f"ensemble-{family}", tags=tags) as run:
         log_params(cfg)
-        for prefix in ("val", "cv_test"):
-            values = select.without_nulls(report[f"{prefix}_metrics"])
-            mlflow.log_metrics({f"{prefix}_{key}": value for key, value in values.items()})
+        for prefix in ("val", "cv_test", "held_out_ensemble"):
+            values = select.without_nulls(report[f"{prefix}_metrics"] or {})
+            mlflow.log_metrics({f"{prefix}_{key}": value for key, value in values.items()
+                                if isinstance(value, (int, float))})  # fmt: skip
         mlflow.log_dict(report, REPORT_FILE)
         log_keras_model(model)
     version = select.register_champion(
@@ -210,6 +231,8 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
                        for name, ms in candidates.items()},  # fmt: skip
         "val_metrics": summarise([m.val_metrics for m in members], metric_names),
         "cv_test_metrics": summarise([m.test_metrics for m in members], metric_names),
+        # the same folds' test images, scored by each fold's ensemble of seed models
+        "held_out_ensemble_metrics": held_out_ensembles(cfg, members, model_name.replace("-", "_")),
         "model_file": str(model_file),
     }
     if cfg.ensemble.publish:
@@ -229,6 +252,14 @@ def main(cfg: DictConfig) -> None:
         else "not published (ensemble.publish=false)"
     )
     val = report["val_metrics"].get(f"{cfg.select.metric}_mean")
+    held_out = report["held_out_ensemble_metrics"]
+    if held_out is not None:
+        for metric in cfg.cv.metrics:
+            print(
+                f"test {metric}: single models {report['cv_test_metrics'][f'{metric}_mean']:.3f}"
+                f" +- {report['cv_test_metrics'][f'{metric}_std']:.3f}, each fold's seed "
+                f"ensemble {held_out[f'{metric}_mean']:.3f} +- {held_out[f'{metric}_std']:.3f}"
+            )
     print(
         f"{report['model_name']}: {len(report['members'])} members, threshold "
         f"{report['threshold']}, mean val {cfg.select.metric} {val}; {report['model_file']}; "
