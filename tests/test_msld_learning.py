@@ -1,7 +1,7 @@
 """Issue 3's check on real data: the tutorial CNN, trained briefly on MSLD, classifies
 photos of unseen patients better than always answering the majority class.
 
-Opt-in (``-m slow``, about 3 minutes on 2 cores): 3 patient-grouped folds, the tutorial CNN
+Opt-in (``-m slow``, 85 s on 2 cores): 3 patient-grouped folds, the tutorial CNN
 with its default config, every image scored once by the fold model that never saw its
 patient, at the plain 0.5 threshold. The 23-image fixed validation split is too small for
 this question (one image is 4 points), so the test pools all 228 held-out predictions and
