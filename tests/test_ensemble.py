@@ -157,7 +157,8 @@ def test_fixed_folds_give_a_held_out_figure_for_seed_ensembles(
         ],
         axis=0,
     )
-    positive = (np.asarray(labels) == 0).astype(int)  # Monkeypox is class 0
+    positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
+    positive = (np.asarray(labels) == positive_index).astype(int)
     assert held_out["folds"][0]["auc"] == pytest.approx(roc_auc(positive, expected), abs=1e-6)
     assert "registered_model_version" not in report  # ensemble.publish=false
 
@@ -167,4 +168,4 @@ def test_no_held_out_figure_when_seeds_redraw_the_folds(
 ) -> None:
     from pox_pipeline.ensemble import held_out_ensembles
 
-    assert held_out_ensembles(make_cfg("cv.seeds=[1,2]"), [], "x") is None  # cv.resplit: true
+    assert held_out_ensembles(make_cfg("cv.seeds=[1,2]"), [], [], "x") is None  # resplit: true

@@ -135,7 +135,9 @@ def load_member(member: Member) -> keras.Model:
     return bake_temperature(model, float(member.val_metrics.get("temperature", IDENTITY_TEMPERATURE)))
 
 
-def held_out_ensembles(cfg: DictConfig, members: list[Member], name: str) -> dict[str, Any] | None:
+def held_out_ensembles(
+    cfg: DictConfig, members: list[Member], models: list[keras.Model], name: str
+) -> dict[str, Any] | None:
     """With fixed folds (``cv.resplit: false``) and several seeds, each fold's seed models are
     an ensemble no image of that fold's test split trained: score it there, as ``evaluate``
     scores one model. Returns per-fold metrics and their mean +- std (None otherwise)."""
@@ -147,7 +149,8 @@ def held_out_ensembles(cfg: DictConfig, members: list[Member], name: str) -> dic
     per_fold = []
     for fold in sorted({m.fold for m in members}):
         group = [m for m in members if m.fold == fold]
-        model = build_ensemble([load_member(m) for m in group], int(cfg.data.image_size), name)
+        fold_models = [model for m, model in zip(members, models) if m.fold == fold]
+        model = build_ensemble(fold_models, int(cfg.data.image_size), name)
         scores = score_split(fold_config(cfg, fold, group[0].seed), model, "test")
         point = split_metrics(scores, ensemble_threshold(group), positive_index,
                               int(cfg.evaluate.ece_bins))  # fmt: skip
@@ -204,8 +207,8 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
     family = choose_family(cfg, candidates)
     members = candidates[family]
     model_name = f"{family}-ensemble"
-    model = build_ensemble([load_member(m) for m in members], int(cfg.data.image_size),
-                           name=model_name.replace("-", "_"))  # fmt: skip
+    member_models = [load_member(m) for m in members]
+    model = build_ensemble(member_models, int(cfg.data.image_size), model_name.replace("-", "_"))
     out_dir = Path(cfg.ensemble.out_dir) / family
     out_dir.mkdir(parents=True, exist_ok=True)
     model_file = out_dir / select.MODEL_FILE
@@ -232,7 +235,9 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
         "val_metrics": summarise([m.val_metrics for m in members], metric_names),
         "cv_test_metrics": summarise([m.test_metrics for m in members], metric_names),
         # the same folds' test images, scored by each fold's ensemble of seed models
-        "held_out_ensemble_metrics": held_out_ensembles(cfg, members, model_name.replace("-", "_")),
+        "held_out_ensemble_metrics": held_out_ensembles(
+            cfg, members, member_models, model_name.replace("-", "_")
+        ),
         "model_file": str(model_file),
     }
     if cfg.ensemble.publish:
