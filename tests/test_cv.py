@@ -43,6 +43,9 @@ def test_cross_validate_runs_every_fold(make_cfg, tmp_path: Path) -> None:
     written = json.loads((tmp_path / "cv" / "summary.json").read_text())
     assert [run["fold"] for run in written["runs"]["cnn"]] == [0, 1]
     assert "| cnn | 2 |" in (tmp_path / "cv" / "summary.md").read_text()
+    assert json.loads((tmp_path / "cv" / "metrics.json").read_text()) == json.loads(
+        json.dumps(summaries)
+    )
 
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     runs = mlflow.search_runs(experiment_names=[cfg.mlflow.experiment], output_format="list")
@@ -58,3 +61,14 @@ def test_resplit_decides_whether_a_seed_redraws_the_folds(make_cfg) -> None:
     fixed = make_cfg("cv.folds=3", "seed=7", "cv.resplit=false")
     assert fold_config(fixed, 0, 1).data.split_seed == 7  # folds of the base seed
     assert fold_config(fixed, 0, 1).seed == 1  # training still varies
+
+
+def test_dvc_shows_the_default_cv_metrics_file() -> None:
+    """dvc.yaml's top-level `metrics:` names the file cv writes with the default cv.out_dir."""
+    import yaml
+
+    from pox_pipeline.config import PROJECT_ROOT, compose
+    from pox_pipeline.cv import DVC_METRICS_FILE
+
+    listed = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["metrics"]
+    assert str(Path(compose([]).cv.out_dir) / DVC_METRICS_FILE) in listed

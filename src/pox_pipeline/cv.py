@@ -31,6 +31,9 @@ from pox_pipeline import tracking
 from pox_pipeline.config import CONF_DIR, flatten
 
 
+DVC_METRICS_FILE = "metrics.json"
+
+
 def fold_config(cfg: DictConfig, fold: int, seed: int) -> DictConfig:
     """The pipeline config of one fold: its own data split, seed and output folders."""
     root = Path(cfg.cv.out_dir) / f"seed{seed}" / f"fold{fold}"
@@ -130,6 +133,8 @@ def cross_validate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     result = {"folds": cfg.cv.folds, "seeds": list(cfg.cv.seeds), "summaries": summaries,
               "runs": per_model}  # fmt: skip
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    # Scalars only, per model: what dvc.yaml's top-level `metrics:` shows (dvc metrics show).
+    (out_dir / DVC_METRICS_FILE).write_text(json.dumps(summaries, indent=2) + "\n")
     table = markdown_table(summaries, metric_names)
     (out_dir / "summary.md").write_text(table)
     log_summary(cfg, summaries, out_dir)
