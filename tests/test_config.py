@@ -111,6 +111,22 @@ def test_stage_help_describes_the_stage_and_its_params() -> None:
     assert "group_pattern:" in result.stdout and "Configuration groups" not in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("module", "first_line"),
+    [("cv", "Patient-grouped k-fold cross-validation"),
+     ("ensemble", "Serve an ensemble of the cross-validation fold models")],
+)  # fmt: skip
+def test_conf_entry_help_starts_with_its_docstring(module: str, first_line: str) -> None:
+    """The entry points that compose conf/ list its groups, after saying what they do."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"pox_pipeline.{module}", "--help"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"python -m pox_pipeline.{module}: {first_line}")
+    assert "hparams_search: cnn_optuna, resnet_optuna" in result.stdout
+
+
 def test_stage_outside_the_project_root_says_where_to_run(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pox_pipeline.data"], cwd=tmp_path, capture_output=True,

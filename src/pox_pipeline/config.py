@@ -32,6 +32,13 @@ for _var, _value in (
     os.environ.setdefault(_var, _value)
 
 
+# `${entry_doc:}` in conf/config.yaml's hydra.help: the running entry point's docstring.
+OmegaConf.register_new_resolver(
+    "entry_doc", lambda: (getattr(sys.modules["__main__"], "__doc__", None) or "").strip(),
+    replace=True,
+)
+
+
 def compose(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
     """Compose conf/ with Hydra overrides and resolve interpolations, as DVC does."""
     from hydra import compose as hydra_compose
