@@ -19,11 +19,10 @@ from pox_pipeline import preprocess, serve
 def create_app(bento_tag: str) -> Flask:
     """The app for a model of the BentoML store (found through ``$BENTOML_HOME``)."""
     import bentoml
-    import keras
 
     stored = bentoml.models.get(bento_tag)
     card = serve.ModelCard.from_stored(stored)
-    model = keras.models.load_model(f"{stored.path}/{serve.MODEL_FILE}", compile=False)
+    model = serve.load_keras_model(f"{stored.path}/{serve.MODEL_FILE}")
     app = Flask(__name__)
 
     @app.get("/readyz")

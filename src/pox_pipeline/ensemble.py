@@ -33,6 +33,7 @@ from pox_pipeline import select, tracking
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE
 from pox_pipeline.config import CONF_DIR
 from pox_pipeline.cv import fold_config, fold_runs, mean_std, summarise
+from pox_pipeline.serve import load_keras_model
 from pox_pipeline.train import log_keras_model, log_params
 
 AUTO = "auto"
@@ -131,7 +132,7 @@ def ensemble_threshold(members: list[Member]) -> float | None:
 
 
 def load_member(member: Member) -> keras.Model:
-    model = keras.saving.load_model(member.model_file, compile=False)
+    model = load_keras_model(member.model_file)
     return bake_temperature(model, float(member.val_metrics.get("temperature", IDENTITY_TEMPERATURE)))
 
 

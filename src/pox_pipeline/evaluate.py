@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from pox_pipeline import calibration, metrics
 from pox_pipeline.config import stage_entry
 from pox_pipeline.data import load_split
-from pox_pipeline.serve import tta_views
+from pox_pipeline.serve import load_keras_model, tta_views
 from pox_pipeline.tracking import read_run_info, setup_mlflow
 
 MODEL_FILE = "model.keras"
@@ -396,7 +396,7 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
     """Evaluate ``models/<model_name>/model.keras``; returns the written val and test metrics."""
     classes = list(cfg.data.classes)
     positive_index = classes.index(cfg.data.positive_class)
-    model = keras.saving.load_model(model_path(cfg, model_name))
+    model = load_keras_model(model_path(cfg, model_name))
     raw = {split: score_split(cfg, model, split) for split in SPLITS}
     # Calibrate first: the threshold and every metric use the probabilities the service shows.
     temperature = fit_calibration(raw["val"], positive_index, cfg)

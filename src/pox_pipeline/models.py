@@ -22,6 +22,8 @@ from keras import layers
 from keras.src.applications.vgg16 import WEIGHTS_PATH_NO_TOP as VGG16_NOTOP_URL
 from omegaconf import DictConfig
 
+from pox_pipeline.features import ColourTextureFeatures
+
 # Keras' own cache name and published md5 for the ImageNet VGG16 conv base (no top).
 VGG16_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 VGG16_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"
@@ -81,13 +83,19 @@ def augmentation_block(augment_cfg: DictConfig) -> keras.Sequential | None:
     return keras.Sequential(steps, name=AUGMENTATION) if steps else None
 
 
-def classifier_head(num_classes: int) -> layers.Dense:
+def classifier_head(
+    num_classes: int, kernel_regularizer: keras.regularizers.Regularizer | None = None
+) -> layers.Dense:
     """Binary: one sigmoid unit = P(positive class). N > 2: softmax over ``data.classes``."""
     if num_classes < 2:
         raise ValueError(f"need at least 2 classes, got {num_classes}")
     if num_classes == 2:
-        return layers.Dense(1, activation="sigmoid", name="output")
-    return layers.Dense(num_classes, activation="softmax", name="output")
+        units, activation = 1, "sigmoid"
+    else:
+        units, activation = num_classes, "softmax"
+    return layers.Dense(
+        units, activation=activation, kernel_regularizer=kernel_regularizer, name="output"
+    )
 
 
 def loss_for(num_classes: int, label_smoothing: float = 0.0) -> str | keras.losses.Loss:
@@ -402,12 +410,38 @@ def resnet(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Mo
     return keras.Model(inputs, classifier_head(num_classes)(x), name="resnet")
 
 
+# ---------------------------------------------------------------------------- colour_texture
+
+
+def colour_texture(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Model:
+    """A regularised linear classifier on fixed colour and texture statistics
+    (:class:`~pox_pipeline.features.ColourTextureFeatures`): a few hundred inputs instead of a
+    million weights, for data sets of a few hundred photos. Standardised by a BatchNorm
+    without scale or shift, so the head sees unit-variance features whatever their units."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    augmentation = augmentation_block(model_cfg.augment)
+    x = augmentation(inputs) if augmentation is not None else inputs
+    if model_cfg.input_size and model_cfg.input_size != image_size:
+        x = layers.Resizing(
+            model_cfg.input_size, model_cfg.input_size, antialias=True, name="resize"
+        )(x)
+    x = ColourTextureFeatures(**model_cfg.features, name="features")(x)
+    x = layers.BatchNormalization(
+        center=False, scale=False, momentum=model_cfg.standardize_momentum, name="standardize"
+    )(x)
+    if model_cfg.dropout:
+        x = layers.Dropout(model_cfg.dropout, name="dropout")(x)
+    regularizer = keras.regularizers.L2(model_cfg.l2) if model_cfg.l2 else None
+    return keras.Model(inputs, classifier_head(num_classes, regularizer)(x), name="colour_texture")
+
+
 # ---------------------------------------------------------------------------- registry
 
 FACTORIES: dict[str, Callable[[DictConfig, int, int], keras.Model]] = {
     "cnn": cnn,
     "vgg16": vgg16,
     "resnet": resnet,
+    "colour_texture": colour_texture,
 }
 
 

@@ -218,6 +218,8 @@ def select(cfg: DictConfig) -> dict[str, Any]:
 
 def load_champion(cfg: DictConfig) -> Any:
     """The Keras model behind ``models:/<registered_model_name>@<alias>``."""
+    from pox_pipeline import features  # noqa: F401 - registers ColourTextureFeatures
+
     setup_mlflow(cfg)
     return mlflow.keras.load_model(
         f"models:/{cfg.select.registered_model_name}@{cfg.select.alias}"

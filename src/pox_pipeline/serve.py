@@ -251,7 +251,7 @@ class Predictor:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         self.card = card
         self.backend = backend
-        self.model = keras.models.load_model(Path(model_dir) / MODEL_FILE, compile=False)
+        self.model = load_keras_model(Path(model_dir) / MODEL_FILE)
         self._run = (
             compiled_keras_call(self.model, card.image_size)
             if backend == "keras"
@@ -287,7 +287,10 @@ class Predictor:
         return self.card.results(self.outputs(np.stack(images)))
 
     def gradcam(self, image: np.ndarray) -> np.ndarray:
-        """Grad-CAM of the positive-class score at the last Conv2D, in [0, 1] (conv resolution)."""
+        """Grad-CAM of the positive-class score at the last Conv2D, in [0, 1] (conv resolution);
+        for a model without one (``colour_texture``), the input-gradient saliency instead."""
+        if self._gradcam_layer is None:
+            return input_saliency(self.model, image, self.card.positive_index)
         with self._gradcam_lock:  # the layer hook is process-wide state
             return gradcam(self.model, self._gradcam_layer, image, self.card.positive_index)
 
@@ -340,8 +343,18 @@ class TFLiteRunner:
 # ---------------------------------------------------------------------------- Grad-CAM
 
 
-def last_conv2d(model: keras.Layer) -> keras.layers.Conv2D:
-    """The last Conv2D in layer order, searching nested sub-models (a VGG16 base, a chain)."""
+def load_keras_model(path: Path) -> keras.Model:
+    """A saved ``.keras`` model, uncompiled; this project's custom layers registered first."""
+    import keras
+
+    from pox_pipeline import features  # noqa: F401 - registers ColourTextureFeatures
+
+    return keras.saving.load_model(path, compile=False)
+
+
+def last_conv2d(model: keras.Layer) -> keras.layers.Conv2D | None:
+    """The last Conv2D in layer order, searching nested sub-models (a VGG16 base, a chain);
+    None for a model without one."""
     import keras
 
     def walk(layer: keras.Layer) -> Iterator[keras.Layer]:
@@ -350,9 +363,7 @@ def last_conv2d(model: keras.Layer) -> keras.layers.Conv2D:
             yield from walk(sub)
 
     convs = [layer for layer in walk(model) if isinstance(layer, keras.layers.Conv2D)]
-    if not convs:
-        raise ValueError(f"model {model.name!r} has no Conv2D layer for Grad-CAM")
-    return convs[-1]
+    return convs[-1] if convs else None
 
 
 @contextmanager
@@ -393,6 +404,20 @@ def gradcam(
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[0].numpy()
     peak = float(cam.max())
     return cam / peak if peak > 0 else np.zeros_like(cam)
+
+
+def input_saliency(model: keras.Model, image: np.ndarray, output_index: int) -> np.ndarray:
+    """|d score / d pixel| (largest over RGB) in [0, 1] at the image's resolution (Simonyan
+    et al. 2014): the explanation of a model that has no convolutional feature maps."""
+    import tensorflow as tf
+
+    batch = tf.constant(image[None], dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(batch)
+        score = model(batch, training=False)[:, output_index]
+    saliency = tf.reduce_max(tf.abs(tape.gradient(score, batch)), axis=-1)[0].numpy()
+    peak = float(saliency.max())
+    return saliency / peak if peak > 0 else np.zeros_like(saliency)
 
 
 def colorize(values: np.ndarray) -> np.ndarray:
