@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from pox_pipeline.calibration import temperature_scale
 from pox_pipeline.cv import cross_validate
 from pox_pipeline.data import load_split
-from pox_pipeline.ensemble import Member, bake_temperature, choose_family, make_ensemble
+from pox_pipeline.ensemble import Member, bake_temperature, choose_families, make_ensemble
 from pox_pipeline.serve import Predictor
 from pox_pipeline.synthetic import synthesize
 
@@ -39,6 +39,17 @@ def test_baked_temperature_equals_temperature_scaling(units: int, activation: st
     assert not np.allclose(baked, raw, atol=1e-3)  # the temperature did something
 
 
+def test_temperature_is_baked_into_the_head_of_a_chained_model(make_cfg) -> None:
+    from pox_pipeline.models import build_model
+
+    cfg = make_cfg("model.colour_texture.input_size=null")
+    model = build_model(cfg.model.colour_texture, cfg.data)  # frozen -> trainable chain
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    raw = np.asarray(model(images))[:, 0]
+    baked = np.asarray(bake_temperature(model, 0.5)(images))[:, 0]
+    np.testing.assert_allclose(baked, temperature_scale(raw, 0.5, binary=True), atol=1e-5)
+
+
 def test_baking_needs_a_dense_probability_head() -> None:
     inputs = keras.Input((5,))
     model = keras.Model(inputs, keras.layers.Dense(1)(inputs))  # linear: no probability
@@ -57,10 +68,13 @@ def test_family_is_chosen_on_mean_validation_metric(make_cfg: Callable[..., Dict
         "cnn": [_member(0, 0.9), _member(1, 0.5)],  # best single fold, worse mean (0.70)
         "resnet": [_member(0, 0.75), _member(1, 0.75)],
     }
-    assert choose_family(make_cfg(), candidates) == "resnet"
-    assert choose_family(make_cfg("ensemble.model=cnn"), candidates) == "cnn"
-    with pytest.raises(ValueError, match="not one of cv.models"):
-        choose_family(make_cfg("ensemble.model=vgg16"), candidates)
+    assert choose_families(make_cfg(), candidates) == ["resnet"]
+    assert choose_families(make_cfg("ensemble.model=cnn"), candidates) == ["cnn"]
+    assert choose_families(make_cfg("ensemble.model=[cnn,resnet]"), candidates) == ["cnn", "resnet"]
+    with pytest.raises(ValueError, match="names of cv.models"):
+        choose_families(make_cfg("ensemble.model=vgg16"), candidates)
+    with pytest.raises(ValueError, match="names of cv.models"):
+        choose_families(make_cfg("ensemble.model=[cnn,vgg16]"), candidates)
 
 
 def test_missing_cv_run_is_a_clear_error(make_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
@@ -161,6 +175,26 @@ def test_fixed_folds_give_a_held_out_figure_for_seed_ensembles(
     positive = (np.asarray(labels) == positive_index).astype(int)
     assert held_out["folds"][0]["auc"] == pytest.approx(roc_auc(positive, expected), abs=1e-6)
     assert "registered_model_version" not in report  # ensemble.publish=false
+
+
+def test_two_families_on_the_same_folds_give_a_held_out_figure(
+    make_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = make_cfg(
+        "cv.folds=2", "cv.models=[cnn,colour_texture]", "ensemble.model=[cnn,colour_texture]",
+        "model.cnn.epochs=1", "model.cnn.padding=same", "model.colour_texture.epochs=2",
+        "model.colour_texture.input_size=null", "evaluate.bootstrap.samples=20",
+        f"cv.out_dir={tmp_path}/cv", f"cv.work_dir={tmp_path}/cv-work", "ensemble.publish=false",
+    )  # fmt: skip
+    synthesize(cfg)
+    cross_validate(cfg)
+    report = make_ensemble(cfg)
+
+    assert report["model_name"] == "cnn-colour_texture-ensemble"
+    assert report["architecture"] == "mean of 4 cnn + colour_texture"
+    held_out = report["held_out_ensemble_metrics"]  # one seed: both families saw the same folds
+    assert [(f["fold"], f["members"]) for f in held_out["folds"]] == [(0, 2), (1, 2)]
+    assert 0.0 <= held_out["auc_mean"] <= 1.0
 
 
 def test_no_held_out_figure_when_seeds_redraw_the_folds(

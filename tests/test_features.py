@@ -13,7 +13,7 @@ import pytest
 
 from pox_pipeline import serve, train
 from pox_pipeline.features import LBP_BINS, ColourTextureFeatures, lbp_histogram
-from pox_pipeline.models import build_model, compile_model
+from pox_pipeline.models import build_model, compile_model, frozen_split
 
 SMALL = "model.colour_texture.input_size=null"  # the statistics at the test's 32 px
 
@@ -73,17 +73,21 @@ def test_colour_texture_is_a_regularised_linear_model_on_the_statistics(make_cfg
     model_cfg = cfg.model.colour_texture
     model = build_model(model_cfg, cfg.data)
     assert model.input_shape == (None, 64, 64, 3) and model.output_shape == (None, 1)
-    assert model.get_layer("resize").output.shape[1:3] == (48, 48)
-    features = model.get_layer("features")
+    split = frozen_split(model)  # the statistics are computed once per image in training
+    assert split is not None and split.augmentation is None
+    assert [layer.name for layer in split.frozen.layers] == ["resize", "features"]
+    assert split.frozen.get_layer("resize").output.shape[1:3] == (48, 48)
+    features = split.frozen.get_layer("features")
     assert isinstance(features, ColourTextureFeatures) and not features.weights
-    standardize = model.get_layer("standardize")
+    standardize = split.trainable.get_layer("standardize")
     assert isinstance(standardize, keras.layers.BatchNormalization)
     assert not standardize.center and not standardize.scale  # standardisation, nothing learnt
-    assert model.get_layer("dropout").rate == model_cfg.dropout
-    output = model.get_layer("output")
+    assert split.trainable.get_layer("dropout").rate == model_cfg.dropout
+    output = split.trainable.get_layer("output")
     assert output.kernel.shape == (features.feature_count(), 1)
     assert output.kernel_regularizer.l2 == pytest.approx(model_cfg.l2)
-    assert not [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert not [layer for layer in split.frozen.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert serve.last_conv2d(model) is None
     three = make_cfg("data.classes=[A,B,C]", SMALL)
     assert build_model(three.model.colour_texture, three.data).output_shape == (None, 3)
 
@@ -92,7 +96,7 @@ def test_colour_texture_trains_through_the_one_loop(prepared_cfg) -> None:
     cfg = prepared_cfg(SMALL, "model.colour_texture.epochs=3", "train.verbose=0")
     info = train.train(cfg, "colour_texture")
     assert info["architecture"] == "colour_texture" and info["epochs_run"] == 3
-    assert info["feature_cache"] == "none"
+    assert info["feature_cache"] == "memory"
     assert (Path(cfg.paths.models_dir) / "colour_texture" / "model.keras").is_file()
 
 

@@ -25,8 +25,11 @@ TINY = [
     "model.vgg16.epochs=1",
     "model.resnet.epochs=1",
     "model.resnet.input_size=null",
+    "model.colour_texture.epochs=1",
+    "model.colour_texture.input_size=null",
     "evaluate.bootstrap.samples=50",
 ]
+MODELS = ("cnn", "vgg16", "resnet", "colour_texture")  # conf/config.yaml's models
 COPIED = ["conf", "src", "dvc.yaml", ".dvcignore", ".gitignore"]
 
 
@@ -65,15 +68,15 @@ def project_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_dvc_repro_runs_every_stage_then_nothing(project_copy: Path) -> None:
     first = _run(["dvc", "repro"], project_copy)
     assert _ran(first) == {
-        "synthesize", "prepare", "train@cnn", "train@vgg16", "train@resnet",
-        "evaluate@cnn", "evaluate@vgg16", "evaluate@resnet", "select",
-    }
-    for name in ("cnn", "vgg16", "resnet"):
+        "synthesize", "prepare", *(f"{stage}@{name}" for stage in ("train", "evaluate")
+                                    for name in MODELS), "select",
+    }  # fmt: skip
+    for name in MODELS:
         assert (project_copy / "models" / name / "model.keras").is_file()
         metrics = json.loads((project_copy / "reports/eval" / name / "metrics.json").read_text())
         assert 0.0 <= metrics["balanced_accuracy"] <= 1.0
     selected = json.loads((project_copy / "reports/select.json").read_text())
-    assert selected["winner"] in ("cnn", "vgg16", "resnet")
+    assert selected["winner"] in MODELS
 
     second = _run(["dvc", "repro"], project_copy)
     assert _ran(second) == set()

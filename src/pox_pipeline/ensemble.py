@@ -27,7 +27,7 @@ from typing import Any
 import hydra
 import keras
 import mlflow
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pox_pipeline import select, tracking
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE
@@ -81,25 +81,31 @@ def read_members(cfg: DictConfig, model_name: str) -> list[Member]:
     return members
 
 
-def choose_family(cfg: DictConfig, candidates: dict[str, list[Member]]) -> str:
-    """``ensemble.model``, or with ``auto`` the family with the best mean validation metric."""
-    wanted = str(cfg.ensemble.model)
+def choose_families(cfg: DictConfig, candidates: dict[str, list[Member]]) -> list[str]:
+    """``ensemble.model``: one name or a list of names of ``cv.models`` (their fold models
+    averaged together), or ``auto``: the one family with the best mean validation metric."""
+    wanted = cfg.ensemble.model
     if wanted != AUTO:
-        if wanted not in candidates:
-            raise ValueError(f"ensemble.model={wanted!r} is not one of cv.models {list(candidates)}")
-        return wanted
+        names = [str(name) for name in (wanted if isinstance(wanted, ListConfig) else [wanted])]
+        unknown = [name for name in names if name not in candidates]
+        if unknown or not names:
+            raise ValueError(f"ensemble.model={names!r}: use names of cv.models {list(candidates)}")
+        return names
     metric = str(cfg.select.metric)
     means = {
         name: {metric: mean_std([m.val_metrics.get(metric) for m in members], metric)[f"{metric}_mean"]}
         for name, members in candidates.items()
     }
-    return select.choose_champion(means, metric, bool(cfg.select.greater_is_better))
+    return [select.choose_champion(means, metric, bool(cfg.select.greater_is_better))]
 
 
 def bake_temperature(model: keras.Model, temperature: float) -> keras.Model:
     """Divide the logits by ``temperature`` inside the model: the last layer is the Dense
-    sigmoid/softmax head, and ``act(W x + b) / T`` logits are ``act((W / T) x + b / T)``."""
+    sigmoid/softmax head (inside the ``trainable`` part of a chained model), and
+    ``act(W x + b) / T`` logits are ``act((W / T) x + b / T)``."""
     head = model.layers[-1]
+    while isinstance(head, keras.Model):  # vgg16, colour_texture: frozen -> trainable chain
+        head = head.layers[-1]
     activation = getattr(getattr(head, "activation", None), "__name__", None)
     if not isinstance(head, keras.layers.Dense) or activation not in CALIBRATABLE_ACTIVATIONS:
         raise ValueError(
@@ -139,10 +145,12 @@ def load_member(member: Member) -> keras.Model:
 def held_out_ensembles(
     cfg: DictConfig, members: list[Member], models: list[keras.Model], name: str
 ) -> dict[str, Any] | None:
-    """With fixed folds (``cv.resplit: false``) and several seeds, each fold's seed models are
-    an ensemble no image of that fold's test split trained: score it there, as ``evaluate``
-    scores one model. Returns per-fold metrics and their mean +- std (None otherwise)."""
-    if cfg.cv.resplit or len(cfg.cv.seeds) < 2:
+    """When every member of a fold saw the same split (``cv.resplit: false``, or one seed) and
+    a fold has several members (seeds, or families), each fold's members are an ensemble no
+    image of that fold's test split trained: score it there, as ``evaluate`` scores one model.
+    Returns per-fold metrics and their mean +- std (None otherwise)."""
+    same_folds = not cfg.cv.resplit or len(cfg.cv.seeds) == 1
+    if not same_folds or len(members) <= len({m.fold for m in members}):
         return None
     from pox_pipeline.evaluate import score_split, split_metrics
 
@@ -205,9 +213,10 @@ def publish(
 def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
     """Build (and with ``ensemble.publish`` serve) the ensemble; returns the written report."""
     candidates = {name: read_members(cfg, name) for name in cfg.cv.models}
-    family = choose_family(cfg, candidates)
-    members = candidates[family]
-    model_name = f"{family}-ensemble"
+    families = choose_families(cfg, candidates)
+    members = [member for name in families for member in candidates[name]]
+    family = "+".join(families)
+    model_name = f"{family.replace('+', '-')}-ensemble"
     member_models = [load_member(m) for m in members]
     model = build_ensemble(member_models, int(cfg.data.image_size), model_name.replace("-", "_"))
     out_dir = Path(cfg.ensemble.out_dir) / family
@@ -224,7 +233,8 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
         "members": [{"seed": m.seed, "fold": m.fold, "model_file": str(m.model_file),
                      "temperature": m.val_metrics.get("temperature"),
                      "threshold": m.val_metrics.get("threshold")} for m in members],  # fmt: skip
-        "architecture": f"mean of {len(members)} {first.run_info['architecture']}",
+        "architecture": f"mean of {len(members)} "
+        + " + ".join(sorted({m.run_info["architecture"] for m in members})),
         "weights": first.run_info.get("weights") or "none",
         "protocol": f"cv{cfg.cv.folds} seeds {list(cfg.cv.seeds)}",
         "threshold": ensemble_threshold(members),

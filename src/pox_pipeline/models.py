@@ -176,12 +176,16 @@ def chain_frozen(
 
 
 def frozen_split(model: keras.Model) -> FrozenSplit | None:
-    """The parts of a :func:`chain_frozen` model whose frozen prefix holds weights, else None."""
+    """The parts of a :func:`chain_frozen` model whose frozen prefix is worth caching (it holds
+    weights, or computes :class:`ColourTextureFeatures`), else None."""
     named = {layer.name: layer for layer in model.layers}
     frozen, trainable = named.get(FROZEN), named.get(TRAINABLE)
     # a reloaded model keeps its frozen layers but not the container's own trainable flag
-    if frozen is None or trainable is None or frozen.trainable_weights or not frozen.weights:
+    if frozen is None or trainable is None or frozen.trainable_weights:
         return None
+    computes = any(isinstance(layer, ColourTextureFeatures) for layer in frozen.layers)
+    if not (frozen.weights or computes):
+        return None  # a bare rescaling: caching it would only copy the images
     return FrozenSplit(named.get(AUGMENTATION), frozen, trainable)
 
 
@@ -416,23 +420,30 @@ def resnet(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Mo
 def colour_texture(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Model:
     """A regularised linear classifier on fixed colour and texture statistics
     (:class:`~pox_pipeline.features.ColourTextureFeatures`): a few hundred inputs instead of a
-    million weights, for data sets of a few hundred photos. Standardised by a BatchNorm
-    without scale or shift, so the head sees unit-variance features whatever their units."""
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    augmentation = augmentation_block(model_cfg.augment)
-    x = augmentation(inputs) if augmentation is not None else inputs
+    million weights, for data sets of a few hundred photos. Built as augmentation -> frozen
+    (resize + statistics, nothing to train, so training computes them once per image and view)
+    -> trainable (a BatchNorm without scale or shift that standardises each statistic, dropout,
+    the L2-regularised head)."""
+    image_shape = (image_size, image_size, 3)
+    prefix: list[layers.Layer] = [keras.Input(image_shape)]
     if model_cfg.input_size and model_cfg.input_size != image_size:
-        x = layers.Resizing(
-            model_cfg.input_size, model_cfg.input_size, antialias=True, name="resize"
-        )(x)
-    x = ColourTextureFeatures(**model_cfg.features, name="features")(x)
-    x = layers.BatchNormalization(
-        center=False, scale=False, momentum=model_cfg.standardize_momentum, name="standardize"
-    )(x)
+        size = model_cfg.input_size
+        prefix.append(layers.Resizing(size, size, antialias=True, name="resize"))
+    features = ColourTextureFeatures(**model_cfg.features, name="features")
+    frozen = keras.Sequential([*prefix, features], name=FROZEN)
+    frozen.trainable = False
+    head: list[layers.Layer] = [
+        keras.Input((features.feature_count(),)),
+        layers.BatchNormalization(
+            center=False, scale=False, momentum=model_cfg.standardize_momentum, name="standardize"
+        ),
+    ]
     if model_cfg.dropout:
-        x = layers.Dropout(model_cfg.dropout, name="dropout")(x)
+        head.append(layers.Dropout(model_cfg.dropout, name="dropout"))
     regularizer = keras.regularizers.L2(model_cfg.l2) if model_cfg.l2 else None
-    return keras.Model(inputs, classifier_head(num_classes, regularizer)(x), name="colour_texture")
+    trainable = keras.Sequential([*head, classifier_head(num_classes, regularizer)], name=TRAINABLE)
+    augmentation = augmentation_block(model_cfg.augment)
+    return chain_frozen(image_shape, augmentation, frozen, trainable, name="colour_texture")
 
 
 # ---------------------------------------------------------------------------- registry
