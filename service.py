@@ -63,7 +63,8 @@ class PoxModel:
 
     @bentoml.api
     def gradcam(self, image: np.ndarray) -> np.ndarray:
-        """Grad-CAM map of the positive class for one (S, S, 3) image, in [0, 1]."""
+        """Grad-CAM map (or input-gradient saliency) of the positive class for one (S, S, 3)
+        image, in [0, 1]."""
         return self.predictor.gradcam(image)
 
 
@@ -165,7 +166,8 @@ class PoxClassifier:
     @bentoml.api
     async def explain(self, image: Path) -> dict[str, Any]:
         """The ``/predict`` answer plus ``heatmap_png_base64``: the Grad-CAM map of the
-        positive class over the photo, as a base64 PNG."""
+        positive class over the photo (input-gradient saliency for a model without Conv2D,
+        such as ``colour_texture``), as a base64 PNG."""
         try:
             photo, array = await self._load(image)
         except ImageError as error:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pox_pipeline import serve, train
-from pox_pipeline.features import LBP_BINS, ColourTextureFeatures, lbp_histogram
+from pox_pipeline.features import LBP_BINS, ColourTextureFeatures, lbp_histogram, rgb_to_hsv
 from pox_pipeline.models import build_model, compile_model, frozen_split
 
 SMALL = "model.colour_texture.input_size=null"  # the statistics at the test's 32 px
@@ -41,6 +41,15 @@ def test_lbp_histogram_equals_a_numpy_reference(radius: int) -> None:
     assert ours.shape == (2, LBP_BINS)
     for image, row in zip(grey, ours):
         np.testing.assert_allclose(row, numpy_lbp_histogram(image, radius), atol=1e-6)
+
+
+def test_hsv_equals_tensorflows_conversion() -> None:
+    rgb = np.random.default_rng(0).uniform(0, 1, (2, 9, 7, 3)).astype(np.float32)
+    rgb[0, 0] = [0.5, 0.5, 0.5]  # grey: hue and saturation 0
+    rgb[0, 1] = [0.0, 0.0, 0.0]  # black
+    rgb[0, 2] = [0.8, 0.8, 0.2]  # red and green tie for the maximum
+    expected = np.asarray(keras.ops.image.rgb_to_hsv(rgb))
+    np.testing.assert_allclose(np.asarray(rgb_to_hsv(rgb)), expected, atol=1e-6)
 
 
 def test_statistics_of_a_flat_and_a_split_image() -> None:
@@ -120,6 +129,16 @@ def test_saved_model_loads_in_a_fresh_process(make_cfg, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_colour_texture_converts_to_tflite(make_cfg, int8: bool) -> None:
+    """``serve.backend=tflite_*`` serves it: every op of the statistics is a TFLite builtin."""
+    cfg = make_cfg(SMALL)
+    model = build_model(cfg.model.colour_texture, cfg.data)
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    runner = serve.TFLiteRunner(model, int8=int8)
+    np.testing.assert_allclose(runner(images), np.asarray(model(images)), atol=0.02 if int8 else 1e-5)
 
 
 def test_a_model_without_conv_layers_is_explained_by_input_gradients() -> None:

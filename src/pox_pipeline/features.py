@@ -64,7 +64,7 @@ class ColourTextureFeatures(keras.layers.Layer):
         images = ops.cast(images, "float32")
         rgb = ops.clip(images / 255.0, 0.0, 1.0)
         ycbcr = ops.matmul(rgb, ops.array(YCBCR_MATRIX)) + ops.array(YCBCR_OFFSET)
-        colour = ops.concatenate([rgb, ops.image.rgb_to_hsv(rgb), ycbcr], axis=-1)
+        colour = ops.concatenate([rgb, rgb_to_hsv(rgb), ycbcr], axis=-1)
         # (batch, channel, pixel): statistics run along the last axis
         pixels = images.shape[1] * images.shape[2]  # static: the model's input size
         values = ops.transpose(ops.reshape(colour, (-1, pixels, COLOUR_CHANNELS)), (0, 2, 1))
@@ -106,6 +106,24 @@ class ColourTextureFeatures(keras.layers.Layer):
             "gradient_bins": self.gradient_bins,
             "gradient_range": self.gradient_range,
         }
+
+
+def rgb_to_hsv(rgb: Any) -> Any:
+    """``tf.image.rgb_to_hsv`` in elementwise ops, which TFLite has built in (its RGBToHSV
+    kernel is not): hue, saturation and value in [0, 1], hue 0 for greys."""
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    value = ops.max(rgb, axis=-1)
+    spread = value - ops.min(rgb, axis=-1)
+    safe = ops.where(spread > 0, spread, 1.0)
+    hue = ops.where(
+        value == red,
+        (green - blue) / safe,
+        ops.where(value == green, (blue - red) / safe + 2.0, (red - green) / safe + 4.0),
+    )
+    hue = ops.where(spread > 0, hue / 6.0, 0.0)
+    hue = ops.where(hue < 0, hue + 1.0, hue)
+    saturation = ops.where(value > 0, spread / ops.where(value > 0, value, 1.0), 0.0)
+    return ops.stack([hue, saturation, value], axis=-1)
 
 
 def histogram(values: Any, bins: int, low: float, high: float) -> Any:

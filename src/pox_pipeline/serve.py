@@ -241,6 +241,15 @@ class ModelCard:
 # ---------------------------------------------------------------------------- predictor
 
 
+def load_keras_model(path: Path) -> keras.Model:
+    """A saved ``.keras`` model, uncompiled; this project's custom layers registered first."""
+    import keras
+
+    from pox_pipeline import features  # noqa: F401 - registers ColourTextureFeatures
+
+    return keras.saving.load_model(path, compile=False)
+
+
 class Predictor:
     """Loads one model once and answers batches through a compiled call (never model.predict)."""
 
@@ -341,15 +350,6 @@ class TFLiteRunner:
 
 
 # ---------------------------------------------------------------------------- Grad-CAM
-
-
-def load_keras_model(path: Path) -> keras.Model:
-    """A saved ``.keras`` model, uncompiled; this project's custom layers registered first."""
-    import keras
-
-    from pox_pipeline import features  # noqa: F401 - registers ColourTextureFeatures
-
-    return keras.saving.load_model(path, compile=False)
 
 
 def last_conv2d(model: keras.Layer) -> keras.layers.Conv2D | None:
