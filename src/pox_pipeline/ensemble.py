@@ -1,9 +1,9 @@
 """Serve an ensemble of the cross-validation fold models.
 
 ``python -m pox_pipeline.cv ...`` leaves one trained and evaluated model per fold (and seed)
-in ``cv.out_dir``. Run with the same overrides, this entry point averages one family's fold
-models into a single Keras model and, with ``ensemble.publish``, makes it the champion that
-the service serves::
+in ``cv.out_dir``. Run with the same overrides, this entry point averages one family's (or,
+with a list in ``ensemble.model``, several families') fold models into a single Keras model
+and, with ``ensemble.publish``, makes it the champion that the service serves::
 
     python -m pox_pipeline.cv data=msld data.image_size=96 'cv.models=[resnet]'
     python -m pox_pipeline.ensemble data=msld data.image_size=96 'cv.models=[resnet]'
@@ -273,8 +273,8 @@ def main(cfg: DictConfig) -> None:
         for metric in cfg.cv.metrics:
             print(
                 f"test {metric}: single models {report['cv_test_metrics'][f'{metric}_mean']:.3f}"
-                f" +- {report['cv_test_metrics'][f'{metric}_std']:.3f}, each fold's seed "
-                f"ensemble {held_out[f'{metric}_mean']:.3f} +- {held_out[f'{metric}_std']:.3f}"
+                f" +- {report['cv_test_metrics'][f'{metric}_std']:.3f}, each fold's ensemble "
+                f"{held_out[f'{metric}_mean']:.3f} +- {held_out[f'{metric}_std']:.3f}"
             )
     print(
         f"{report['model_name']}: {len(report['members'])} members, threshold "
