@@ -29,7 +29,7 @@ from serve_helpers import (
 )
 
 LIMITS = {"max_upload_bytes": 200_000, "max_pixels": 250_000, "max_images_per_request": 4}
-HEATMAP = serve.HeatmapConfig(alpha=0.5, max_side=64)
+HEATMAP = serve.HeatmapConfig(alpha=0.5, max_side=64, grid=4)
 BAD_UPLOADS = bad_uploads(LIMITS["max_upload_bytes"], LIMITS["max_pixels"])
 
 
@@ -277,6 +277,20 @@ def test_explain_returns_the_prediction_and_an_overlay_png(predictor: serve.Pred
     overlay = Image.open(io.BytesIO(png))
     assert overlay.format == "PNG" and overlay.size == (64, 48)  # longest side = max_side
     assert np.asarray(overlay).std() > 0
+
+
+def test_a_per_pixel_map_is_averaged_into_the_grid_before_it_is_shown() -> None:
+    """Two hot pixels of a 64 x 64 saliency colour their whole 16 x 16 cell (grid 4)."""
+    photo = Image.new("RGB", (64, 64), (128, 128, 128))
+    saliency = np.zeros((64, 64), np.float32)
+    saliency[2, 3] = saliency[5, 9] = 1.0
+    overlay = np.asarray(Image.open(io.BytesIO(serve.render_heatmap(photo, saliency, HEATMAP))))
+    grey = np.array([128, 128, 128])
+    assert not np.array_equal(overlay[12, 12], grey)  # far from both pixels, inside the cell
+    assert np.array_equal(overlay[60, 60], grey)  # a cell without influence keeps the photo
+    coarse = serve.HeatmapConfig(alpha=0.5, max_side=64, grid=64)  # as fine as the map: as is
+    unpooled = np.asarray(Image.open(io.BytesIO(serve.render_heatmap(photo, saliency, coarse))))
+    assert np.array_equal(unpooled[12, 12], grey)
 
 
 def test_colorize_runs_from_dark_blue_to_red() -> None:

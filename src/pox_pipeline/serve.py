@@ -57,6 +57,7 @@ COLORMAP_RGB = np.array(
 class HeatmapConfig:
     alpha: float
     max_side: int
+    grid: int
 
 
 @dataclass(frozen=True)
@@ -431,11 +432,16 @@ def render_heatmap(photo: Image.Image, cam: np.ndarray, heatmap: HeatmapConfig) 
     """The Grad-CAM map stretched over the whole photo (as the model saw it), as PNG bytes.
 
     Colours are blended in proportion to the map, up to ``alpha`` at its peak, so regions
-    without influence keep the photo's own colours.
+    without influence keep the photo's own colours. A map finer than ``grid`` cells a side
+    (a per-pixel saliency) is first averaged into that grid: single pixels would not show.
     """
     shown = photo.convert("RGB")
     shown.thumbnail((heatmap.max_side, heatmap.max_side), Image.Resampling.BILINEAR)
     cam_image = Image.fromarray(np.asarray(cam, dtype=np.float32), mode="F")
+    if max(cam_image.size) > heatmap.grid:
+        cells = cam_image.resize((heatmap.grid, heatmap.grid), Image.Resampling.BOX)
+        peak = float(np.asarray(cells).max())
+        cam_image = Image.fromarray(np.asarray(cells) / peak if peak > 0 else np.asarray(cells))
     stretched = np.clip(np.asarray(cam_image.resize(shown.size, Image.Resampling.BILINEAR)), 0, 1)
     colours = colorize(stretched).astype(np.float32)
     weight = heatmap.alpha * stretched[..., None]
