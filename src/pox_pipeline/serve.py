@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import threading
 import warnings
@@ -329,7 +330,15 @@ class TFLiteRunner:
         converter = tf.lite.TFLiteConverter.from_keras_model(model)
         if int8:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        self.flatbuffer = converter.convert()
+        try:
+            self.flatbuffer = converter.convert()
+        except Exception as err:  # noqa: BLE001 - the converter raises several error types
+            lacking = sorted(set(re.findall(r"'tf\.(\w+)' op is neither", str(err))))
+            raise ValueError(
+                f"model {model.name!r} cannot be converted to TFLite"
+                + (f" (TFLite has no {', '.join(lacking)} op)" if lacking else "")
+                + "; serve it with serve.backend=keras"
+            ) from None
         with warnings.catch_warnings():
             # Deprecated in favour of ai_edge_litert, which TensorFlow does not install.
             warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
