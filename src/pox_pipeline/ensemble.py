@@ -216,9 +216,10 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
     families = choose_families(cfg, candidates)
     members = [member for name in families for member in candidates[name]]
     family = "+".join(families)
-    model_name = f"{family.replace('+', '-')}-ensemble"
+    model_name = f"{'-'.join(families)}-ensemble"
+    keras_name = f"{'_'.join(families)}_ensemble"
     member_models = [load_member(m) for m in members]
-    model = build_ensemble(member_models, int(cfg.data.image_size), model_name.replace("-", "_"))
+    model = build_ensemble(member_models, int(cfg.data.image_size), keras_name)
     out_dir = Path(cfg.ensemble.out_dir) / family
     out_dir.mkdir(parents=True, exist_ok=True)
     model_file = out_dir / select.MODEL_FILE
@@ -246,9 +247,7 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
         "val_metrics": summarise([m.val_metrics for m in members], metric_names),
         "cv_test_metrics": summarise([m.test_metrics for m in members], metric_names),
         # the same folds' test images, scored by each fold's ensemble of seed models
-        "held_out_ensemble_metrics": held_out_ensembles(
-            cfg, members, member_models, model_name.replace("-", "_")
-        ),
+        "held_out_ensemble_metrics": held_out_ensembles(cfg, members, member_models, keras_name),
         "model_file": str(model_file),
     }
     if cfg.ensemble.publish:

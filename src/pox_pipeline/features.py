@@ -94,8 +94,7 @@ class ColourTextureFeatures(keras.layers.Layer):
         gx = (grey[:, 1:-1, 2:] - grey[:, 1:-1, :-2]) / 2.0
         gy = (grey[:, 2:, 1:-1] - grey[:, :-2, 1:-1]) / 2.0
         magnitude = ops.reshape(ops.sqrt(gx * gx + gy * gy), (-1, 1, math.prod(gx.shape[1:])))
-        clipped = ops.minimum(magnitude, self.gradient_range * (1 - 1e-6))
-        return histogram(clipped, self.gradient_bins, 0.0, self.gradient_range)
+        return histogram(magnitude, self.gradient_bins, 0.0, self.gradient_range)
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -127,8 +126,9 @@ def rgb_to_hsv(rgb: Any) -> Any:
 
 
 def histogram(values: Any, bins: int, low: float, high: float) -> Any:
-    """Fraction of the last axis in each of ``bins`` equal bins of [low, high] (the top edge
-    counts in the last bin), by cumulative comparisons: no (pixels x bins) one-hot tensor."""
+    """Fraction of the last axis in each of ``bins`` equal bins of [low, high] (values from
+    the last edge up, ``high`` and beyond included, count in the last bin), by cumulative
+    comparisons: no (pixels x bins) one-hot tensor."""
     edges = [low + (high - low) * k / bins for k in range(1, bins)]
     at_least = [ops.ones_like(values[..., 0])]
     at_least += [ops.mean(ops.cast(values >= edge, "float32"), -1) for edge in edges]

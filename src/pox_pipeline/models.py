@@ -10,6 +10,7 @@ training can precompute the frozen prefix once and fit only the trainable rest
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -176,16 +177,17 @@ def chain_frozen(
 
 
 def frozen_split(model: keras.Model) -> FrozenSplit | None:
-    """The parts of a :func:`chain_frozen` model whose frozen prefix is worth caching (it holds
-    weights, or computes :class:`ColourTextureFeatures`), else None."""
+    """The parts of a :func:`chain_frozen` model whose frozen prefix is worth caching, else
+    None: it holds weights (a conv base), or its output is smaller than the image (computed
+    statistics). A bare rescaling is neither: caching it would only copy the images."""
     named = {layer.name: layer for layer in model.layers}
     frozen, trainable = named.get(FROZEN), named.get(TRAINABLE)
     # a reloaded model keeps its frozen layers but not the container's own trainable flag
     if frozen is None or trainable is None or frozen.trainable_weights:
         return None
-    computes = any(isinstance(layer, ColourTextureFeatures) for layer in frozen.layers)
-    if not (frozen.weights or computes):
-        return None  # a bare rescaling: caching it would only copy the images
+    shrinks = math.prod(frozen.output_shape[1:]) < math.prod(frozen.input_shape[1:])
+    if not (frozen.weights or shrinks):
+        return None
     return FrozenSplit(named.get(AUGMENTATION), frozen, trainable)
 
 

@@ -411,9 +411,7 @@ def gradcam(
         features = recorded[-1]
     gradients = tape.gradient(score, features)
     weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[0].numpy()
-    peak = float(cam.max())
-    return cam / peak if peak > 0 else np.zeros_like(cam)
+    return to_unit_peak(tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[0].numpy())
 
 
 def input_saliency(model: keras.Model, image: np.ndarray, output_index: int) -> np.ndarray:
@@ -425,9 +423,13 @@ def input_saliency(model: keras.Model, image: np.ndarray, output_index: int) -> 
     with tf.GradientTape() as tape:
         tape.watch(batch)
         score = model(batch, training=False)[:, output_index]
-    saliency = tf.reduce_max(tf.abs(tape.gradient(score, batch)), axis=-1)[0].numpy()
-    peak = float(saliency.max())
-    return saliency / peak if peak > 0 else np.zeros_like(saliency)
+    return to_unit_peak(tf.reduce_max(tf.abs(tape.gradient(score, batch)), axis=-1)[0].numpy())
+
+
+def to_unit_peak(values: np.ndarray) -> np.ndarray:
+    """A non-negative map scaled so its peak is 1 (all zeros stays zeros)."""
+    peak = float(values.max())
+    return values / peak if peak > 0 else np.zeros_like(values)
 
 
 def colorize(values: np.ndarray) -> np.ndarray:
@@ -449,8 +451,7 @@ def render_heatmap(photo: Image.Image, cam: np.ndarray, heatmap: HeatmapConfig) 
     cam_image = Image.fromarray(np.asarray(cam, dtype=np.float32), mode="F")
     if max(cam_image.size) > heatmap.grid:
         cells = cam_image.resize((heatmap.grid, heatmap.grid), Image.Resampling.BOX)
-        peak = float(np.asarray(cells).max())
-        cam_image = Image.fromarray(np.asarray(cells) / peak if peak > 0 else np.asarray(cells))
+        cam_image = Image.fromarray(to_unit_peak(np.asarray(cells)))
     stretched = np.clip(np.asarray(cam_image.resize(shown.size, Image.Resampling.BILINEAR)), 0, 1)
     colours = colorize(stretched).astype(np.float32)
     weight = heatmap.alpha * stretched[..., None]
