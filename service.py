@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import aiohttp
 import bentoml
 import numpy as np
+from bentoml.exceptions import ServiceUnavailable
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, RedirectResponse
@@ -35,6 +37,18 @@ from pox_pipeline.preprocess import ImageError  # noqa: E402
 SETTINGS = serve.ServeConfig.load()
 CHAMPION = bentoml.models.BentoModel(SETTINGS.model_tag)
 STATIC_DIR = Path(serve.__file__).parent / "static"
+logger = logging.getLogger("bentoml.service")
+
+# BentoML's client to a dependency replaces its HTTP session after `max_requests` calls (100 by
+# default) or `max_age` seconds and closes the old session under the calls still in flight on
+# it (_bentoml_impl/client/proxy2.py, SessionManager.get_session): they fail with "Connection
+# closed." / "Connector is closed." (issue 11, item 4). The refresh spreads connections over
+# remote replicas behind one address; the model service here is a local process, so one
+# session lives as long as the API worker.
+ONE_SESSION = {"max_requests": 2**31 - 1, "max_age": float(2**31)}
+# What a dropped or stalled call to the model service raises: aiohttp's errors, its RuntimeError
+# "Connection closed." (a body read on a closed connection) and the per-attempt timeout.
+MODEL_CALL_FAILURES = (aiohttp.ClientError, RuntimeError, TimeoutError)
 
 
 @bentoml.service(
@@ -42,6 +56,7 @@ STATIC_DIR = Path(serve.__file__).parent / "static"
     workers=1,
     threads=SETTINGS.model_threads,
     traffic={"timeout": SETTINGS.timeout_s},
+    runner_connection=ONE_SESSION,
 )
 class PoxModel:
     """The champion model; its inputs are preprocessed float32 arrays, never files."""
@@ -117,19 +132,22 @@ class PoxClassifier:
         return await asyncio.to_thread(serve.load_upload, upload, self.settings, self.card)
 
     async def _call_model(self, api: str, **inputs: np.ndarray) -> np.ndarray:
-        """Call the model service, retrying a dropped connection.
-
-        BentoML's client to a dependency replaces its HTTP session every 100 requests and
-        closes the old one under requests still in flight on it (bentoml/BentoML#5540, #5544),
-        which then fail with a disconnect. Inference has no side effects, so repeat it.
-        """
+        """Call the model service: each attempt bounded by ``serve.model_call_timeout_s``, a
+        dropped or stalled call repeated (inference has no side effects), up to
+        ``serve.model_call_attempts`` attempts; then a 503, well before the 60-s request timeout."""
         call = getattr(self.model_service.to_async, api)
-        for _ in range(self.settings.model_call_attempts - 1):
+        attempts = self.settings.model_call_attempts
+        for attempt in range(1, attempts + 1):
             try:
-                return await call(**inputs)
-            except aiohttp.ClientConnectionError:
-                continue
-        return await call(**inputs)
+                async with asyncio.timeout(self.settings.model_call_timeout_s):
+                    return await call(**inputs)
+            except MODEL_CALL_FAILURES as error:
+                failure = f"{type(error).__name__}: {error}"
+                if attempt < attempts:
+                    logger.warning("model call %r failed (%s); retrying", api, failure)
+        raise ServiceUnavailable(
+            f"the model service did not answer {api!r} in {attempts} attempts ({failure})"
+        )
 
     async def _outputs(self, batch: np.ndarray) -> np.ndarray:
         # Model inputs are whole numbers in [0, 255] (a resized 8-bit photo): uint8 carries

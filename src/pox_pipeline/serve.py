@@ -78,6 +78,7 @@ class ServeConfig:
     api_workers: int
     model_threads: int
     model_call_attempts: int
+    model_call_timeout_s: float
     timeout_s: float
     ui_path: str
     heatmap: HeatmapConfig
