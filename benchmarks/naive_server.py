@@ -10,6 +10,7 @@ measured is the serving (compiled call, adaptive batching, worker split), nothin
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from flask import Flask, jsonify, request
 
@@ -22,7 +23,7 @@ def create_app(bento_tag: str) -> Flask:
 
     stored = bentoml.models.get(bento_tag)
     card = serve.ModelCard.from_stored(stored)
-    model = serve.load_keras_model(f"{stored.path}/{serve.MODEL_FILE}")
+    model = serve.load_stored_model(Path(stored.path))
     app = Flask(__name__)
 
     @app.get("/readyz")

@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pox_pipeline.config import PROJECT_ROOT, load_params
-from pox_pipeline.serve import MODEL_FILE
+from pox_pipeline.serve import store_keras_model
 
 SERVERS = {
     "bentoml": "BentoML service, adaptive batching on",
@@ -105,8 +105,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def store_untrained_model(cfg: DictConfig, architecture: str, image_size: int) -> str:
     """Save an untrained model as ``pox-classifier`` in the (temporary) BentoML store."""
-    import bentoml
-
     from pox_pipeline.models import build_model
 
     data_cfg = OmegaConf.merge(cfg.data, {"image_size": image_size})
@@ -122,11 +120,7 @@ def store_untrained_model(cfg: DictConfig, architecture: str, image_size: int) -
         "model_name": architecture,
         "weights": "none",
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save(Path(tmp) / MODEL_FILE)
-        with bentoml.models.create("pox-classifier", metadata=metadata) as ref:
-            shutil.copyfile(Path(tmp) / MODEL_FILE, Path(ref.path) / MODEL_FILE)
-    return str(ref.tag)
+    return str(store_keras_model("pox-classifier", model, None, metadata).tag)
 
 
 def photos(folder: Path | None, size: int) -> list[bytes]:

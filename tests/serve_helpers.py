@@ -5,12 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +21,7 @@ from PIL import Image
 
 from conftest import MSLD_DIR, TEST_IMAGE_SIZE
 from pox_pipeline.config import PROJECT_ROOT, write_params
+from pox_pipeline.serve import store_keras_model
 
 CLASSES = ("Monkeypox", "Others")
 THRESHOLD = 0.5
@@ -48,8 +47,6 @@ def tiny_model(image_size: int = TEST_IMAGE_SIZE, seed: int = 0):
 
 def save_champion(model=None, image_size: int = TEST_IMAGE_SIZE) -> str:
     """Save a model as ``pox-classifier`` with select.py's metadata keys; returns its tag."""
-    import bentoml
-
     model = model or tiny_model(image_size)
     metadata = {
         "classes": list(CLASSES),
@@ -68,12 +65,7 @@ def save_champion(model=None, image_size: int = TEST_IMAGE_SIZE) -> str:
         "val_metrics": {"balanced_accuracy": 0.5},
         "test_metrics": {"balanced_accuracy": 0.5},
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        model_file = Path(tmp) / "model.keras"
-        model.save(model_file)
-        with bentoml.models.create(MODEL_NAME, metadata=metadata) as ref:
-            shutil.copyfile(model_file, Path(ref.path) / "model.keras")
-    return str(ref.tag)
+    return str(store_keras_model(MODEL_NAME, model, None, metadata).tag)
 
 
 def write_serve_params(path: Path, *overrides: str) -> Path:

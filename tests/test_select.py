@@ -109,17 +109,16 @@ def test_select_registers_saves_and_is_idempotent(
     assert bento.info.metadata["val_metrics"]["auc"] == 0.90
     # val_metrics.json from before calibration / TTA: what that evaluation did, T = 1, no TTA
     assert bento.info.metadata["temperature"] == 1.0 and bento.info.metadata["tta"] == "none"
-    assert (Path(bento.path) / "model.keras").read_bytes() == (
-        Path(cfg.paths.models_dir) / "vgg16" / "model.keras"
-    ).read_bytes()
 
-    # the registered champion is the vgg16 model
+    # the registered champion and the BentoML model (saved by bentoml.keras) are the vgg16 model
     import keras
 
     batch = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     expected = keras.saving.load_model(Path(cfg.paths.models_dir) / "vgg16" / "model.keras")
     champion_model = load_champion(cfg)
     np.testing.assert_allclose(champion_model.predict_on_batch(batch), expected(batch), rtol=1e-5)
+    assert bento.info.module == "bentoml.keras"
+    np.testing.assert_allclose(bentoml.keras.load_model(bento.tag)(batch), expected(batch), rtol=1e-5)
 
     # unchanged inputs: no new registry version, no new BentoML model
     second = select(cfg)

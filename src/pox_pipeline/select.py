@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from omegaconf import DictConfig
 
 from pox_pipeline.config import stage_entry
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, NO_CALIBRATION
-from pox_pipeline.serve import NO_TTA
+from pox_pipeline.serve import NO_TTA, load_keras_model, store_keras_model
 from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
 
 VAL_METRICS_FILE = "val_metrics.json"
@@ -35,6 +34,7 @@ TEST_METRICS_FILE = "metrics.json"
 MODEL_FILE = "model.keras"
 MLFLOW_ARTIFACT = "model"
 HASH_LABEL = "content_sha256"
+KERAS_MODULE = "bentoml.keras"  # the framework module of a model saved by bentoml.keras
 # Metadata left out of the content hash: a new commit alone is no new model.
 UNHASHED_METADATA = ("git_commit",)
 
@@ -133,20 +133,19 @@ def save_bentoml_model(cfg: DictConfig, model_file: Path, metadata: Mapping[str,
     """Save the champion to the BentoML store; reuse the latest if its content is identical.
 
     Only the latest counts: after A, B, A the store gets a new A, because serving loads
-    ``<name>:latest``.
+    ``<name>:latest``. Saved by ``bentoml.keras``, so ``bentoml.keras.load_model`` loads it.
     """
     name = cfg.select.bentoml_model_name
     sha = content_hash(model_file, metadata)
     try:
         latest = bentoml.models.get(f"{name}:latest")
-        if latest.info.labels.get(HASH_LABEL) == sha:
+        if latest.info.labels.get(HASH_LABEL) == sha and latest.info.module == KERAS_MODULE:
             return str(latest.tag)
     except NotFound:
         pass
     labels = {HASH_LABEL: sha, "model_name": str(metadata["model_name"])}
-    with bentoml.models.create(name, labels=labels, metadata=dict(metadata)) as ref:
-        shutil.copyfile(model_file, Path(ref.path) / MODEL_FILE)
-    return str(ref.tag)
+    stored = store_keras_model(name, load_keras_model(model_file), labels, dict(metadata))
+    return str(stored.tag)
 
 
 def select(cfg: DictConfig) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import io
 import os
 import re
 import secrets
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 PARAMS_ENV = "POX_PARAMS"
 DEFAULT_PARAMS = "params.yaml"
-MODEL_FILE = "model.keras"  # inside the BentoML model directory (docs/architecture.md)
+MODEL_FILE = "model.keras"  # the BentoML model directory's file before bentoml.keras saved it
 BACKENDS = ("keras", "tflite_fp32", "tflite_int8")
 # Test-time augmentation (evaluate.tta, shipped as the model's ``tta`` metadata).
 NO_TTA = "none"
@@ -245,12 +246,44 @@ class ModelCard:
 
 
 def load_keras_model(path: Path) -> keras.Model:
-    """A saved ``.keras`` model, uncompiled; this project's custom layers registered first."""
+    """A saved ``.keras`` model (file or unzipped directory), uncompiled; this project's custom
+    layers registered first."""
     import keras
 
     from pox_pipeline import features  # noqa: F401 - registers ColourTextureFeatures
 
     return keras.saving.load_model(path, compile=False)
+
+
+def load_stored_model(model_dir: Path) -> keras.Model:
+    """The Keras model of a BentoML store entry: saved by :func:`store_keras_model` (an unzipped
+    ``.keras`` directory), or as ``model.keras`` inside it by versions before that."""
+    legacy = Path(model_dir) / MODEL_FILE
+    return load_keras_model(legacy if legacy.is_file() else Path(model_dir))
+
+
+def store_keras_model(
+    name: str, model: keras.Model, labels: dict[str, str] | None, metadata: dict[str, Any]
+) -> StoredModel:
+    """Save a Keras model to the BentoML store with ``bentoml.keras`` so that
+    ``bentoml.keras.load_model(tag)`` rebuilds it in any Python with Keras, this package not
+    imported: its layers travel as custom objects pickled by value, not by reference."""
+    import bentoml
+    import cloudpickle
+
+    from pox_pipeline.tracking import custom_objects
+
+    objects = custom_objects(model)
+    modules = {sys.modules[cls.__module__] for cls in objects.values()}
+    for module in modules:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return bentoml.keras.save_model(
+            name, model, labels=labels, metadata=metadata, custom_objects=objects or None
+        )
+    finally:
+        for module in modules:
+            cloudpickle.unregister_pickle_by_value(module)
 
 
 class Predictor:
@@ -263,7 +296,7 @@ class Predictor:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         self.card = card
         self.backend = backend
-        self.model = load_keras_model(Path(model_dir) / MODEL_FILE)
+        self.model = load_stored_model(Path(model_dir))
         self._run = (
             compiled_keras_call(self.model, card.image_size)
             if backend == "keras"

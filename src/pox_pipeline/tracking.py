@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    import keras
 
 RUN_INFO_FILE = "run.json"
 # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI itself, so only the value set before
@@ -50,3 +53,22 @@ def write_run_info(cfg: DictConfig, model_name: str, info: dict[str, Any]) -> Pa
 
 def read_run_info(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     return json.loads(run_info_path(cfg, model_name).read_text())
+
+
+def custom_objects(model: keras.Layer) -> dict[str, type]:
+    """Registered name -> class of every layer in the model (nested models included) that is
+    not Keras's own, such as colour_texture's ``ColourTextureFeatures``.
+
+    Keras 3 rebuilds such a layer only from its registered class, so a saved model that holds
+    one loads only where that class is imported or handed over as a custom object.
+    """
+    import keras
+
+    def walk(layer: keras.Layer) -> list[keras.Layer]:
+        return [layer, *(sub for child in getattr(layer, "layers", None) or () for sub in walk(child))]
+
+    return {
+        keras.saving.get_registered_name(type(layer)): type(layer)
+        for layer in walk(model)
+        if not type(layer).__module__.startswith("keras.")
+    }

@@ -351,11 +351,19 @@ def model_signature(model: keras.Model) -> ModelSignature:
 
 
 def log_keras_model(model: keras.Model) -> None:
-    """The model as the active run's ``model`` artifact, with an explicit signature."""
+    """The model as the active run's ``model`` artifact, with an explicit signature.
+
+    A model with a layer of this package (colour_texture's features) is logged as a TensorFlow
+    SavedModel export: MLflow's Keras 3 flavor takes no ``code_paths`` or custom objects, so
+    its ``.keras`` file would load only where pox_pipeline is imported first. The export loads
+    by ``mlflow.pyfunc`` and ``mlflow.keras`` (an object with ``serve(batch)``) wherever
+    TensorFlow is installed; every other model stays a ``.keras`` file (a ``keras.Model``).
+    """
     mlflow.keras.log_model(
         model,
         name="model",
         signature=model_signature(model),
+        save_exported_model=bool(tracking.custom_objects(model)),
         # explicit: inferring them re-imports TensorFlow in a subprocess (~10 s a model)
         pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={tf.__version__}"],
     )
