@@ -64,7 +64,13 @@ class PoxModel:
     model = CHAMPION
 
     def __init__(self) -> None:
-        self.predictor = serve.Predictor.from_stored(self.model, SETTINGS.backend)
+        card = serve.ModelCard.from_stored(self.model)
+        self.predictor = serve.Predictor.from_stored(
+            self.model,
+            SETTINGS.backend,
+            serve.calibration_inputs(SETTINGS, card),
+            SETTINGS.tflite_threads,
+        )
 
     @bentoml.api(
         batchable=SETTINGS.batching,

@@ -1,9 +1,11 @@
-"""Serving backends side by side: Keras (compiled call) vs TFLite fp32 vs TFLite int8.
+"""Serving backends side by side: Keras (compiled call) vs TFLite fp32, int8 weights
+(dynamic range) and full integer (int8 weights and activations).
 
 For one stored model and one folder of labelled photos (``<dir>/<class>/*``, e.g. the
 prepared test split), prints each backend's accuracy, its label agreement with Keras, the
-largest probability change, and milliseconds per image at batch 1 and batch N, with the
-speed ratio against Keras measured in the same run.
+largest probability change, milliseconds per image and images per second at batch 1 and
+batch N, with the speed ratio against Keras measured in the same run. Full integer calibrates
+its activation ranges on other photos (``--calibration``, default the validation split).
 
 examples:
   python benchmarks/backends.py                          # champion, datas/prepared/test
@@ -21,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pox_pipeline import preprocess
 from pox_pipeline.config import PROJECT_ROOT
-from pox_pipeline.serve import BACKENDS, Predictor
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
+from pox_pipeline.serve import (
+    BACKENDS,
+    CALIBRATED_BACKENDS,
+    PHOTO_SUFFIXES,
+    Predictor,
+    folder_inputs,
+)
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -38,18 +42,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="model in the BentoML store (default: %(default)s)")
     parser.add_argument("--images", type=Path, default=PROJECT_ROOT / "datas/prepared/test",
                         help="folder of <class>/<photo> files (default: the prepared test split)")
+    parser.add_argument("--calibration", type=Path, default=PROJECT_ROOT / "datas/prepared/val",
+                        help="photos full-integer TFLite calibrates on (default: the validation split)")
+    parser.add_argument("--calibration-images", type=int, default=100,
+                        help="at most this many calibration photos (default: 100)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="TFLite interpreter threads (default: 2)")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                        help="backends to measure (default: all; keras is always the reference)")
     parser.add_argument("--batch", type=int, default=32, help="large batch size (default: 32)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed repetitions, median reported (default: 5)")
     return parser.parse_args(argv)
-
-
-def labelled_inputs(folder: Path, image_size: int, resample: str) -> tuple[np.ndarray, list[str]]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise SystemExit(f"no photos under {folder}: run `dvc repro` or pass --images")
-    inputs = np.stack([preprocess.preprocess_file(p, image_size, resample) for p in files])
-    return inputs, [p.parent.name for p in files]
 
 
 def ms_per_image(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, repeats: int) -> float:
@@ -68,9 +72,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = parse_args(argv)
     stored = bentoml.models.get(args.bento_tag)
-    predictors = {backend: Predictor.from_stored(stored, backend) for backend in BACKENDS}
-    card = predictors["keras"].card
-    inputs, truth = labelled_inputs(args.images, card.image_size, card.resample)
+    keras_predictor = Predictor.from_stored(stored)
+    card = keras_predictor.card
+    calibration = None
+    if set(args.backends) & set(CALIBRATED_BACKENDS):
+        calibration = folder_inputs(args.calibration, card, PHOTO_SUFFIXES, args.calibration_images)[0]
+    predictors = {"keras": keras_predictor} | {
+        backend: Predictor.from_stored(stored, backend, calibration, args.threads)
+        for backend in args.backends if backend != "keras"
+    }
+    inputs, files = folder_inputs(args.images, card, PHOTO_SUFFIXES)
+    truth = [p.parent.name for p in files]
     large = inputs[np.arange(args.batch) % len(inputs)]
     answers = {b: card.results(p.outputs(inputs)) for b, p in predictors.items()}
     reference = answers["keras"]
@@ -78,9 +90,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"model {stored.tag} ({stored.info.metadata.get('architecture')}, "
           f"{card.image_size} px), {len(inputs)} photos from {args.images}, "
           f"{os.cpu_count()} CPU cores")  # fmt: skip
-    header = (f"{'backend':<12} {'accuracy':>8} {'agree':>6} {'max |dp|':>8} "
-              f"{'ms/img b1':>10} {'ms/img b' + str(args.batch):>11} {'speed b1':>9} "
-              f"{'speed b' + str(args.batch):>10}")  # fmt: skip
+    header = (f"{'backend':<17} {'accuracy':>8} {'agree':>6} {'max |dp|':>8} "
+              f"{'ms/img b1':>10} {'img/s b1':>9} {'ms/img b' + str(args.batch):>11} "
+              f"{'speed b1':>9} {'speed b' + str(args.batch):>10}")  # fmt: skip
     print(header)
     print("-" * len(header))
     timings = {
@@ -98,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             for r, k in zip(results, reference)
         )
         one, many = timings[backend]
-        print(f"{backend:<12} {accuracy:>8.3f} {agree:>6.3f} {drift:>8.4f} {one:>10.2f} "
-              f"{many:>11.2f} {timings['keras'][0] / one:>8.2f}x "
+        print(f"{backend:<17} {accuracy:>8.3f} {agree:>6.3f} {drift:>8.4f} {one:>10.2f} "
+              f"{1000 / one:>9.1f} {many:>11.2f} {timings['keras'][0] / one:>8.2f}x "
               f"{timings['keras'][1] / many:>9.2f}x")  # fmt: skip
 
 

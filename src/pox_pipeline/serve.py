@@ -36,7 +36,10 @@ if TYPE_CHECKING:
 PARAMS_ENV = "POX_PARAMS"
 DEFAULT_PARAMS = "params.yaml"
 MODEL_FILE = "model.keras"  # the BentoML model directory's file before bentoml.keras saved it
-BACKENDS = ("keras", "tflite_fp32", "tflite_int8")
+BACKENDS = ("keras", "tflite_fp32", "tflite_int8", "tflite_full_int8")
+# Backends whose conversion calibrates activation ranges on photos (serve.calibration_dir).
+CALIBRATED_BACKENDS = ("tflite_full_int8",)
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Test-time augmentation (evaluate.tta, shipped as the model's ``tta`` metadata).
 NO_TTA = "none"
 TTA_MODES = (NO_TTA, "flips")
@@ -70,6 +73,9 @@ class ServeConfig:
     host: str
     port: int
     backend: str
+    tflite_threads: int
+    calibration_dir: Path
+    calibration_images: int
     max_upload_bytes: int
     max_pixels: int
     max_images_per_request: int
@@ -97,6 +103,7 @@ class ServeConfig:
             raise ValueError(f"serve.backend={values['backend']!r}; choose one of {BACKENDS}")
         values["heatmap"] = HeatmapConfig(**values["heatmap"])
         values["upload_dir"] = Path(values["upload_dir"])
+        values["calibration_dir"] = Path(values["calibration_dir"])
         return cls(**values)
 
     @classmethod
@@ -289,9 +296,14 @@ def store_keras_model(
 class Predictor:
     """Loads one model once and answers batches through a compiled call (never model.predict)."""
 
-    def __init__(self, model_dir: Path, card: ModelCard, backend: str = "keras") -> None:
-        import keras
-
+    def __init__(
+        self,
+        model_dir: Path,
+        card: ModelCard,
+        backend: str = "keras",
+        calibration: np.ndarray | None = None,
+        tflite_threads: int | None = None,
+    ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
         self.card = card
@@ -300,7 +312,7 @@ class Predictor:
         self._run = (
             compiled_keras_call(self.model, card.image_size)
             if backend == "keras"
-            else TFLiteRunner(self.model, int8=backend == "tflite_int8")
+            else TFLiteRunner(self.model, backend, calibration, tflite_threads)
         )
         self._gradcam_layer = last_conv2d(self.model)
         self._gradcam_lock = threading.Lock()
@@ -308,8 +320,15 @@ class Predictor:
         self.outputs(np.zeros((1, card.image_size, card.image_size, 3), np.float32))
 
     @classmethod
-    def from_stored(cls, stored: StoredModel, backend: str = "keras") -> Predictor:
-        return cls(Path(stored.path), ModelCard.from_stored(stored), backend)
+    def from_stored(
+        cls,
+        stored: StoredModel,
+        backend: str = "keras",
+        calibration: np.ndarray | None = None,
+        tflite_threads: int | None = None,
+    ) -> Predictor:
+        return cls(Path(stored.path), ModelCard.from_stored(stored), backend, calibration,
+                   tflite_threads)  # fmt: skip
 
     @classmethod
     def from_tag(cls, tag: str, backend: str = "keras") -> Predictor:
@@ -356,14 +375,29 @@ def compiled_keras_call(model: keras.Model, image_size: int) -> Callable[[np.nda
 
 
 class TFLiteRunner:
-    """The model converted to TFLite (float32, or dynamic-range int8 weights), run on CPU."""
+    """The model converted to TFLite, run on CPU: ``tflite_fp32``; ``tflite_int8``, int8
+    weights with float activations (dynamic range); or ``tflite_full_int8``, int8 weights and
+    activations, the activation ranges calibrated on ``calibration`` (model inputs of real
+    photos), float32 in and out."""
 
-    def __init__(self, model: keras.Model, int8: bool) -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        backend: str,
+        calibration: np.ndarray | None = None,
+        threads: int | None = None,
+    ) -> None:
         import tensorflow as tf
 
         converter = tf.lite.TFLiteConverter.from_keras_model(model)
-        if int8:
+        if backend != "tflite_fp32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if backend in CALIBRATED_BACKENDS:
+            if calibration is None or not len(calibration):
+                raise ValueError(f"{backend} needs calibration photos (serve.calibration_dir)")
+            samples = np.asarray(calibration, np.float32)
+            converter.representative_dataset = lambda: ([image[None]] for image in samples)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         try:
             self.flatbuffer = converter.convert()
         except Exception as err:  # noqa: BLE001 - the converter raises several error types
@@ -376,7 +410,9 @@ class TFLiteRunner:
         with warnings.catch_warnings():
             # Deprecated in favour of ai_edge_litert, which TensorFlow does not install.
             warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-            self._interpreter = tf.lite.Interpreter(model_content=self.flatbuffer)
+            self._interpreter = tf.lite.Interpreter(
+                model_content=self.flatbuffer, num_threads=threads
+            )
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
         self._batch_size = -1
@@ -554,6 +590,31 @@ def http_status(error: ImageError) -> int:
 # ---------------------------------------------------------------------------- TFLite check
 
 
+def folder_inputs(
+    folder: Path, card: ModelCard, extensions: Sequence[str], limit: int | None = None
+) -> tuple[np.ndarray, list[Path]]:
+    """Model inputs of the photos under ``folder`` (any depth, in path order), and their files;
+    at most ``limit``, spread evenly over the sorted list (so over every class folder)."""
+    suffixes = {e.lower() for e in extensions}
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes)
+    if not files:
+        raise FileNotFoundError(f"no images under {folder}")
+    if limit is not None and len(files) > limit:
+        files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+    inputs = np.stack([preprocess.preprocess_file(p, card.image_size, card.resample) for p in files])
+    return inputs, files
+
+
+def calibration_inputs(settings: ServeConfig, card: ModelCard) -> np.ndarray | None:
+    """The photos a calibrated backend (full-integer TFLite) sets its activation ranges on:
+    up to ``serve.calibration_images`` from ``serve.calibration_dir``; None for the others."""
+    if settings.backend not in CALIBRATED_BACKENDS:
+        return None
+    return folder_inputs(
+        settings.calibration_dir, card, PHOTO_SUFFIXES, settings.calibration_images
+    )[0]
+
+
 def compare_backends(
     stored: StoredModel,
     image_dir: Path,
@@ -567,13 +628,7 @@ def compare_backends(
     (``<dir>/<class>/x.jpg``) also both accuracies, so the cost of quantization is visible.
     """
     card = ModelCard.from_stored(stored)
-    suffixes = {e.lower() for e in extensions}
-    files = sorted(p for p in Path(image_dir).rglob("*") if p.suffix.lower() in suffixes)
-    if not files:
-        raise FileNotFoundError(f"no images under {image_dir}")
-    inputs = np.stack(
-        [preprocess.preprocess_file(p, card.image_size, card.resample) for p in files]
-    )
+    inputs, files = folder_inputs(image_dir, card, extensions)
     answers = {}
     for backend in (baseline, candidate):
         predictor = Predictor.from_stored(stored, backend)
