@@ -14,6 +14,7 @@ examples:
   python benchmarks/serve_bench.py --model cnn
   python benchmarks/serve_bench.py --model vgg16 --clients 1 8 --duration 10
   python benchmarks/serve_bench.py --bento-tag pox-classifier:latest --images ../shared/datasets/msld
+  python benchmarks/serve_bench.py --bento-tag pox-classifier:latest --backend tflite_fp32 --clients 8
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pox_pipeline.config import PROJECT_ROOT, load_params
-from pox_pipeline.serve import store_keras_model
+from pox_pipeline.serve import BACKENDS, store_keras_model
 
 SERVERS = {
     "bentoml": "BentoML service, adaptive batching on",
@@ -91,6 +92,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="seconds of unmeasured load before the runs (default: 3)")
     parser.add_argument("--servers", nargs="+", choices=list(SERVERS), default=list(SERVERS),
                         help="which servers to measure (default: all)")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="serve.backend of the BentoML servers (default: the params' own; "
+                             "the naive server always calls the Keras model)")
     parser.add_argument("--images", type=Path,
                         help="folder of photos to send (any depth; default: synthetic JPEGs)")
     parser.add_argument("--params", type=Path, default=PROJECT_ROOT / "params.yaml",
@@ -308,8 +312,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         # An isolated store, set before bentoml is imported anywhere.
         os.environ["BENTOML_HOME"] = str(workdir / "bentoml")
     cfg = load_params(args.params)
+    args.backend = args.backend or cfg.serve.backend
     tag = args.bento_tag or store_untrained_model(cfg, args.model, args.image_size)
-    print(f"model {tag} ({args.bento_tag or args.model}); {os.cpu_count()} CPUs, load average "
+    print(f"model {tag} ({args.bento_tag or args.model}), backend {args.backend}; {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} before the run on {platform.node()}",
           flush=True)
     payloads = photos(args.images, args.image_size)
@@ -317,8 +322,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         for name in args.servers:
             params = workdir / f"{name}.params.yaml"
-            batching = name != "bentoml-nobatch"
-            OmegaConf.save(OmegaConf.merge(cfg, {"serve": {"batching": batching}}), params)
+            serve_cfg = {"batching": name != "bentoml-nobatch", "backend": args.backend}
+            OmegaConf.save(OmegaConf.merge(cfg, {"serve": serve_cfg}), params)
             print(f"{name}: {SERVERS[name]}", flush=True)
             with running(name, tag, params, workdir) as (url, root):
                 results += measure(name, url, root, args, payloads)
