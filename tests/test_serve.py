@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import io
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,6 +204,42 @@ def test_tflite_backends_agree_with_keras(predictor: serve.Predictor, champion_t
     assert 0.0 <= report["label_agreement"] <= 1.0
     assert report["max_abs_probability_difference"] < 0.05  # int8 weights, tiny drift
     assert {"accuracy_tflite_fp32", "accuracy_tflite_int8"} <= set(report)
+
+
+def test_full_integer_tflite_is_calibrated_on_photos(
+    predictor: serve.Predictor, champion_tag: str, tmp_path: Path
+) -> None:
+    import bentoml
+
+    stored = bentoml.models.get(champion_tag)
+    with pytest.raises(ValueError, match="calibration"):
+        serve.Predictor.from_stored(stored, "tflite_full_int8")
+    for cls in CLASSES:
+        for seed in range(6):
+            (tmp_path / cls).mkdir(exist_ok=True)
+            (tmp_path / cls / f"{seed}.png").write_bytes(image_bytes(seed=seed + 10 * len(cls)))
+    full_int8 = settings(tmp_path, backend="tflite_full_int8", calibration_dir=tmp_path,
+                         calibration_images=8)
+    calibration = serve.calibration_inputs(full_int8, predictor.card)
+    assert calibration.shape == (8, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3)
+    _, files = serve.folder_inputs(tmp_path, predictor.card, serve.PHOTO_SUFFIXES, 8)
+    assert {f.parent.name for f in files} == set(CLASSES)  # spread over the sorted list
+    full = serve.Predictor.from_stored(stored, "tflite_full_int8", calibration, tflite_threads=1)
+    tensors = tflite_tensor_types(full._run.flatbuffer)
+    assert "INT8" in tensors and tensors.count("FLOAT32") <= 4  # in/out and their (de)quantize
+    batch = np.stack([preprocess.preprocess_bytes(image_bytes(seed=s), TEST_IMAGE_SIZE) for s in range(4)])
+    np.testing.assert_allclose(full.outputs(batch), predictor.outputs(batch), atol=0.02)
+    assert serve.calibration_inputs(settings(tmp_path), predictor.card) is None  # keras: none
+
+
+def tflite_tensor_types(flatbuffer: bytes) -> list[str]:
+    """The element type of every tensor in a TFLite model."""
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+        interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    return [np.dtype(d["dtype"]).name.upper() for d in interpreter.get_tensor_details()]
 
 
 # ---------------------------------------------------------------------------- Grad-CAM
