@@ -23,14 +23,32 @@ STALL_S = 30.0
 
 
 @pytest.fixture(scope="module")
-def call_model():
-    """service.py's ``PoxClassifier._call_model``, unbound (the class as written, not served)."""
+def service_module():
+    """service.py imported as ``bentoml serve`` does."""
     save_champion()  # service.py names the stored champion when it is imported
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(serve.PARAMS_ENV, str(PROJECT_ROOT / "params.yaml"))
         patch.syspath_prepend(str(PROJECT_ROOT))
-        module = importlib.import_module("service")
-    return module.PoxClassifier.inner._call_model, module.SETTINGS
+        return importlib.import_module("service")
+
+
+@pytest.fixture(scope="module")
+def call_model(service_module):
+    """``PoxClassifier._call_model``, unbound (the class as written, not served)."""
+    return service_module.PoxClassifier.inner._call_model, service_module.SETTINGS
+
+
+def test_the_model_client_keeps_one_session(service_module) -> None:
+    """BentoML's dependency client, configured as served, never replaces its HTTP session (the
+    replacement closed calls in flight: the 500s and the 504s of issue 11)."""
+    from _bentoml_impl.client import RemoteProxy
+
+    module = service_module
+    module.PoxClassifier.inject_config()
+    proxy = RemoteProxy("http://127.0.0.1:1", service=module.PoxModel)
+    manager = proxy.to_async._session_manager
+    assert manager.max_requests == module.ONE_SESSION["max_requests"] > 10**9
+    assert manager.max_age == module.ONE_SESSION["max_age"] > 10**9
 
 
 def caller(settings: serve.ServeConfig, *outcomes: object, **changes: object) -> SimpleNamespace:
