@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from pox_pipeline import preprocess
-from pox_pipeline.config import PROJECT_ROOT
+from pox_pipeline.config import project_root
 from pox_pipeline.serve import BACKENDS, Predictor
+
+PROJECT_ROOT = project_root()
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

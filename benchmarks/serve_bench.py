@@ -42,8 +42,10 @@ import requests
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pox_pipeline.config import PROJECT_ROOT, load_params
+from pox_pipeline.config import load_params, project_root
 from pox_pipeline.serve import MODEL_FILE
+
+PROJECT_ROOT = project_root()
 
 SERVERS = {
     "bentoml": "BentoML service, adaptive batching on",

@@ -17,7 +17,9 @@ os.environ["BENTOML_HOME"] = str(_SESSION_HOME / "bentoml")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pox_pipeline.config import PROJECT_ROOT, compose  # noqa: E402
+from pox_pipeline.config import compose, project_root  # noqa: E402
+
+PROJECT_ROOT = project_root()
 
 MSLD_DIR = (PROJECT_ROOT / ".." / "shared" / "datasets" / "msld").resolve()
 TEST_IMAGE_SIZE = 32

@@ -22,7 +22,9 @@ import requests
 from PIL import Image
 
 from conftest import MSLD_DIR, TEST_IMAGE_SIZE
-from pox_pipeline.config import PROJECT_ROOT, write_params
+from pox_pipeline.config import project_root, write_params
+
+PROJECT_ROOT = project_root()
 
 CLASSES = ("Monkeypox", "Others")
 THRESHOLD = 0.5

@@ -67,8 +67,8 @@ def test_dvc_shows_the_default_cv_metrics_file() -> None:
     """dvc.yaml's top-level `metrics:` names the file cv writes with the default cv.out_dir."""
     import yaml
 
-    from pox_pipeline.config import PROJECT_ROOT, compose
+    from pox_pipeline.config import compose, project_root
     from pox_pipeline.cv import DVC_METRICS_FILE
 
-    listed = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["metrics"]
+    listed = yaml.safe_load((project_root() / "dvc.yaml").read_text())["metrics"]
     assert str(Path(compose([]).cv.out_dir) / DVC_METRICS_FILE) in listed

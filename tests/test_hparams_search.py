@@ -15,8 +15,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from pox_pipeline.config import CONF_DIR, PROJECT_ROOT
+from pox_pipeline.config import project_root
 from pox_pipeline.cv import objective, summarise
+
+PROJECT_ROOT = project_root()
+CONF_DIR = PROJECT_ROOT / "conf"
 
 SEARCHES = sorted(path.stem for path in (CONF_DIR / "hparams_search").glob("*.yaml"))
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pox_pipeline.config import PROJECT_ROOT, write_params
+from pox_pipeline.config import project_root, write_params
+
+PROJECT_ROOT = project_root()
 
 # Tiny settings, passed to DVC's own Hydra composition as -S overrides.
 TINY = [

@@ -19,9 +19,11 @@ from omegaconf import OmegaConf
 
 from conftest import tmp_overrides
 from pox_pipeline import models, train
-from pox_pipeline.config import PROJECT_ROOT
+from pox_pipeline.config import project_root
 from pox_pipeline.data import load_split
 from pox_pipeline.models import build_model, compile_model, frozen_split
+
+PROJECT_ROOT = project_root()
 
 SMALL_CNN = "model.cnn.padding=same"  # 5 valid conv+pool blocks do not fit in 32 px
 RUN_JSON_KEYS = {

@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pox_pipeline import tracking
-from pox_pipeline.config import CONF_DIR, flatten
+from pox_pipeline.config import conf_entry, flatten
 
 
 DVC_METRICS_FILE = "metrics.json"
@@ -195,7 +194,7 @@ def objective(cfg: DictConfig, summaries: dict[str, dict[str, Any]]) -> float | 
     return float(value)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@conf_entry
 def main(cfg: DictConfig) -> float | None:
     """Cross-validate; return the mean validation ``cv.objective`` (what a sweep optimises)."""
     OmegaConf.resolve(cfg)

@@ -24,14 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import keras
 import mlflow
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pox_pipeline import select, tracking
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE
-from pox_pipeline.config import CONF_DIR
+from pox_pipeline.config import conf_entry
 from pox_pipeline.cv import fold_config, fold_runs, mean_std, summarise
 from pox_pipeline.serve import load_keras_model
 from pox_pipeline.train import log_keras_model, log_params
@@ -256,7 +255,7 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@conf_entry
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
     report = make_ensemble(cfg)

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from bentoml import Model as StoredModel
 
 PARAMS_ENV = "POX_PARAMS"
-DEFAULT_PARAMS = "params.yaml"
 MODEL_FILE = "model.keras"  # inside the BentoML model directory (docs/architecture.md)
 BACKENDS = ("keras", "tflite_fp32", "tflite_int8")
 # Test-time augmentation (evaluate.tta, shipped as the model's ``tta`` metadata).
@@ -99,10 +98,10 @@ class ServeConfig:
 
     @classmethod
     def load(cls, overrides: Sequence[str] = ()) -> ServeConfig:
-        """Read ``$POX_PARAMS`` (default ``params.yaml`` in the working directory)."""
-        from pox_pipeline.config import load_params
+        """Read ``$POX_PARAMS`` (default: the project's ``params.yaml``)."""
+        from pox_pipeline.config import load_params, params_path
 
-        path = os.environ.get(PARAMS_ENV, DEFAULT_PARAMS)
+        path = os.environ.get(PARAMS_ENV) or params_path()
         if not Path(path).is_file():
             raise FileNotFoundError(
                 f"{path} not found (from {Path.cwd()}): run `python -m pox_pipeline.config` "
