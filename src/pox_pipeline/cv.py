@@ -26,11 +26,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pox_pipeline import tracking
+from pox_pipeline import paths, tracking
 from pox_pipeline.config import conf_entry, flatten
-
-
-DVC_METRICS_FILE = "metrics.json"
 
 
 def fold_config(cfg: DictConfig, fold: int, seed: int) -> DictConfig:
@@ -133,7 +130,7 @@ def cross_validate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
               "runs": per_model}  # fmt: skip
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     # Scalars only, per model: what dvc.yaml's top-level `metrics:` shows (dvc metrics show).
-    (out_dir / DVC_METRICS_FILE).write_text(json.dumps(summaries, indent=2) + "\n")
+    (out_dir / paths.DVC_METRICS_FILE).write_text(json.dumps(summaries, indent=2) + "\n")
     table = markdown_table(summaries, metric_names)
     (out_dir / "summary.md").write_text(table)
     log_summary(cfg, summaries, out_dir)

@@ -28,7 +28,7 @@ import keras
 import mlflow
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pox_pipeline import select, tracking
+from pox_pipeline import paths, select, tracking
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE
 from pox_pipeline.config import conf_entry
 from pox_pipeline.cv import fold_config, fold_runs, mean_std, summarise
@@ -58,9 +58,9 @@ def read_members(cfg: DictConfig, model_name: str) -> list[Member]:
     members = []
     for seed, fold in fold_runs(cfg):
         fold_cfg = fold_config(cfg, fold, seed)
-        eval_dir = Path(fold_cfg.paths.reports_dir) / "eval" / model_name
-        model_file = Path(fold_cfg.paths.models_dir) / model_name / select.MODEL_FILE
-        needed = [model_file, eval_dir / select.VAL_METRICS_FILE, eval_dir / select.TEST_METRICS_FILE]
+        eval_dir = paths.eval_dir(fold_cfg, model_name)
+        model_file = paths.model_file(fold_cfg, model_name)
+        needed = [model_file, eval_dir / paths.VAL_METRICS_FILE, eval_dir / paths.TEST_METRICS_FILE]
         missing = [str(path) for path in needed if not path.is_file()]
         if missing:
             raise FileNotFoundError(
@@ -221,7 +221,7 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
     model = build_ensemble(member_models, int(cfg.data.image_size), keras_name)
     out_dir = Path(cfg.ensemble.out_dir) / family
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_file = out_dir / select.MODEL_FILE
+    model_file = out_dir / paths.MODEL_FILE
     model.save(model_file)
 
     metric_names = list(cfg.cv.metrics)
