@@ -97,7 +97,9 @@ def parse_args() -> argparse.Namespace:
         "--params", type=Path, default=PROJECT_ROOT / "params.yaml", help="composed config"
     )
     parser.add_argument(
-        "overrides", nargs="*", help="extra dotlist overrides, e.g. model.vgg16.augment.enabled=true"
+        "overrides",
+        nargs="*",
+        help="extra dotlist overrides, e.g. model.vgg16.augment.enabled=true",
     )
     return parser.parse_args()
 

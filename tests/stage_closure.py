@@ -138,7 +138,11 @@ class Package:
         # the entry module runs as __main__; the others run their top level on import, which
         # reaches what it calls (not what it only names: ``main = stage_entry(run)``)
         todo: list[tuple[str, ast.AST, Bindings]] = [
-            (name, self.module(name).tree if name == entry else _imported_body(self.module(name).tree), frozenset())
+            (
+                name,
+                self.module(name).tree if name == entry else _imported_body(self.module(name).tree),
+                frozenset(),
+            )
             for name in self.import_closure(entry)
         ]
         seen: set[tuple[str, int, Bindings]] = set()
@@ -147,7 +151,13 @@ class Package:
             if (module, id(node), bindings) in seen:
                 continue
             seen.add((module, id(node), bindings))
-            visitor = _Reads(self, module, node, dict(bindings), calls_only=node is not self.module(module).tree and isinstance(node, ast.Module))
+            visitor = _Reads(
+                self,
+                module,
+                node,
+                dict(bindings),
+                calls_only=node is not self.module(module).tree and isinstance(node, ast.Module),
+            )
             reads |= visitor.reads
             for target_module, definition, target_bindings in visitor.reached:
                 if isinstance(definition, ast.ClassDef):

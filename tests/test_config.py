@@ -143,7 +143,8 @@ def test_stage_outside_the_project_root_says_where_to_run(tmp_path: Path) -> Non
         text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode != 0
-    assert f"no dvc.yaml in {tmp_path.resolve()} or any folder above it: run inside the project" in result.stderr
+    expected = f"no dvc.yaml in {tmp_path.resolve()} or any folder above it: run inside the project"
+    assert expected in result.stderr
 
 
 def test_the_project_is_found_from_the_working_directory_not_the_package(

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MSLD_DIR, requires_msld, tmp_overrides
 from omegaconf import DictConfig
 from PIL import Image, ImageEnhance
 
+from conftest import MSLD_DIR, requires_msld, tmp_overrides
 from pox_pipeline.config import compose, write_params
 from pox_pipeline.data import (
     MANIFEST_COLUMNS,

@@ -41,17 +41,28 @@ def stage_problems(root: Path, package: Package) -> list[str]:
         name, _, item = stage.name.partition("@")
         entry = ENTRY.search(stage.cmd).group(1)
         code = {
-            str(package.path_of(m).relative_to(package.src.parent)) for m in package.import_closure(entry)
+            str(package.path_of(m).relative_to(package.src.parent))
+            for m in package.import_closure(entry)
         }
         listed = {
             dep.def_path for dep in stage.deps
             if not hasattr(dep, "params") and dep.def_path.startswith(f"src/{entry.split('.')[0]}")
         }  # fmt: skip
-        problems += [f"{stage.name}: imports {path}, missing from deps" for path in sorted(code - listed)]
-        problems += [f"{stage.name}: deps list {path}, which it never imports" for path in sorted(listed - code)]
+        problems += [
+            f"{stage.name}: imports {path}, missing from deps" for path in sorted(code - listed)
+        ]
+        problems += [
+            f"{stage.name}: deps list {path}, which it never imports"
+            for path in sorted(listed - code)
+        ]
 
-        params = {tuple(key.split(".")) for dep in stage.deps if hasattr(dep, "params") for key in dep.params}
-        # keys the stage's own definition holds (cmd overrides, ${...} paths) change the stage anyway
+        params = {
+            tuple(key.split("."))
+            for dep in stage.deps
+            if hasattr(dep, "params")
+            for key in dep.params
+        }
+        # keys the stage's own definition holds (cmd overrides, ${...} paths) change it anyway
         definition = yaml.safe_dump(raw[name])
         exempt = {tuple(k.split(".")) for k in INTERPOLATION.findall(definition) if k != "item"}
         exempt |= {(token.split("=")[0],) for token in stage.cmd.split()[3:] if "=" in token}
@@ -113,7 +124,13 @@ def test_a_missing_module_or_key_is_reported(project_copy: Path, package: Packag
     problems = stage_problems(project_copy, package)
     models = yaml.safe_load((project_copy / "params.yaml").read_text())["models"]
     for model in models:
-        assert f"evaluate@{model}: imports src/pox_pipeline/calibration.py, missing from deps" in problems
-        assert f"evaluate@{model}: deps list src/pox_pipeline/train.py, which it never imports" in problems
+        assert (
+            f"evaluate@{model}: imports src/pox_pipeline/calibration.py, missing from deps"
+            in problems
+        )
+        assert (
+            f"evaluate@{model}: deps list src/pox_pipeline/train.py, which it never imports"
+            in problems
+        )
         assert f"evaluate@{model}: reads seed, missing from params" in problems
     assert len(problems) == 3 * len(models)

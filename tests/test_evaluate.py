@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fake_training import fake_trained_model
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
+from fake_training import fake_trained_model
 from pox_pipeline import evaluate as evaluate_module
 from pox_pipeline.evaluate import evaluate
 from pox_pipeline.metrics import BINARY_METRICS, MULTICLASS_METRICS, binary_metrics
@@ -173,7 +173,9 @@ def test_uncalibrated_evaluation_keeps_the_model_probabilities(
     make_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """calibration=none: T = 1 and the probabilities are the model's own."""
-    cfg = make_cfg("data.image_size=8", "evaluate.bootstrap.samples=10", "evaluate.calibration=none")
+    cfg = make_cfg(
+        "data.image_size=8", "evaluate.bootstrap.samples=10", "evaluate.calibration=none"
+    )
 
     def fake_split(_cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         rng = np.random.default_rng({"val": 0, "test": 1}[split])  # same images every call
@@ -199,10 +201,9 @@ def test_calibrated_tta_evaluation_is_what_the_service_computes(
 ) -> None:
     """Temperature and TTA from val_metrics.json, as select ships them, make the serving
     Predictor reproduce predictions.csv: same probabilities, same decisions."""
-    from serve_helpers import tiny_model
-
     from pox_pipeline import serve
     from pox_pipeline.data import load_split
+    from serve_helpers import tiny_model
 
     cfg = prepared_cfg(
         "evaluate.bootstrap.samples=20",

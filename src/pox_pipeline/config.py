@@ -90,7 +90,8 @@ def write_params(
     from dvc.utils.hydra import compose_and_dump
 
     output = output or project_root() / PARAMS_FILE
-    compose_and_dump(output, str(conf_dir or default_conf_dir()), None, "config", "", list(overrides))
+    conf = str(conf_dir or default_conf_dir())
+    compose_and_dump(output, conf, None, "config", "", list(overrides))
     return output
 
 

@@ -129,7 +129,8 @@ def cross_validate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     result = {"folds": cfg.cv.folds, "seeds": list(cfg.cv.seeds), "summaries": summaries,
               "runs": per_model}  # fmt: skip
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    # Scalars only, per model: what dvc.yaml's top-level `metrics:` shows (dvc metrics show).
+    # Scalars only, per model: `dvc metrics show reports/cv/metrics.json` (or `dvc metrics
+    # diff ... <file>`) shows it; dvc.yaml does not list it, since `dvc repro` never writes it.
     (out_dir / paths.DVC_METRICS_FILE).write_text(json.dumps(summaries, indent=2) + "\n")
     table = markdown_table(summaries, metric_names)
     (out_dir / "summary.md").write_text(table)
@@ -145,9 +146,7 @@ def log_summary(cfg: DictConfig, summaries: dict[str, dict[str, Any]], out_dir: 
         with mlflow.start_run(run_name=f"cv-{name}"):
             mlflow.set_tags({"model_name": name, "protocol": f"cv{cfg.cv.folds}",
                              "git_commit": tracking.git_commit()})  # fmt: skip
-            params = flatten(cfg)
-            for start in range(0, len(params), 100):
-                mlflow.log_params(dict(list(params.items())[start : start + 100]))
+            mlflow.log_params(flatten(cfg))  # MLflow sends them in batches of its own size
             mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             mlflow.log_artifact(str(out_dir / "summary.md"))
 

@@ -92,7 +92,11 @@ def choose_families(cfg: DictConfig, candidates: dict[str, list[Member]]) -> lis
         return names
     metric = str(cfg.select.metric)
     means = {
-        name: {metric: mean_std([m.val_metrics.get(metric) for m in members], metric)[f"{metric}_mean"]}
+        name: {
+            metric: mean_std([m.val_metrics.get(metric) for m in members], metric)[
+                f"{metric}_mean"
+            ]
+        }
         for name, members in candidates.items()
     }
     return [select.choose_champion(means, metric, bool(cfg.select.greater_is_better))]
@@ -138,7 +142,8 @@ def ensemble_threshold(members: list[Member]) -> float | None:
 
 def load_member(member: Member) -> keras.Model:
     model = load_keras_model(member.model_file)
-    return bake_temperature(model, float(member.val_metrics.get("temperature", IDENTITY_TEMPERATURE)))
+    temperature = float(member.val_metrics.get("temperature", IDENTITY_TEMPERATURE))
+    return bake_temperature(model, temperature)
 
 
 def held_out_ensembles(
@@ -157,12 +162,14 @@ def held_out_ensembles(
     per_fold = []
     for fold in sorted({m.fold for m in members}):
         group = [m for m in members if m.fold == fold]
-        fold_models = [model for m, model in zip(members, models) if m.fold == fold]
+        fold_models = [model for m, model in zip(members, models, strict=True) if m.fold == fold]
         model = build_ensemble(fold_models, int(cfg.data.image_size), name)
         scores = score_split(fold_config(cfg, fold, group[0].seed), model, "test")
         point = split_metrics(scores, ensemble_threshold(group), positive_index,
                               int(cfg.evaluate.ece_bins))  # fmt: skip
-        per_fold.append({"fold": fold, "members": len(group), "n_test": len(scores.labels), **point})
+        per_fold.append(
+            {"fold": fold, "members": len(group), "n_test": len(scores.labels), **point}
+        )
     return {"folds": per_fold, **summarise(per_fold, list(cfg.cv.metrics))}
 
 
@@ -204,7 +211,9 @@ def publish(
         "val_metrics": select.without_nulls(report["val_metrics"]),
         "cv_test_metrics": select.without_nulls(report["cv_test_metrics"]),
     }
-    bento_tag = select.save_bentoml_model(cfg, Path(report["model_file"]), select.without_nulls(metadata))
+    bento_tag = select.save_bentoml_model(
+        cfg, Path(report["model_file"]), select.without_nulls(metadata)
+    )
     return {"mlflow_run_id": run.info.run_id, "registered_model_version": int(version.version),
             "alias": cfg.select.alias, "bentoml_tag": bento_tag}  # fmt: skip
 
