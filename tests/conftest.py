@@ -46,7 +46,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             f"{REQUIRE_SHARED_ENV}=1 fail instead of skipping them"
         )
     for item in needing:
-        item.add_marker(pytest.mark.skip(reason=f"{where}; on the team's machines and in CI it is there"))
+        reason = f"{where}; on the team's machines and in CI it is there"
+        item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def tmp_overrides(root: Path) -> list[str]:

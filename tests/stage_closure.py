@@ -137,13 +137,14 @@ class Package:
         reads: set[Key] = set()
         # the entry module runs as __main__; the others run their top level on import, which
         # reaches what it calls (not what it only names: ``main = stage_entry(run)``)
-        todo: list[tuple[str, ast.AST, Bindings]] = [
-            (
-                name,
-                self.module(name).tree if name == entry else _imported_body(self.module(name).tree),
-                frozenset(),
-            )
+        tops = {
+            name: self.module(name).tree
+            if name == entry
+            else _imported_body(self.module(name).tree)
             for name in self.import_closure(entry)
+        }  # kept alive: `seen` holds their ids
+        todo: list[tuple[str, ast.AST, Bindings]] = [
+            (name, top, frozenset()) for name, top in tops.items()
         ]
         seen: set[tuple[str, int, Bindings]] = set()
         while todo:
