@@ -134,3 +134,59 @@ def test_a_missing_module_or_key_is_reported(project_copy: Path, package: Packag
         )
         assert f"evaluate@{model}: reads seed, missing from params" in problems
     assert len(problems) == 3 * len(models)
+
+
+# one module per kind of reach (each `dvc status` takes seconds): imported through another
+# module by three stages, by one stage only, by the last stage, by two, by the first
+TOUCHED = ("features.py", "models.py", "select.py", "calibration.py", "synthetic.py")
+
+
+def test_touching_a_module_changes_exactly_the_stages_that_import_it(
+    tmp_path: Path, package: Package, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through DVC itself: a locked pipeline (stand-in outputs, `dvc commit`), then each
+    module edited in turn; `dvc status` names the stages whose code imports it, no others."""
+    from dvc.repo import Repo
+
+    root = tmp_path / "project"
+    root.mkdir()
+    Repo.init(str(root), no_scm=True).close()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    shutil.copytree(SRC, root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(root)  # DVC resolves the stages' paths from the working directory
+    with Repo(str(root)) as repo:
+        stages = list(repo.index.stages)
+        for stage in stages:
+            for item in [*stage.outs, *(d for d in stage.deps if not hasattr(d, "params"))]:
+                path = Path(item.fs_path)
+                if path.exists():
+                    continue
+                target = path if not path.suffix else None  # a folder output holds a file
+                (target or path.parent).mkdir(parents=True, exist_ok=True)
+                (target / "stand-in" if target else path).write_text("stand-in\n")
+        repo.commit(force=True)
+        assert repo.status() == {}
+
+        package_dir = root / "src" / "pox_pipeline"
+        for module in (package_dir / name for name in TOUCHED):
+            original = module.read_text()
+            module.write_text(original + "# touched\n")
+            relative = str(module.relative_to(root))
+            changed = {
+                name
+                for name, changes in repo.status().items()
+                for change in changes
+                if isinstance(change, dict) and relative in change.get("changed deps", {})
+            }
+            module.write_text(original)
+            importers = {
+                stage.addressing for stage in stages
+                if f"pox_pipeline.{module.stem}".removesuffix(".__init__") in
+                package.import_closure(ENTRY.search(stage.cmd).group(1))
+            }  # fmt: skip
+            assert changed == importers, relative
+            if module.name == "features.py":  # colour_texture's features: train and evaluate
+                assert {"train@colour_texture", "evaluate@colour_texture"} <= changed
+            if module.name == "models.py":
+                assert {name.split("@")[0] for name in changed} == {"train"}
