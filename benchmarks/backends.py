@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pox_pipeline.config import PROJECT_ROOT
+from pox_pipeline.config import project_root
 from pox_pipeline.serve import (
     BACKENDS,
     CALIBRATED_BACKENDS,
@@ -31,6 +31,9 @@ from pox_pipeline.serve import (
     Predictor,
     folder_inputs,
 )
+
+PROJECT_ROOT = project_root()
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -43,7 +46,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=Path, default=PROJECT_ROOT / "datas/prepared/test",
                         help="folder of <class>/<photo> files (default: the prepared test split)")
     parser.add_argument("--calibration", type=Path, default=PROJECT_ROOT / "datas/prepared/val",
-                        help="photos full-integer TFLite calibrates on (default: the validation split)")
+                        help="photos full-integer TFLite calibrates on "
+                             "(default: the validation split)")
     parser.add_argument("--calibration-images", type=int, default=100,
                         help="at most this many calibration photos (default: 100)")
     parser.add_argument("--threads", type=int, default=2,
@@ -76,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     card = keras_predictor.card
     calibration = None
     if set(args.backends) & set(CALIBRATED_BACKENDS):
-        calibration = folder_inputs(args.calibration, card, PHOTO_SUFFIXES, args.calibration_images)[0]
+        calibration = folder_inputs(
+            args.calibration, card, PHOTO_SUFFIXES, args.calibration_images
+        )[0]
     predictors = {"keras": keras_predictor} | {
         backend: Predictor.from_stored(stored, backend, calibration, args.threads)
         for backend in args.backends if backend != "keras"
@@ -103,11 +109,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         for backend, predictor in predictors.items()
     }
     for backend, results in answers.items():
-        accuracy = np.mean([r["label"] == t for r, t in zip(results, truth)])
-        agree = np.mean([r["label"] == k["label"] for r, k in zip(results, reference)])
+        accuracy = np.mean([r["label"] == t for r, t in zip(results, truth, strict=True)])
+        agree = np.mean([r["label"] == k["label"] for r, k in zip(results, reference, strict=True)])
         drift = max(
             abs(r["probability"] - k["probabilities"][r["label"]])
-            for r, k in zip(results, reference)
+            for r, k in zip(results, reference, strict=True)
         )
         one, many = timings[backend]
         print(f"{backend:<17} {accuracy:>8.3f} {agree:>6.3f} {drift:>8.4f} {one:>10.2f} "

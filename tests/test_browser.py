@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MSLD_DIR
-from pox_pipeline.config import PROJECT_ROOT
+from pox_pipeline.config import project_root
 from serve_helpers import (
     CLASSES,
     image_bytes,
@@ -21,7 +21,7 @@ from serve_helpers import (
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+ARTIFACTS = project_root() / "test-artifacts"
 WAIT_S = 60
 
 pytestmark = [
@@ -103,7 +103,9 @@ def test_upload_shows_label_probability_heatmap_and_the_disclaimer(
     browser.save_screenshot(str(ARTIFACTS / "browser-result.png"))
 
 
-def test_a_file_that_is_not_a_photo_shows_the_reason(browser, page_url: str, tmp_path: Path) -> None:
+def test_a_file_that_is_not_a_photo_shows_the_reason(
+    browser, page_url: str, tmp_path: Path
+) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pox_pipeline import select, serve, train
+from pox_pipeline import paths, select, serve, train
 from pox_pipeline.tracking import custom_objects, setup_mlflow
 
 # Runs in the fresh interpreter: pox_pipeline is blocked before anything else is imported.
@@ -51,7 +51,7 @@ def test_colour_texture_champion_loads_without_the_package(prepared_cfg, tmp_pat
     cfg = prepared_cfg("model.colour_texture.input_size=null", "model.colour_texture.epochs=2",
                        "train.verbose=0")
     info = train.train(cfg, "colour_texture")
-    model_file = Path(cfg.paths.models_dir) / "colour_texture" / serve.MODEL_FILE
+    model_file = paths.model_file(cfg, "colour_texture")
     model = serve.load_keras_model(model_file)
     assert custom_objects(model), "the model holds this package's layer: the case under test"
 
@@ -71,6 +71,7 @@ def test_colour_texture_champion_loads_without_the_package(prepared_cfg, tmp_pat
     )
     assert done.returncode == 0, done.stderr[-3000:]
     outputs = json.loads(done.stdout.strip().splitlines()[-1])
-    assert int(version.version) == 1 and set(outputs) == {"mlflow.pyfunc", "mlflow.keras", "bentoml.keras"}
+    assert int(version.version) == 1
+    assert set(outputs) == {"mlflow.pyfunc", "mlflow.keras", "bentoml.keras"}
     for loader, got in outputs.items():
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=loader)

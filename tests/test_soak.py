@@ -20,7 +20,13 @@ import pytest
 import requests
 from PIL import Image
 
-from serve_helpers import msld_samples, running_service, save_champion, tiny_model, write_serve_params
+from serve_helpers import (
+    msld_samples,
+    running_service,
+    save_champion,
+    tiny_model,
+    write_serve_params,
+)
 
 pytestmark = pytest.mark.soak
 

@@ -24,14 +24,12 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig
 
-from pox_pipeline.config import stage_entry
+from pox_pipeline import paths
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, NO_CALIBRATION
+from pox_pipeline.config import stage_entry
 from pox_pipeline.serve import NO_TTA, load_keras_model, store_keras_model
 from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
 
-VAL_METRICS_FILE = "val_metrics.json"
-TEST_METRICS_FILE = "metrics.json"
-MODEL_FILE = "model.keras"
 MLFLOW_ARTIFACT = "model"
 HASH_LABEL = "content_sha256"
 KERAS_MODULE = "bentoml.keras"  # the framework module of a model saved by bentoml.keras
@@ -39,13 +37,9 @@ KERAS_MODULE = "bentoml.keras"  # the framework module of a model saved by bento
 UNHASHED_METADATA = ("git_commit",)
 
 
-def _eval_dir(cfg: DictConfig, model_name: str) -> Path:
-    return Path(cfg.paths.reports_dir) / "eval" / model_name
-
-
 def read_val_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     """The validation metrics and threshold of one candidate: all that the choice may see."""
-    path = _eval_dir(cfg, model_name) / VAL_METRICS_FILE
+    path = paths.eval_dir(cfg, model_name) / paths.VAL_METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `evaluate@{model_name}` first")
     return json.loads(path.read_text())
@@ -62,7 +56,7 @@ def choose_champion(
     scored = []
     for order, (name, values) in enumerate(val_metrics.items()):
         if metric not in values:
-            raise KeyError(f"{name}: {VAL_METRICS_FILE} has no metric {metric!r}")
+            raise KeyError(f"{name}: {paths.VAL_METRICS_FILE} has no metric {metric!r}")
         value = values[metric]
         if value is not None and not math.isnan(value):
             scored.append((value if greater_is_better else -value, -order, name))
@@ -73,7 +67,7 @@ def choose_champion(
 
 def read_test_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     """The winner's test metrics, read after the choice only to ship as metadata ({} if absent)."""
-    path = _eval_dir(cfg, model_name) / TEST_METRICS_FILE
+    path = paths.eval_dir(cfg, model_name) / paths.TEST_METRICS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -149,7 +143,8 @@ def save_bentoml_model(cfg: DictConfig, model_file: Path, metadata: Mapping[str,
 
 
 def select(cfg: DictConfig) -> dict[str, Any]:
-    """Choose, register and save the champion; writes and returns ``reports/select.json``."""
+    """Choose, register and save the champion; writes and returns ``reports/select.json`` and
+    writes the champion's compared figures to ``reports/champion.json`` (DVC metrics)."""
     metric = cfg.select.metric
     val_metrics = {name: read_val_metrics(cfg, name) for name in cfg.models}
     winner = choose_champion(val_metrics, metric, bool(cfg.select.greater_is_better))
@@ -188,7 +183,7 @@ def select(cfg: DictConfig) -> dict[str, Any]:
         "val_metrics": without_nulls(chosen),
         "test_metrics": without_nulls(read_test_metrics(cfg, winner)),
     }
-    model_file = Path(cfg.paths.models_dir) / winner / MODEL_FILE
+    model_file = paths.model_file(cfg, winner)
     bento_tag = save_bentoml_model(cfg, model_file, without_nulls(metadata))
 
     result = {
@@ -209,10 +204,18 @@ def select(cfg: DictConfig) -> dict[str, Any]:
         "alias": cfg.select.alias,
         "bentoml_tag": bento_tag,
     }
-    out = Path(cfg.paths.reports_dir) / "select.json"
+    out = paths.select_report(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    champion = {"champion": winner, **read_dvc_metrics(cfg, winner)}
+    paths.champion_metrics(cfg).write_text(json.dumps(champion, indent=2) + "\n")
     return result
+
+
+def read_dvc_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
+    """evaluate's few compared figures of one model ({} if absent), for select's DVC metrics."""
+    path = paths.eval_dir(cfg, model_name) / paths.DVC_METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_champion(cfg: DictConfig) -> Any:

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pox_pipeline import preprocess
+from pox_pipeline import paths, preprocess
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, temperature_scale
 from pox_pipeline.preprocess import ImageError, ImageTooLarge
 
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
     from bentoml import Model as StoredModel
 
 PARAMS_ENV = "POX_PARAMS"
-DEFAULT_PARAMS = "params.yaml"
-MODEL_FILE = "model.keras"  # the BentoML model directory's file before bentoml.keras saved it
 BACKENDS = ("keras", "tflite_fp32", "tflite_int8", "tflite_full_int8")
 # Backends whose conversion calibrates activation ranges on photos (serve.calibration_dir).
 CALIBRATED_BACKENDS = ("tflite_full_int8",)
@@ -108,10 +106,10 @@ class ServeConfig:
 
     @classmethod
     def load(cls, overrides: Sequence[str] = ()) -> ServeConfig:
-        """Read ``$POX_PARAMS`` (default ``params.yaml`` in the working directory)."""
-        from pox_pipeline.config import load_params
+        """Read ``$POX_PARAMS`` (default: the project's ``params.yaml``)."""
+        from pox_pipeline.config import load_params, params_path
 
-        path = os.environ.get(PARAMS_ENV, DEFAULT_PARAMS)
+        path = os.environ.get(PARAMS_ENV) or params_path()
         if not Path(path).is_file():
             raise FileNotFoundError(
                 f"{path} not found (from {Path.cwd()}): run `python -m pox_pipeline.config` "
@@ -120,7 +118,7 @@ class ServeConfig:
         return cls.from_cfg(load_params(path, overrides).serve)
 
 
-# ---------------------------------------------------------------------------- test-time augmentation
+# ------------------------------------------------------------------------ test-time augmentation
 
 
 def tta_views(batch: np.ndarray, mode: str) -> list[np.ndarray]:
@@ -237,7 +235,9 @@ class ModelCard:
             "label": label,
             "probability": float(probabilities[self.classes.index(label)]),
             "threshold": self.threshold,
-            "probabilities": {c: float(p) for c, p in zip(self.classes, probabilities)},
+            "probabilities": {
+                c: float(p) for c, p in zip(self.classes, probabilities, strict=True)
+            },
             "model": {
                 "name": self.name,
                 "version": self.version,
@@ -265,7 +265,7 @@ def load_keras_model(path: Path) -> keras.Model:
 def load_stored_model(model_dir: Path) -> keras.Model:
     """The Keras model of a BentoML store entry: saved by :func:`store_keras_model` (an unzipped
     ``.keras`` directory), or as ``model.keras`` inside it by versions before that."""
-    legacy = Path(model_dir) / MODEL_FILE
+    legacy = Path(model_dir) / paths.MODEL_FILE
     return load_keras_model(legacy if legacy.is_file() else Path(model_dir))
 
 
@@ -567,7 +567,7 @@ def store_upload(data: bytes, upload_dir: Path, now: datetime | None = None) -> 
     """
     with Image.open(io.BytesIO(data)) as image:
         suffix = (image.format or "img").lower()
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S.%fZ")
     upload_dir.mkdir(parents=True, exist_ok=True)
     path = upload_dir / f"{stamp}-{secrets.token_hex(4)}.{suffix}"
     path.write_bytes(data)
@@ -601,7 +601,9 @@ def folder_inputs(
         raise FileNotFoundError(f"no images under {folder}")
     if limit is not None and len(files) > limit:
         files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
-    inputs = np.stack([preprocess.preprocess_file(p, card.image_size, card.resample) for p in files])
+    inputs = np.stack(
+        [preprocess.preprocess_file(p, card.image_size, card.resample) for p in files]
+    )
     return inputs, files
 
 
@@ -636,14 +638,16 @@ def compare_backends(
     base, cand = answers[baseline], answers[candidate]
     positive = [
         (b["probabilities"][card.positive_class], c["probabilities"][card.positive_class])
-        for b, c in zip(base, cand)
+        for b, c in zip(base, cand, strict=True)
     ]
-    difference = np.abs(np.subtract(*zip(*positive)))
+    difference = np.abs(np.subtract(*zip(*positive, strict=True)))
     report: dict[str, Any] = {
         "images": len(files),
         "baseline": baseline,
         "candidate": candidate,
-        "label_agreement": float(np.mean([b["label"] == c["label"] for b, c in zip(base, cand)])),
+        "label_agreement": float(
+            np.mean([b["label"] == c["label"] for b, c in zip(base, cand, strict=True)])
+        ),
         "mean_abs_probability_difference": float(difference.mean()),
         "max_abs_probability_difference": float(difference.max()),
     }
@@ -651,6 +655,6 @@ def compare_backends(
     if set(truth) <= set(card.classes):
         for backend, results in answers.items():
             report[f"accuracy_{backend}"] = float(
-                np.mean([r["label"] == t for r, t in zip(results, truth)])
+                np.mean([r["label"] == t for r, t in zip(results, truth, strict=True)])
             )
     return report
