@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
+from conftest import PROJECT_ROOT
 from pox_pipeline import serve
-from pox_pipeline.config import PROJECT_ROOT
 from serve_helpers import save_champion
 
 STALL_S = 30.0
