@@ -96,16 +96,28 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
     server: Server, predictor: serve.Predictor
 ) -> None:
     images = [image_bytes(seed=100 + i) for i in range(6)]
-    jobs = [images[i % len(images)] for i in range(48)]
+    jobs = [images[i % len(images)] for i in range(96)]
+    before = batch_sizes(server)
     with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(pool.map(lambda data: server.post("/predict", data), jobs))
-    for data, response in zip(jobs, responses, strict=False):
+    for data, response in zip(jobs, responses, strict=True):
         assert response.status_code == 200, response.text
         assert_same_answer(response.json(), expected(predictor, data))
+    after = batch_sizes(server)
+    images_in, batches = after[0] - before[0], after[1] - before[1]
+    assert images_in == len(jobs), "every request went through the model API's batcher"
+    assert images_in / batches > 1, f"{batches} batches for {images_in} images: none merged"
+
+
+def batch_sizes(server: Server) -> tuple[float, float]:
+    """(images, batches) that the model API's adaptive batcher has run so far."""
     metrics = requests.get(f"{server.url}/metrics", timeout=TIMEOUT_S).text
-    pattern = r'adaptive_batch_size_count\{[^}]*method_name="infer"[^}]*\} (\S+)'
-    batches = re.search(pattern, metrics)
-    assert batches and float(batches.group(1)) > 0, "the model API runs through the batcher"
+    found = {}
+    for kind in ("sum", "count"):
+        pattern = rf'adaptive_batch_size_{kind}\{{[^}}]*method_name="infer"[^}}]*\}} (\S+)'
+        match = re.search(pattern, metrics)
+        found[kind] = float(match.group(1)) if match else 0.0
+    return found["sum"], found["count"]
 
 
 def test_predict_batch_keeps_order(server: Server, predictor: serve.Predictor) -> None:
