@@ -21,7 +21,7 @@ import bentoml
 import numpy as np
 from PIL import Image
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 # A built Bento (and its container) ships the package as source under src/, not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from pox_pipeline import serve  # noqa: E402
+from pox_pipeline import model_card, serve  # noqa: E402
 from pox_pipeline.preprocess import ImageError  # noqa: E402
 
 SETTINGS = serve.ServeConfig.load()
@@ -49,7 +49,9 @@ class PoxModel:
     model = CHAMPION
 
     def __init__(self) -> None:
-        self.predictor = serve.Predictor.from_stored(self.model, SETTINGS.backend)
+        self.predictor = serve.Predictor.from_stored(
+            self.model, SETTINGS.backend, SETTINGS.ood.enabled
+        )
 
     @bentoml.api(
         batchable=SETTINGS.batching,
@@ -57,9 +59,10 @@ class PoxModel:
         max_latency_ms=SETTINGS.max_latency_ms,
     )
     def infer(self, images: np.ndarray) -> np.ndarray:
-        """Model outputs for a (N, S, S, 3) batch (averaged over the champion's TTA views);
+        """Model outputs for a (N, S, S, 3) batch (averaged over the champion's TTA views),
+        plus a last column with each image's out-of-distribution distance (nan: no check);
         concurrent calls are merged into one."""
-        return self.predictor.outputs(images)
+        return self.predictor.outputs_with_distance(images)
 
     @bentoml.api
     def gradcam(self, image: np.ndarray) -> np.ndarray:
@@ -88,6 +91,30 @@ class EntryPoints:
 def web_page() -> Starlette:
     """The static page in ``pox_pipeline/static`` (plain HTML/JS/CSS, nothing fetched online)."""
     return Starlette(routes=[Mount("/", StaticFiles(directory=STATIC_DIR, html=True))])
+
+
+class ModelCardPage:
+    """``GET /model-card``: the champion's model card as HTML, rendered from its metadata."""
+
+    PATH = "/model-card"
+
+    def __init__(self, app: ASGIApp, ui_path: str) -> None:
+        self.app = app
+        self.ui_path = ui_path
+        self.page: HTMLResponse | None = None  # rendered on the first request
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            if scope["path"].rstrip("/") == self.PATH:
+                if self.page is None:
+                    stored = CHAMPION.resolve()
+                    html = model_card.render(
+                        stored.tag.name, stored.info.metadata, "html", self.ui_path
+                    )
+                    self.page = HTMLResponse(html)
+                await self.page(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def rejection(error: ImageError, which: str = "") -> JSONResponse:
@@ -144,7 +171,7 @@ class PoxClassifier:
             _, array = await self._load(image)
         except ImageError as error:
             return rejection(error)
-        return self.card.results(await self._outputs(array[None]))[0]
+        return self.card.results(*serve.split_distance(await self._outputs(array[None])))[0]
 
     @bentoml.api
     async def predict_batch(self, images: list[Path]) -> list[dict[str, Any]]:
@@ -161,7 +188,7 @@ class PoxClassifier:
                 arrays.append((await self._load(upload))[1])
             except ImageError as error:
                 return rejection(error, f"image {number} of {len(images)}")
-        return self.card.results(await self._outputs(np.stack(arrays)))
+        return self.card.results(*serve.split_distance(await self._outputs(np.stack(arrays))))
 
     @bentoml.api
     async def explain(self, image: Path) -> dict[str, Any]:
@@ -176,8 +203,9 @@ class PoxClassifier:
             self._outputs(array[None]), self._call_model("gradcam", image=array)
         )
         png = await asyncio.to_thread(serve.render_heatmap, photo, cam, self.settings.heatmap)
-        result = self.card.results(outputs)[0]
+        result = self.card.results(*serve.split_distance(outputs))[0]
         return {**result, "heatmap_png_base64": base64.b64encode(png).decode("ascii")}
 
 
 PoxClassifier.add_asgi_middleware(EntryPoints, ui_path=SETTINGS.ui_path)
+PoxClassifier.add_asgi_middleware(ModelCardPage, ui_path=SETTINGS.ui_path)

@@ -52,9 +52,10 @@ def _val(auc: float, threshold: float) -> str:
 
 
 @pytest.fixture
-def candidates(make_cfg: Callable[..., DictConfig]) -> DictConfig:
-    """cnn and vgg16 'trained'; vgg16 is better on val, cnn looks better on test."""
-    cfg = make_cfg("models=[cnn,vgg16]", f"select.bentoml_model_name=pox-test-{uuid.uuid4().hex[:8]}")
+def candidates(prepared_cfg: Callable[..., DictConfig]) -> DictConfig:
+    """cnn and vgg16 'trained'; vgg16 is better on val, cnn looks better on test. The prepared
+    split is there for the out-of-distribution guard, fitted at publish."""
+    cfg = prepared_cfg("models=[cnn,vgg16]", f"select.bentoml_model_name=pox-test-{uuid.uuid4().hex[:8]}")
     assert list(cfg.models) == ["cnn", "vgg16"]
     for seed, name in enumerate(cfg.models):
         fake_trained_model(cfg, name, seed=seed)
@@ -112,6 +113,15 @@ def test_select_registers_saves_and_is_idempotent(
     assert (Path(bento.path) / "model.keras").read_bytes() == (
         Path(cfg.paths.models_dir) / "vgg16" / "model.keras"
     ).read_bytes()
+    # the out-of-distribution guard and the model card travel with the model and its run
+    assert bento.info.metadata["ood"]["reference_photos"] > 0
+    assert bento.info.metadata["ood"]["threshold"] > 0
+    assert bento.info.metadata["split"]["group_pattern"] == cfg.data.group_pattern
+    served_files = {path.name for path in Path(bento.path).iterdir()}
+    assert {"ood.npz", "model_card.md", "model_card.html"} <= served_files
+    logged = {a.path for a in MlflowClient().list_artifacts(first["mlflow_run_id"])}
+    assert {"ood.npz", "model_card.md", "model_card.html"} <= logged
+    assert "Not a diagnosis" in (Path(bento.path) / "model_card.md").read_text()
 
     # the registered champion is the vgg16 model
     import keras

@@ -205,7 +205,10 @@ def publish(
         "val_metrics": select.without_nulls(report["val_metrics"]),
         "cv_test_metrics": select.without_nulls(report["cv_test_metrics"]),
     }
-    bento_tag = select.save_bentoml_model(cfg, Path(report["model_file"]), select.without_nulls(metadata))
+    # the guard's reference photos: the first member's training split (any fold's photos are
+    # skin photos of the same data set; every member saw most of them)
+    data_cfg = fold_config(cfg, members[0].fold, members[0].seed)
+    bento_tag = select.publish_bentoml(cfg, data_cfg, Path(report["model_file"]), metadata, run.info.run_id)
     return {"mlflow_run_id": run.info.run_id, "registered_model_version": int(version.version),
             "alias": cfg.select.alias, "bentoml_tag": bento_tag}  # fmt: skip
 

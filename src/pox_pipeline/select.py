@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,10 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig
 
+from pox_pipeline import model_card, ood
 from pox_pipeline.config import stage_entry
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, NO_CALIBRATION
-from pox_pipeline.serve import NO_TTA
+from pox_pipeline.serve import NO_TTA, load_keras_model
 from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
 
 VAL_METRICS_FILE = "val_metrics.json"
@@ -37,6 +39,8 @@ MLFLOW_ARTIFACT = "model"
 HASH_LABEL = "content_sha256"
 # Metadata left out of the content hash: a new commit alone is no new model.
 UNHASHED_METADATA = ("git_commit",)
+# Files saved with the model but rendered from its metadata: hashed through the metadata.
+UNHASHED_FILES = (model_card.MARKDOWN_FILE, model_card.HTML_FILE)
 
 
 def _eval_dir(cfg: DictConfig, model_name: str) -> Path:
@@ -121,22 +125,34 @@ def without_nulls(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def content_hash(model_file: Path, metadata: Mapping[str, Any]) -> str:
-    """sha256 over the model bytes and the metadata that changes what is served."""
+def content_hash(
+    model_file: Path, metadata: Mapping[str, Any], extra_files: Mapping[str, Path] | None = None
+) -> str:
+    """sha256 over the model bytes, the files saved with it and the metadata that changes
+    what is served."""
     digest = hashlib.sha256(model_file.read_bytes())
+    for name, path in sorted((extra_files or {}).items()):
+        if name not in UNHASHED_FILES:
+            digest.update(name.encode() + path.read_bytes())
     hashed = {k: v for k, v in metadata.items() if k not in UNHASHED_METADATA}
     digest.update(json.dumps(hashed, sort_keys=True).encode())
     return digest.hexdigest()
 
 
-def save_bentoml_model(cfg: DictConfig, model_file: Path, metadata: Mapping[str, Any]) -> str:
-    """Save the champion to the BentoML store; reuse the latest if its content is identical.
+def save_bentoml_model(
+    cfg: DictConfig,
+    model_file: Path,
+    metadata: Mapping[str, Any],
+    extra_files: Mapping[str, Path] | None = None,
+) -> str:
+    """Save the champion (and ``extra_files``, name -> file, beside it) to the BentoML store;
+    reuse the latest if its content is identical.
 
     Only the latest counts: after A, B, A the store gets a new A, because serving loads
     ``<name>:latest``.
     """
     name = cfg.select.bentoml_model_name
-    sha = content_hash(model_file, metadata)
+    sha = content_hash(model_file, metadata, extra_files)
     try:
         latest = bentoml.models.get(f"{name}:latest")
         if latest.info.labels.get(HASH_LABEL) == sha:
@@ -146,7 +162,37 @@ def save_bentoml_model(cfg: DictConfig, model_file: Path, metadata: Mapping[str,
     labels = {HASH_LABEL: sha, "model_name": str(metadata["model_name"])}
     with bentoml.models.create(name, labels=labels, metadata=dict(metadata)) as ref:
         shutil.copyfile(model_file, Path(ref.path) / MODEL_FILE)
+        for file_name, path in (extra_files or {}).items():
+            shutil.copyfile(path, Path(ref.path) / file_name)
     return str(ref.tag)
+
+
+def publish_bentoml(
+    cfg: DictConfig,
+    data_cfg: DictConfig,
+    model_file: Path,
+    metadata: Mapping[str, Any],
+    run_id: str,
+) -> str:
+    """Serve a model: fit its out-of-distribution guard on ``data_cfg``'s prepared train and
+    validation photos (``serve.ood``), write its model card, save all three to BentoML and
+    log the card and guard to its MLflow run. The one publish step of select and ensemble."""
+    metadata = {**metadata, **model_card.data_metadata(data_cfg)}
+    with tempfile.TemporaryDirectory() as tmp:
+        extra_files = {}
+        if cfg.serve.ood.enabled:
+            guard = ood.fit_guard(data_cfg, load_keras_model(model_file))
+            metadata["ood"] = guard.metadata()
+            extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
+        metadata = without_nulls(metadata)
+        name = cfg.select.registered_model_name
+        for path in model_card.write_files(Path(tmp), name, metadata):
+            extra_files[path.name] = path
+        tag = save_bentoml_model(cfg, model_file, metadata, extra_files)
+        client = MlflowClient()
+        for path in extra_files.values():
+            client.log_artifact(run_id, str(path))
+    return tag
 
 
 def select(cfg: DictConfig) -> dict[str, Any]:
@@ -190,7 +236,7 @@ def select(cfg: DictConfig) -> dict[str, Any]:
         "test_metrics": without_nulls(read_test_metrics(cfg, winner)),
     }
     model_file = Path(cfg.paths.models_dir) / winner / MODEL_FILE
-    bento_tag = save_bentoml_model(cfg, model_file, without_nulls(metadata))
+    bento_tag = publish_bentoml(cfg, cfg, model_file, metadata, run_id)
 
     result = {
         "winner": winner,

@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pox_pipeline import preprocess
+from pox_pipeline import ood, preprocess
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, temperature_scale
 from pox_pipeline.preprocess import ImageError, ImageTooLarge
 
@@ -81,6 +81,7 @@ class ServeConfig:
     timeout_s: float
     ui_path: str
     heatmap: HeatmapConfig
+    ood: ood.OODSettings
     store_uploads: bool
     upload_dir: Path
 
@@ -94,6 +95,7 @@ class ServeConfig:
         if values["backend"] not in BACKENDS:
             raise ValueError(f"serve.backend={values['backend']!r}; choose one of {BACKENDS}")
         values["heatmap"] = HeatmapConfig(**values["heatmap"])
+        values["ood"] = ood.OODSettings.from_cfg(values["ood"])
         values["upload_dir"] = Path(values["upload_dir"])
         return cls(**values)
 
@@ -156,6 +158,10 @@ class ModelCard:
     mlflow_run_id: str | None
     temperature: float = IDENTITY_TEMPERATURE
     tta: str = NO_TTA
+    # What the threshold trades, on the validation photos (plain-words explanations).
+    val_sensitivity: float | None = None
+    val_specificity: float | None = None
+    ood_threshold: float | None = None  # None: no guard stored with the model
 
     @classmethod
     def from_metadata(cls, name: str, version: str, metadata: Mapping[str, Any]) -> ModelCard:
@@ -184,6 +190,9 @@ class ModelCard:
             mlflow_run_id=metadata.get("mlflow_run_id"),
             temperature=temperature,
             tta=tta,
+            val_sensitivity=metadata.get("val_metrics", {}).get("sensitivity"),
+            val_specificity=metadata.get("val_metrics", {}).get("specificity"),
+            ood_threshold=metadata.get("ood", {}).get("threshold"),
         )
 
     @classmethod
@@ -216,15 +225,16 @@ class ModelCard:
         probabilities[:, 1 - index] = 1.0 - positive
         return probabilities
 
-    def result(self, probabilities: np.ndarray) -> dict[str, Any]:
-        """One image's answer: binary = positive iff P(positive) >= threshold, else argmax."""
+    def result(self, probabilities: np.ndarray, distance: float | None = None) -> dict[str, Any]:
+        """One image's answer: binary = positive iff P(positive) >= threshold, else argmax;
+        with the OOD guard's verdict on ``distance`` and the decision in plain words."""
         if self.is_binary:
             positive = probabilities[self.classes.index(self.positive_class)]
             negative = next(c for c in self.classes if c != self.positive_class)
             label = self.positive_class if positive >= self.threshold else negative
         else:
             label = self.classes[int(np.argmax(probabilities))]
-        return {
+        answer = {
             "label": label,
             "probability": float(probabilities[self.classes.index(label)]),
             "threshold": self.threshold,
@@ -234,10 +244,57 @@ class ModelCard:
                 "version": self.version,
                 "mlflow_run_id": self.mlflow_run_id,
             },
+            **ood.verdict(distance, self.ood_threshold),
         }
+        answer["explanation"] = self.plain_words(answer)
+        return answer
 
-    def results(self, outputs: np.ndarray) -> list[dict[str, Any]]:
-        return [self.result(row) for row in self.class_probabilities(outputs)]
+    def results(
+        self, outputs: np.ndarray, distances: np.ndarray | None = None
+    ) -> list[dict[str, Any]]:
+        """Answers for model outputs and (optionally) the OOD distances of the same images."""
+        rows = self.class_probabilities(outputs)
+        distances = [None] * len(rows) if distances is None else distances
+        return [self.result(row, distance) for row, distance in zip(rows, distances)]
+
+    def threshold_trade(self) -> str:
+        """What the threshold buys and costs on the validation photos, in plain words."""
+        if self.threshold is None:
+            return "The model names the class it scores highest."
+        trade = f"The screening threshold is {self.threshold:.0%}"
+        if self.val_sensitivity is None or self.val_specificity is None:
+            return trade + "."
+        negative = next(c for c in self.classes if c != self.positive_class)
+        return (
+            f"{trade}: on the validation photos it caught {self.val_sensitivity:.0%} of "
+            f"{self.positive_class} cases, at the cost of false alarms on "
+            f"{1 - self.val_specificity:.0%} of {negative} photos."
+        )
+
+    def plain_words(self, answer: Mapping[str, Any]) -> str:
+        """Why this label, for a person: a probability below 50% can still be flagged."""
+        if not answer["in_distribution"]:
+            return (
+                f"No label: {ood.REASON}, so its scores mean nothing. Please upload a clear, "
+                "close photo of the skin lesion."
+            )
+        if self.threshold is None:
+            return (
+                f"{answer['label']} scored highest ({answer['probability']:.0%}). "
+                + self.threshold_trade()
+            )
+        score = answer["probabilities"][self.positive_class]
+        if answer["label"] == self.positive_class:
+            verdict = (
+                f"Flagged for a clinician: {self.positive_class} scored {score:.0%}, at or above "
+                f"the screening threshold of {self.threshold:.0%}."
+            )
+        else:
+            verdict = (
+                f"Not flagged: {self.positive_class} scored {score:.0%}, below the screening "
+                f"threshold of {self.threshold:.0%}."
+            )
+        return f"{verdict} {self.threshold_trade()} This is not a diagnosis."
 
 
 # ---------------------------------------------------------------------------- predictor
@@ -255,7 +312,9 @@ def load_keras_model(path: Path) -> keras.Model:
 class Predictor:
     """Loads one model once and answers batches through a compiled call (never model.predict)."""
 
-    def __init__(self, model_dir: Path, card: ModelCard, backend: str = "keras") -> None:
+    def __init__(
+        self, model_dir: Path, card: ModelCard, backend: str = "keras", ood_enabled: bool = True
+    ) -> None:
         import keras
 
         if backend not in BACKENDS:
@@ -270,18 +329,25 @@ class Predictor:
         )
         self._gradcam_layer = last_conv2d(self.model)
         self._gradcam_lock = threading.Lock()
+        guard_file = Path(model_dir) / ood.OOD_FILE
+        self.guard = ood.Guard.load(guard_file) if ood_enabled and guard_file.is_file() else None
+        self._features = (
+            None if self.guard is None else ood.feature_extractor(self.model, card.image_size)
+        )
         # Trace / allocate now so that the first request is not the slow one.
         self.outputs(np.zeros((1, card.image_size, card.image_size, 3), np.float32))
 
     @classmethod
-    def from_stored(cls, stored: StoredModel, backend: str = "keras") -> Predictor:
-        return cls(Path(stored.path), ModelCard.from_stored(stored), backend)
+    def from_stored(
+        cls, stored: StoredModel, backend: str = "keras", ood_enabled: bool = True
+    ) -> Predictor:
+        return cls(Path(stored.path), ModelCard.from_stored(stored), backend, ood_enabled)
 
     @classmethod
-    def from_tag(cls, tag: str, backend: str = "keras") -> Predictor:
+    def from_tag(cls, tag: str, backend: str = "keras", ood_enabled: bool = True) -> Predictor:
         import bentoml
 
-        return cls.from_stored(bentoml.models.get(tag), backend)
+        return cls.from_stored(bentoml.models.get(tag), backend, ood_enabled)
 
     def outputs(self, batch: np.ndarray) -> np.ndarray:
         """Model outputs for a float32 (N, S, S, 3) batch in [0, 255], averaged over the
@@ -291,11 +357,25 @@ class Predictor:
         outputs = self._run(np.ascontiguousarray(inputs))
         return mean_over_views(outputs, len(views))
 
+    def outputs_with_distance(self, batch: np.ndarray) -> np.ndarray:
+        """:meth:`outputs` with one more column: each image's OOD distance (nan when the guard
+        is off or absent). One array, so BentoML's adaptive batching can carry it."""
+        if self.guard is None:
+            outputs = self.outputs(batch)
+            return np.concatenate([outputs, np.full((len(outputs), 1), np.nan)], axis=1)
+        views = tta_views(np.asarray(batch, dtype=np.float32), self.card.tta)
+        inputs = views[0] if len(views) == 1 else np.concatenate(views)
+        model_outputs, features = self._features(np.ascontiguousarray(inputs))
+        if self.backend != "keras":  # the answer comes from the backend being served
+            model_outputs = self._run(np.ascontiguousarray(inputs))
+        distances = self.guard.distances(mean_over_views(features, len(views)))
+        return np.concatenate([mean_over_views(model_outputs, len(views)), distances[:, None]], 1)
+
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """Model inputs (``preprocess.to_model_input``) -> one result dict per image, in order."""
         if not images:
             return []
-        return self.card.results(self.outputs(np.stack(images)))
+        return self.card.results(*split_distance(self.outputs_with_distance(np.stack(images))))
 
     def gradcam(self, image: np.ndarray) -> np.ndarray:
         """Grad-CAM of the positive-class score at the last Conv2D, in [0, 1] (conv resolution);
@@ -310,6 +390,11 @@ class Predictor:
         image = preprocess.to_model_input(photo, self.card.image_size, self.card.resample)
         result = self.predict([image])[0]
         return result, render_heatmap(photo, self.gradcam(image), heatmap)
+
+
+def split_distance(scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`Predictor.outputs_with_distance` -> (model outputs, OOD distances)."""
+    return scored[:, :-1], scored[:, -1]
 
 
 def compiled_keras_call(model: keras.Model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
