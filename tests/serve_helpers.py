@@ -46,9 +46,17 @@ def tiny_model(image_size: int = TEST_IMAGE_SIZE, seed: int = 0):
     return keras.Model(inputs, outputs, name="tiny")
 
 
-def save_champion(model=None, image_size: int = TEST_IMAGE_SIZE) -> str:
-    """Save a model as ``pox-classifier`` with select.py's metadata keys; returns its tag."""
+def save_champion(
+    model=None, image_size: int = TEST_IMAGE_SIZE, guard_photos: np.ndarray | None = None
+) -> str:
+    """Save a model as ``pox-classifier`` with select.py's metadata keys; returns its tag.
+
+    With ``guard_photos`` (N, S, S, 3), an out-of-distribution guard is stored too, as
+    publishing fits it: the first three quarters are its reference, the rest set the threshold.
+    """
     import bentoml
+
+    from pox_pipeline import ood
 
     model = model or tiny_model(image_size)
     metadata = {
@@ -65,15 +73,36 @@ def save_champion(model=None, image_size: int = TEST_IMAGE_SIZE) -> str:
         "mlflow_model_version": 1,
         "registered_model_name": MODEL_NAME,
         "git_commit": "unknown",
-        "val_metrics": {"balanced_accuracy": 0.5},
+        "val_metrics": {"balanced_accuracy": 0.5, "sensitivity": 0.95, "specificity": 0.6},
         "test_metrics": {"balanced_accuracy": 0.5},
     }
+    guard = None
+    if guard_photos is not None:
+        features = ood.features_of(model, guard_photos.astype(np.float32), batch_size=32)
+        split = len(features) * 3 // 4
+        guard = ood.Guard.fit(features[:split], features[split:], k=3, quantile=1.0)
+        metadata["ood"] = guard.metadata()
     with tempfile.TemporaryDirectory() as tmp:
         model_file = Path(tmp) / "model.keras"
         model.save(model_file)
         with bentoml.models.create(MODEL_NAME, metadata=metadata) as ref:
             shutil.copyfile(model_file, Path(ref.path) / "model.keras")
+            if guard is not None:
+                guard.save(Path(ref.path) / ood.OOD_FILE)
     return str(ref.tag)
+
+
+def skin_like_photos(count: int, size: int = TEST_IMAGE_SIZE, seed: int = 0) -> np.ndarray:
+    """(count, size, size, 3) float32 photos of one skin tone with mottled noise: what the
+    test guards take as 'the training photos'."""
+    rng = np.random.default_rng(seed)
+    tone = np.array([200.0, 150.0, 120.0])
+    return np.clip(tone + rng.normal(0, 25, (count, size, size, 3)), 0, 255).astype(np.float32)
+
+
+def save_png(path: Path, pixels: np.ndarray) -> Path:
+    Image.fromarray(np.asarray(pixels).round().astype(np.uint8)).save(path)
+    return path
 
 
 def write_serve_params(path: Path, *overrides: str) -> Path:
