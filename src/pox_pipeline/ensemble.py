@@ -28,6 +28,7 @@ import hydra
 import keras
 import mlflow
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from tqdm import tqdm
 
 from pox_pipeline import select, tracking
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE
@@ -156,7 +157,8 @@ def held_out_ensembles(
 
     positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
     per_fold = []
-    for fold in sorted({m.fold for m in members}):
+    folds = sorted({m.fold for m in members})
+    for fold in tqdm(folds, desc="held-out ensembles", unit="fold", disable=None):
         group = [m for m in members if m.fold == fold]
         fold_models = [model for m, model in zip(members, models) if m.fold == fold]
         model = build_ensemble(fold_models, int(cfg.data.image_size), name)
@@ -221,7 +223,7 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
     family = "+".join(families)
     model_name = f"{'-'.join(families)}-ensemble"
     keras_name = f"{'_'.join(families)}_ensemble"
-    member_models = [load_member(m) for m in members]
+    member_models = [load_member(m) for m in tqdm(members, desc="members", disable=None)]
     model = build_ensemble(member_models, int(cfg.data.image_size), keras_name)
     out_dir = Path(cfg.ensemble.out_dir) / family
     out_dir.mkdir(parents=True, exist_ok=True)
