@@ -26,7 +26,6 @@ import numpy as np
 
 if TYPE_CHECKING:
     import keras
-    from omegaconf import DictConfig
 
 OOD_FILE = "ood.npz"  # inside the BentoML model directory, beside model.keras
 OUTPUT_LAYER = "output"  # models.classifier_head's name for the final Dense layer
@@ -241,13 +240,11 @@ def features_of(model: keras.Model, images: np.ndarray, batch_size: int) -> np.n
 # ---------------------------------------------------------------------------- publishing
 
 
-def fit_guard(cfg: DictConfig, model: keras.Model) -> Guard:
-    """The guard of a model about to be published, from the prepared split of ``cfg``:
-    reference = training photos, threshold from the validation photos (``serve.ood``)."""
-    from pox_pipeline.data import load_split
-
-    settings = OODSettings.from_cfg(cfg.serve.ood)
-    train, val = (load_split(cfg, split)[0] for split in ("train", "val"))
+def fit_guard(
+    model: keras.Model, train: np.ndarray, val: np.ndarray, settings: OODSettings
+) -> Guard:
+    """The guard of a model about to be published: reference = its training photos,
+    threshold from its validation photos (model inputs, as ``data.load_split`` gives them)."""
     return Guard.fit(
         features_of(model, train, settings.batch_size),
         features_of(model, val, settings.batch_size),

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from pox_pipeline import model_card, ood
 from pox_pipeline.config import stage_entry
+from pox_pipeline.data import load_split
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, NO_CALIBRATION
 from pox_pipeline.serve import NO_TTA, load_keras_model
 from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
@@ -181,7 +182,9 @@ def publish_bentoml(
     with tempfile.TemporaryDirectory() as tmp:
         extra_files = {}
         if cfg.serve.ood.enabled:
-            guard = ood.fit_guard(data_cfg, load_keras_model(model_file))
+            train, val = (load_split(data_cfg, split)[0] for split in ("train", "val"))
+            settings = ood.OODSettings.from_cfg(cfg.serve.ood)
+            guard = ood.fit_guard(load_keras_model(model_file), train, val, settings)
             metadata["ood"] = guard.metadata()
             extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
         metadata = without_nulls(metadata)
