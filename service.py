@@ -60,9 +60,9 @@ class PoxModel:
     )
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Model outputs for a (N, S, S, 3) batch (averaged over the champion's TTA views),
-        plus a last column with each image's out-of-distribution distance (nan: no check);
+        plus a last column with each image's out-of-distribution score (above 1: out; nan: no check);
         concurrent calls are merged into one."""
-        return self.predictor.outputs_with_distance(images)
+        return self.predictor.outputs_with_ood_score(images)
 
     @bentoml.api
     def gradcam(self, image: np.ndarray) -> np.ndarray:
@@ -171,7 +171,7 @@ class PoxClassifier:
             _, array = await self._load(image)
         except ImageError as error:
             return rejection(error)
-        return self.card.results(*serve.split_distance(await self._outputs(array[None])))[0]
+        return self.card.results(*serve.split_ood_score(await self._outputs(array[None])))[0]
 
     @bentoml.api
     async def predict_batch(self, images: list[Path]) -> list[dict[str, Any]]:
@@ -188,7 +188,7 @@ class PoxClassifier:
                 arrays.append((await self._load(upload))[1])
             except ImageError as error:
                 return rejection(error, f"image {number} of {len(images)}")
-        return self.card.results(*serve.split_distance(await self._outputs(np.stack(arrays))))
+        return self.card.results(*serve.split_ood_score(await self._outputs(np.stack(arrays))))
 
     @bentoml.api
     async def explain(self, image: Path) -> dict[str, Any]:
@@ -203,7 +203,7 @@ class PoxClassifier:
             self._outputs(array[None]), self._call_model("gradcam", image=array)
         )
         png = await asyncio.to_thread(serve.render_heatmap, photo, cam, self.settings.heatmap)
-        result = self.card.results(*serve.split_distance(outputs))[0]
+        result = self.card.results(*serve.split_ood_score(outputs))[0]
         return {**result, "heatmap_png_base64": base64.b64encode(png).decode("ascii")}
 
 

@@ -3,8 +3,9 @@
 For one stored model (its guard fitted at publish), prints the share of the held-out test
 photos flagged (goal: at most 5%) and of each kind of non-skin image
 (``pox_pipeline.non_skin``: flat colours, noise, text screenshots, charts, photos of objects
-and animals; goal: at least 95%), next to the no-guard baseline (nothing flagged), measured
-in the same run through the service's own Predictor.
+and animals; goal: at least 95%): by each feature space of the guard alone (the model's head
+features; the photo's colour/texture statistics) and by the served rule (flagged by any),
+which goes through the service's own Predictor. Without a guard, nothing is flagged.
 
 examples:
   python benchmarks/ood_rates.py                          # champion, the prepared test split
@@ -22,12 +23,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pox_pipeline import non_skin, preprocess
+from pox_pipeline import non_skin, ood, preprocess
 from pox_pipeline.config import PROJECT_ROOT
-from pox_pipeline.serve import Predictor, split_distance
+from pox_pipeline.serve import Predictor, split_ood_score
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 TEST_GOAL, NON_SKIN_GOAL = 0.05, 0.95
+BATCH = 32
+SERVED = "the served rule (any space)"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -43,36 +46,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def flagged(predictor: Predictor, photos: list[Image.Image]) -> np.ndarray:
-    """True for each photo the guard flags (the model's own preprocessing, in batches of 32)."""
-    card = predictor.card
+def flagged(predictor: Predictor, photos: list[Image.Image]) -> dict[str, np.ndarray]:
+    """Per photo, whether each feature space alone flags it, and the served rule (any space),
+    through the service's own preprocessing and Predictor, in batches of 32."""
+    card, guard = predictor.card, predictor.guard
     inputs = np.stack([preprocess.to_model_input(p, card.image_size, card.resample) for p in photos])
-    distances = np.concatenate(
-        [split_distance(predictor.outputs_with_distance(inputs[i : i + 32]))[1]
-         for i in tqdm(range(0, len(inputs), 32), desc="batches", disable=None, leave=False)]
+    served = np.concatenate(
+        [split_ood_score(predictor.outputs_with_ood_score(inputs[i : i + BATCH]))[1]
+         for i in tqdm(range(0, len(inputs), BATCH), desc="photos", disable=None, leave=False)]
     )  # fmt: skip
-    if np.isnan(distances).any():
-        raise SystemExit("this model has no out-of-distribution guard: publish it again")
-    return distances > predictor.guard.threshold
+    settings = ood.OODSettings(enabled=True, features=tuple(guard.guards),
+                               statistics_size=guard.statistics_size, k=1, quantile=1.0,
+                               batch_size=BATCH)  # fmt: skip
+    features = ood.features_of(predictor.model, inputs, settings)
+    alone = {space: part.distances(features[space]) > part.threshold
+             for space, part in guard.guards.items()}  # fmt: skip
+    return {**alone, SERVED: served > 1.0}
 
 
-def rates(predictor: Predictor, test_dir: Path) -> list[tuple[str, int, int, str]]:
-    """(set, images, flagged, goal) rows: the test photos, each non-skin kind, all non-skin."""
+def rates(predictor: Predictor, test_dir: Path) -> list[tuple[str, int, dict[str, int], str]]:
+    """(set, images, {rule: flagged}, goal) rows: the test photos, each non-skin kind, all."""
     files = sorted(p for p in test_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise SystemExit(f"no photos under {test_dir}")
     test = flagged(predictor, [preprocess.decode_image(p.read_bytes()) for p in files])
-    rows = [(f"held-out test photos ({test_dir.name})", len(files), int(test.sum()),
-             f"<= {TEST_GOAL:.0%}")]  # fmt: skip
+    rows = [(f"held-out test photos ({test_dir})", len(files),
+             {rule: int(hits.sum()) for rule, hits in test.items()}, f"<= {TEST_GOAL:.0%}")]  # fmt: skip
     by_kind: dict[str, list[Image.Image]] = defaultdict(list)
     for kind, _, image in non_skin.images():
         by_kind[kind].append(image)
-    total = [0, 0]
+    totals: dict[str, int] = defaultdict(int)
     for kind, images in by_kind.items():
-        hits = int(flagged(predictor, images).sum())
+        hits = {rule: int(values.sum()) for rule, values in flagged(predictor, images).items()}
         rows.append((f"  {kind}", len(images), hits, ""))
-        total = [total[0] + len(images), total[1] + hits]
-    rows.append(("clearly non-skin images, all", total[0], total[1], f">= {NON_SKIN_GOAL:.0%}"))
+        for rule, count in hits.items():
+            totals[rule] += count
+    count = sum(len(images) for images in by_kind.values())
+    rows.append(("clearly non-skin images, all", count, dict(totals), f">= {NON_SKIN_GOAL:.0%}"))
     return rows
 
 
@@ -84,12 +94,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     predictor = Predictor.from_stored(stored)
     if predictor.guard is None:
         raise SystemExit(f"{stored.tag} has no out-of-distribution guard: publish it again")
-    print(f"model {stored.tag} ({stored.info.metadata.get('model_name')}), guard "
-          f"k={predictor.guard.k}, threshold {predictor.guard.threshold:.3f} "
-          f"(validation quantile {predictor.guard.quantile})")  # fmt: skip
-    print(f"| set | images | flagged | rate | no-guard baseline | goal |\n|---|---|---|---|---|---|")
+    spaces = ", ".join(f"{space} (k={guard.k}, threshold {guard.threshold:.3f} = validation "
+                       f"quantile {guard.quantile})" for space, guard in predictor.guard.guards.items())
+    print(f"model {stored.tag} ({stored.info.metadata.get('model_name')}), guard spaces: {spaces}")
+    rules = [*predictor.guard.guards, SERVED]
+    print("| set | images | " + " | ".join(f"flagged by {rule}" for rule in rules) + " | goal |")
+    print("|---|---|" + "---|" * len(rules) + "---|")
     for name, count, hits, goal in rates(predictor, args.images):
-        print(f"| {name} | {count} | {hits} | {hits / count:.1%} | 0.0% | {goal} |")
+        cells = " | ".join(f"{hits[rule]} ({hits[rule] / count:.1%})" for rule in rules)
+        print(f"| {name} | {count} | {cells} | {goal} |")
 
 
 if __name__ == "__main__":

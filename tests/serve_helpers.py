@@ -78,9 +78,9 @@ def save_champion(
     }
     guard = None
     if guard_photos is not None:
-        features = ood.features_of(model, guard_photos.astype(np.float32), batch_size=32)
-        split = len(features) * 3 // 4
-        guard = ood.Guard.fit(features[:split], features[split:], k=3, quantile=1.0)
+        photos = guard_photos.astype(np.float32)
+        split = len(photos) * 3 // 4
+        guard = ood.fit_guard(model, photos[:split], photos[split:], tiny_guard_settings())
         metadata["ood"] = guard.metadata()
     with tempfile.TemporaryDirectory() as tmp:
         model_file = Path(tmp) / "model.keras"
@@ -90,6 +90,15 @@ def save_champion(
             if guard is not None:
                 guard.save(Path(ref.path) / ood.OOD_FILE)
     return str(ref.tag)
+
+
+def tiny_guard_settings(**changes: object):
+    """``serve.ood`` for the tiny test models: both feature spaces, small k, at 32 px."""
+    from pox_pipeline import ood
+
+    values = {"enabled": True, "features": ood.FEATURE_SPACES, "statistics_size": TEST_IMAGE_SIZE,
+              "k": 3, "quantile": 1.0, "batch_size": 32, **changes}  # fmt: skip
+    return ood.OODSettings(**values)
 
 
 def skin_like_photos(count: int, size: int = TEST_IMAGE_SIZE, seed: int = 0) -> np.ndarray:

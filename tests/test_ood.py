@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from pox_pipeline import ood, serve
 from pox_pipeline.models import FACTORIES, build_model
-from serve_helpers import save_champion, tiny_model
+from serve_helpers import save_champion, skin_like_photos, tiny_guard_settings, tiny_model
 
 rng = np.random.default_rng(0)
 
@@ -35,29 +35,44 @@ def test_a_unit_silent_in_training_counts_and_divides_by_no_zero() -> None:
     assert guard.distances(lit)[0] > guard.threshold
 
 
-def test_guard_round_trips_through_its_file(tmp_path: Path) -> None:
-    guard = ood.Guard.fit(rng.normal(0, 1, (40, 6)), rng.normal(0, 1, (10, 6)), 3, 0.95)
-    loaded = ood.Guard.load(guard.save(tmp_path / ood.OOD_FILE))
-    probe = rng.normal(0, 2, (5, 6))
-    np.testing.assert_allclose(loaded.distances(probe), guard.distances(probe), rtol=1e-5)
-    assert loaded.metadata() == guard.metadata()
+def two_spaces() -> tuple[dict, dict]:
+    train = {"head": rng.normal(0, 1, (40, 6)), "image_statistics": rng.normal(5, 2, (40, 3))}
+    val = {"head": rng.normal(0, 1, (10, 6)), "image_statistics": rng.normal(5, 2, (10, 3))}
+    return train, val
+
+
+def test_the_score_is_the_worst_space_relative_to_its_threshold(tmp_path: Path) -> None:
+    train, val = two_spaces()
+    guards = ood.GuardSet.fit(train, val, tiny_guard_settings(quantile=0.95))
+    probe = {"head": np.zeros((2, 6)), "image_statistics": np.array([[5, 5, 5], [50, 50, 50]])}
+    head, stats = guards.guards["head"], guards.guards["image_statistics"]
+    expected = np.maximum(head.distances(probe["head"]) / head.threshold,
+                          stats.distances(probe["image_statistics"]) / stats.threshold)  # fmt: skip
+    np.testing.assert_allclose(guards.scores(probe), expected)
+    assert guards.scores(probe)[0] <= 1 < guards.scores(probe)[1]  # far in one space is enough
+    loaded = ood.GuardSet.load(guards.save(tmp_path / ood.OOD_FILE))
+    np.testing.assert_allclose(loaded.scores(probe), guards.scores(probe), rtol=1e-5)
+    assert loaded.metadata() == guards.metadata()
+    assert set(guards.metadata()["spaces"]) == {"head", "image_statistics"}
 
 
 def test_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match="quantile"):
-        ood.OODSettings.from_cfg({"enabled": True, "k": 5, "quantile": 0, "batch_size": 8})
-    with pytest.raises(ValueError, match="k must"):
-        ood.OODSettings.from_cfg({"enabled": True, "k": 0, "quantile": 0.9, "batch_size": 8})
+    base = {"enabled": True, "features": ["head"], "statistics_size": 64, "k": 5,
+            "quantile": 0.9, "batch_size": 8}  # fmt: skip
+    assert ood.OODSettings.from_cfg(base).features == ("head",)
+    for change, words in ({"quantile": 0}, "quantile"), ({"k": 0}, "k must"), (
+        {"features": ["pixels"]}, "features"), ({"features": []}, "features"):  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            ood.OODSettings.from_cfg({**base, **change})
 
 
 def test_verdict_says_why_and_never_pretends_a_check_ran() -> None:
-    out = ood.verdict(3.0, 2.0)
+    out = ood.verdict(1.5)
     assert out["in_distribution"] is False and "skin photo" in out["ood_reason"]
-    assert ood.verdict(1.0, 2.0) == {
-        "in_distribution": True, "ood": {"checked": True, "distance": 1.0, "threshold": 2.0}
-    }
-    assert ood.verdict(float("nan"), 2.0)["ood"] == {"checked": False}
-    assert ood.verdict(1.0, None)["ood"] == {"checked": False}
+    assert "1.5 times" in out["ood_reason"]
+    assert ood.verdict(0.5) == {"in_distribution": True, "ood": {"checked": True, "score": 0.5}}
+    assert ood.verdict(float("nan"))["ood"] == {"checked": False}
+    assert ood.verdict(None)["ood"] == {"checked": False}
 
 
 @pytest.mark.parametrize("family", sorted(FACTORIES))
@@ -74,7 +89,8 @@ def test_features_are_the_input_of_the_output_layer_in_every_family(
     cfg = make_cfg(*overrides.get(family, []))
     model = build_model(cfg.model[family], cfg.data)
     images = rng.uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
-    outputs, features = ood.feature_extractor(model, 32)(images)
+    outputs, spaces = ood.feature_extractor(model, 32, ood.FEATURE_SPACES, 32)(images)
+    features = spaces["head"]
     np.testing.assert_allclose(outputs, np.asarray(model(images, training=False)), rtol=1e-4, atol=1e-5)
     (head,) = ood.head_layers(model)
     # the head applied to the features gives the model's output: they are its input
@@ -89,9 +105,22 @@ def test_an_ensemble_gives_every_members_features() -> None:
     members = [tiny_model(seed=0), tiny_model(seed=1)]
     ensemble = build_ensemble(members, 32, "pair")
     images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
-    _, features = ood.feature_extractor(ensemble, 32)(images)
-    singles = [ood.feature_extractor(m, 32)(images)[1] for m in members]
+    features = ood.features_of(ensemble, images, tiny_guard_settings(features=["head"]))["head"]
+    singles = [ood.features_of(m, images, tiny_guard_settings(features=["head"]))["head"]
+               for m in members]  # fmt: skip
     np.testing.assert_allclose(features, np.hstack(singles), rtol=1e-5)
+
+
+def test_image_statistics_are_the_colour_texture_features_of_the_resized_photo() -> None:
+    import keras
+
+    from pox_pipeline.features import ColourTextureFeatures
+
+    images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    got = ood.features_of(tiny_model(), images, tiny_guard_settings(statistics_size=16))
+    resized = keras.layers.Resizing(16, 16, antialias=True)(images)
+    expected = np.asarray(ColourTextureFeatures()(resized))
+    np.testing.assert_allclose(got["image_statistics"], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_predictor_answers_carry_the_verdict(tmp_path: Path) -> None:
@@ -104,18 +133,19 @@ def test_predictor_answers_carry_the_verdict(tmp_path: Path) -> None:
     (unchecked,) = predictor.predict([image])
     assert unchecked["in_distribution"] is True and unchecked["ood"] == {"checked": False}
 
-    # a guard whose reference is this very image: it passes, a flat colour does not
-    features = ood.feature_extractor(predictor.model, 32)(image[None])[1]
-    reference = np.vstack([features + rng.normal(0, 1e-3, features.shape) for _ in range(6)])
-    ood.Guard.fit(reference, reference[:2], 3, 1.0).save(Path(stored.path) / ood.OOD_FILE)
-    metadata = {**stored.info.metadata, "ood": {"threshold": 0.0}}
-    card = serve.ModelCard.from_metadata("pox-classifier", "v", metadata)
-    guarded = serve.Predictor(Path(stored.path), card)
+    # a guard fitted on skin-like photos: one of them passes, a flat colour does not
+    photos = skin_like_photos(24)
+    settings = tiny_guard_settings()
+    ood.fit_guard(predictor.model, photos[:18], photos[18:], settings).save(
+        Path(stored.path) / ood.OOD_FILE
+    )
+    guarded = serve.Predictor.from_stored(stored)
     flat = np.full((32, 32, 3), 255.0, np.float32)
-    scored = guarded.outputs_with_distance(np.stack([image, flat]))
-    np.testing.assert_allclose(scored[:, :-1], guarded.outputs(np.stack([image, flat])), rtol=1e-5)
-    _, distances = serve.split_distance(scored)
-    assert distances[0] < distances[1]
+    batch = np.stack([photos[0], flat])
+    scored = guarded.outputs_with_ood_score(batch)
+    np.testing.assert_allclose(scored[:, :-1], guarded.outputs(batch), rtol=1e-5)
+    inside, outside = guarded.predict(list(batch))
+    assert inside["in_distribution"] is True and outside["in_distribution"] is False
 
-    off = serve.Predictor(Path(stored.path), card, ood_enabled=False)
-    assert off.guard is None and np.isnan(off.outputs_with_distance(flat[None])[0, -1])
+    off = serve.Predictor.from_stored(stored, ood_enabled=False)
+    assert off.guard is None and np.isnan(off.outputs_with_ood_score(flat[None])[0, -1])

@@ -485,7 +485,7 @@ def test_every_answer_says_whether_the_photo_looks_like_the_training_photos(
         assert inside["in_distribution"] is True and "ood_reason" not in inside
         assert outside["in_distribution"] is False
         assert "does not look like a skin photo" in outside["ood_reason"]
-        assert outside["ood"]["distance"] > outside["ood"]["threshold"] >= inside["ood"]["distance"]
+        assert outside["ood"]["score"] > 1 >= inside["ood"]["score"]
         assert inside["explanation"].startswith(("Flagged", "Not flagged"))
     assert [answer["in_distribution"] for answer in batch] == [False, True, False]
 

@@ -209,6 +209,12 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
     return sections
 
 
+SPACE_NAMES = {
+    "head": "the features the model's output layer reads",
+    "image_statistics": "the photo's colour, texture and edge statistics",
+}
+
+
 def ood_rule(metadata: Mapping[str, Any]) -> str:
     guard = metadata.get("ood")
     if not guard:
@@ -216,13 +222,19 @@ def ood_rule(metadata: Mapping[str, Any]) -> str:
             "No guard was fitted for this model (serve.ood.enabled was false at publish): "
             "every upload gets a label, whatever it shows."
         )
+    spaces = [
+        f"{SPACE_NAMES.get(space, space)} ({part['feature_dims']} numbers, threshold "
+        f"{part['threshold']:.3f}, the {part['quantile']:.0%} quantile of the validation photos)"
+        for space, part in guard["spaces"].items()
+    ]
+    first = next(iter(guard["spaces"].values()))
     return (
-        f"Each upload's features (the {guard['feature']}, {guard['feature_dims']} numbers) are "
-        f"standardised and compared with those of the {guard['reference_photos']} training "
-        f"photos: the mean distance to the {guard['k']} nearest is its score. Above "
-        f"{guard['threshold']:.3f}, the {guard['quantile']:.0%} quantile of the validation "
-        "photos' scores, the answer says the photo does not look like a skin photo like those "
-        "the model was trained on, and gives no label. Switch: serve.ood.enabled."
+        f"Each upload is compared with the {first['reference_photos']} training photos in "
+        f"{len(spaces)} way(s): " + "; ".join(spaces) + ". In each, features are standardised "
+        f"and the mean distance to the {first['k']} nearest training photos is compared with "
+        "the threshold. Above it in any, the answer says the photo does not look like a skin "
+        "photo like those the model was trained on, and gives no label. Switch: "
+        "serve.ood.enabled."
     )
 
 

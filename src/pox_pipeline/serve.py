@@ -161,7 +161,6 @@ class ModelCard:
     # What the threshold trades, on the validation photos (plain-words explanations).
     val_sensitivity: float | None = None
     val_specificity: float | None = None
-    ood_threshold: float | None = None  # None: no guard stored with the model
 
     @classmethod
     def from_metadata(cls, name: str, version: str, metadata: Mapping[str, Any]) -> ModelCard:
@@ -192,7 +191,6 @@ class ModelCard:
             tta=tta,
             val_sensitivity=metadata.get("val_metrics", {}).get("sensitivity"),
             val_specificity=metadata.get("val_metrics", {}).get("specificity"),
-            ood_threshold=metadata.get("ood", {}).get("threshold"),
         )
 
     @classmethod
@@ -225,9 +223,9 @@ class ModelCard:
         probabilities[:, 1 - index] = 1.0 - positive
         return probabilities
 
-    def result(self, probabilities: np.ndarray, distance: float | None = None) -> dict[str, Any]:
+    def result(self, probabilities: np.ndarray, ood_score: float | None = None) -> dict[str, Any]:
         """One image's answer: binary = positive iff P(positive) >= threshold, else argmax;
-        with the OOD guard's verdict on ``distance`` and the decision in plain words."""
+        with the OOD guard's verdict on ``ood_score`` and the decision in plain words."""
         if self.is_binary:
             positive = probabilities[self.classes.index(self.positive_class)]
             negative = next(c for c in self.classes if c != self.positive_class)
@@ -244,18 +242,18 @@ class ModelCard:
                 "version": self.version,
                 "mlflow_run_id": self.mlflow_run_id,
             },
-            **ood.verdict(distance, self.ood_threshold),
+            **ood.verdict(ood_score),
         }
         answer["explanation"] = self.plain_words(answer)
         return answer
 
     def results(
-        self, outputs: np.ndarray, distances: np.ndarray | None = None
+        self, outputs: np.ndarray, ood_scores: np.ndarray | None = None
     ) -> list[dict[str, Any]]:
-        """Answers for model outputs and (optionally) the OOD distances of the same images."""
+        """Answers for model outputs and (optionally) the OOD scores of the same images."""
         rows = self.class_probabilities(outputs)
-        distances = [None] * len(rows) if distances is None else distances
-        return [self.result(row, distance) for row, distance in zip(rows, distances)]
+        ood_scores = [None] * len(rows) if ood_scores is None else ood_scores
+        return [self.result(row, score) for row, score in zip(rows, ood_scores)]
 
     def threshold_trade(self) -> str:
         """What the threshold buys and costs on the validation photos, in plain words."""
@@ -330,10 +328,10 @@ class Predictor:
         self._gradcam_layer = last_conv2d(self.model)
         self._gradcam_lock = threading.Lock()
         guard_file = Path(model_dir) / ood.OOD_FILE
-        self.guard = ood.Guard.load(guard_file) if ood_enabled and guard_file.is_file() else None
-        self._features = (
-            None if self.guard is None else ood.feature_extractor(self.model, card.image_size)
-        )
+        self.guard = ood.GuardSet.load(guard_file) if ood_enabled and guard_file.is_file() else None
+        self._features = None if self.guard is None else ood.feature_extractor(
+            self.model, card.image_size, list(self.guard.guards), self.guard.statistics_size
+        )  # fmt: skip
         # Trace / allocate now so that the first request is not the slow one.
         self.outputs(np.zeros((1, card.image_size, card.image_size, 3), np.float32))
 
@@ -357,9 +355,10 @@ class Predictor:
         outputs = self._run(np.ascontiguousarray(inputs))
         return mean_over_views(outputs, len(views))
 
-    def outputs_with_distance(self, batch: np.ndarray) -> np.ndarray:
-        """:meth:`outputs` with one more column: each image's OOD distance (nan when the guard
-        is off or absent). One array, so BentoML's adaptive batching can carry it."""
+    def outputs_with_ood_score(self, batch: np.ndarray) -> np.ndarray:
+        """:meth:`outputs` with one more column: each image's OOD score (above 1: out of
+        distribution; nan when the guard is off or absent). One array, so BentoML's adaptive
+        batching can carry it."""
         if self.guard is None:
             outputs = self.outputs(batch)
             return np.concatenate([outputs, np.full((len(outputs), 1), np.nan)], axis=1)
@@ -368,14 +367,16 @@ class Predictor:
         model_outputs, features = self._features(np.ascontiguousarray(inputs))
         if self.backend != "keras":  # the answer comes from the backend being served
             model_outputs = self._run(np.ascontiguousarray(inputs))
-        distances = self.guard.distances(mean_over_views(features, len(views)))
-        return np.concatenate([mean_over_views(model_outputs, len(views)), distances[:, None]], 1)
+        scores = self.guard.scores(
+            {space: mean_over_views(values, len(views)) for space, values in features.items()}
+        )
+        return np.concatenate([mean_over_views(model_outputs, len(views)), scores[:, None]], 1)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """Model inputs (``preprocess.to_model_input``) -> one result dict per image, in order."""
         if not images:
             return []
-        return self.card.results(*split_distance(self.outputs_with_distance(np.stack(images))))
+        return self.card.results(*split_ood_score(self.outputs_with_ood_score(np.stack(images))))
 
     def gradcam(self, image: np.ndarray) -> np.ndarray:
         """Grad-CAM of the positive-class score at the last Conv2D, in [0, 1] (conv resolution);
@@ -392,8 +393,8 @@ class Predictor:
         return result, render_heatmap(photo, self.gradcam(image), heatmap)
 
 
-def split_distance(scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`Predictor.outputs_with_distance` -> (model outputs, OOD distances)."""
+def split_ood_score(scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`Predictor.outputs_with_ood_score` -> (model outputs, OOD scores)."""
     return scored[:, :-1], scored[:, -1]
 
 
