@@ -114,8 +114,9 @@ def test_select_registers_saves_and_is_idempotent(
         Path(cfg.paths.models_dir) / "vgg16" / "model.keras"
     ).read_bytes()
     # the out-of-distribution guard and the model card travel with the model and its run
-    assert bento.info.metadata["ood"]["reference_photos"] > 0
-    assert bento.info.metadata["ood"]["threshold"] > 0
+    spaces = bento.info.metadata["ood"]["spaces"]
+    assert set(spaces) == {"head", "image_statistics"}  # serve.ood.features
+    assert all(space["reference_photos"] > 0 and space["threshold"] > 0 for space in spaces.values())
     assert bento.info.metadata["split"]["group_pattern"] == cfg.data.group_pattern
     served_files = {path.name for path in Path(bento.path).iterdir()}
     assert {"ood.npz", "model_card.md", "model_card.html"} <= served_files
