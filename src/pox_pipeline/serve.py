@@ -259,14 +259,13 @@ class ModelCard:
         """What the threshold buys and costs on the validation photos, in plain words."""
         if self.threshold is None:
             return "The model names the class it scores highest."
-        trade = f"The screening threshold is {self.threshold:.0%}"
         if self.val_sensitivity is None or self.val_specificity is None:
-            return trade + "."
+            return f"The screening threshold is {self.threshold:.0%}."
         negative = next(c for c in self.classes if c != self.positive_class)
         return (
-            f"{trade}: on the validation photos it caught {self.val_sensitivity:.0%} of "
-            f"{self.positive_class} cases, at the cost of false alarms on "
-            f"{1 - self.val_specificity:.0%} of {negative} photos."
+            f"On the validation photos, the screening threshold of {self.threshold:.0%} caught "
+            f"{self.val_sensitivity:.0%} of {self.positive_class} cases, at the cost of false "
+            f"alarms on {1 - self.val_specificity:.0%} of {negative} photos."
         )
 
     def plain_words(self, answer: Mapping[str, Any]) -> str:
