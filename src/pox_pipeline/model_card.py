@@ -26,17 +26,17 @@ METRICS = ("balanced_accuracy", "sensitivity", "specificity", "auc", "accuracy",
 
 INTENDED_USE = [
     "Research and teaching: showing how a small skin-lesion classifier behaves, end to end.",
-    "Screening-style triage of one close-up photo of a skin lesion: Monkeypox or Others "
-    "(in MSLD, chickenpox and measles).",
+    "Screening-style triage of one close-up photo of a skin lesion into {classes}.",
     "Not a diagnosis and not a medical device. A person worried about a rash should see a "
     "clinician, whatever the model says.",
     "Out of scope: photos that are not close-ups of skin lesions, other diseases, decisions "
     "about treatment or isolation.",
 ]
 KNOWN_LIMITS = [
-    "Small data: a couple of hundred web-scraped photos of about a hundred patients; the "
-    "intervals below are wide for that reason.",
-    "Skin tones: the photos are mostly of lighter skin; how the model does on darker skin "
+    "Small data: a few hundred photos (see the data description above); the intervals above "
+    "are wide for that reason, and the model may have learned the look of the source's "
+    "photos as much as the disease.",
+    "Skin tones: the data records no skin tone; how the model does on darker or lighter skin "
     "has not been measured.",
     "Photos of the same patient look alike; the split keeps each patient in one split, but "
     "scores on new clinics, cameras and lighting may be lower.",
@@ -134,7 +134,10 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
                 ["git commit", str(metadata.get("git_commit", "?"))],
             ],
         ),
-        Section("Intended use", bullets=INTENDED_USE),
+        Section(
+            "Intended use",
+            bullets=[item.format(classes=" or ".join(card.classes)) for item in INTENDED_USE],
+        ),
     ]
     data = metadata.get("training_data", {})
     sections.append(
@@ -194,7 +197,8 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
         Section(
             "Operating threshold",
             paragraphs=[
-                f"Rule: {metadata.get('threshold_rule', 'n/a')}; probabilities calibrated "
+                f"Threshold {_percent(card.threshold)} on P({card.positive_class}), rule "
+                f"{metadata.get('threshold_rule', 'n/a')}; probabilities calibrated "
                 f"({metadata.get('calibration', 'none')}, temperature "
                 f"{float(metadata.get('temperature', 1.0)):.3f}).",
                 card.threshold_trade(),
@@ -241,7 +245,7 @@ def ood_rule(metadata: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------- rendering
 
 
-def to_markdown(sections: Sequence[Section], title: str = "Model card") -> str:
+def to_markdown(sections: Sequence[Section], title: str) -> str:
     lines = [f"# {title}", ""]
     for section in sections:
         lines += [f"## {section.title}", ""]
@@ -260,7 +264,7 @@ def to_markdown(sections: Sequence[Section], title: str = "Model card") -> str:
     return "\n".join(lines)
 
 
-def to_html(sections: Sequence[Section], ui_path: str, title: str = "Model card") -> str:
+def to_html(sections: Sequence[Section], ui_path: str, title: str) -> str:
     esc = html.escape
     body = [f"<h1>{esc(title)}</h1>", f'<p><a href="{ui_path}/">Back to the photo check</a></p>']
     for section in sections:
@@ -290,4 +294,8 @@ def render(name: str, metadata: Mapping[str, Any], fmt: str = "md", ui_path: str
     """The card of a stored model as ``md`` or ``html`` (linking back to the page at
     ``ui_path``)."""
     sections = card_sections(name, metadata)
-    return to_html(sections, ui_path) if fmt == "html" else to_markdown(sections)
+    title = (
+        f"Model card: {metadata.get('registered_model_name', name)} "
+        f"v{metadata.get('mlflow_model_version', '?')} ({metadata.get('model_name', '?')})"
+    )
+    return to_html(sections, ui_path, title) if fmt == "html" else to_markdown(sections, title)
