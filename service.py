@@ -104,17 +104,15 @@ class ModelCardPage:
         self.page: HTMLResponse | None = None  # rendered on the first request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            if scope["path"].rstrip("/") == self.PATH:
-                if self.page is None:
-                    stored = CHAMPION.resolve()
-                    html = model_card.render(
-                        stored.tag.name, stored.info.metadata, "html", self.ui_path
-                    )
-                    self.page = HTMLResponse(html)
-                await self.page(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        wanted = scope["type"] == "http" and scope["method"] in ("GET", "HEAD")
+        if not (wanted and scope["path"].rstrip("/") == self.PATH):
+            await self.app(scope, receive, send)
+            return
+        if self.page is None:
+            stored = CHAMPION.resolve()
+            html = model_card.render(stored.tag.name, stored.info.metadata, "html", self.ui_path)
+            self.page = HTMLResponse(html)
+        await self.page(scope, receive, send)
 
 
 def rejection(error: ImageError, which: str = "") -> JSONResponse:

@@ -44,7 +44,7 @@ def pox(project: dict, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "POX_PARAMS": str(project["params"]), "BENTOML_DO_NOT_TRACK": "true"}
     return subprocess.run(
         [sys.executable, "-m", "pox_pipeline.cli", *args], cwd=project["root"], env=env,
-        capture_output=True, text=True, timeout=TIMEOUT_S,
+        capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
     )  # fmt: skip
 
 

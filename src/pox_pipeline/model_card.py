@@ -27,22 +27,34 @@ METRICS = ("balanced_accuracy", "sensitivity", "specificity", "auc", "accuracy",
 INTENDED_USE = [
     "Research and teaching: showing how a small skin-lesion classifier behaves, end to end.",
     "Screening-style triage of one close-up photo of a skin lesion into {classes}.",
-    "Not a diagnosis and not a medical device. A person worried about a rash should see a "
-    "clinician, whatever the model says.",
-    "Out of scope: photos that are not close-ups of skin lesions, other diseases, decisions "
-    "about treatment or isolation.",
+    (
+        "Not a diagnosis and not a medical device. A person worried about a rash should see a "
+        "clinician, whatever the model says."
+    ),
+    (
+        "Out of scope: photos that are not close-ups of skin lesions, other diseases, decisions "
+        "about treatment or isolation."
+    ),
 ]
 KNOWN_LIMITS = [
-    "Small data: a few hundred photos (see the data description above); the intervals above "
-    "are wide for that reason, and the model may have learned the look of the source's "
-    "photos as much as the disease.",
-    "Skin tones: the data records no skin tone; how the model does on darker or lighter skin "
-    "has not been measured.",
-    "Photos of the same patient look alike; the split keeps each patient in one split, but "
-    "scores on new clinics, cameras and lighting may be lower.",
-    "The out-of-distribution guard catches images far from the training photos (objects, "
-    "screenshots, flat colours); a skin photo of another disease looks in-distribution and "
-    "still gets one of the two labels.",
+    (
+        "Small data: a few hundred photos (see the data description above); the intervals above "
+        "are wide for that reason, and the model may have learned the look of the source's "
+        "photos as much as the disease."
+    ),
+    (
+        "Skin tones: the data records no skin tone; how the model does on darker or lighter skin "
+        "has not been measured."
+    ),
+    (
+        "Photos of the same patient look alike; the split keeps each patient in one split, but "
+        "scores on new clinics, cameras and lighting may be lower."
+    ),
+    (
+        "The out-of-distribution guard catches images far from the training photos (objects, "
+        "screenshots, flat colours); a skin photo of another disease looks in-distribution and "
+        "still gets one of the two labels."
+    ),
 ]
 
 
@@ -53,7 +65,8 @@ def data_metadata(cfg: DictConfig) -> dict[str, Any]:
     """What the card says about the training data and the split, taken at publish time."""
     raw_dir = Path(cfg.data.raw_dir)
     notes = next(
-        ((raw_dir / name).read_text() for name in DATA_DOCS if (raw_dir / name).is_file()), ""
+        ((raw_dir / name).read_text() for name in DATA_DOCS if (raw_dir / name).is_file()),
+        "",
     )
     return {
         "training_data": {"source": str(cfg.data.raw_dir), "notes": notes.strip()},
@@ -100,7 +113,10 @@ def metric_rows(values: Mapping[str, Any], with_intervals: bool) -> list[list[st
         if metric in values:
             row = [metric.replace("_", " "), f"{float(values[metric]):.3f}"]
             if with_intervals:
-                low, high = values.get(f"{metric}_ci_low"), values.get(f"{metric}_ci_high")
+                low, high = (
+                    values.get(f"{metric}_ci_low"),
+                    values.get(f"{metric}_ci_high"),
+                )
                 row.append("n/a" if low is None else f"{low:.3f} - {high:.3f}")
             rows.append(row)
     return rows
@@ -124,11 +140,17 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
             "Model",
             table=[
                 ["field", "value"],
-                ["registered model", f"{metadata.get('registered_model_name', name)} v{version}"],
+                [
+                    "registered model",
+                    f"{metadata.get('registered_model_name', name)} v{version}",
+                ],
                 ["model", str(metadata.get("model_name", "?"))],
                 ["architecture", str(metadata.get("architecture", "?"))],
                 ["initial weights", str(metadata.get("weights", "?"))],
-                ["classes", ", ".join(card.classes) + f" (positive: {card.positive_class})"],
+                [
+                    "classes",
+                    ", ".join(card.classes) + f" (positive: {card.positive_class})",
+                ],
                 ["input", f"RGB photo resized to {card.image_size}x{card.image_size}"],
                 ["MLflow run", str(metadata.get("mlflow_run_id", "?"))],
                 ["git commit", str(metadata.get("git_commit", "?"))],
@@ -176,8 +198,10 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
             Section(
                 "Test metrics",
                 paragraphs=[
-                    f"Held-out test photos (n = {metadata['test_metrics'].get('n_test', '?')}), "
-                    "with percentile bootstrap intervals."
+                    (
+                        f"Held-out test photos (n = {metadata['test_metrics'].get('n_test', '?')}), "
+                        "with percentile bootstrap intervals."
+                    )
                 ],
                 table=metric_rows(metadata["test_metrics"], with_intervals=True),
             )
@@ -187,8 +211,10 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
             Section(
                 "Cross-validated test metrics",
                 paragraphs=[
-                    "The ensemble's members, each on its own fold's test photos (no photo is "
-                    "held out from every member, so the ensemble has no test score of its own)."
+                    (
+                        "The ensemble's members, each on its own fold's test photos (no photo is "
+                        "held out from every member, so the ensemble has no test score of its own)."
+                    )
                 ],
                 table=cv_rows(metadata["cv_test_metrics"]),
             )
@@ -197,14 +223,18 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
         Section(
             "Operating threshold",
             paragraphs=[
-                f"Threshold {_percent(card.threshold)} on P({card.positive_class}), rule "
-                f"{metadata.get('threshold_rule', 'n/a')}; probabilities calibrated "
-                f"({metadata.get('calibration', 'none')}, temperature "
-                f"{float(metadata.get('temperature', 1.0)):.3f}).",
+                (
+                    f"Threshold {_percent(card.threshold)} on P({card.positive_class}), rule "
+                    f"{metadata.get('threshold_rule', 'n/a')}; probabilities calibrated "
+                    f"({metadata.get('calibration', 'none')}, temperature "
+                    f"{float(metadata.get('temperature', 1.0)):.3f})."
+                ),
                 card.threshold_trade(),
-                "A photo scoring above the threshold is flagged for a clinician even when its "
-                "probability is below 50%: the threshold is set low on purpose, to miss few "
-                "cases, and pays for it with false alarms.",
+                (
+                    "A photo scoring above the threshold is flagged for a clinician even when its "
+                    "probability is below 50%: the threshold is set low on purpose, to miss few "
+                    "cases, and pays for it with false alarms."
+                ),
             ],
         )
     )
@@ -266,12 +296,17 @@ def to_markdown(sections: Sequence[Section], title: str) -> str:
 
 def to_html(sections: Sequence[Section], ui_path: str, title: str) -> str:
     esc = html.escape
-    body = [f"<h1>{esc(title)}</h1>", f'<p><a href="{ui_path}/">Back to the photo check</a></p>']
+    body = [
+        f"<h1>{esc(title)}</h1>",
+        f'<p><a href="{ui_path}/">Back to the photo check</a></p>',
+    ]
     for section in sections:
         body.append(f"<section><h2>{esc(section.title)}</h2>")
         body += [f"<p>{esc(paragraph)}</p>" for paragraph in section.paragraphs]
         if section.bullets:
-            body.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in section.bullets) + "</ul>")
+            body.append(
+                "<ul>" + "".join(f"<li>{esc(item)}</li>" for item in section.bullets) + "</ul>"
+            )
         if section.table:
             header, *rows = section.table
             body.append("<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in header))
