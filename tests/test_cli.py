@@ -129,6 +129,30 @@ def test_doctor_reports_each_need_with_its_fix(project: dict) -> None:
     assert result.returncode == (0 if "MISSING" not in lines else 1)
 
 
+def test_a_trained_unpublished_model_folder_answers_unchecked(project: dict) -> None:
+    """--model models/<name>: the metadata select would ship, from params.yaml and the
+    model's evaluation; no guard was fitted, and the answer says so."""
+    from serve_helpers import tiny_model
+
+    root = project["root"] / "pipeline"
+    (root / "models" / "cnn").mkdir(parents=True)
+    tiny_model().save(root / "models" / "cnn" / "model.keras")
+    (root / "reports" / "eval" / "cnn").mkdir(parents=True)
+    val = {"threshold": 0.4, "threshold_rule": "fixed", "temperature": 1.0, "tta": "none",
+           "sensitivity": 0.9, "specificity": 0.5}  # fmt: skip
+    (root / "reports" / "eval" / "cnn" / "val_metrics.json").write_text(json.dumps(val))
+    params = write_serve_params(root / "params.yaml", f"paths.reports_dir={root / 'reports'}",
+                                "data.image_size=32")  # fmt: skip
+    result = pox({**project, "params": params}, "predict", "--json", "--model",
+                 str(root / "models" / "cnn"), str(project["folder"] / "skin_a.png"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["threshold"] == 0.4 and answer["model"] == {
+        "name": "cnn", "version": "unpublished", "mlflow_run_id": None}  # fmt: skip
+    assert answer["ood"] == {"checked": False} and answer["in_distribution"] is True
+    assert "caught 90% of Monkeypox cases" in answer["explanation"]
+
+
 def test_a_missing_model_is_a_clear_error(project: dict) -> None:
     result = pox(project, "predict", "--model", "no-such-model:latest", str(project["folder"]))
     assert result.returncode == 2

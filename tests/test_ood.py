@@ -75,6 +75,16 @@ def test_verdict_says_why_and_never_pretends_a_check_ran() -> None:
     assert ood.verdict(None)["ood"] == {"checked": False}
 
 
+def test_the_non_skin_set_has_every_kind_as_rgb_photos() -> None:
+    from pox_pipeline import non_skin
+
+    kinds: dict[str, int] = {}
+    for kind, _, image in non_skin.images():
+        assert image.mode == "RGB" and min(image.size) >= 64
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert set(kinds) == set(non_skin.KINDS) and kinds["photos of objects and animals"] >= 20
+
+
 @pytest.mark.parametrize("family", sorted(FACTORIES))
 def test_features_are_the_input_of_the_output_layer_in_every_family(
     family: str, make_cfg: Callable[..., DictConfig]
