@@ -229,7 +229,7 @@ def predict(files: tuple[str, ...], model_ref: str | None, as_json: bool) -> Non
                 readable.append(path)
                 inputs.append(preprocess.to_model_input(photo, source.card.image_size,
                                                         source.card.resample))  # fmt: skip
-            for path, result in zip(readable, predictor.predict(inputs)):
+            for path, result in zip(readable, predictor.predict(inputs), strict=True):
                 emit(path, result, as_json)
             progress.update(min(batch_size, len(paths) - start))
     if failed:

@@ -91,7 +91,7 @@ def photos() -> Iterator[tuple[str, Image.Image]]:
         if pixels.dtype != np.uint8:
             pixels = (255 * (pixels - pixels.min()) / max(np.ptp(pixels), 1e-9)).astype(np.uint8)
         yield f"photo-{name}", Image.fromarray(pixels).convert("RGB")
-    for name, pixels in zip(("china", "flower"), load_sample_images().images):
+    for name, pixels in zip(("china", "flower"), load_sample_images().images, strict=True):
         yield f"photo-{name}", Image.fromarray(pixels)
 
 

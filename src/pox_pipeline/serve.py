@@ -253,7 +253,7 @@ class ModelCard:
         """Answers for model outputs and (optionally) the OOD scores of the same images."""
         rows = self.class_probabilities(outputs)
         ood_scores = [None] * len(rows) if ood_scores is None else ood_scores
-        return [self.result(row, score) for row, score in zip(rows, ood_scores)]
+        return [self.result(row, score) for row, score in zip(rows, ood_scores, strict=True)]
 
     def threshold_trade(self) -> str:
         """What the threshold buys and costs on the validation photos, in plain words."""
