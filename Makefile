@@ -9,7 +9,7 @@ export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install run test test-all serve params clean
+.PHONY: install run lint test test-all serve params clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ install: $(VENV)/.installed
 run: install
 	dvc repro
 
-## test: the test suite (real-data tests run when ../shared exists; `-m slow` ones are opt-in)
-test: install
+## lint: ruff (rules in pyproject.toml [tool.ruff])
+lint: install
+	ruff check .
+
+## test: the linter, then the test suite (real-data tests run when ../shared exists and skip
+## without it, except in CI (CI=true) where they fail; `-m slow` ones are opt-in)
+test: lint
 	python -m pytest -m "not slow"
 
 test-all: install

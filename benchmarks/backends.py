@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from pox_pipeline import preprocess
-from pox_pipeline.config import PROJECT_ROOT
+from pox_pipeline.config import project_root
 from pox_pipeline.serve import BACKENDS, Predictor
+
+PROJECT_ROOT = project_root()
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -91,11 +93,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         for backend, predictor in predictors.items()
     }
     for backend, results in answers.items():
-        accuracy = np.mean([r["label"] == t for r, t in zip(results, truth)])
-        agree = np.mean([r["label"] == k["label"] for r, k in zip(results, reference)])
+        accuracy = np.mean([r["label"] == t for r, t in zip(results, truth, strict=True)])
+        agree = np.mean([r["label"] == k["label"] for r, k in zip(results, reference, strict=True)])
         drift = max(
             abs(r["probability"] - k["probabilities"][r["label"]])
-            for r, k in zip(results, reference)
+            for r, k in zip(results, reference, strict=True)
         )
         one, many = timings[backend]
         print(f"{backend:<12} {accuracy:>8.3f} {agree:>6.3f} {drift:>8.4f} {one:>10.2f} "

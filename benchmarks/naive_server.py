@@ -47,7 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bento-tag", required=True, help="BentoML model, e.g. pox-classifier:latest")
+    parser.add_argument(
+        "--bento-tag", required=True, help="BentoML model, e.g. pox-classifier:latest"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pox_pipeline import non_skin, ood, preprocess
-from pox_pipeline.config import PROJECT_ROOT
+from pox_pipeline.config import project_root
 from pox_pipeline.serve import Predictor, split_ood_score
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -41,7 +41,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--bento-tag", default="pox-classifier:latest",
                         help="model in the BentoML store (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--images", type=Path, default=PROJECT_ROOT / "datas/prepared/test",
+    parser.add_argument("--images", type=Path, default=Path("datas/prepared/test"),
                         help="held-out photos, any depth (default: the prepared test split)")  # fmt: skip
     return parser.parse_args(argv)
 

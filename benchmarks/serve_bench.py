@@ -13,7 +13,8 @@ the weights) in a temporary BentoML store, or with --bento-tag a stored champion
 examples:
   python benchmarks/serve_bench.py --model cnn
   python benchmarks/serve_bench.py --model vgg16 --clients 1 8 --duration 10
-  python benchmarks/serve_bench.py --bento-tag pox-classifier:latest --images ../shared/datasets/msld
+  python benchmarks/serve_bench.py --bento-tag pox-classifier:latest \
+      --images ../shared/datasets/msld
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ import requests
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pox_pipeline.config import PROJECT_ROOT, load_params
+from pox_pipeline.config import load_params, project_root
 from pox_pipeline.serve import MODEL_FILE
+
+PROJECT_ROOT = project_root()
 
 SERVERS = {
     "bentoml": "BentoML service, adaptive batching on",
@@ -132,7 +135,8 @@ def store_untrained_model(cfg: DictConfig, architecture: str, image_size: int) -
 def photos(folder: Path | None, size: int) -> list[bytes]:
     """The request bodies: the folder's photos, or synthetic JPEGs of the model's size."""
     if folder is not None:
-        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        suffixes = {".jpg", ".jpeg", ".png"}
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes)
         if not found:
             raise SystemExit(f"no .jpg/.jpeg/.png photos under {folder}")
         return [p.read_bytes() for p in found]
@@ -165,7 +169,9 @@ def server_command(name: str, port: int, tag: str) -> list[str]:
 
 
 @contextmanager
-def running(name: str, tag: str, params: Path, workdir: Path) -> Iterator[tuple[str, psutil.Process]]:
+def running(
+    name: str, tag: str, params: Path, workdir: Path
+) -> Iterator[tuple[str, psutil.Process]]:
     """One server on a free loopback port; yields (url, process), always stopped after."""
     port = free_port()
     log_path = workdir / f"{name}.log"
@@ -238,7 +244,9 @@ class PeakRss:
 # ---------------------------------------------------------------------------- load
 
 
-def drive(url: str, payloads: list[bytes], clients: int, duration: float) -> tuple[list[float], int, float]:
+def drive(
+    url: str, payloads: list[bytes], clients: int, duration: float
+) -> tuple[list[float], int, float]:
     """``clients`` threads posting photos back to back for ``duration`` seconds.
 
     Returns the latencies of the successful requests, the error count, and the wall time

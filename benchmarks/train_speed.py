@@ -19,9 +19,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pox_pipeline.config import PROJECT_ROOT, load_params
+from pox_pipeline.config import load_params, project_root
 from pox_pipeline.models import build_model, compile_model, frozen_split
 from pox_pipeline.train import build_feature_cache, cached_dataset, image_dataset
+
+PROJECT_ROOT = project_root()
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -95,7 +97,9 @@ def parse_args() -> argparse.Namespace:
         "--params", type=Path, default=PROJECT_ROOT / "params.yaml", help="composed config"
     )
     parser.add_argument(
-        "overrides", nargs="*", help="extra dotlist overrides, e.g. model.vgg16.augment.enabled=true"
+        "overrides",
+        nargs="*",
+        help="extra dotlist overrides, e.g. model.vgg16.augment.enabled=true",
     )
     return parser.parse_args()
 

@@ -22,7 +22,9 @@ import requests
 from PIL import Image
 
 from conftest import MSLD_DIR, TEST_IMAGE_SIZE
-from pox_pipeline.config import PROJECT_ROOT, write_params
+from pox_pipeline.config import project_root, write_params
+
+PROJECT_ROOT = project_root()
 
 CLASSES = ("Monkeypox", "Others")
 THRESHOLD = 0.5
@@ -148,7 +150,9 @@ def bad_uploads(max_bytes: int, max_pixels: int) -> dict[str, tuple[bytes, int, 
         "over_max_bytes": (os.urandom(max_bytes + 1), 413, "limit"),
         "over_max_pixels": (buffer.getvalue(), 413, "pixels"),
         "animated_gif": (animated_gif(), 400, "animated"),
-        "unsupported_pdf": (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n", 400, "not an image"),
+        "unsupported_pdf": (
+            b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n", 400, "not an image"
+        ),
     }
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from pox_pipeline.config import PROJECT_ROOT
+from pox_pipeline.config import project_root
+
+PROJECT_ROOT = project_root()
 
 PACKAGE = "pox_pipeline"
 # Imported by a module the service loads, but only inside functions the service never calls.

@@ -10,7 +10,7 @@ import pytest
 
 import numpy as np
 
-from pox_pipeline.config import PROJECT_ROOT
+from pox_pipeline.config import project_root
 from serve_helpers import (
     CLASSES,
     running_service,
@@ -22,7 +22,7 @@ from serve_helpers import (
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+ARTIFACTS = project_root() / "test-artifacts"
 WAIT_S = 60
 
 pytestmark = [
@@ -152,7 +152,9 @@ def test_the_model_card_is_linked_from_the_page(browser, page_url: str) -> None:
     browser.save_screenshot(str(ARTIFACTS / "browser-model-card.png"))
 
 
-def test_a_file_that_is_not_a_photo_shows_the_reason(browser, page_url: str, tmp_path: Path) -> None:
+def test_a_file_that_is_not_a_photo_shows_the_reason(
+    browser, page_url: str, tmp_path: Path
+) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait

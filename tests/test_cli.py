@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pox_pipeline import cli
-from pox_pipeline.config import PROJECT_ROOT
+from pox_pipeline.config import project_root
 from serve_helpers import save_champion, save_png, skin_like_photos, write_serve_params
 
 TIMEOUT_S = 240  # TensorFlow's import on a busy 2-core machine
@@ -40,16 +40,16 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     yield {"tag": tag, "root": root, "params": params, "folder": folder}
 
 
-def pox(project: dict, *args: str) -> subprocess.CompletedProcess:
+def pox(project: dict, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "POX_PARAMS": str(project["params"]), "BENTOML_DO_NOT_TRACK": "true"}
     return subprocess.run(
-        [sys.executable, "-m", "pox_pipeline.cli", *args], cwd=project["root"], env=env,
+        [sys.executable, "-m", "pox_pipeline.cli", *args], cwd=cwd or project["root"], env=env,
         capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
     )  # fmt: skip
 
 
 def test_pyproject_declares_the_pox_script() -> None:
-    declared = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    declared = tomllib.loads((project_root() / "pyproject.toml").read_text())["project"]
     assert declared["scripts"]["pox"] == "pox_pipeline.cli:main"
     assert any(dep.startswith("click") for dep in declared["dependencies"])
 
@@ -118,15 +118,18 @@ def test_model_card_is_written(project: dict) -> None:
 
 
 def test_doctor_reports_each_need_with_its_fix(project: dict) -> None:
-    result = pox(project, "doctor")
+    result = pox(project, "doctor", cwd=project_root())
     lines = result.stdout
-    for name in ("python", "tensorflow", "params.yaml", "MSLD data", "MLflow database",
-                 "champion in BentoML", "Chromium"):  # fmt: skip
+    for name in ("python", "tensorflow", "EfficientNet-Lite0 weights", "project (dvc.yaml)",
+                 "params.yaml", "MSLD data", "MLflow database", "champion in BentoML",
+                 "Chromium"):  # fmt: skip
         assert name in lines
     assert "ok      champion in BentoML" in lines  # the fixture's model
-    # the test params point MLflow at a database that does not exist: warned, with the fix
-    assert "fix: make run" in lines
     assert result.returncode == (0 if "MISSING" not in lines else 1)
+    # outside the project: said, with the fix, and the pipeline cannot run from there
+    outside = pox(project, "doctor")
+    assert "MISSING project (dvc.yaml)" in outside.stdout
+    assert "fix: run pox inside the project" in outside.stdout and outside.returncode == 1
 
 
 def test_a_trained_unpublished_model_folder_answers_unchecked(project: dict) -> None:

@@ -3,6 +3,7 @@ params they use."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,16 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from pox_pipeline.config import PROJECT_ROOT, compose, flatten, load_params, write_params
+from pox_pipeline.config import (
+    compose,
+    flatten,
+    load_params,
+    params_path,
+    project_root,
+    write_params,
+)
+
+PROJECT_ROOT = project_root()
 
 
 def test_params_yaml_equals_composition_of_conf(tmp_path: Path) -> None:
@@ -133,4 +143,32 @@ def test_stage_outside_the_project_root_says_where_to_run(tmp_path: Path) -> Non
         text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode != 0
-    assert "params.yaml not found: run stages from the project root" in result.stderr
+    expected = f"no dvc.yaml in {tmp_path.resolve()} or any folder above it: run inside the project"
+    assert expected in result.stderr
+
+
+def test_the_project_is_found_from_the_working_directory_not_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second checkout sharing this environment gets its own params.yaml: the project is the
+    nearest folder up from the working directory that holds dvc.yaml."""
+    other = tmp_path / "other-checkout"
+    shutil.copytree(PROJECT_ROOT / "conf", other / "conf")
+    (other / "dvc.yaml").write_text("stages: {}\n")
+    (other / "src").mkdir()
+    monkeypatch.chdir(other / "src")
+    assert project_root() == other
+    assert params_path() == other / "params.yaml"
+    assert write_params(overrides=["seed=7"]) == other / "params.yaml"
+    assert load_params().seed == 7
+    assert not (PROJECT_ROOT / "params.yaml").samefile(other / "params.yaml")
+
+
+def test_a_stage_run_from_a_subfolder_reads_the_projects_params(tmp_path: Path) -> None:
+    """Its relative paths start at the project root, where DVC runs it too."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pox_pipeline.synthetic", "--cfg", "job"],
+        cwd=PROJECT_ROOT / "conf", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "out_dir: datas/synthetic" in result.stdout

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MSLD_DIR, requires_msld, tmp_overrides
 from omegaconf import DictConfig
 from PIL import Image, ImageEnhance
 
+from conftest import MSLD_DIR, requires_msld, tmp_overrides
 from pox_pipeline.config import compose, write_params
 from pox_pipeline.data import (
     MANIFEST_COLUMNS,
@@ -305,6 +305,7 @@ def test_entry_point_exits_non_zero_with_a_clean_message(messy_raw: Path, tmp_pa
     """`python -m pox_pipeline.data` as DVC runs it: strict failure -> exit 1, no traceback."""
     overrides = [*tmp_overrides(tmp_path), f"data.raw_dir={messy_raw}", "data.strict=true"]
     write_params(tmp_path / "params.yaml", overrides=overrides)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # the project a stage runs in
     result = subprocess.run(
         [sys.executable, "-m", "pox_pipeline.data"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,

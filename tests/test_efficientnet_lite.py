@@ -303,3 +303,52 @@ def test_improves_reads_the_monitor_direction() -> None:
 
     assert improves("val_loss", 0.3, 0.4) and not improves("val_loss", 0.5, 0.4)
     assert improves("val_auc", 0.9, 0.8) and not improves("val_accuracy", 0.7, 0.8)
+
+
+def test_it_joins_cv_the_fold_ensemble_serving_tta_tflite_and_gradcam(make_cfg, tmp_path: Path) -> None:  # noqa: ANN001, E501
+    """The whole road of a pretrained, fine-tuned model: cross-validated with TTA and
+    temperature scaling, its fold models ensembled and published, then served by every backend
+    with a Grad-CAM from its last conv (the fine-tuned head conv)."""
+    import bentoml
+
+    from pox_pipeline import preprocess, serve
+    from pox_pipeline.cv import cross_validate
+    from pox_pipeline.data import load_split
+    from pox_pipeline.ensemble import make_ensemble
+    from pox_pipeline.synthetic import synthesize
+
+    cfg = make_cfg(
+        "data.image_size=64", "cv.folds=2", "cv.models=[efficientnet_lite]", "train.verbose=0",
+        "model.efficientnet_lite.epochs=2", "model.efficientnet_lite.augment.cached_copies=1",
+        "model.efficientnet_lite.finetune.blocks=1", "model.efficientnet_lite.finetune.epochs=1",
+        "evaluate.tta=flips", "evaluate.bootstrap.samples=20", f"cv.out_dir={tmp_path}/cv",
+        f"cv.work_dir={tmp_path}/cv-work", "select.bentoml_model_name=pox-lite-test",
+    )  # fmt: skip
+    synthesize(cfg)
+    summary = cross_validate(cfg)["efficientnet_lite"]
+    assert summary["n_runs"] == 2 and summary["auc_mean"] is not None
+    report = make_ensemble(cfg)
+    assert report["model_name"] == "efficientnet_lite-ensemble"
+
+    stored = bentoml.models.get(report["bentoml_tag"])
+    assert stored.info.metadata["tta"] == "flips"
+    from pox_pipeline.cv import fold_config
+
+    images, _, _ = load_split(fold_config(cfg, 0, 42), "test")
+    keras_predictor = serve.Predictor.from_stored(stored)
+    expected = keras_predictor.outputs(images[:4])
+    fp32 = serve.Predictor.from_stored(stored, "tflite_fp32").outputs(images[:4])
+    np.testing.assert_allclose(fp32, expected, atol=1e-4)
+    int8 = serve.Predictor.from_stored(stored, "tflite_int8").outputs(images[:4])
+    np.testing.assert_allclose(int8, expected, atol=0.1)
+
+    assert serve.last_conv2d(keras_predictor.model).name == "top_conv"
+    cam = keras_predictor.gradcam(images[0])
+    assert cam.shape == (2, 2) and cam.max() == pytest.approx(1.0)
+    photo = Image.fromarray(images[0].astype(np.uint8))
+    result, overlay = keras_predictor.explain(
+        photo, serve.ServeConfig.from_cfg(cfg.serve).heatmap
+    )
+    assert result["label"] in cfg.data.classes
+    assert Image.open(__import__("io").BytesIO(overlay)).size == photo.size
+    assert preprocess  # the same preprocessing the service uses (imported for the card)

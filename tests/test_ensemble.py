@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -77,7 +78,9 @@ def test_family_is_chosen_on_mean_validation_metric(make_cfg: Callable[..., Dict
         choose_families(make_cfg("ensemble.model=[cnn,vgg16]"), candidates)
 
 
-def test_missing_cv_run_is_a_clear_error(make_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+def test_missing_cv_run_is_a_clear_error(
+    make_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
     cfg = make_cfg("cv.models=[cnn]", f"cv.out_dir={tmp_path}/nothing-here")
     with pytest.raises(FileNotFoundError, match="run `python -m pox_pipeline.cv`"):
         make_ensemble(cfg)
@@ -91,7 +94,8 @@ def test_fold_ensemble_is_the_served_champion(
     cfg = make_cfg(
         "cv.folds=2", "cv.models=[cnn]", "model.cnn.epochs=2", "model.cnn.padding=same",
         "evaluate.bootstrap.samples=20", f"cv.out_dir={tmp_path}/cv",
-        f"cv.work_dir={tmp_path}/cv-work", f"select.bentoml_model_name=pox-ens-{uuid.uuid4().hex[:8]}",
+        f"cv.work_dir={tmp_path}/cv-work",
+        f"select.bentoml_model_name=pox-ens-{uuid.uuid4().hex[:8]}",
     )  # fmt: skip
     synthesize(cfg)
     cross_validate(cfg)
@@ -194,12 +198,38 @@ def test_two_families_on_the_same_folds_give_a_held_out_figure(
     assert report["architecture"] == "mean of 4 cnn + colour_texture"
     held_out = report["held_out_ensemble_metrics"]  # one seed: both families saw the same folds
     assert [(f["fold"], f["members"]) for f in held_out["folds"]] == [(0, 2), (1, 2)]
-    assert 0.0 <= held_out["auc_mean"] <= 1.0
+    for metric in cfg.cv.metrics:  # the summary is the mean of the folds' ensembles
+        values = [f[metric] for f in held_out["folds"] if f[metric] is not None]
+        assert held_out[f"{metric}_mean"] == pytest.approx(np.mean(values))
 
 
 def test_no_held_out_figure_when_seeds_redraw_the_folds(
-    make_cfg: Callable[..., DictConfig], tmp_path: Path
+    make_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Two seeds per fold: an ensemble per fold on fixed folds, none when each seed re-draws
+    them (its members' test images differ). Scoring is stubbed: only the decision is tested."""
+    from pox_pipeline import ensemble, evaluate
     from pox_pipeline.ensemble import held_out_ensembles
 
-    assert held_out_ensembles(make_cfg("cv.seeds=[1,2]"), [], [], "x") is None  # resplit: true
+    members = [
+        Member(seed=seed, fold=fold, model_file=Path("unused"),
+               val_metrics={"threshold": 0.5}, test_metrics={}, run_info={})  # fmt: skip
+        for seed in (1, 2) for fold in (0, 1)
+    ]
+    scored: list[int] = []
+    metrics = dict.fromkeys(make_cfg().cv.metrics, 0.5)
+    monkeypatch.setattr(ensemble, "build_ensemble", lambda fold_models, *_: fold_models)
+    monkeypatch.setattr(
+        evaluate, "score_split",
+        lambda _cfg, model, _split: scored.append(len(model)) or SimpleNamespace(labels=[0, 1]),
+    )  # fmt: skip
+    monkeypatch.setattr(evaluate, "split_metrics", lambda *_: metrics)
+    models = [object() for _ in members]
+
+    redrawn = make_cfg("cv.folds=2", "cv.seeds=[1,2]", "cv.resplit=true")
+    assert held_out_ensembles(redrawn, members, models, "x") is None
+    assert scored == []
+    fixed = make_cfg("cv.folds=2", "cv.seeds=[1,2]", "cv.resplit=false")
+    held_out = held_out_ensembles(fixed, members, models, "x")
+    assert [(f["fold"], f["members"]) for f in held_out["folds"]] == [(0, 2), (1, 2)]
+    assert scored == [2, 2]  # each fold's two seed models, scored together

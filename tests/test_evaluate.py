@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fake_training import fake_trained_model
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
+from fake_training import fake_trained_model
 from pox_pipeline import evaluate as evaluate_module
 from pox_pipeline.evaluate import evaluate
 from pox_pipeline.metrics import BINARY_METRICS, MULTICLASS_METRICS, binary_metrics
@@ -29,12 +29,35 @@ def _read_outputs(cfg: DictConfig, name: str) -> tuple[dict, dict, pd.DataFrame]
     for figure in FIGURES:
         assert (out / "figures" / figure).read_bytes()[:4] == PNG_MAGIC
     val = json.loads((out / "val_metrics.json").read_text())
-    test = json.loads((out / "metrics.json").read_text())
+    test = json.loads((out / "test_metrics.json").read_text())
+    # DVC's metrics file: only the compared figures, the same numbers as the full reports
+    compared = json.loads((out / "metrics.json").read_text())
+    assert compared == {
+        "val": {metric: val[metric] for metric in cfg.evaluate.compare.val},
+        "test": {metric: test[metric] for metric in cfg.evaluate.compare.test},
+    }
+    assert len(compared["test"]) == len(cfg.evaluate.compare.test) < len(test) // 4
     predictions = pd.read_csv(out / "predictions.csv")
     assert list(predictions.columns) == ["file", "actual", "predicted", "probability"]
     assert list(pd.read_csv(out / "roc.csv").columns) == ["fpr", "tpr", "threshold"]
     assert list(pd.read_csv(out / "pr.csv").columns) == ["recall", "precision", "threshold"]
     return val, test, predictions
+
+
+def reference_ece(predictions: pd.DataFrame, positive: str, n_bins: int) -> float:
+    """Binary ECE bin by bin: |frequency of the positive class - mean P(positive)| weighted by
+    the bin's share of the images."""
+    probability = predictions["probability"].to_numpy()
+    positive_mask = (predictions["actual"] == positive).to_numpy()
+    total = 0.0
+    for b in range(n_bins):
+        inside = (probability >= b / n_bins) & (
+            (probability < (b + 1) / n_bins) if b < n_bins - 1 else (probability <= 1.0)
+        )
+        if inside.any():
+            gap = positive_mask[inside].mean() - probability[inside].mean()
+            total += inside.sum() * abs(gap)
+    return total / len(probability)
 
 
 def test_evaluate_binary_writes_the_contract_and_logs_to_the_run(
@@ -68,13 +91,17 @@ def test_evaluate_binary_writes_the_contract_and_logs_to_the_run(
     assert val["tta"] == test["tta"] == "none"
     low, high = cfg.evaluate.temperature_bounds
     assert low <= val["temperature"] == test["temperature"] <= high
-    for values in (val, test):
-        assert 0.0 <= values["ece"] <= 1.0 and 0.0 <= values["ece_uncalibrated"] <= 1.0
+    # the test ECE is that of the probabilities in predictions.csv, by an independent count
+    assert test["ece"] == pytest.approx(
+        reference_ece(predictions, cfg.data.positive_class, cfg.evaluate.ece_bins), abs=1e-6
+    )
+    if val["temperature"] != pytest.approx(1.0, abs=1e-3):  # T changed the probabilities
+        assert val["ece"] != pytest.approx(val["ece_uncalibrated"], abs=1e-9)
     assert test["ece_ci_low"] <= test["ece"] <= test["ece_ci_high"]
     assert test["bootstrap_samples"] == 50
     assert 0 < test["bootstrap_min_resamples_used"] <= 50
 
-    # predictions.csv is the decision at that threshold, and reproduces metrics.json
+    # predictions.csv is the decision at that threshold, and reproduces test_metrics.json
     classes = list(cfg.data.classes)
     positive = cfg.data.positive_class
     negative = next(c for c in classes if c != positive)
@@ -146,7 +173,9 @@ def test_uncalibrated_evaluation_keeps_the_model_probabilities(
     make_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """calibration=none: T = 1 and the probabilities are the model's own."""
-    cfg = make_cfg("data.image_size=8", "evaluate.bootstrap.samples=10", "evaluate.calibration=none")
+    cfg = make_cfg(
+        "data.image_size=8", "evaluate.bootstrap.samples=10", "evaluate.calibration=none"
+    )
 
     def fake_split(_cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         rng = np.random.default_rng({"val": 0, "test": 1}[split])  # same images every call
@@ -172,10 +201,9 @@ def test_calibrated_tta_evaluation_is_what_the_service_computes(
 ) -> None:
     """Temperature and TTA from val_metrics.json, as select ships them, make the serving
     Predictor reproduce predictions.csv: same probabilities, same decisions."""
-    from serve_helpers import tiny_model
-
     from pox_pipeline import serve
     from pox_pipeline.data import load_split
+    from serve_helpers import tiny_model
 
     cfg = prepared_cfg(
         "evaluate.bootstrap.samples=20",

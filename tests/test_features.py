@@ -39,7 +39,7 @@ def test_lbp_histogram_equals_a_numpy_reference(radius: int) -> None:
     grey = np.random.default_rng(radius).integers(0, 256, (2, 20, 24)).astype(np.float32)
     ours = np.asarray(lbp_histogram(keras.ops.convert_to_tensor(grey), radius))
     assert ours.shape == (2, LBP_BINS)
-    for image, row in zip(grey, ours):
+    for image, row in zip(grey, ours, strict=True):
         np.testing.assert_allclose(row, numpy_lbp_histogram(image, radius), atol=1e-6)
 
 
@@ -138,7 +138,9 @@ def test_colour_texture_converts_to_tflite(make_cfg, int8: bool) -> None:
     model = build_model(cfg.model.colour_texture, cfg.data)
     images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
     runner = serve.TFLiteRunner(model, int8=int8)
-    np.testing.assert_allclose(runner(images), np.asarray(model(images)), atol=0.02 if int8 else 1e-5)
+    np.testing.assert_allclose(
+        runner(images), np.asarray(model(images)), atol=0.02 if int8 else 1e-5
+    )
 
 
 def test_an_antialiased_resize_is_a_clear_tflite_error(make_cfg) -> None:

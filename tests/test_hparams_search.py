@@ -15,8 +15,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from pox_pipeline.config import CONF_DIR, PROJECT_ROOT
+from pox_pipeline.config import project_root
 from pox_pipeline.cv import objective, summarise
+
+PROJECT_ROOT = project_root()
+CONF_DIR = PROJECT_ROOT / "conf"
 
 SEARCHES = sorted(path.stem for path in (CONF_DIR / "hparams_search").glob("*.yaml"))
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
@@ -101,13 +104,21 @@ def test_objective_is_one_models_mean_validation_metric() -> None:
         objective(cfg, {"cnn": {"val_auc_mean": None}})
 
 
+def scratch_project(root: Path) -> Path:
+    """``root`` as a project of its own (dvc.yaml, this checkout's conf/), so a run there finds
+    its config and keeps its outputs there."""
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "conf").symlink_to(CONF_DIR)
+    return root
+
+
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-trial Optuna sweep of the CNN on the synthetic set, run as a user would."""
     from pox_pipeline.config import compose as compose_params
     from pox_pipeline.synthetic import synthesize
 
-    root = tmp_path_factory.mktemp("sweep")
+    root = scratch_project(tmp_path_factory.mktemp("sweep"))
     synthetic = [
         f"synthetic.out_dir={root}/synthetic", "synthetic.image_size=64",
         "synthetic.patients_per_class=8",
@@ -154,7 +165,7 @@ def test_a_sweep_over_several_models_stops_before_training(tmp_path: Path) -> No
         [sys.executable, "-m", "pox_pipeline.cv", "-m", "hparams_search=cnn_optuna",
          "cv.models=[cnn,vgg16]", "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path}/sweep",
          f"synthetic.out_dir={tmp_path}/missing"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=scratch_project(tmp_path), env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode != 0
     assert "set cv.models=[<model>]" in result.stdout + result.stderr

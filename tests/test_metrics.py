@@ -219,7 +219,8 @@ def test_fit_temperature_recovers_a_known_temperature(true_temperature: float) -
     assert fitted == pytest.approx(true_temperature, rel=0.05)
     # calibrating lowers the NLL and the ECE
     calibrated = calibration.temperature_scale(score, fitted, binary=True)
-    assert metrics.temperature_nll(y, score, fitted, True) < metrics.temperature_nll(y, score, 1.0, True)
+    fitted_nll = metrics.temperature_nll(y, score, fitted, True)
+    assert fitted_nll < metrics.temperature_nll(y, score, 1.0, True)
     assert metrics.binary_log_loss(y, calibrated) == pytest.approx(
         metrics.temperature_nll(y, score, fitted, True), rel=1e-6
     )

@@ -140,7 +140,8 @@ def test_vgg16_head_and_scaling(make_cfg) -> None:
     assert split.frozen.layers[0].scale == pytest.approx(1 / 255)
     head = [type(layer).__name__ for layer in split.trainable.layers]
     assert head == ["Flatten", "Dense", "Dense", "Dense"]
-    units = [(d.units, d.activation.__name__) for d in _layers_of(split.trainable, keras.layers.Dense)]
+    dense = _layers_of(split.trainable, keras.layers.Dense)
+    units = [(d.units, d.activation.__name__) for d in dense]
     assert units == [(64, "relu"), (32, "relu"), (1, "sigmoid")]
     assert model.output_shape == (None, 1)
     # the whole model is the composition of its parts
@@ -197,7 +198,7 @@ def _vgg16_base_weights(model: keras.Model) -> list[np.ndarray]:
 
 def _assert_same_weights(actual: list[np.ndarray], expected: list[np.ndarray]) -> None:
     assert len(actual) == len(expected) == 26
-    for got, want in zip(actual, expected):
+    for got, want in zip(actual, expected, strict=True):
         np.testing.assert_array_equal(got, want)
 
 

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import MSLD_DIR, requires_msld
 from omegaconf import DictConfig
 from scipy.stats import binomtest
 
+from conftest import MSLD_DIR, requires_msld
 from pox_pipeline.cv import cross_validate, fold_config
 
 SIGNIFICANCE = 0.05

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pox_pipeline.config import PROJECT_ROOT, write_params
+from pox_pipeline.config import project_root, write_params
+
+PROJECT_ROOT = project_root()
 
 # Tiny settings, passed to DVC's own Hydra composition as -S overrides.
 TINY = [
@@ -71,19 +73,42 @@ def test_dvc_repro_runs_every_stage_then_nothing(project_copy: Path) -> None:
         "synthesize", "prepare", *(f"{stage}@{name}" for stage in ("train", "evaluate")
                                     for name in MODELS), "select",
     }  # fmt: skip
+    reports = project_copy / "reports"
+    compared = {}
     for name in MODELS:
         assert (project_copy / "models" / name / "model.keras").is_file()
-        metrics = json.loads((project_copy / "reports/eval" / name / "metrics.json").read_text())
-        assert 0.0 <= metrics["balanced_accuracy"] <= 1.0
-    selected = json.loads((project_copy / "reports/select.json").read_text())
-    assert selected["winner"] in MODELS
+        compared[name] = json.loads((reports / "eval" / name / "metrics.json").read_text())
+        test = json.loads((reports / "eval" / name / "test_metrics.json").read_text())
+        assert compared[name]["test"] == {m: test[m] for m in compared[name]["test"]}
+    selected = json.loads((reports / "select.json").read_text())
+    metric = selected["metric"]
+    best = max(c[metric] for c in selected["candidates"].values())
+    assert selected["value"] == best == compared[selected["winner"]]["val"][metric]
+    champion = json.loads((reports / "champion.json").read_text())
+    assert champion == {"champion": selected["winner"], **compared[selected["winner"]]}
 
     second = _run(["dvc", "repro"], project_copy)
     assert _ran(second) == set()
     assert "up to date" in second.lower()
 
+    # `dvc metrics show`: the compared figures of each model and the champion, nothing else,
+    # and no complaint about an optional file (reports/cv/metrics.json) that is not there
     shown = _run(["dvc", "metrics", "show", "--json"], project_copy)
-    assert "reports/eval/cnn/metrics.json" in shown and "reports/eval/vgg16/metrics.json" in shown
+    assert "failed to load" not in shown
+    [revision] = json.JSONDecoder().raw_decode(shown, shown.index("{"))[0].values()
+    files = revision["data"]
+    expected = {f"reports/eval/{m}/metrics.json" for m in MODELS} | {"reports/champion.json"}
+    assert set(files) == expected
+    assert not any("error" in result for result in files.values())
+
+    # `dvc plots show`: every stage's plots, with the axes dvc.yaml gives them, load
+    plotted = _run(["dvc", "plots", "show"], project_copy)
+    assert "failed to load" not in plotted
+    page = (project_copy / "dvc_plots" / "index.html").read_text()
+    for name in MODELS:
+        for plot in (f"reports/eval/{name}/roc.csv", f"reports/train/{name}/history.csv"):
+            assert plot in page
+    assert '"fpr"' in page and '"precision"' in page and '"predicted"' in page
 
 
 def test_changing_a_cnn_param_reruns_only_cnn_stages(project_copy: Path) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_training import fake_trained_model
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
+from fake_training import fake_trained_model
 from pox_pipeline.select import choose_champion, select
 
 METADATA_KEYS = {
@@ -55,14 +55,17 @@ def _val(auc: float, threshold: float) -> str:
 def candidates(prepared_cfg: Callable[..., DictConfig]) -> DictConfig:
     """cnn and vgg16 'trained'; vgg16 is better on val, cnn looks better on test. The prepared
     split is there for the out-of-distribution guard, fitted at publish."""
-    cfg = prepared_cfg("models=[cnn,vgg16]", f"select.bentoml_model_name=pox-test-{uuid.uuid4().hex[:8]}")
+    cfg = prepared_cfg(
+        "models=[cnn,vgg16]", f"select.bentoml_model_name=pox-test-{uuid.uuid4().hex[:8]}"
+    )
     assert list(cfg.models) == ["cnn", "vgg16"]
     for seed, name in enumerate(cfg.models):
         fake_trained_model(cfg, name, seed=seed)
     _write_eval(cfg, "cnn", "val_metrics.json", _val(0.70, 0.4))
     _write_eval(cfg, "vgg16", "val_metrics.json", _val(0.90, 0.3))
     # would win on test, and is garbage: select must never look at it
-    _write_eval(cfg, "cnn", "metrics.json", "{balanced_accuracy: 1.0, not json")
+    _write_eval(cfg, "cnn", "test_metrics.json", "{balanced_accuracy: 1.0, not json")
+    _write_eval(cfg, "cnn", "metrics.json", "{auc: 1.0, not json")
     return cfg
 
 
@@ -93,6 +96,8 @@ def test_select_registers_saves_and_is_idempotent(
     }
     on_disk = json.loads((Path(cfg.paths.reports_dir) / "select.json").read_text())
     assert on_disk == first
+    champion_json = Path(cfg.paths.reports_dir) / "champion.json"  # DVC metrics
+    assert json.loads(champion_json.read_text()) == {"champion": "vgg16"}  # no figures yet
 
     name = cfg.select.registered_model_name
     client = MlflowClient()
@@ -106,7 +111,7 @@ def test_select_registers_saves_and_is_idempotent(
     bento = bentoml.models.get(first["bentoml_tag"])
     assert METADATA_KEYS <= set(bento.info.metadata)
     assert bento.info.metadata["threshold"] == 0.3
-    assert bento.info.metadata["test_metrics"] == {}  # the winner has no metrics.json
+    assert bento.info.metadata["test_metrics"] == {}  # the winner has no test_metrics.json
     assert bento.info.metadata["val_metrics"]["auc"] == 0.90
     # val_metrics.json from before calibration / TTA: what that evaluation did, T = 1, no TTA
     assert bento.info.metadata["temperature"] == 1.0 and bento.info.metadata["tta"] == "none"
@@ -140,7 +145,9 @@ def test_select_registers_saves_and_is_idempotent(
 
     # cnn wins on val -> version 2; back to vgg16 -> version 1 again, served model follows
     _write_eval(cfg, "cnn", "val_metrics.json", _val(0.95, 0.4))
-    _write_eval(cfg, "cnn", "metrics.json", json.dumps({"balanced_accuracy": 1.0, "n_test": 9}))
+    cnn_test = {"balanced_accuracy": 1.0, "n_test": 9}
+    _write_eval(cfg, "cnn", "test_metrics.json", json.dumps(cnn_test))
+    _write_eval(cfg, "cnn", "metrics.json", json.dumps({"test": {"balanced_accuracy": 1.0}}))
     assert select(cfg)["registered_model_version"] == 2
     _write_eval(cfg, "cnn", "val_metrics.json", _val(0.70, 0.4))
     back = select(cfg)
@@ -152,11 +159,15 @@ def test_select_registers_saves_and_is_idempotent(
     assert latest.info.metadata["model_name"] == "vgg16"
 
     # the winner's test metrics ship as metadata; better test numbers elsewhere change nothing
-    _write_eval(cfg, "vgg16", "metrics.json", json.dumps({"balanced_accuracy": 0.1, "n_test": 9}))
+    vgg16_test = {"balanced_accuracy": 0.1, "n_test": 9}
+    _write_eval(cfg, "vgg16", "test_metrics.json", json.dumps(vgg16_test))
+    compared = {"val": {"auc": 0.9}, "test": {"balanced_accuracy": 0.1}}
+    _write_eval(cfg, "vgg16", "metrics.json", json.dumps(compared))
     shipped = select(cfg)
     assert shipped["winner"] == "vgg16" and shipped["registered_model_version"] == 1
     metadata = bentoml.models.get(shipped["bentoml_tag"]).info.metadata
     assert metadata["test_metrics"] == {"balanced_accuracy": 0.1, "n_test": 9}
+    assert json.loads(champion_json.read_text()) == {"champion": "vgg16", **compared}
 
 
 def test_select_ships_the_temperature_and_tta_of_the_winner(candidates: DictConfig) -> None:
@@ -171,7 +182,8 @@ def test_select_ships_the_temperature_and_tta_of_the_winner(candidates: DictConf
     _write_eval(cfg, "vgg16", "val_metrics.json", json.dumps(calibrated))
     result = select(cfg)
     assert result["winner"] == "vgg16"
-    assert (result["temperature"], result["tta"], result["calibration"]) == (1.7, "flips", "temperature")
+    shipped = (result["temperature"], result["tta"], result["calibration"])
+    assert shipped == (1.7, "flips", "temperature")
     stored = bentoml.models.get(result["bentoml_tag"])
     assert stored.info.metadata["temperature"] == 1.7
     assert stored.info.metadata["tta"] == "flips"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import TEST_IMAGE_SIZE
 from pox_pipeline import preprocess, serve
-from pox_pipeline.config import PROJECT_ROOT, compose
+from pox_pipeline.config import compose, project_root
 from pox_pipeline.preprocess import ImageError, ImageTooLarge
 from serve_helpers import (
     CLASSES,
@@ -44,11 +44,18 @@ def predictor(champion_tag: str) -> serve.Predictor:
     return serve.Predictor.from_tag(champion_tag)
 
 
-def card(classes: tuple[str, ...] = CLASSES, threshold: float | None = THRESHOLD,
-         **extra: object) -> serve.ModelCard:
-    metadata = {"classes": list(classes), "positive_class": classes[0], "threshold": threshold,
-                "image_size": TEST_IMAGE_SIZE, "resample": "bilinear", "mlflow_run_id": "run",
-                **extra}
+def card(
+    classes: tuple[str, ...] = CLASSES, threshold: float | None = THRESHOLD, **extra: object
+) -> serve.ModelCard:
+    metadata = {
+        "classes": list(classes),
+        "positive_class": classes[0],
+        "threshold": threshold,
+        "image_size": TEST_IMAGE_SIZE,
+        "resample": "bilinear",
+        "mlflow_run_id": "run",
+        **extra,
+    }
     return serve.ModelCard.from_metadata("pox-classifier", "v1", metadata)
 
 
@@ -68,7 +75,9 @@ def test_serve_config_reads_every_key_of_the_composed_conf() -> None:
         serve.ServeConfig.from_cfg({**cfg.serve, "unknown_knob": 1})
 
 
-def test_serve_config_load_follows_pox_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_config_load_follows_pox_params(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     params = write_serve_params(tmp_path / "params.yaml", "serve.max_pixels=1234")
     monkeypatch.setenv(serve.PARAMS_ENV, str(params))
     assert serve.ServeConfig.load().max_pixels == 1234
@@ -98,8 +107,17 @@ def test_multiclass_label_is_the_argmax() -> None:
 
 def test_card_rejects_inconsistent_metadata() -> None:
     with pytest.raises(ValueError, match="positive_class"):
-        serve.ModelCard.from_metadata("m", "v", {"classes": ["a", "b"], "positive_class": "c",
-                                                 "threshold": 0.5, "image_size": 8, "resample": "bilinear"})
+        serve.ModelCard.from_metadata(
+            "m",
+            "v",
+            {
+                "classes": ["a", "b"],
+                "positive_class": "c",
+                "threshold": 0.5,
+                "image_size": 8,
+                "resample": "bilinear",
+            },
+        )
     with pytest.raises(ValueError, match="threshold"):
         card(threshold=None)
 
@@ -182,15 +200,19 @@ def test_predictor_tta_is_the_mean_of_the_flips_in_one_call(
     expected = flips.card.results(manual)
     got = flips.predict(list(batch))
     assert [r["label"] for r in got] == [r["label"] for r in expected]
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=False):
         assert g["probabilities"] == pytest.approx(e["probabilities"], rel=1e-5)
 
 
-def test_tflite_backends_agree_with_keras(predictor: serve.Predictor, champion_tag: str, tmp_path: Path) -> None:
+def test_tflite_backends_agree_with_keras(
+    predictor: serve.Predictor, champion_tag: str, tmp_path: Path
+) -> None:
     import bentoml
 
     stored = bentoml.models.get(champion_tag)
-    batch = np.stack([preprocess.preprocess_bytes(image_bytes(seed=s), TEST_IMAGE_SIZE) for s in range(4)])
+    batch = np.stack(
+        [preprocess.preprocess_bytes(image_bytes(seed=s), TEST_IMAGE_SIZE) for s in range(4)]
+    )
     keras_out = predictor.outputs(batch)
     fp32 = serve.Predictor.from_stored(stored, "tflite_fp32")
     np.testing.assert_allclose(fp32.outputs(batch), keras_out, atol=1e-5)
@@ -342,8 +364,8 @@ def service_app(champion_tag: str) -> Iterator[tuple[object, object]]:
     """service.py imported as ``bentoml serve`` does, and its ASGI app (built once: BentoML
     registers process-wide metrics per app); each TestClient runs start-up and shutdown."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(serve.PARAMS_ENV, str(PROJECT_ROOT / "params.yaml"))
-        patch.syspath_prepend(str(PROJECT_ROOT))
+        patch.setenv(serve.PARAMS_ENV, str(project_root() / "params.yaml"))
+        patch.syspath_prepend(str(project_root()))
         module = importlib.import_module("service")
         original = module.SETTINGS
         yield module, module.PoxClassifier.to_asgi()
@@ -395,7 +417,10 @@ def test_predict_batch_limits_and_names_the_bad_image(api) -> None:
     too_many = [("images", (f"{i}.png", image_bytes(), "image/png")) for i in range(5)]
     response = api.post("/predict_batch", files=too_many)
     assert response.status_code == 413 and "limit is 4" in response.json()["error"]
-    mixed = [("images", ("a.png", image_bytes(), "image/png")), ("images", ("b.txt", b"hello", "text/plain"))]
+    mixed = [
+        ("images", ("a.png", image_bytes(), "image/png")),
+        ("images", ("b.txt", b"hello", "text/plain")),
+    ]
     response = api.post("/predict_batch", files=mixed)
     assert response.status_code == 400
     assert response.json()["error"].startswith("image 2 of 2: ")
@@ -445,13 +470,20 @@ def test_web_page_needs_nothing_from_the_internet() -> None:
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, asset.name
 
 
-def test_uploads_are_neither_stored_nor_logged(service_app, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_uploads_are_neither_stored_nor_logged(
+    service_app, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     marker_name = "jane-doe-clinic-4711.png"
     data = image_bytes(seed=11) + b"TRAILING-MARKER-BYTES"  # PNG readers ignore trailing data
     caplog.set_level(logging.DEBUG)
     with client_for(service_app, tmp_path) as client:
         assert client.post("/predict", files=upload(data, name=marker_name)).status_code == 200
-        assert client.post("/predict", files=upload(b"not an image " * 4, name=marker_name)).status_code == 400
+        assert (
+            client.post(
+                "/predict", files=upload(b"not an image " * 4, name=marker_name)
+            ).status_code
+            == 400
+        )
     assert not (tmp_path / "uploads").exists()
     assert "Service pox-classifier initialized" in caplog.text, "BentoML's logs were captured"
     assert "jane-doe" not in caplog.text and "TRAILING-MARKER" not in caplog.text

@@ -99,11 +99,12 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
     jobs = [images[i % len(images)] for i in range(48)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(pool.map(lambda data: server.post("/predict", data), jobs))
-    for data, response in zip(jobs, responses):
+    for data, response in zip(jobs, responses, strict=False):
         assert response.status_code == 200, response.text
         assert_same_answer(response.json(), expected(predictor, data))
     metrics = requests.get(f"{server.url}/metrics", timeout=TIMEOUT_S).text
-    batches = re.search(r'adaptive_batch_size_count\{[^}]*method_name="infer"[^}]*\} (\S+)', metrics)
+    pattern = r'adaptive_batch_size_count\{[^}]*method_name="infer"[^}]*\} (\S+)'
+    batches = re.search(pattern, metrics)
     assert batches and float(batches.group(1)) > 0, "the model API runs through the batcher"
 
 
@@ -137,7 +138,8 @@ def test_explain_and_the_web_page(server: Server) -> None:
 
 def test_uploads_leave_no_trace_on_disk_or_in_the_log(server: Server) -> None:
     marker = b"TRAILING-MARKER-BYTES"
-    assert server.post("/predict", image_bytes(seed=6) + marker, name=PRIVATE_NAME).status_code == 200
+    accepted = server.post("/predict", image_bytes(seed=6) + marker, name=PRIVATE_NAME)
+    assert accepted.status_code == 200
     assert server.post("/predict", b"not an image" + marker, name=PRIVATE_NAME).status_code == 400
     assert not (server.root / "uploads").exists()
     log = (server.root / "server.log").read_text(errors="replace")

@@ -4,6 +4,7 @@ training without it), strategies, and the missing-weights message."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -19,9 +20,11 @@ from omegaconf import OmegaConf
 
 from conftest import tmp_overrides
 from pox_pipeline import models, train
-from pox_pipeline.config import PROJECT_ROOT
+from pox_pipeline.config import project_root
 from pox_pipeline.data import load_split
 from pox_pipeline.models import build_model, compile_model, frozen_split
+
+PROJECT_ROOT = project_root()
 
 SMALL_CNN = "model.cnn.padding=same"  # 5 valid conv+pool blocks do not fit in 32 px
 RUN_JSON_KEYS = {
@@ -179,11 +182,37 @@ def test_memory_cache_equals_the_frozen_prefix(split_model, tmp_path: Path) -> N
     )  # fmt: skip
 
 
-def test_mirrored_strategy_trains_on_cpu(prepared_cfg, tmp_path: Path) -> None:
+@pytest.fixture
+def fit_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Every ``keras.Model.fit`` call of the test: the model, its arguments and the strategy
+    it runs under, captured when fit starts."""
+    import tensorflow as tf
+
+    calls: list[dict] = []
+    original = keras.Model.fit
+
+    def spy(self, x=None, *args, **kwargs):
+        strategy = tf.distribute.get_strategy()
+        calls.append({"model": self, "x": x, "kwargs": kwargs, "strategy": strategy})
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    return calls
+
+
+def test_mirrored_strategy_trains_on_cpu(prepared_cfg, fit_calls: list[dict]) -> None:
+    """train.strategy=mirrored: the model is built, compiled and fitted in a MirroredStrategy,
+    so its weights are mirrored variables."""
+    import tensorflow as tf
+
     cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=1", "train.strategy=mirrored",
                        QUIET)  # fmt: skip
     info = train.train(cfg, "cnn")
     assert info["epochs_run"] == 1
+    [call] = fit_calls
+    assert isinstance(call["strategy"], tf.distribute.MirroredStrategy)
+    weights = call["model"].trainable_weights
+    assert weights and all(isinstance(w.value, tf.distribute.DistributedValues) for w in weights)
     saved = keras.models.load_model(Path(cfg.paths.models_dir) / "cnn" / "model.keras")
     assert saved.output_shape == (None, 1)
 
@@ -234,7 +263,7 @@ def test_multi_worker_strategy_trains_with_two_local_workers(
         for index in range(len(workers))
     ]
     outputs = [process.communicate(timeout=300)[0] for process in processes]
-    for process, output in zip(processes, outputs):
+    for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-3000:]
         assert "cnn: 2 epoch(s)" in output
     info = json.loads((tmp_path / "models" / "cnn" / "run.json").read_text())
@@ -276,7 +305,7 @@ def test_mixup_blends_inputs_targets_and_weights_reproducibly() -> None:
     dataset = train.image_dataset(images, labels, weights, batch_size=8, shuffle_seed=None)
     first = [t.numpy() for t in next(iter(train.mixup(dataset, 0.4, 2, seed=3)))]
     again = [t.numpy() for t in next(iter(train.mixup(dataset, 0.4, 2, seed=3)))]
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
     x, y, w = first
     assert not np.allclose(x, images) and 0 <= y.min() and y.max() <= 1
@@ -287,9 +316,11 @@ def test_mixup_blends_inputs_targets_and_weights_reproducibly() -> None:
         train.mixup(dataset, 0.4, 3, seed=0)
 
 
-def test_resnet_recipe_trains_with_every_option_on(prepared_cfg, tmp_path: Path) -> None:
+def test_resnet_recipe_trains_with_every_option_on(
+    prepared_cfg, tmp_path: Path, fit_calls: list[dict]
+) -> None:
     """Strong augmentation, label smoothing, warm-up + cosine, mixup and a val_auc monitor,
-    through the one training loop; history.csv keeps its columns."""
+    through the one training loop: each option is in the model that fit trained."""
     cfg = prepared_cfg(
         "model.resnet.epochs=2", "model.resnet.patience=1", "model.resnet.mixup_alpha=0.2",
         "model.resnet.lr_schedule.warmup_epochs=1", "model.resnet.augment.saturation=0.6",
@@ -297,9 +328,34 @@ def test_resnet_recipe_trains_with_every_option_on(prepared_cfg, tmp_path: Path)
         "model.resnet.blocks_per_stage=[1,1]", "model.resnet.label_smoothing=0.1",
         "model.resnet.input_size=24", QUIET,  # resized inside the model, down from 32 px
     )  # fmt: skip
-    assert cfg.model.resnet.monitor == "val_auc" and cfg.model.resnet.lr_schedule.cosine
+    recipe = cfg.model.resnet
+    assert recipe.monitor == "val_auc" and recipe.lr_schedule.cosine
     info = train.train(cfg, "resnet")
     assert info["architecture"] == "resnet" and 1 <= info["best_epoch"] <= info["epochs_run"]
+
+    [call] = fit_calls
+    model = call["model"]
+    # augmentation: every configured layer, saturation and blur included
+    layer_names = {layer.name for layer in model._flatten_layers()}
+    assert {"random_flip", "random_rotation", "random_zoom", "random_translation",
+            "random_brightness", "random_contrast", "random_saturation",
+            "random_blur"} <= layer_names  # fmt: skip
+    assert model.loss.label_smoothing == pytest.approx(0.1)
+    # warm-up then cosine: 0 at the first step, the full rate after one epoch, then decaying
+    schedule = model.optimizer._learning_rate
+    assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
+    steps = math.ceil(len(load_split(cfg, "train")[1]) / recipe.batch_size)
+    assert schedule.warmup_steps == steps
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(steps)) == pytest.approx(recipe.learning_rate)
+    assert float(schedule(2 * steps - 1)) < recipe.learning_rate
+    # mixup: blended images carry blended (fractional) targets
+    targets = np.concatenate([np.asarray(batch[1]).ravel() for batch in call["x"]])
+    assert ((targets > 0.01) & (targets < 0.99)).any()
+    callbacks = call["kwargs"]["callbacks"]
+    [stopper] = [c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)]
+    assert stopper.monitor == "val_auc"
+
     history = pd.read_csv(Path(cfg.paths.reports_dir) / "train" / "resnet" / "history.csv")
     # every metric the model logs, the AUC a monitor may use included
     assert list(history.columns) == [

@@ -301,7 +301,7 @@ class Check:
 
 def doctor_checks() -> list[Check]:
     """Everything a run needs, each with the command that fixes it."""
-    from pox_pipeline.config import PROJECT_ROOT
+    from pox_pipeline.config import project_root
 
     checks = [
         Check("python", sys.version_info >= MIN_PYTHON, sys.version.split()[0],
@@ -318,14 +318,22 @@ def doctor_checks() -> list[Check]:
                         "pip install -e '.[test]' (and activate its environment)"))  # fmt: skip
     checks.append(weights_check())
     checks += efficientnet_lite_checks()
+    try:
+        root: Path | None = project_root()
+    except FileNotFoundError:
+        root = None
+    checks.append(Check("project (dvc.yaml)", root is not None, str(root or Path.cwd()),
+                        "run pox inside the project (the folder holding dvc.yaml)"))  # fmt: skip
     params = params_file()
     checks.append(Check("params.yaml", params.is_file(), str(params), "python -m pox_pipeline.config"))
     if not params.is_file():
         return checks
     cfg = load_params()
-    msld = (PROJECT_ROOT / ".." / "shared" / "datasets" / "msld").resolve()
-    checks.append(Check("MSLD data", msld.is_dir(), str(msld),
-                        f"place the MSLD photos in {msld} (the synthetic data needs none)", False))  # fmt: skip
+    if root is not None:
+        msld = (root / ".." / "shared" / "datasets" / "msld").resolve()
+        checks.append(Check("MSLD data", msld.is_dir(), str(msld),
+                            f"place the MSLD photos in {msld} (the synthetic data needs none)",
+                            False))  # fmt: skip
     uri = str(cfg.mlflow.tracking_uri)
     database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     checks.append(Check("MLflow database", database is None or database.is_file(), uri,

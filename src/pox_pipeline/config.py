@@ -18,8 +18,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = PROJECT_ROOT / "conf"
+PROJECT_MARKER = "dvc.yaml"
+CONF_DIR_NAME = "conf"
 PARAMS_FILE = "params.yaml"
 
 # Telemetry off wherever the package runs (DVC, BentoML and MLflow all phone home by default).
@@ -39,32 +39,66 @@ OmegaConf.register_new_resolver(
 )
 
 
-def compose(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
+def project_root(start: Path | None = None) -> Path:
+    """The project this process works on: the nearest folder at or above ``start`` (default:
+    the working directory) that holds dvc.yaml, as DVC itself finds its repository.
+
+    Never derived from the package's own location: with a non-editable install, or a second
+    checkout sharing one environment, that would be another project.
+    """
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / PROJECT_MARKER).is_file():
+            return folder
+    raise FileNotFoundError(
+        f"no {PROJECT_MARKER} in {start} or any folder above it: run inside the project "
+        f"(the folder holding {PROJECT_MARKER}, {CONF_DIR_NAME}/ and {PARAMS_FILE})"
+    )
+
+
+def default_conf_dir() -> Path:
+    return project_root() / CONF_DIR_NAME
+
+
+def params_path() -> Path:
+    """params.yaml of the project; a built Bento has no dvc.yaml, so there the working
+    directory's (bentofile.yaml ships params.yaml at the Bento's root)."""
+    try:
+        return project_root() / PARAMS_FILE
+    except FileNotFoundError:
+        return Path.cwd() / PARAMS_FILE
+
+
+def compose(overrides: Sequence[str] = (), conf_dir: Path | None = None) -> DictConfig:
     """Compose conf/ with Hydra overrides and resolve interpolations, as DVC does."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(str(conf_dir), version_base=None):
+    with initialize_config_dir(str(conf_dir or default_conf_dir()), version_base=None):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))
     OmegaConf.resolve(cfg)
     return cfg
 
 
 def write_params(
-    output: Path = PROJECT_ROOT / PARAMS_FILE,
+    output: Path | None = None,
     overrides: Sequence[str] = (),
-    conf_dir: Path = CONF_DIR,
+    conf_dir: Path | None = None,
 ) -> Path:
-    """Write params.yaml exactly as ``dvc exp run`` with Hydra composition would."""
+    """Write params.yaml (default: the project's) exactly as ``dvc exp run`` with Hydra
+    composition would."""
     from dvc.utils.hydra import compose_and_dump
 
-    compose_and_dump(output, str(conf_dir), None, "config", "", list(overrides))
+    output = output or project_root() / PARAMS_FILE
+    conf = str(conf_dir or default_conf_dir())
+    compose_and_dump(output, conf, None, "config", "", list(overrides))
     return output
 
 
-def load_params(path: Path | str = PARAMS_FILE, overrides: Sequence[str] = ()) -> DictConfig:
-    """Load a composed params file and apply dotlist overrides (for scripts and benchmarks)."""
-    cfg = OmegaConf.load(path)
+def load_params(path: Path | str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a composed params file (default: the project's) and apply dotlist overrides (for
+    scripts and benchmarks)."""
+    cfg = OmegaConf.load(path or params_path())
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     return cfg
@@ -84,24 +118,31 @@ def flatten(cfg: DictConfig | dict[str, Any], prefix: str = "") -> dict[str, Any
 
 
 def stage_entry(func: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-    """A Hydra entry point whose primary config is ``params.yaml`` in the working directory.
+    """A Hydra entry point whose primary config is the project's ``params.yaml``.
 
     Gives every stage Hydra's command line: ``python -m pox_pipeline.train model_name=cnn
     model.cnn.epochs=3``, ``--cfg job`` to print the config, ``--help``. params.yaml is handed
     to Hydra through its ConfigStore, not as a config directory: Hydra lists every folder of
     its config directory as a config group, and the project root holds .venv/ and the data.
+    The stage runs in the project root, where the relative paths of params.yaml start (DVC
+    runs it there too).
     """
 
     @functools.wraps(func)
     def main() -> Any:
         from hydra.core.config_store import ConfigStore
 
-        params = Path.cwd() / PARAMS_FILE
+        try:
+            root = project_root()
+        except FileNotFoundError as err:
+            raise SystemExit(str(err)) from None
+        params = root / PARAMS_FILE
         if not params.is_file():
             raise SystemExit(
-                f"{params} not found: run stages from the project root, where "
-                "`python -m pox_pipeline.config` writes it"
+                f"{params} not found: `python -m pox_pipeline.config` composes it from "
+                f"{CONF_DIR_NAME}/"
             )
+        os.chdir(root)
         node = OmegaConf.load(params)
         entry = sys.modules["__main__"]
         spec = getattr(entry, "__spec__", None)
@@ -121,7 +162,21 @@ def stage_entry(func: Callable[[DictConfig], Any]) -> Callable[[], Any]:
     return main
 
 
+def conf_entry(func: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+    """A Hydra entry point over the project's conf/ (found when it runs, not at import)."""
+
+    @functools.wraps(func)
+    def main() -> Any:
+        try:
+            conf = default_conf_dir()
+        except FileNotFoundError as err:
+            raise SystemExit(str(err)) from None
+        return hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(func)()
+
+    return main
+
+
 if __name__ == "__main__":
     overrides = sys.argv[1:]
     written = write_params(overrides=overrides)
-    print(f"composed conf/ -> {written.relative_to(PROJECT_ROOT)}" + (f" with {overrides}" if overrides else ""))
+    print(f"composed {CONF_DIR_NAME}/ -> {written}" + (f" with {overrides}" if overrides else ""))

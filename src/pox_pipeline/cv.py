@@ -21,18 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from pox_pipeline import tracking
-from pox_pipeline.config import CONF_DIR, flatten
-
-
-DVC_METRICS_FILE = "metrics.json"
+from pox_pipeline import paths, tracking
+from pox_pipeline.config import conf_entry, flatten
 
 
 def fold_config(cfg: DictConfig, fold: int, seed: int) -> DictConfig:
@@ -136,8 +132,9 @@ def cross_validate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     result = {"folds": cfg.cv.folds, "seeds": list(cfg.cv.seeds), "summaries": summaries,
               "runs": per_model}  # fmt: skip
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    # Scalars only, per model: what dvc.yaml's top-level `metrics:` shows (dvc metrics show).
-    (out_dir / DVC_METRICS_FILE).write_text(json.dumps(summaries, indent=2) + "\n")
+    # Scalars only, per model: `dvc metrics show reports/cv/metrics.json` (or `dvc metrics
+    # diff ... <file>`) shows it; dvc.yaml does not list it, since `dvc repro` never writes it.
+    (out_dir / paths.DVC_METRICS_FILE).write_text(json.dumps(summaries, indent=2) + "\n")
     table = markdown_table(summaries, metric_names)
     (out_dir / "summary.md").write_text(table)
     log_summary(cfg, summaries, out_dir)
@@ -152,9 +149,7 @@ def log_summary(cfg: DictConfig, summaries: dict[str, dict[str, Any]], out_dir: 
         with mlflow.start_run(run_name=f"cv-{name}"):
             mlflow.set_tags({"model_name": name, "protocol": f"cv{cfg.cv.folds}",
                              "git_commit": tracking.git_commit()})  # fmt: skip
-            params = flatten(cfg)
-            for start in range(0, len(params), 100):
-                mlflow.log_params(dict(list(params.items())[start : start + 100]))
+            mlflow.log_params(flatten(cfg))  # MLflow sends them in batches of its own size
             mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             mlflow.log_artifact(str(out_dir / "summary.md"))
 
@@ -198,7 +193,7 @@ def objective(cfg: DictConfig, summaries: dict[str, dict[str, Any]]) -> float | 
     return float(value)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@conf_entry
 def main(cfg: DictConfig) -> float | None:
     """Cross-validate; return the mean validation ``cv.objective`` (what a sweep optimises)."""
     OmegaConf.resolve(cfg)

@@ -30,7 +30,6 @@ from tqdm import tqdm
 from pox_pipeline.config import stage_entry
 from pox_pipeline.preprocess import ImageError, decode_image, preprocess_file, resize
 
-
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("file", "source", "class", "group", "split", "sha256")

@@ -80,8 +80,9 @@ def variant(name: str) -> Variant:
 def round_filters(filters: int, width: float) -> int:
     """Channels scaled by ``width``, to a multiple of 8, never more than 10% below."""
     scaled = filters * width
-    rounded = max(FILTER_DIVISOR, int(scaled + FILTER_DIVISOR / 2) // FILTER_DIVISOR * FILTER_DIVISOR)
-    return int(rounded + FILTER_DIVISOR if rounded < 0.9 * scaled else rounded)
+    step = FILTER_DIVISOR
+    rounded = max(step, int(scaled + step / 2) // step * step)
+    return int(rounded + step if rounded < 0.9 * scaled else rounded)
 
 
 @dataclass(frozen=True)
@@ -209,9 +210,8 @@ def keras_weights(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
         converted[keras_name] = [state[f"{torch_name}.weight"].transpose(2, 3, 0, 1)]
 
     def batchnorm(torch_name: str, keras_name: str) -> None:
-        converted[keras_name] = [
-            state[f"{torch_name}.{key}"] for key in ("weight", "bias", "running_mean", "running_var")
-        ]
+        keys = ("weight", "bias", "running_mean", "running_var")
+        converted[keras_name] = [state[f"{torch_name}.{key}"] for key in keys]
 
     conv("_conv_stem", "stem_conv")
     batchnorm("_bn0", "stem_bn")

@@ -24,15 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import keras
 import mlflow
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
-from pox_pipeline import select, tracking
+from pox_pipeline import paths, select, tracking
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE
-from pox_pipeline.config import CONF_DIR
+from pox_pipeline.config import conf_entry
 from pox_pipeline.cv import fold_config, fold_runs, mean_std, summarise
 from pox_pipeline.serve import load_keras_model
 from pox_pipeline.train import log_keras_model, log_params
@@ -60,9 +59,9 @@ def read_members(cfg: DictConfig, model_name: str) -> list[Member]:
     members = []
     for seed, fold in fold_runs(cfg):
         fold_cfg = fold_config(cfg, fold, seed)
-        eval_dir = Path(fold_cfg.paths.reports_dir) / "eval" / model_name
-        model_file = Path(fold_cfg.paths.models_dir) / model_name / select.MODEL_FILE
-        needed = [model_file, eval_dir / select.VAL_METRICS_FILE, eval_dir / select.TEST_METRICS_FILE]
+        eval_dir = paths.eval_dir(fold_cfg, model_name)
+        model_file = paths.model_file(fold_cfg, model_name)
+        needed = [model_file, eval_dir / paths.VAL_METRICS_FILE, eval_dir / paths.TEST_METRICS_FILE]
         missing = [str(path) for path in needed if not path.is_file()]
         if missing:
             raise FileNotFoundError(
@@ -94,7 +93,11 @@ def choose_families(cfg: DictConfig, candidates: dict[str, list[Member]]) -> lis
         return names
     metric = str(cfg.select.metric)
     means = {
-        name: {metric: mean_std([m.val_metrics.get(metric) for m in members], metric)[f"{metric}_mean"]}
+        name: {
+            metric: mean_std([m.val_metrics.get(metric) for m in members], metric)[
+                f"{metric}_mean"
+            ]
+        }
         for name, members in candidates.items()
     }
     return [select.choose_champion(means, metric, bool(cfg.select.greater_is_better))]
@@ -140,7 +143,8 @@ def ensemble_threshold(members: list[Member]) -> float | None:
 
 def load_member(member: Member) -> keras.Model:
     model = load_keras_model(member.model_file)
-    return bake_temperature(model, float(member.val_metrics.get("temperature", IDENTITY_TEMPERATURE)))
+    temperature = float(member.val_metrics.get("temperature", IDENTITY_TEMPERATURE))
+    return bake_temperature(model, temperature)
 
 
 def held_out_ensembles(
@@ -160,12 +164,14 @@ def held_out_ensembles(
     folds = sorted({m.fold for m in members})
     for fold in tqdm(folds, desc="held-out ensembles", unit="fold", disable=None):
         group = [m for m in members if m.fold == fold]
-        fold_models = [model for m, model in zip(members, models) if m.fold == fold]
+        fold_models = [model for m, model in zip(members, models, strict=True) if m.fold == fold]
         model = build_ensemble(fold_models, int(cfg.data.image_size), name)
         scores = score_split(fold_config(cfg, fold, group[0].seed), model, "test")
         point = split_metrics(scores, ensemble_threshold(group), positive_index,
                               int(cfg.evaluate.ece_bins))  # fmt: skip
-        per_fold.append({"fold": fold, "members": len(group), "n_test": len(scores.labels), **point})
+        per_fold.append(
+            {"fold": fold, "members": len(group), "n_test": len(scores.labels), **point}
+        )
     return {"folds": per_fold, **summarise(per_fold, list(cfg.cv.metrics))}
 
 
@@ -210,7 +216,9 @@ def publish(
     # the guard's reference photos: the first member's training split (any fold's photos are
     # skin photos of the same data set; every member saw most of them)
     data_cfg = fold_config(cfg, members[0].fold, members[0].seed)
-    bento_tag = select.publish_bentoml(cfg, data_cfg, Path(report["model_file"]), metadata, run.info.run_id)
+    bento_tag = select.publish_bentoml(
+        cfg, data_cfg, Path(report["model_file"]), metadata, run.info.run_id
+    )
     return {"mlflow_run_id": run.info.run_id, "registered_model_version": int(version.version),
             "alias": cfg.select.alias, "bentoml_tag": bento_tag}  # fmt: skip
 
@@ -227,7 +235,7 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
     model = build_ensemble(member_models, int(cfg.data.image_size), keras_name)
     out_dir = Path(cfg.ensemble.out_dir) / family
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_file = out_dir / select.MODEL_FILE
+    model_file = out_dir / paths.MODEL_FILE
     model.save(model_file)
 
     metric_names = list(cfg.cv.metrics)
@@ -261,7 +269,7 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@conf_entry
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
     report = make_ensemble(cfg)

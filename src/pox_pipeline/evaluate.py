@@ -26,13 +26,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from pox_pipeline import calibration, metrics
+from pox_pipeline import calibration, metrics, paths
 from pox_pipeline.config import stage_entry
 from pox_pipeline.data import load_split
 from pox_pipeline.serve import load_keras_model, tta_views
 from pox_pipeline.tracking import read_run_info, setup_mlflow
 
-MODEL_FILE = "model.keras"
 FIGURE_DPI = 100
 MULTICLASS_RULE = "argmax"
 MULTICLASS_NOTE = (
@@ -51,14 +50,6 @@ class SplitScores:
     labels: np.ndarray
     positive_score: np.ndarray
     proba: np.ndarray | None
-
-
-def eval_dir(cfg: DictConfig, model_name: str) -> Path:
-    return Path(cfg.paths.reports_dir) / "eval" / model_name
-
-
-def model_path(cfg: DictConfig, model_name: str) -> Path:
-    return Path(cfg.paths.models_dir) / model_name / MODEL_FILE
 
 
 def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -388,15 +379,25 @@ def log_to_mlflow(
         mlflow.log_metrics(finite)
         mlflow.set_tags({k: val[k] for k in ("threshold_rule", "calibration", "tta")})
         mlflow.log_artifacts(str(out / "figures"), artifact_path="eval/figures")
-        mlflow.log_artifact(str(out / "val_metrics.json"), artifact_path="eval")
-        mlflow.log_artifact(str(out / "metrics.json"), artifact_path="eval")
+        for name in (paths.VAL_METRICS_FILE, paths.TEST_METRICS_FILE):
+            mlflow.log_artifact(str(out / name), artifact_path="eval")
+
+
+def compared(
+    cfg: DictConfig, val: Mapping[str, Any], test: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The few figures per split (``evaluate.compare``) that DVC compares across experiments;
+    intervals, counts and calibration stay in the full reports."""
+    reports = {"val": val, "test": test}
+    return {split: {name: reports[split][name] for name in names}
+            for split, names in cfg.evaluate.compare.items()}  # fmt: skip
 
 
 def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
     """Evaluate ``models/<model_name>/model.keras``; returns the written val and test metrics."""
     classes = list(cfg.data.classes)
     positive_index = classes.index(cfg.data.positive_class)
-    model = load_keras_model(model_path(cfg, model_name))
+    model = load_keras_model(paths.model_file(cfg, model_name))
     raw = {split: score_split(cfg, model, split) for split in SPLITS}
     # Calibrate first: the threshold and every metric use the probabilities the service shows.
     temperature = fit_calibration(raw["val"], positive_index, cfg)
@@ -435,10 +436,11 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
         "ece_uncalibrated": split_ece(raw["test"], positive_index, ece_bins),
     }
 
-    out = eval_dir(cfg, model_name)
+    out = paths.eval_dir(cfg, model_name)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "val_metrics.json", val_metrics)
-    _write_json(out / "metrics.json", test_metrics)
+    _write_json(out / paths.VAL_METRICS_FILE, val_metrics)
+    _write_json(out / paths.TEST_METRICS_FILE, test_metrics)
+    _write_json(out / paths.DVC_METRICS_FILE, compared(cfg, val_metrics, test_metrics))
     predicted = predicted_indices(test, threshold, positive_index)
     decision = MULTICLASS_RULE if threshold is None else f"threshold {threshold:.3f}"
     write_reports(

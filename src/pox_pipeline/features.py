@@ -145,10 +145,12 @@ def lbp_histogram(grey: Any, radius: int) -> Any:
     centre = grey[:, r:-r, r:-r]
     height, width = grey.shape[1], grey.shape[2]
     bits = [
-        ops.cast(grey[:, r + dy * r : height - r + dy * r, r + dx * r : width - r + dx * r] >= centre,
-                 "float32")
+        ops.cast(
+            grey[:, r + dy * r : height - r + dy * r, r + dx * r : width - r + dx * r] >= centre,
+            "float32",
+        )
         for dy, dx in LBP_NEIGHBOURS
-    ]  # fmt: skip
+    ]
     ones = sum(bits)
     changes = sum(ops.abs(bits[i] - bits[(i + 1) % len(bits)]) for i in range(len(bits)))
     code = ops.where(changes <= 2, ones, float(LBP_BINS - 1))

@@ -214,7 +214,9 @@ def cnn(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Model
     augmentation = augmentation_block(model_cfg.augment)
     x = augmentation(inputs) if augmentation is not None else inputs
     x = layers.Rescaling(model_cfg.rescale, name="rescale")(x)
-    for block, (filters, kernel) in enumerate(zip(model_cfg.filters, model_cfg.kernel_sizes), 1):
+    for block, (filters, kernel) in enumerate(
+        zip(model_cfg.filters, model_cfg.kernel_sizes, strict=True), 1
+    ):
         x = layers.Conv2D(
             filters,
             kernel,
@@ -396,7 +398,7 @@ def resnet(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Mo
         name="stem_conv", **conv,
     )(x)  # fmt: skip
     for stage, (filters, blocks) in enumerate(
-        zip(model_cfg.stage_filters, model_cfg.blocks_per_stage), 1
+        zip(model_cfg.stage_filters, model_cfg.blocks_per_stage, strict=True), 1
     ):
         for block in range(1, blocks + 1):
             stride = 2 if stage > 1 and block == 1 else 1

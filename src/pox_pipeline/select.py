@@ -26,16 +26,13 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig
 
-from pox_pipeline import model_card, ood
+from pox_pipeline import model_card, ood, paths, serve
+from pox_pipeline.calibration import IDENTITY_TEMPERATURE, NO_CALIBRATION
 from pox_pipeline.config import stage_entry
 from pox_pipeline.data import load_split
-from pox_pipeline.calibration import IDENTITY_TEMPERATURE, NO_CALIBRATION
 from pox_pipeline.serve import NO_TTA, load_keras_model
 from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
 
-VAL_METRICS_FILE = "val_metrics.json"
-TEST_METRICS_FILE = "metrics.json"
-MODEL_FILE = "model.keras"
 MLFLOW_ARTIFACT = "model"
 HASH_LABEL = "content_sha256"
 # Metadata left out of the content hash: a new commit alone is no new model.
@@ -44,13 +41,9 @@ UNHASHED_METADATA = ("git_commit",)
 UNHASHED_FILES = (model_card.MARKDOWN_FILE, model_card.HTML_FILE)
 
 
-def _eval_dir(cfg: DictConfig, model_name: str) -> Path:
-    return Path(cfg.paths.reports_dir) / "eval" / model_name
-
-
 def read_val_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     """The validation metrics and threshold of one candidate: all that the choice may see."""
-    path = _eval_dir(cfg, model_name) / VAL_METRICS_FILE
+    path = paths.eval_dir(cfg, model_name) / paths.VAL_METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `evaluate@{model_name}` first")
     return json.loads(path.read_text())
@@ -67,7 +60,7 @@ def choose_champion(
     scored = []
     for order, (name, values) in enumerate(val_metrics.items()):
         if metric not in values:
-            raise KeyError(f"{name}: {VAL_METRICS_FILE} has no metric {metric!r}")
+            raise KeyError(f"{name}: {paths.VAL_METRICS_FILE} has no metric {metric!r}")
         value = values[metric]
         if value is not None and not math.isnan(value):
             scored.append((value if greater_is_better else -value, -order, name))
@@ -78,7 +71,7 @@ def choose_champion(
 
 def read_test_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     """The winner's test metrics, read after the choice only to ship as metadata ({} if absent)."""
-    path = _eval_dir(cfg, model_name) / TEST_METRICS_FILE
+    path = paths.eval_dir(cfg, model_name) / paths.TEST_METRICS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -162,7 +155,7 @@ def save_bentoml_model(
         pass
     labels = {HASH_LABEL: sha, "model_name": str(metadata["model_name"])}
     with bentoml.models.create(name, labels=labels, metadata=dict(metadata)) as ref:
-        shutil.copyfile(model_file, Path(ref.path) / MODEL_FILE)
+        shutil.copyfile(model_file, Path(ref.path) / serve.MODEL_FILE)
         for file_name, path in (extra_files or {}).items():
             shutil.copyfile(path, Path(ref.path) / file_name)
     return str(ref.tag)
@@ -199,7 +192,8 @@ def publish_bentoml(
 
 
 def select(cfg: DictConfig) -> dict[str, Any]:
-    """Choose, register and save the champion; writes and returns ``reports/select.json``."""
+    """Choose, register and save the champion; writes and returns ``reports/select.json`` and
+    writes the champion's compared figures to ``reports/champion.json`` (DVC metrics)."""
     metric = cfg.select.metric
     val_metrics = {name: read_val_metrics(cfg, name) for name in cfg.models}
     winner = choose_champion(val_metrics, metric, bool(cfg.select.greater_is_better))
@@ -238,7 +232,7 @@ def select(cfg: DictConfig) -> dict[str, Any]:
         "val_metrics": without_nulls(chosen),
         "test_metrics": without_nulls(read_test_metrics(cfg, winner)),
     }
-    model_file = Path(cfg.paths.models_dir) / winner / MODEL_FILE
+    model_file = paths.model_file(cfg, winner)
     bento_tag = publish_bentoml(cfg, cfg, model_file, metadata, run_id)
 
     result = {
@@ -259,10 +253,18 @@ def select(cfg: DictConfig) -> dict[str, Any]:
         "alias": cfg.select.alias,
         "bentoml_tag": bento_tag,
     }
-    out = Path(cfg.paths.reports_dir) / "select.json"
+    out = paths.select_report(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    champion = {"champion": winner, **read_dvc_metrics(cfg, winner)}
+    paths.champion_metrics(cfg).write_text(json.dumps(champion, indent=2) + "\n")
     return result
+
+
+def read_dvc_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
+    """evaluate's few compared figures of one model ({} if absent), for select's DVC metrics."""
+    path = paths.eval_dir(cfg, model_name) / paths.DVC_METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_champion(cfg: DictConfig) -> Any:

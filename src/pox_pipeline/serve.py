@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from bentoml import Model as StoredModel
 
 PARAMS_ENV = "POX_PARAMS"
-DEFAULT_PARAMS = "params.yaml"
 MODEL_FILE = "model.keras"  # inside the BentoML model directory (docs/architecture.md)
 BACKENDS = ("keras", "tflite_fp32", "tflite_int8")
 # Test-time augmentation (evaluate.tta, shipped as the model's ``tta`` metadata).
@@ -101,10 +100,10 @@ class ServeConfig:
 
     @classmethod
     def load(cls, overrides: Sequence[str] = ()) -> ServeConfig:
-        """Read ``$POX_PARAMS`` (default ``params.yaml`` in the working directory)."""
-        from pox_pipeline.config import load_params
+        """Read ``$POX_PARAMS`` (default: the project's ``params.yaml``)."""
+        from pox_pipeline.config import load_params, params_path
 
-        path = os.environ.get(PARAMS_ENV, DEFAULT_PARAMS)
+        path = os.environ.get(PARAMS_ENV) or params_path()
         if not Path(path).is_file():
             raise FileNotFoundError(
                 f"{path} not found (from {Path.cwd()}): run `python -m pox_pipeline.config` "
@@ -113,7 +112,7 @@ class ServeConfig:
         return cls.from_cfg(load_params(path, overrides).serve)
 
 
-# ---------------------------------------------------------------------------- test-time augmentation
+# ------------------------------------------------------------------------ test-time augmentation
 
 
 def tta_views(batch: np.ndarray, mode: str) -> list[np.ndarray]:
@@ -236,7 +235,9 @@ class ModelCard:
             "label": label,
             "probability": float(probabilities[self.classes.index(label)]),
             "threshold": self.threshold,
-            "probabilities": {c: float(p) for c, p in zip(self.classes, probabilities)},
+            "probabilities": {
+                c: float(p) for c, p in zip(self.classes, probabilities, strict=True)
+            },
             "model": {
                 "name": self.name,
                 "version": self.version,
@@ -312,7 +313,6 @@ class Predictor:
     def __init__(
         self, model_dir: Path, card: ModelCard, backend: str = "keras", ood_enabled: bool = True
     ) -> None:
-        import keras
 
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
@@ -582,7 +582,7 @@ def store_upload(data: bytes, upload_dir: Path, now: datetime | None = None) -> 
     """
     with Image.open(io.BytesIO(data)) as image:
         suffix = (image.format or "img").lower()
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S.%fZ")
     upload_dir.mkdir(parents=True, exist_ok=True)
     path = upload_dir / f"{stamp}-{secrets.token_hex(4)}.{suffix}"
     path.write_bytes(data)
@@ -632,14 +632,16 @@ def compare_backends(
     base, cand = answers[baseline], answers[candidate]
     positive = [
         (b["probabilities"][card.positive_class], c["probabilities"][card.positive_class])
-        for b, c in zip(base, cand)
+        for b, c in zip(base, cand, strict=True)
     ]
-    difference = np.abs(np.subtract(*zip(*positive)))
+    difference = np.abs(np.subtract(*zip(*positive, strict=True)))
     report: dict[str, Any] = {
         "images": len(files),
         "baseline": baseline,
         "candidate": candidate,
-        "label_agreement": float(np.mean([b["label"] == c["label"] for b, c in zip(base, cand)])),
+        "label_agreement": float(
+            np.mean([b["label"] == c["label"] for b, c in zip(base, cand, strict=True)])
+        ),
         "mean_abs_probability_difference": float(difference.mean()),
         "max_abs_probability_difference": float(difference.max()),
     }
@@ -647,6 +649,6 @@ def compare_backends(
     if set(truth) <= set(card.classes):
         for backend, results in answers.items():
             report[f"accuracy_{backend}"] = float(
-                np.mean([r["label"] == t for r, t in zip(results, truth)])
+                np.mean([r["label"] == t for r, t in zip(results, truth, strict=True)])
             )
     return report

@@ -11,7 +11,8 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig
 
-RUN_INFO_FILE = "run.json"
+from pox_pipeline.paths import run_info_file
+
 # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI itself, so only the value set before
 # this process configured MLflow is the user's choice (else the first config would stick).
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
@@ -36,17 +37,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_info_path(cfg: DictConfig, model_name: str) -> Path:
-    return Path(cfg.paths.models_dir) / model_name / RUN_INFO_FILE
-
-
 def write_run_info(cfg: DictConfig, model_name: str, info: dict[str, Any]) -> Path:
     """Record which MLflow run trained a model, so evaluate and select log to the same run."""
-    path = run_info_path(cfg, model_name)
+    path = run_info_file(cfg, model_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return path
 
 
 def read_run_info(cfg: DictConfig, model_name: str) -> dict[str, Any]:
-    return json.loads(run_info_path(cfg, model_name).read_text())
+    return json.loads(run_info_file(cfg, model_name).read_text())

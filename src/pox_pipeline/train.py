@@ -359,7 +359,7 @@ def improves(monitor: str, value: float, reference: float) -> bool:
 def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> Path:
     """Loss and accuracy, train vs validation, side by side (as the tutorial plotted them)."""
     figure = Figure(figsize=(10, 4))
-    for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
+    for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
         axis.plot(frame["epoch"], frame[metric], marker="o", label=f"train {metric}")
         axis.plot(frame["epoch"], frame[f"val_{metric}"], marker="o", label=f"val {metric}")
         axis.set_xlabel("epoch")
