@@ -33,7 +33,10 @@ MIN_PYTHON = (3, 11)
 
 
 def params_file() -> Path:
-    return Path(os.environ.get(serve.PARAMS_ENV, serve.DEFAULT_PARAMS))
+    """``$POX_PARAMS``, else the project's params.yaml (what the service reads)."""
+    from pox_pipeline.config import params_path
+
+    return Path(os.environ.get(serve.PARAMS_ENV) or params_path())
 
 
 def load_params() -> Any:
