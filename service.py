@@ -60,7 +60,7 @@ class PoxModel:
     )
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Model outputs for a (N, S, S, 3) batch (averaged over the champion's TTA views),
-        plus a last column with each image's out-of-distribution score (above 1: out; nan: no check);
+        plus a last column: each image's out-of-distribution score (above 1: out; nan: no check);
         concurrent calls are merged into one."""
         return self.predictor.outputs_with_ood_score(images)
 

@@ -24,7 +24,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from pox_pipeline import non_skin, ood, preprocess
-from pox_pipeline.config import project_root
 from pox_pipeline.serve import Predictor, split_ood_score
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -42,7 +41,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bento-tag", default="pox-classifier:latest",
                         help="model in the BentoML store (default: %(default)s)")  # fmt: skip
     parser.add_argument("--images", type=Path, default=Path("datas/prepared/test"),
-                        help="held-out photos, any depth (default: the prepared test split)")  # fmt: skip
+                        help="held-out photos, any depth (default: %(default)s)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -50,7 +49,9 @@ def flagged(predictor: Predictor, photos: list[Image.Image]) -> dict[str, np.nda
     """Per photo, whether each feature space alone flags it, and the served rule (any space),
     through the service's own preprocessing and Predictor, in batches of 32."""
     card, guard = predictor.card, predictor.guard
-    inputs = np.stack([preprocess.to_model_input(p, card.image_size, card.resample) for p in photos])
+    inputs = np.stack(
+        [preprocess.to_model_input(p, card.image_size, card.resample) for p in photos]
+    )
     served = np.concatenate(
         [split_ood_score(predictor.outputs_with_ood_score(inputs[i : i + BATCH]))[1]
          for i in tqdm(range(0, len(inputs), BATCH), desc="photos", disable=None, leave=False)]
@@ -70,8 +71,8 @@ def rates(predictor: Predictor, test_dir: Path) -> list[tuple[str, int, dict[str
     if not files:
         raise SystemExit(f"no photos under {test_dir}")
     test = flagged(predictor, [preprocess.decode_image(p.read_bytes()) for p in files])
-    rows = [(f"held-out test photos ({test_dir})", len(files),
-             {rule: int(hits.sum()) for rule, hits in test.items()}, f"<= {TEST_GOAL:.0%}")]  # fmt: skip
+    test_hits = {rule: int(hits.sum()) for rule, hits in test.items()}
+    rows = [(f"held-out test photos ({test_dir})", len(files), test_hits, f"<= {TEST_GOAL:.0%}")]
     by_kind: dict[str, list[Image.Image]] = defaultdict(list)
     for kind, _, image in non_skin.images():
         by_kind[kind].append(image)
@@ -94,8 +95,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     predictor = Predictor.from_stored(stored)
     if predictor.guard is None:
         raise SystemExit(f"{stored.tag} has no out-of-distribution guard: publish it again")
-    spaces = ", ".join(f"{space} (k={guard.k}, threshold {guard.threshold:.3f} = validation "
-                       f"quantile {guard.quantile})" for space, guard in predictor.guard.guards.items())
+    spaces = ", ".join(
+        f"{space} (k={guard.k}, threshold {guard.threshold:.3f} = validation "
+        f"quantile {guard.quantile})"
+        for space, guard in predictor.guard.guards.items()
+    )
     print(f"model {stored.tag} ({stored.info.metadata.get('model_name')}), guard spaces: {spaces}")
     rules = [*predictor.guard.guards, SERVED]
     print("| set | images | " + " | ".join(f"flagged by {rule}" for rule in rules) + " | goal |")

@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 import numpy as np
+import pytest
 
 from pox_pipeline.config import project_root
 from serve_helpers import (

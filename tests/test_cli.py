@@ -86,7 +86,12 @@ def test_predict_answers_every_readable_file_then_fails_for_the_unreadable(proje
 
 
 def test_predict_text_says_why_the_label(project: dict) -> None:
-    result = pox(project, "predict", str(project["folder"] / "skin_a.png"), str(project["folder"] / "blue.png"))
+    result = pox(
+        project,
+        "predict",
+        str(project["folder"] / "skin_a.png"),
+        str(project["folder"] / "blue.png"),
+    )
     assert result.returncode == 0, result.stderr
     skin, blue = result.stdout.splitlines()
     assert "in distribution" in skin and "screening threshold of 50%" in skin
@@ -112,8 +117,9 @@ def test_model_card_is_written(project: dict) -> None:
     result = pox(project, "model-card", "--out", str(out))
     assert result.returncode == 0, result.stderr
     html = out.read_text()
-    for words in ("Intended use", "not a diagnosis", "Operating threshold", "Out-of-distribution rule",
-                  "Known limits", "caught 95% of Monkeypox cases"):  # fmt: skip
+    expected = ("Intended use", "not a diagnosis", "Operating threshold",
+                "Out-of-distribution rule", "Known limits", "caught 95% of Monkeypox cases")  # fmt: skip
+    for words in expected:
         assert words.lower() in html.lower()
 
 

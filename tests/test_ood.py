@@ -101,7 +101,9 @@ def test_features_are_the_input_of_the_output_layer_in_every_family(
     images = rng.uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
     outputs, spaces = ood.feature_extractor(model, 32, ood.FEATURE_SPACES, 32)(images)
     features = spaces["head"]
-    np.testing.assert_allclose(outputs, np.asarray(model(images, training=False)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        outputs, np.asarray(model(images, training=False)), rtol=1e-4, atol=1e-5
+    )
     (head,) = ood.head_layers(model)
     # the head applied to the features gives the model's output: they are its input
     np.testing.assert_allclose(np.asarray(head(features)), outputs, rtol=1e-4, atol=1e-5)

@@ -121,7 +121,7 @@ def test_select_registers_saves_and_is_idempotent(
     # the out-of-distribution guard and the model card travel with the model and its run
     spaces = bento.info.metadata["ood"]["spaces"]
     assert set(spaces) == {"head", "image_statistics"}  # serve.ood.features
-    assert all(space["reference_photos"] > 0 and space["threshold"] > 0 for space in spaces.values())
+    assert all(part["reference_photos"] > 0 and part["threshold"] > 0 for part in spaces.values())
     assert bento.info.metadata["split"]["group_pattern"] == cfg.data.group_pattern
     served_files = {path.name for path in Path(bento.path).iterdir()}
     assert {"ood.npz", "model_card.md", "model_card.html"} <= served_files

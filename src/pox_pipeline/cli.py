@@ -88,7 +88,9 @@ def resolve_model(reference: str | None, params: Any) -> ModelSource:
     if (path / serve.MODEL_FILE).is_file():
         return pipeline_model(path, params)
     if path.exists():
-        raise click.BadParameter(f"{path} holds neither {BENTOML_MODEL_FILE} nor {serve.MODEL_FILE}")
+        raise click.BadParameter(
+            f"{path} holds neither {BENTOML_MODEL_FILE} nor {serve.MODEL_FILE}"
+        )
     import bentoml
     from bentoml.exceptions import BentoMLException
 
@@ -272,7 +274,7 @@ def explain(file: Path, out: Path, model_ref: str | None, as_json: bool) -> None
 @click.option("--model", "model_ref", metavar="TAG_OR_PATH", help=MODEL_HELP)
 @click.option("--out", type=click.Path(dir_okay=False, allow_dash=True), default="-",
               show_default=True,
-              help="File to write; .html gives HTML, anything else Markdown; - prints it.")  # fmt: skip
+              help="File to write: .html gives HTML, others Markdown; - prints it.")  # fmt: skip
 def model_card_command(model_ref: str | None, out: str) -> None:
     """Write the model card of the served model: intended use, data and licence, split,
     metrics with intervals, the threshold and what it trades, the out-of-distribution rule
@@ -307,8 +309,12 @@ def doctor_checks() -> list[Check]:
     from pox_pipeline.config import project_root
 
     checks = [
-        Check("python", sys.version_info >= MIN_PYTHON, sys.version.split()[0],
-              f"install Python {'.'.join(map(str, MIN_PYTHON))} or newer"),  # fmt: skip
+        Check(
+            "python",
+            sys.version_info >= MIN_PYTHON,
+            sys.version.split()[0],
+            f"install Python {'.'.join(map(str, MIN_PYTHON))} or newer",
+        ),  # fmt: skip
     ]
     for module, fix in (
         ("tensorflow", "pip install -e '.[test]'"),
@@ -317,7 +323,8 @@ def doctor_checks() -> list[Check]:
         ("mlflow", "pip install -e '.[test]'"),
     ):
         checks.append(module_check(module, fix))
-    checks.append(Check("dvc", shutil.which("dvc") is not None, shutil.which("dvc") or "not on PATH",
+    dvc = shutil.which("dvc")
+    checks.append(Check("dvc", dvc is not None, dvc or "not on PATH",
                         "pip install -e '.[test]' (and activate its environment)"))  # fmt: skip
     checks.append(weights_check())
     checks += efficientnet_lite_checks()
@@ -328,7 +335,9 @@ def doctor_checks() -> list[Check]:
     checks.append(Check("project (dvc.yaml)", root is not None, str(root or Path.cwd()),
                         "run pox inside the project (the folder holding dvc.yaml)"))  # fmt: skip
     params = params_file()
-    checks.append(Check("params.yaml", params.is_file(), str(params), "python -m pox_pipeline.config"))
+    checks.append(
+        Check("params.yaml", params.is_file(), str(params), "python -m pox_pipeline.config")
+    )
     if not params.is_file():
         return checks
     cfg = load_params()
@@ -395,7 +404,9 @@ def champion_check(tag: str) -> Check:
     except BentoMLException:
         return Check("champion in BentoML", False, f"{tag} not in the store",
                      "make run (dvc repro publishes it)", required=False)  # fmt: skip
-    return Check("champion in BentoML", True, f"{stored.tag} ({stored.info.metadata.get('model_name')})")
+    return Check(
+        "champion in BentoML", True, f"{stored.tag} ({stored.info.metadata.get('model_name')})"
+    )
 
 
 @main.command()

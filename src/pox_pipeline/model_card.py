@@ -199,7 +199,8 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
                 "Test metrics",
                 paragraphs=[
                     (
-                        f"Held-out test photos (n = {metadata['test_metrics'].get('n_test', '?')}), "
+                        "Held-out test photos "
+                        f"(n = {metadata['test_metrics'].get('n_test', '?')}), "
                         "with percentile bootstrap intervals."
                     )
                 ],

@@ -40,8 +40,9 @@ def flat_colours() -> Iterator[tuple[str, Image.Image]]:
 def noise(seed: int = 0) -> Iterator[tuple[str, Image.Image]]:
     rng = np.random.default_rng(seed)
     for index in range(3):
-        yield f"noise-uniform-{index}", Image.fromarray(
-            rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+        yield (
+            f"noise-uniform-{index}",
+            Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)),
         )
         grey = np.clip(rng.normal(128, 50, (SIDE, SIDE, 1)), 0, 255).astype(np.uint8)
         yield f"noise-gaussian-grey-{index}", Image.fromarray(np.repeat(grey, 3, axis=2))

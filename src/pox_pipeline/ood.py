@@ -215,7 +215,10 @@ def verdict(score: float | None) -> dict[str, Any]:
     if score is None or np.isnan(score):
         return {"in_distribution": True, "ood": {"checked": False}}
     inside = bool(score <= 1.0)
-    answer: dict[str, Any] = {"in_distribution": inside, "ood": {"checked": True, "score": float(score)}}
+    answer: dict[str, Any] = {
+        "in_distribution": inside,
+        "ood": {"checked": True, "score": float(score)},
+    }
     if not inside:
         answer["ood_reason"] = (
             f"{REASON} (its distance to the training photos is {score:.1f} times the limit "
