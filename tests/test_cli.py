@@ -117,8 +117,14 @@ def test_model_card_is_written(project: dict) -> None:
     result = pox(project, "model-card", "--out", str(out))
     assert result.returncode == 0, result.stderr
     html = out.read_text()
-    expected = ("Intended use", "not a diagnosis", "Operating threshold",
-                "Out-of-distribution rule", "Known limits", "caught 95% of Monkeypox cases")  # fmt: skip
+    expected = (
+        "Intended use",
+        "not a diagnosis",
+        "Operating threshold",
+        "Out-of-distribution rule",
+        "Known limits",
+        "caught 95% of Monkeypox cases",
+    )
     for words in expected:
         assert words.lower() in html.lower()
 
