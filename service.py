@@ -23,7 +23,7 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 from PIL import Image
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 # A built Bento (and its container) ships the package as source under src/, not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from pox_pipeline import serve  # noqa: E402
+from pox_pipeline import model_card, serve  # noqa: E402
 from pox_pipeline.preprocess import ImageError  # noqa: E402
 
 SETTINGS = serve.ServeConfig.load()
@@ -70,6 +70,7 @@ class PoxModel:
             SETTINGS.backend,
             serve.calibration_inputs(SETTINGS, card),
             SETTINGS.tflite_threads,
+            SETTINGS.ood.enabled,
         )
 
     @bentoml.api(
@@ -78,9 +79,10 @@ class PoxModel:
         max_latency_ms=SETTINGS.max_latency_ms,
     )
     def infer(self, images: np.ndarray) -> np.ndarray:
-        """Model outputs for a (N, S, S, 3) batch (averaged over the champion's TTA views);
+        """Model outputs for a (N, S, S, 3) batch (averaged over the champion's TTA views),
+        plus a last column: each image's out-of-distribution score (above 1: out; nan: no check);
         concurrent calls are merged into one."""
-        return self.predictor.outputs(images)
+        return self.predictor.outputs_with_ood_score(images)
 
     @bentoml.api
     def gradcam(self, image: np.ndarray) -> np.ndarray:
@@ -109,6 +111,28 @@ class EntryPoints:
 def web_page() -> Starlette:
     """The static page in ``pox_pipeline/static`` (plain HTML/JS/CSS, nothing fetched online)."""
     return Starlette(routes=[Mount("/", StaticFiles(directory=STATIC_DIR, html=True))])
+
+
+class ModelCardPage:
+    """``GET /model-card``: the champion's model card as HTML, rendered from its metadata."""
+
+    PATH = "/model-card"
+
+    def __init__(self, app: ASGIApp, ui_path: str) -> None:
+        self.app = app
+        self.ui_path = ui_path
+        self.page: HTMLResponse | None = None  # rendered on the first request
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        wanted = scope["type"] == "http" and scope["method"] in ("GET", "HEAD")
+        if not (wanted and scope["path"].rstrip("/") == self.PATH):
+            await self.app(scope, receive, send)
+            return
+        if self.page is None:
+            stored = CHAMPION.resolve()
+            html = model_card.render(stored.tag.name, stored.info.metadata, "html", self.ui_path)
+            self.page = HTMLResponse(html)
+        await self.page(scope, receive, send)
 
 
 def rejection(error: ImageError, which: str = "") -> JSONResponse:
@@ -168,7 +192,7 @@ class PoxClassifier:
             _, array = await self._load(image)
         except ImageError as error:
             return rejection(error)
-        return self.card.results(await self._outputs(array[None]))[0]
+        return self.card.results(*serve.split_ood_score(await self._outputs(array[None])))[0]
 
     @bentoml.api
     async def predict_batch(self, images: list[Path]) -> list[dict[str, Any]]:
@@ -185,7 +209,7 @@ class PoxClassifier:
                 arrays.append((await self._load(upload))[1])
             except ImageError as error:
                 return rejection(error, f"image {number} of {len(images)}")
-        return self.card.results(await self._outputs(np.stack(arrays)))
+        return self.card.results(*serve.split_ood_score(await self._outputs(np.stack(arrays))))
 
     @bentoml.api
     async def explain(self, image: Path) -> dict[str, Any]:
@@ -200,8 +224,9 @@ class PoxClassifier:
             self._outputs(array[None]), self._call_model("gradcam", image=array)
         )
         png = await asyncio.to_thread(serve.render_heatmap, photo, cam, self.settings.heatmap)
-        result = self.card.results(outputs)[0]
+        result = self.card.results(*serve.split_ood_score(outputs))[0]
         return {**result, "heatmap_png_base64": base64.b64encode(png).decode("ascii")}
 
 
 PoxClassifier.add_asgi_middleware(EntryPoints, ui_path=SETTINGS.ui_path)
+PoxClassifier.add_asgi_middleware(ModelCardPage, ui_path=SETTINGS.ui_path)

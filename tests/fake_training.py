@@ -21,7 +21,7 @@ def tiny_model(image_size: int, n_classes: int = 2, seed: int = 0):
             keras.Input((image_size, image_size, 3)),
             keras.layers.Rescaling(1.0 / 255),
             keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(units, activation=activation),
+            keras.layers.Dense(units, activation=activation, name="output"),
         ]
     )
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -47,8 +48,16 @@ def tiny_model(image_size: int = TEST_IMAGE_SIZE, seed: int = 0):
     return keras.Model(inputs, outputs, name="tiny")
 
 
-def save_champion(model=None, image_size: int = TEST_IMAGE_SIZE) -> str:
-    """Save a model as ``pox-classifier`` with select.py's metadata keys; returns its tag."""
+def save_champion(
+    model=None, image_size: int = TEST_IMAGE_SIZE, guard_photos: np.ndarray | None = None
+) -> str:
+    """Save a model as ``pox-classifier`` with select.py's metadata keys; returns its tag.
+
+    With ``guard_photos`` (N, S, S, 3), an out-of-distribution guard is stored too, as
+    publishing fits it: the first three quarters are its reference, the rest set the threshold.
+    """
+    from pox_pipeline import ood
+
     model = model or tiny_model(image_size)
     metadata = {
         "classes": list(CLASSES),
@@ -64,10 +73,40 @@ def save_champion(model=None, image_size: int = TEST_IMAGE_SIZE) -> str:
         "mlflow_model_version": 1,
         "registered_model_name": MODEL_NAME,
         "git_commit": "unknown",
-        "val_metrics": {"balanced_accuracy": 0.5},
+        "val_metrics": {"balanced_accuracy": 0.5, "sensitivity": 0.95, "specificity": 0.6},
         "test_metrics": {"balanced_accuracy": 0.5},
     }
-    return str(store_keras_model(MODEL_NAME, model, None, metadata).tag)
+    with tempfile.TemporaryDirectory() as tmp:
+        extra_files = {}
+        if guard_photos is not None:
+            photos = guard_photos.astype(np.float32)
+            split = len(photos) * 3 // 4
+            guard = ood.fit_guard(model, photos[:split], photos[split:], tiny_guard_settings())
+            metadata["ood"] = guard.metadata()
+            extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
+        return str(store_keras_model(MODEL_NAME, model, None, metadata, extra_files).tag)
+
+
+def tiny_guard_settings(**changes: object):
+    """``serve.ood`` for the tiny test models: both feature spaces, small k, at 32 px."""
+    from pox_pipeline import ood
+
+    values = {"enabled": True, "features": ood.FEATURE_SPACES, "statistics_size": TEST_IMAGE_SIZE,
+              "k": 3, "quantile": 1.0, "batch_size": 32, **changes}  # fmt: skip
+    return ood.OODSettings(**values)
+
+
+def skin_like_photos(count: int, size: int = TEST_IMAGE_SIZE, seed: int = 0) -> np.ndarray:
+    """(count, size, size, 3) float32 photos of one skin tone with mottled noise: what the
+    test guards take as 'the training photos'."""
+    rng = np.random.default_rng(seed)
+    tone = np.array([200.0, 150.0, 120.0])
+    return np.clip(tone + rng.normal(0, 25, (count, size, size, 3)), 0, 255).astype(np.float32)
+
+
+def save_png(path: Path, pixels: np.ndarray) -> Path:
+    Image.fromarray(np.asarray(pixels).round().astype(np.uint8)).save(path)
+    return path
 
 
 def write_serve_params(path: Path, *overrides: str) -> Path:

@@ -1,21 +1,21 @@
 """The web page in a real browser: headless Debian chromium driven by selenium against the
-real server; the result is saved as test-artifacts/browser-result.png for a human to look at."""
+real server; the results are saved as test-artifacts/browser-*.png for a human to look at."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import MSLD_DIR
 from pox_pipeline.config import project_root
 from serve_helpers import (
     CLASSES,
-    image_bytes,
-    msld_samples,
     running_service,
     save_champion,
+    save_png,
+    skin_like_photos,
     write_serve_params,
 )
 
@@ -36,7 +36,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    save_champion()
+    save_champion(guard_photos=skin_like_photos(24))
     root = tmp_path_factory.mktemp("browser")
     params = write_serve_params(root / "params.yaml", f"serve.upload_dir={root / 'uploads'}")
     with running_service(params, root / "server.log") as url:
@@ -71,27 +71,37 @@ def browser(tmp_path: Path) -> Iterator[object]:
 
 
 def a_photo(tmp_path: Path) -> Path:
-    """A real MSLD photo when the data set is beside us, else a synthetic one."""
-    if MSLD_DIR.is_dir():
-        return msld_samples(1)[0]
-    path = tmp_path / "photo.png"
-    path.write_bytes(image_bytes(size=(224, 224)))
-    return path
+    """A photo like the test champion's 'training photos' (its guard's reference)."""
+    return save_png(tmp_path / "photo.png", skin_like_photos(24)[0])
+
+
+def wait_for_result(browser: object, path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    WebDriverWait(browser, WAIT_S).until(ready.visibility_of_element_located((By.ID, "result")))
 
 
 def test_upload_shows_label_probability_heatmap_and_the_disclaimer(
     browser, page_url: str, tmp_path: Path
 ) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ready
-    from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(page_url)
     assert browser.current_url.endswith("/ui/")
     assert "not a diagnosis" in browser.find_element(By.CLASS_NAME, "notice").text
-    browser.find_element(By.ID, "file").send_keys(str(a_photo(tmp_path)))
-    WebDriverWait(browser, WAIT_S).until(ready.visibility_of_element_located((By.ID, "result")))
-    assert browser.find_element(By.ID, "label").text in CLASSES
+    wait_for_result(browser, a_photo(tmp_path))
+    label = browser.find_element(By.ID, "label").text
+    assert label in CLASSES
+    assert not browser.find_element(By.ID, "ood").is_displayed()
+    # the label in plain words: what the threshold does, so 30% flagged is no contradiction
+    explanation = browser.find_element(By.ID, "explanation").text
+    flagged = "Flagged for a clinician" if label == CLASSES[0] else "Not flagged"
+    assert explanation.startswith(flagged)
+    assert "screening threshold of 50%" in explanation
+    assert "caught 95% of Monkeypox cases, at the cost of false alarms on 40%" in explanation
     meters = browser.find_elements(By.CSS_SELECTOR, "[role=meter]")
     assert len(meters) == len(CLASSES)
     total = sum(float(m.get_attribute("aria-valuenow")) for m in meters)
@@ -101,6 +111,44 @@ def test_upload_shows_label_probability_heatmap_and_the_disclaimer(
     assert browser.execute_script("return arguments[0].naturalWidth", heatmap) > 0
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "browser-result.png"))
+
+
+def test_a_photo_unlike_the_training_photos_gets_no_label(
+    browser, page_url: str, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    blue = save_png(tmp_path / "blue.png", np.tile(np.array([30.0, 60.0, 220.0]), (64, 64, 1)))
+    browser.get(page_url)
+    wait_for_result(browser, blue)
+    ood = browser.find_element(By.ID, "ood")
+    assert ood.is_displayed()
+    assert "does not look like a skin photo like those the model was trained on" in ood.text
+    assert browser.find_element(By.ID, "label").text not in CLASSES
+    assert not browser.find_element(By.ID, "bars").is_displayed()
+    # scores and a heatmap of such an image mean nothing: neither is shown
+    assert not browser.find_element(By.ID, "explanation").is_displayed()
+    assert not browser.find_element(By.ID, "heatmap").is_displayed()
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "browser-out-of-distribution.png"))
+
+
+def test_the_model_card_is_linked_from_the_page(browser, page_url: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(page_url)
+    browser.find_element(By.ID, "model-card-link").click()
+    WebDriverWait(browser, WAIT_S).until(ready.url_contains("/model-card"))
+    assert browser.find_element(By.TAG_NAME, "h1").text.startswith("Model card: pox-classifier v1")
+    text = browser.find_element(By.TAG_NAME, "body").text
+    for words in ("Intended use", "Not a diagnosis", "Operating threshold",
+                  "Out-of-distribution rule", "Known limits"):  # fmt: skip
+        assert words in text
+    assert "caught 95% of Monkeypox cases" in text
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "browser-model-card.png"))
 
 
 def test_a_file_that_is_not_a_photo_shows_the_reason(

@@ -52,9 +52,10 @@ def _val(auc: float, threshold: float) -> str:
 
 
 @pytest.fixture
-def candidates(make_cfg: Callable[..., DictConfig]) -> DictConfig:
-    """cnn and vgg16 'trained'; vgg16 is better on val, cnn looks better on test."""
-    cfg = make_cfg(
+def candidates(prepared_cfg: Callable[..., DictConfig]) -> DictConfig:
+    """cnn and vgg16 'trained'; vgg16 is better on val, cnn looks better on test. The prepared
+    split is there for the out-of-distribution guard, fitted at publish."""
+    cfg = prepared_cfg(
         "models=[cnn,vgg16]", f"select.bentoml_model_name=pox-test-{uuid.uuid4().hex[:8]}"
     )
     assert list(cfg.models) == ["cnn", "vgg16"]
@@ -114,6 +115,16 @@ def test_select_registers_saves_and_is_idempotent(
     assert bento.info.metadata["val_metrics"]["auc"] == 0.90
     # val_metrics.json from before calibration / TTA: what that evaluation did, T = 1, no TTA
     assert bento.info.metadata["temperature"] == 1.0 and bento.info.metadata["tta"] == "none"
+    # the out-of-distribution guard and the model card travel with the model and its run
+    spaces = bento.info.metadata["ood"]["spaces"]
+    assert set(spaces) == {"head", "image_statistics"}  # serve.ood.features
+    assert all(part["reference_photos"] > 0 and part["threshold"] > 0 for part in spaces.values())
+    assert bento.info.metadata["split"]["group_pattern"] == cfg.data.group_pattern
+    served_files = {path.name for path in Path(bento.path).iterdir()}
+    assert {"ood.npz", "model_card.md", "model_card.html"} <= served_files
+    logged = {a.path for a in MlflowClient().list_artifacts(first["mlflow_run_id"])}
+    assert {"ood.npz", "model_card.md", "model_card.html"} <= logged
+    assert "Not a diagnosis" in (Path(bento.path) / "model_card.md").read_text()
 
     # the registered champion and the BentoML model (saved by bentoml.keras) are the vgg16 model
     import keras

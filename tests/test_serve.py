@@ -26,6 +26,7 @@ from serve_helpers import (
     bad_uploads,
     image_bytes,
     save_champion,
+    skin_like_photos,
     write_serve_params,
 )
 
@@ -36,7 +37,7 @@ BAD_UPLOADS = bad_uploads(LIMITS["max_upload_bytes"], LIMITS["max_pixels"])
 
 @pytest.fixture(scope="module")
 def champion_tag() -> str:
-    return save_champion()
+    return save_champion(guard_photos=skin_like_photos(24))
 
 
 @pytest.fixture(scope="module")
@@ -534,3 +535,44 @@ def test_store_uploads_keeps_accepted_photos_under_a_timestamp(service_app, tmp_
         assert client.post("/predict", files=upload(b"", name="empty.png")).status_code == 400
     (stored,) = (tmp_path / "uploads").iterdir()
     assert stored.read_bytes() == data and "jane" not in stored.name and stored.suffix == ".png"
+
+
+def png_of(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels).round().astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_every_answer_says_whether_the_photo_looks_like_the_training_photos(
+    service_app, tmp_path: Path
+) -> None:
+    skin, blue = png_of(skin_like_photos(24)[0]), png_of(np.full((32, 32, 3), [30, 60, 220]))
+    with client_for(service_app, tmp_path) as api:
+        answers = {route: [api.post(route, files=upload(p)).json() for p in (skin, blue)]
+                   for route in ("/predict", "/explain")}  # fmt: skip
+        files = [("images", (f"{i}.png", p, "image/png")) for i, p in enumerate([blue, skin, blue])]
+        batch = api.post("/predict_batch", files=files).json()
+    for inside, outside in answers.values():
+        assert inside["in_distribution"] is True and "ood_reason" not in inside
+        assert outside["in_distribution"] is False
+        assert "does not look like a skin photo" in outside["ood_reason"]
+        assert outside["ood"]["score"] > 1 >= inside["ood"]["score"]
+        assert inside["explanation"].startswith(("Flagged", "Not flagged"))
+    assert [answer["in_distribution"] for answer in batch] == [False, True, False]
+
+
+def test_the_guard_has_an_off_switch(service_app, tmp_path: Path) -> None:
+    off = dataclasses.replace(settings(tmp_path).ood, enabled=False)
+    with client_for(service_app, tmp_path, ood=off) as client:
+        blue = png_of(np.full((32, 32, 3), [30, 60, 220]))
+        body = client.post("/predict", files=upload(blue)).json()
+    assert body["in_distribution"] is True and body["ood"] == {"checked": False}
+
+
+def test_model_card_page(service_app, tmp_path: Path) -> None:
+    with client_for(service_app, tmp_path) as api:
+        response, page = api.get("/model-card"), api.get("/ui/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    for words in ("Model card", "Intended use", "Not a diagnosis", "Out-of-distribution rule"):
+        assert words in response.text
+    assert 'href="../model-card"' in page.text

@@ -25,6 +25,7 @@ import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from pox_pipeline import paths, tracking
 from pox_pipeline.config import conf_entry, flatten
@@ -104,7 +105,9 @@ def cross_validate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     metric_names = list(cfg.cv.metrics)
     per_model: dict[str, list[dict[str, Any]]] = {name: [] for name in cfg.cv.models}
     wall: dict[str, float] = {name: 0.0 for name in cfg.cv.models}
-    for seed, fold in fold_runs(cfg):
+    runs = fold_runs(cfg)
+    # one step per fold and seed; quiet when output is not a terminal (logs, CI)
+    for seed, fold in tqdm(runs, desc="cv", unit="fold", disable=None):
         fold_cfg = fold_config(cfg, fold, seed)
         prepare(fold_cfg)
         for name in cfg.cv.models:
@@ -115,7 +118,7 @@ def cross_validate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             wall[name] += time.perf_counter() - started
             mlflow.MlflowClient().set_tag(info["mlflow_run_id"], "cv_fold", f"{seed}/{fold}")
             per_model[name].append({"seed": seed, "fold": fold, **test, "val": scores["val"]})
-            print(
+            tqdm.write(
                 f"cv {name} seed {seed} fold {fold}: "
                 + ", ".join(f"{m} {test[m]:.3f}" for m in metric_names if test.get(m) is not None)
                 + f" (validation {cfg.cv.objective} {scores['val'].get(cfg.cv.objective)})"

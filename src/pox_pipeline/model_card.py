@@ -1,0 +1,337 @@
+"""The model card of a published model, generated from its BentoML metadata.
+
+``select`` and ``ensemble`` write it beside the model (so it ships in the Bento) and log it to
+the model's MLflow run; the service shows it at ``/model-card``; ``pox model-card`` writes it.
+It needs no TensorFlow: everything comes from the metadata that publishing stored.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pox_pipeline.serve import ModelCard
+
+MARKDOWN_FILE = "model_card.md"  # inside the BentoML model directory and the MLflow run
+HTML_FILE = "model_card.html"
+# The data set's own description, looked for in data.raw_dir in this order.
+DATA_DOCS = ("MANIFEST.md", "README.md", "README.txt")
+# Metrics shown, in this order (evaluate's names); others stay in the metadata.
+METRICS = ("balanced_accuracy", "sensitivity", "specificity", "auc", "accuracy", "ece")
+
+INTENDED_USE = [
+    "Research and teaching: showing how a small skin-lesion classifier behaves, end to end.",
+    "Screening-style triage of one close-up photo of a skin lesion into {classes}.",
+    (
+        "Not a diagnosis and not a medical device. A person worried about a rash should see a "
+        "clinician, whatever the model says."
+    ),
+    (
+        "Out of scope: photos that are not close-ups of skin lesions, other diseases, decisions "
+        "about treatment or isolation."
+    ),
+]
+KNOWN_LIMITS = [
+    (
+        "Small data: a few hundred photos (see the data description above); the intervals above "
+        "are wide for that reason, and the model may have learned the look of the source's "
+        "photos as much as the disease."
+    ),
+    (
+        "Skin tones: the data records no skin tone; how the model does on darker or lighter skin "
+        "has not been measured."
+    ),
+    (
+        "Photos of the same patient look alike; the split keeps each patient in one split, but "
+        "scores on new clinics, cameras and lighting may be lower."
+    ),
+    (
+        "The out-of-distribution guard catches images far from the training photos (objects, "
+        "screenshots, flat colours); a skin photo of another disease looks in-distribution and "
+        "still gets one of the two labels."
+    ),
+]
+
+
+# ---------------------------------------------------------------------------- at publish time
+
+
+def data_metadata(cfg: DictConfig) -> dict[str, Any]:
+    """What the card says about the training data and the split, taken at publish time."""
+    raw_dir = Path(cfg.data.raw_dir)
+    notes = next(
+        ((raw_dir / name).read_text() for name in DATA_DOCS if (raw_dir / name).is_file()),
+        "",
+    )
+    return {
+        "training_data": {"source": str(cfg.data.raw_dir), "notes": notes.strip()},
+        "split": {
+            "train": float(cfg.data.split.train),
+            "val": float(cfg.data.split.val),
+            "test": float(cfg.data.split.test),
+            "group_pattern": str(cfg.data.group_pattern),
+            "folds": int(cfg.data.folds),
+            "seed": int(cfg.data.split_seed),
+        },
+    }
+
+
+def write_files(out_dir: Path, name: str, metadata: Mapping[str, Any]) -> list[Path]:
+    """Markdown and HTML cards in ``out_dir``; returns their paths."""
+    paths = {"md": Path(out_dir) / MARKDOWN_FILE, "html": Path(out_dir) / HTML_FILE}
+    for fmt, path in paths.items():
+        path.write_text(render(name, metadata, fmt))
+    return list(paths.values())
+
+
+# ---------------------------------------------------------------------------- content
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    paragraphs: Sequence[str] = ()
+    bullets: Sequence[str] = ()
+    table: Sequence[Sequence[str]] = ()  # first row: header
+    preformatted: str = ""
+
+
+def _percent(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.1%}"
+
+
+def metric_rows(values: Mapping[str, Any], with_intervals: bool) -> list[list[str]]:
+    """One row per known metric present: value, and its bootstrap interval if asked."""
+    header = ["metric", "value"] + (["95% interval"] if with_intervals else [])
+    rows = [header]
+    for metric in METRICS:
+        if metric in values:
+            row = [metric.replace("_", " "), f"{float(values[metric]):.3f}"]
+            if with_intervals:
+                low, high = (
+                    values.get(f"{metric}_ci_low"),
+                    values.get(f"{metric}_ci_high"),
+                )
+                row.append("n/a" if low is None else f"{low:.3f} - {high:.3f}")
+            rows.append(row)
+    return rows
+
+
+def cv_rows(values: Mapping[str, Any]) -> list[list[str]]:
+    rows = [["metric", "mean +- std over folds"]]
+    for metric in METRICS:
+        if f"{metric}_mean" in values:
+            mean, std = values[f"{metric}_mean"], values.get(f"{metric}_std", 0.0)
+            rows.append([metric.replace("_", " "), f"{mean:.3f} +- {std:.3f}"])
+    return rows
+
+
+def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
+    """The card's content; ``name`` is the registered model name."""
+    card = ModelCard.from_metadata(name, "", metadata)
+    version = metadata.get("mlflow_model_version", "?")
+    sections = [
+        Section(
+            "Model",
+            table=[
+                ["field", "value"],
+                [
+                    "registered model",
+                    f"{metadata.get('registered_model_name', name)} v{version}",
+                ],
+                ["model", str(metadata.get("model_name", "?"))],
+                ["architecture", str(metadata.get("architecture", "?"))],
+                ["initial weights", str(metadata.get("weights", "?"))],
+                [
+                    "classes",
+                    ", ".join(card.classes) + f" (positive: {card.positive_class})",
+                ],
+                ["input", f"RGB photo resized to {card.image_size}x{card.image_size}"],
+                ["MLflow run", str(metadata.get("mlflow_run_id", "?"))],
+                ["git commit", str(metadata.get("git_commit", "?"))],
+            ],
+        ),
+        Section(
+            "Intended use",
+            bullets=[item.format(classes=" or ".join(card.classes)) for item in INTENDED_USE],
+        ),
+    ]
+    data = metadata.get("training_data", {})
+    sections.append(
+        Section(
+            "Training data and licence",
+            paragraphs=[f"Source: {data.get('source', 'not recorded')}."],
+            preformatted=data.get("notes", "") or "No description was found beside the data.",
+        )
+    )
+    split = metadata.get("split")
+    if split:
+        protocol = (
+            f"Patient-grouped: every photo of one patient (the id matched by "
+            f"{split['group_pattern']!r} in the file name) is in one split only. "
+        )
+        if split["folds"] >= 2:
+            protocol += f"{split['folds']}-fold cross-validation"
+        else:
+            protocol += (
+                f"Train {split['train']:.0%} / validation {split['val']:.0%} / test "
+                f"{split['test']:.0%} of the photos"
+            )
+        protocol += (
+            f", split seed {split['seed']}. The threshold, calibration and model choice "
+            "saw validation photos only; the test photos were scored once."
+        )
+        sections.append(Section("Split protocol", paragraphs=[protocol]))
+    metrics_section = Section(
+        "Validation metrics",
+        paragraphs=["At the operating threshold, on the validation photos."],
+        table=metric_rows(metadata.get("val_metrics", {}), with_intervals=False),
+    )
+    sections.append(metrics_section)
+    if metadata.get("test_metrics"):
+        sections.append(
+            Section(
+                "Test metrics",
+                paragraphs=[
+                    (
+                        "Held-out test photos "
+                        f"(n = {metadata['test_metrics'].get('n_test', '?')}), "
+                        "with percentile bootstrap intervals."
+                    )
+                ],
+                table=metric_rows(metadata["test_metrics"], with_intervals=True),
+            )
+        )
+    if metadata.get("cv_test_metrics"):
+        sections.append(
+            Section(
+                "Cross-validated test metrics",
+                paragraphs=[
+                    (
+                        "The ensemble's members, each on its own fold's test photos (no photo is "
+                        "held out from every member, so the ensemble has no test score of its own)."
+                    )
+                ],
+                table=cv_rows(metadata["cv_test_metrics"]),
+            )
+        )
+    sections.append(
+        Section(
+            "Operating threshold",
+            paragraphs=[
+                (
+                    f"Threshold {_percent(card.threshold)} on P({card.positive_class}), rule "
+                    f"{metadata.get('threshold_rule', 'n/a')}; probabilities calibrated "
+                    f"({metadata.get('calibration', 'none')}, temperature "
+                    f"{float(metadata.get('temperature', 1.0)):.3f})."
+                ),
+                card.threshold_trade(),
+                (
+                    "A photo scoring above the threshold is flagged for a clinician even when its "
+                    "probability is below 50%: the threshold is set low on purpose, to miss few "
+                    "cases, and pays for it with false alarms."
+                ),
+            ],
+        )
+    )
+    sections.append(Section("Out-of-distribution rule", paragraphs=[ood_rule(metadata)]))
+    sections.append(Section("Known limits", bullets=KNOWN_LIMITS))
+    return sections
+
+
+SPACE_NAMES = {
+    "head": "the features the model's output layer reads",
+    "image_statistics": "the photo's colour, texture and edge statistics",
+}
+
+
+def ood_rule(metadata: Mapping[str, Any]) -> str:
+    guard = metadata.get("ood")
+    if not guard:
+        return (
+            "No guard was fitted for this model (serve.ood.enabled was false at publish): "
+            "every upload gets a label, whatever it shows."
+        )
+    spaces = [
+        f"{SPACE_NAMES.get(space, space)} ({part['feature_dims']} numbers, threshold "
+        f"{part['threshold']:.3f}, the {part['quantile']:.0%} quantile of the validation photos)"
+        for space, part in guard["spaces"].items()
+    ]
+    first = next(iter(guard["spaces"].values()))
+    return (
+        f"Each upload is compared with the {first['reference_photos']} training photos in "
+        f"{len(spaces)} way(s): " + "; ".join(spaces) + ". In each, features are standardised "
+        f"and the mean distance to the {first['k']} nearest training photos is compared with "
+        "the threshold. Above it in any, the answer says the photo does not look like a skin "
+        "photo like those the model was trained on, and gives no label. Switch: "
+        "serve.ood.enabled."
+    )
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def to_markdown(sections: Sequence[Section], title: str) -> str:
+    lines = [f"# {title}", ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        for paragraph in section.paragraphs:
+            lines += [paragraph, ""]
+        if section.bullets:
+            lines += [f"- {item}" for item in section.bullets] + [""]
+        if section.table:
+            header, *rows = section.table
+            lines.append("| " + " | ".join(header) + " |")
+            lines.append("|" + "---|" * len(header))
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
+            lines.append("")
+        if section.preformatted:
+            lines += ["```text", section.preformatted, "```", ""]
+    return "\n".join(lines)
+
+
+def to_html(sections: Sequence[Section], ui_path: str, title: str) -> str:
+    esc = html.escape
+    body = [
+        f"<h1>{esc(title)}</h1>",
+        f'<p><a href="{ui_path}/">Back to the photo check</a></p>',
+    ]
+    for section in sections:
+        body.append(f"<section><h2>{esc(section.title)}</h2>")
+        body += [f"<p>{esc(paragraph)}</p>" for paragraph in section.paragraphs]
+        if section.bullets:
+            body.append(
+                "<ul>" + "".join(f"<li>{esc(item)}</li>" for item in section.bullets) + "</ul>"
+            )
+        if section.table:
+            header, *rows = section.table
+            body.append("<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in header))
+            body.append("</tr></thead><tbody>")
+            body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+            body.append("</tbody></table>")
+        if section.preformatted:
+            body.append(f"<pre>{esc(section.preformatted)}</pre>")
+        body.append("</section>")
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title>"
+        f'<link rel="stylesheet" href="{ui_path}/style.css"></head>'
+        f'<body class="model-card"><main>{"".join(body)}</main></body></html>\n'
+    )
+
+
+def render(name: str, metadata: Mapping[str, Any], fmt: str = "md", ui_path: str = "/ui") -> str:
+    """The card of a stored model as ``md`` or ``html`` (linking back to the page at
+    ``ui_path``)."""
+    sections = card_sections(name, metadata)
+    title = (
+        f"Model card: {metadata.get('registered_model_name', name)} "
+        f"v{metadata.get('mlflow_model_version', '?')} ({metadata.get('model_name', '?')})"
+    )
+    return to_html(sections, ui_path, title) if fmt == "html" else to_markdown(sections, title)

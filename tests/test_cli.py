@@ -1,0 +1,174 @@
+"""The ``pox`` command line, run as users run it: a subprocess, against the test BentoML
+store (conftest's BENTOML_HOME) and a params file named by POX_PARAMS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pox_pipeline import cli
+from pox_pipeline.config import project_root
+from serve_helpers import save_champion, save_png, skin_like_photos, write_serve_params
+
+TIMEOUT_S = 240  # TensorFlow's import on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A guarded champion, a params file and a folder of photos: two like the guard's
+    reference, a flat blue square, and a text file that is no photo."""
+    photos = skin_like_photos(24)
+    tag = save_champion(guard_photos=photos)
+    root = tmp_path_factory.mktemp("cli")
+    params = write_serve_params(root / "params.yaml")
+    folder = root / "photos"
+    (folder / "nested").mkdir(parents=True)
+    save_png(folder / "skin_a.png", photos[0])
+    save_png(folder / "nested" / "skin_b.png", photos[1])
+    save_png(folder / "blue.png", np.tile(np.array([30.0, 60.0, 220.0]), (32, 32, 1)))
+    (folder / "notes.txt").write_text("not a photo")
+    yield {"tag": tag, "root": root, "params": params, "folder": folder}
+
+
+def pox(project: dict, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "POX_PARAMS": str(project["params"]), "BENTOML_DO_NOT_TRACK": "true"}
+    return subprocess.run(
+        [sys.executable, "-m", "pox_pipeline.cli", *args], cwd=cwd or project["root"], env=env,
+        capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+    )  # fmt: skip
+
+
+def test_pyproject_declares_the_pox_script() -> None:
+    declared = tomllib.loads((project_root() / "pyproject.toml").read_text())["project"]
+    assert declared["scripts"]["pox"] == "pox_pipeline.cli:main"
+    assert any(dep.startswith("click") for dep in declared["dependencies"])
+
+
+def test_every_command_has_help() -> None:
+    runner = CliRunner()
+    top = runner.invoke(cli.main, ["--help"])
+    assert top.exit_code == 0
+    for command in ("predict", "explain", "doctor", "model-card"):
+        assert command in top.output
+        sub = runner.invoke(cli.main, [command, "--help"])
+        assert sub.exit_code == 0 and "Usage:" in sub.output
+    assert "--model" in runner.invoke(cli.main, ["predict", "--help"]).output
+
+
+def test_predict_answers_every_readable_file_then_fails_for_the_unreadable(project: dict) -> None:
+    folder = project["folder"]
+    result = pox(project, "predict", "--json", str(folder / "*.png"), str(folder / "nested"),
+                 str(folder / "notes.txt"))  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    by_name = {Path(line["file"]).name: line for line in lines}
+    assert set(by_name) == {"skin_a.png", "skin_b.png", "blue.png", "notes.txt"}
+    assert "not an image" in by_name["notes.txt"]["error"]
+    for name in ("skin_a.png", "skin_b.png", "blue.png"):
+        answer = by_name[name]
+        assert answer["label"] in ("Monkeypox", "Others") and 0 <= answer["probability"] <= 1
+        assert answer["threshold"] == 0.5
+        assert answer["model"]["version"] == project["tag"].split(":")[1]
+    assert by_name["skin_a.png"]["in_distribution"] is True
+    assert by_name["blue.png"]["in_distribution"] is False
+    assert "does not look like a skin photo" in by_name["blue.png"]["ood_reason"]
+    assert "1 of 4 files could not be read" in result.stderr
+
+
+def test_predict_text_says_why_the_label(project: dict) -> None:
+    result = pox(
+        project,
+        "predict",
+        str(project["folder"] / "skin_a.png"),
+        str(project["folder"] / "blue.png"),
+    )
+    assert result.returncode == 0, result.stderr
+    skin, blue = result.stdout.splitlines()
+    assert "in distribution" in skin and "screening threshold of 50%" in skin
+    assert "caught 95% of Monkeypox cases" in skin and "false alarms on 40%" in skin
+    assert "not assessed" in blue and "does not look like a skin photo" in blue
+
+
+def test_explain_writes_the_services_overlay(project: dict) -> None:
+    out = project["root"] / "overlay.png"
+    source = project["folder"] / "skin_a.png"
+    import bentoml
+
+    model_dir = bentoml.models.get(project["tag"]).path  # --model also takes a model folder
+    result = pox(project, "explain", str(source), "--out", str(out), "--model", model_dir)
+    assert result.returncode == 0, result.stderr
+    assert f"overlay written to {out}" in result.stdout
+    with Image.open(out) as overlay:
+        assert overlay.format == "PNG" and overlay.size == Image.open(source).size
+
+
+def test_model_card_is_written(project: dict) -> None:
+    out = project["root"] / "card.html"
+    result = pox(project, "model-card", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    html = out.read_text()
+    expected = (
+        "Intended use",
+        "not a diagnosis",
+        "Operating threshold",
+        "Out-of-distribution rule",
+        "Known limits",
+        "caught 95% of Monkeypox cases",
+    )
+    for words in expected:
+        assert words.lower() in html.lower()
+
+
+def test_doctor_reports_each_need_with_its_fix(project: dict) -> None:
+    result = pox(project, "doctor", cwd=project_root())
+    lines = result.stdout
+    for name in ("python", "tensorflow", "EfficientNet-Lite0 weights", "project (dvc.yaml)",
+                 "params.yaml", "MSLD data", "MLflow database", "champion in BentoML",
+                 "Chromium"):  # fmt: skip
+        assert name in lines
+    assert "ok      champion in BentoML" in lines  # the fixture's model
+    assert result.returncode == (0 if "MISSING" not in lines else 1)
+    # outside the project: said, with the fix, and the pipeline cannot run from there
+    outside = pox(project, "doctor")
+    assert "MISSING project (dvc.yaml)" in outside.stdout
+    assert "fix: run pox inside the project" in outside.stdout and outside.returncode == 1
+
+
+def test_a_trained_unpublished_model_folder_answers_unchecked(project: dict) -> None:
+    """--model models/<name>: the metadata select would ship, from params.yaml and the
+    model's evaluation; no guard was fitted, and the answer says so."""
+    from serve_helpers import tiny_model
+
+    root = project["root"] / "pipeline"
+    (root / "models" / "cnn").mkdir(parents=True)
+    tiny_model().save(root / "models" / "cnn" / "model.keras")
+    (root / "reports" / "eval" / "cnn").mkdir(parents=True)
+    val = {"threshold": 0.4, "threshold_rule": "fixed", "temperature": 1.0, "tta": "none",
+           "sensitivity": 0.9, "specificity": 0.5}  # fmt: skip
+    (root / "reports" / "eval" / "cnn" / "val_metrics.json").write_text(json.dumps(val))
+    params = write_serve_params(root / "params.yaml", f"paths.reports_dir={root / 'reports'}",
+                                "data.image_size=32")  # fmt: skip
+    result = pox({**project, "params": params}, "predict", "--json", "--model",
+                 str(root / "models" / "cnn"), str(project["folder"] / "skin_a.png"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["threshold"] == 0.4 and answer["model"] == {
+        "name": "cnn", "version": "unpublished", "mlflow_run_id": None}  # fmt: skip
+    assert answer["ood"] == {"checked": False} and answer["in_distribution"] is True
+    assert "caught 90% of Monkeypox cases" in answer["explanation"]
+
+
+def test_a_missing_model_is_a_clear_error(project: dict) -> None:
+    result = pox(project, "predict", "--model", "no-such-model:latest", str(project["folder"]))
+    assert result.returncode == 2
+    assert "no model 'no-such-model:latest'" in result.stderr

@@ -1,0 +1,163 @@
+"""The out-of-distribution guard: the distance rule, the features it reads in every model
+family, and its verdict in the service's answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import DictConfig
+
+from pox_pipeline import ood, serve
+from pox_pipeline.models import FACTORIES, build_model
+from serve_helpers import save_champion, skin_like_photos, tiny_guard_settings, tiny_model
+
+rng = np.random.default_rng(0)
+
+
+def test_guard_flags_points_far_from_the_training_cloud() -> None:
+    train = rng.normal(0, 1, (200, 8))
+    val = rng.normal(0, 1, (50, 8))
+    guard = ood.Guard.fit(train, val, k=5, quantile=0.9)
+    # the threshold is the validation quantile: about 10% of validation photos are above it
+    assert np.mean(guard.distances(val) > guard.threshold) == pytest.approx(0.1, abs=0.03)
+    near, far = guard.distances(np.vstack([np.zeros(8), np.full(8, 6.0)]))
+    assert near < guard.threshold < far
+
+
+def test_a_unit_silent_in_training_counts_and_divides_by_no_zero() -> None:
+    train = np.hstack([rng.normal(0, 1, (100, 4)), np.zeros((100, 1))])
+    guard = ood.Guard.fit(train, train[:30], k=3, quantile=1.0)
+    lit = np.array([[0, 0, 0, 0, 5.0]])
+    assert np.isfinite(guard.distances(lit)).all()
+    assert guard.distances(lit)[0] > guard.threshold
+
+
+def two_spaces() -> tuple[dict, dict]:
+    train = {"head": rng.normal(0, 1, (40, 6)), "image_statistics": rng.normal(5, 2, (40, 3))}
+    val = {"head": rng.normal(0, 1, (10, 6)), "image_statistics": rng.normal(5, 2, (10, 3))}
+    return train, val
+
+
+def test_the_score_is_the_worst_space_relative_to_its_threshold(tmp_path: Path) -> None:
+    train, val = two_spaces()
+    guards = ood.GuardSet.fit(train, val, tiny_guard_settings(quantile=0.95))
+    probe = {"head": np.zeros((2, 6)), "image_statistics": np.array([[5, 5, 5], [50, 50, 50]])}
+    head, stats = guards.guards["head"], guards.guards["image_statistics"]
+    expected = np.maximum(head.distances(probe["head"]) / head.threshold,
+                          stats.distances(probe["image_statistics"]) / stats.threshold)  # fmt: skip
+    np.testing.assert_allclose(guards.scores(probe), expected)
+    assert guards.scores(probe)[0] <= 1 < guards.scores(probe)[1]  # far in one space is enough
+    loaded = ood.GuardSet.load(guards.save(tmp_path / ood.OOD_FILE))
+    np.testing.assert_allclose(loaded.scores(probe), guards.scores(probe), rtol=1e-5)
+    assert loaded.metadata() == guards.metadata()
+    assert set(guards.metadata()["spaces"]) == {"head", "image_statistics"}
+
+
+def test_settings_are_checked() -> None:
+    base = {"enabled": True, "features": ["head"], "statistics_size": 64, "k": 5,
+            "quantile": 0.9, "batch_size": 8}  # fmt: skip
+    assert ood.OODSettings.from_cfg(base).features == ("head",)
+    for change, words in ({"quantile": 0}, "quantile"), ({"k": 0}, "k must"), (
+        {"features": ["pixels"]}, "features"), ({"features": []}, "features"):  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            ood.OODSettings.from_cfg({**base, **change})
+
+
+def test_verdict_says_why_and_never_pretends_a_check_ran() -> None:
+    out = ood.verdict(1.5)
+    assert out["in_distribution"] is False and "skin photo" in out["ood_reason"]
+    assert "1.5 times" in out["ood_reason"]
+    assert ood.verdict(0.5) == {"in_distribution": True, "ood": {"checked": True, "score": 0.5}}
+    assert ood.verdict(float("nan"))["ood"] == {"checked": False}
+    assert ood.verdict(None)["ood"] == {"checked": False}
+
+
+def test_the_non_skin_set_has_every_kind_as_rgb_photos() -> None:
+    from pox_pipeline import non_skin
+
+    kinds: dict[str, int] = {}
+    for kind, _, image in non_skin.images():
+        assert image.mode == "RGB" and min(image.size) >= 64
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert set(kinds) == set(non_skin.KINDS) and kinds["photos of objects and animals"] >= 20
+
+
+@pytest.mark.parametrize("family", sorted(FACTORIES))
+def test_features_are_the_input_of_the_output_layer_in_every_family(
+    family: str, make_cfg: Callable[..., DictConfig]
+) -> None:
+    """Plain models and chained ones (the head inside the ``trainable`` sub-model) alike."""
+    import keras
+
+    overrides = {
+        "cnn": ["model.cnn.padding=same"],
+        "colour_texture": ["model.colour_texture.input_size=null"],
+    }
+    cfg = make_cfg(*overrides.get(family, []))
+    model = build_model(cfg.model[family], cfg.data)
+    images = rng.uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    outputs, spaces = ood.feature_extractor(model, 32, ood.FEATURE_SPACES, 32)(images)
+    features = spaces["head"]
+    np.testing.assert_allclose(
+        outputs, np.asarray(model(images, training=False)), rtol=1e-4, atol=1e-5
+    )
+    (head,) = ood.head_layers(model)
+    # the head applied to the features gives the model's output: they are its input
+    np.testing.assert_allclose(np.asarray(head(features)), outputs, rtol=1e-4, atol=1e-5)
+    assert features.shape == (3, head.kernel.shape[0])
+    assert isinstance(head, keras.layers.Dense)
+
+
+def test_an_ensemble_gives_every_members_features() -> None:
+    from pox_pipeline.ensemble import build_ensemble
+
+    members = [tiny_model(seed=0), tiny_model(seed=1)]
+    ensemble = build_ensemble(members, 32, "pair")
+    images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    features = ood.features_of(ensemble, images, tiny_guard_settings(features=["head"]))["head"]
+    singles = [ood.features_of(m, images, tiny_guard_settings(features=["head"]))["head"]
+               for m in members]  # fmt: skip
+    np.testing.assert_allclose(features, np.hstack(singles), rtol=1e-5)
+
+
+def test_image_statistics_are_the_colour_texture_features_of_the_resized_photo() -> None:
+    import keras
+
+    from pox_pipeline.features import ColourTextureFeatures
+
+    images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    got = ood.features_of(tiny_model(), images, tiny_guard_settings(statistics_size=16))
+    resized = keras.layers.Resizing(16, 16, antialias=True)(images)
+    expected = np.asarray(ColourTextureFeatures()(resized))
+    np.testing.assert_allclose(got["image_statistics"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_predictor_answers_carry_the_verdict(tmp_path: Path) -> None:
+    import bentoml
+
+    stored = bentoml.models.get(save_champion())
+    predictor = serve.Predictor.from_stored(stored)
+    assert predictor.guard is None  # a model published before the guard: said, not hidden
+    image = rng.uniform(0, 255, (32, 32, 3)).astype(np.float32)
+    (unchecked,) = predictor.predict([image])
+    assert unchecked["in_distribution"] is True and unchecked["ood"] == {"checked": False}
+
+    # a guard fitted on skin-like photos: one of them passes, a flat colour does not
+    photos = skin_like_photos(24)
+    settings = tiny_guard_settings()
+    ood.fit_guard(predictor.model, photos[:18], photos[18:], settings).save(
+        Path(stored.path) / ood.OOD_FILE
+    )
+    guarded = serve.Predictor.from_stored(stored)
+    flat = np.full((32, 32, 3), 255.0, np.float32)
+    batch = np.stack([photos[0], flat])
+    scored = guarded.outputs_with_ood_score(batch)
+    np.testing.assert_allclose(scored[:, :-1], guarded.outputs(batch), rtol=1e-5)
+    inside, outside = guarded.predict(list(batch))
+    assert inside["in_distribution"] is True and outside["in_distribution"] is False
+
+    off = serve.Predictor.from_stored(stored, ood_enabled=False)
+    assert off.guard is None and np.isnan(off.outputs_with_ood_score(flat[None])[0, -1])
