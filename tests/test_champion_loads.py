@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from pox_pipeline import paths, select, serve, train
-from pox_pipeline.tracking import custom_objects, setup_mlflow
+from pox_pipeline.features import custom_objects
+from pox_pipeline.tracking import setup_mlflow
 
 # Runs in the fresh interpreter: pox_pipeline is blocked before anything else is imported.
 LOADERS = textwrap.dedent(

@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from pox_pipeline import serve
+from pox_pipeline import paths, serve
 from pox_pipeline.preprocess import ImageError
 
 GLOB_CHARACTERS = set("*?[")
@@ -88,11 +88,11 @@ def resolve_model(reference: str | None, params: Any) -> ModelSource:
 
         info = yaml.safe_load((path / BENTOML_MODEL_FILE).read_text())
         return ModelSource(path, info["name"], str(info["version"]), info["metadata"])
-    if (path / serve.MODEL_FILE).is_file():
+    if (path / paths.MODEL_FILE).is_file():
         return pipeline_model(path, params)
     if path.exists():
         raise click.BadParameter(
-            f"{path} holds neither {BENTOML_MODEL_FILE} nor {serve.MODEL_FILE}"
+            f"{path} holds neither {BENTOML_MODEL_FILE} nor {paths.MODEL_FILE}"
         )
     import bentoml
     from bentoml.exceptions import BentoMLException

@@ -156,3 +156,23 @@ def lbp_histogram(grey: Any, radius: int) -> Any:
     code = ops.where(changes <= 2, ones, float(LBP_BINS - 1))
     code = ops.reshape(code, (-1, math.prod(code.shape[1:])))
     return ops.stack([ops.mean(ops.cast(code == k, "float32"), -1) for k in range(LBP_BINS)], -1)
+
+
+def custom_objects(model: keras.Layer) -> dict[str, type]:
+    """Registered name -> class of every layer in the model (nested models included) that is
+    not Keras's own, such as colour_texture's ``ColourTextureFeatures``.
+
+    Keras 3 rebuilds such a layer only from its registered class, so a saved model that holds
+    one loads only where that class is imported or handed over as a custom object.
+    """
+    import keras
+
+    def walk(layer: keras.Layer) -> list[keras.Layer]:
+        children = getattr(layer, "layers", None) or ()
+        return [layer, *(sub for child in children for sub in walk(child))]
+
+    return {
+        keras.saving.get_registered_name(type(layer)): type(layer)
+        for layer in walk(model)
+        if not type(layer).__module__.startswith("keras.")
+    }

@@ -338,7 +338,7 @@ def store_keras_model(
     import bentoml
     import cloudpickle
 
-    from pox_pipeline.tracking import custom_objects
+    from pox_pipeline.features import custom_objects
 
     objects = custom_objects(model)
     modules = {sys.modules[cls.__module__] for cls in objects.values()}
@@ -351,6 +351,7 @@ def store_keras_model(
     finally:
         for module in modules:
             cloudpickle.unregister_pickle_by_value(module)
+    stored = bentoml.models.get(stored.tag)  # its place in the store, not the staging folder
     for file_name, path in (extra_files or {}).items():
         shutil.copyfile(path, Path(stored.path) / file_name)
     return stored

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from pox_pipeline.paths import run_info_file
 
 if TYPE_CHECKING:
-    import keras
+    pass
 
 # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI itself, so only the value set before
 # this process configured MLflow is the user's choice (else the first config would stick).
@@ -50,23 +50,3 @@ def write_run_info(cfg: DictConfig, model_name: str, info: dict[str, Any]) -> Pa
 
 def read_run_info(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     return json.loads(run_info_file(cfg, model_name).read_text())
-
-
-def custom_objects(model: keras.Layer) -> dict[str, type]:
-    """Registered name -> class of every layer in the model (nested models included) that is
-    not Keras's own, such as colour_texture's ``ColourTextureFeatures``.
-
-    Keras 3 rebuilds such a layer only from its registered class, so a saved model that holds
-    one loads only where that class is imported or handed over as a custom object.
-    """
-    import keras
-
-    def walk(layer: keras.Layer) -> list[keras.Layer]:
-        children = getattr(layer, "layers", None) or ()
-        return [layer, *(sub for child in children for sub in walk(child))]
-
-    return {
-        keras.saving.get_registered_name(type(layer)): type(layer)
-        for layer in walk(model)
-        if not type(layer).__module__.startswith("keras.")
-    }

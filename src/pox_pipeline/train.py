@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from pox_pipeline import tracking
 from pox_pipeline.config import flatten, stage_entry
 from pox_pipeline.data import load_split
+from pox_pipeline.features import custom_objects
 from pox_pipeline.models import (
     FrozenSplit,
     WeightsUnavailableError,
@@ -409,7 +410,7 @@ def log_keras_model(model: keras.Model) -> None:
         model,
         name="model",
         signature=model_signature(model),
-        save_exported_model=bool(tracking.custom_objects(model)),
+        save_exported_model=bool(custom_objects(model)),
         # explicit: inferring them re-imports TensorFlow in a subprocess (~10 s a model)
         pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={tf.__version__}"],
     )
