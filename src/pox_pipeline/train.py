@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from pox_pipeline import tracking
 from pox_pipeline.config import flatten, stage_entry
@@ -240,18 +241,21 @@ def build_feature_cache(
             batch = split.augmentation(batch, training=True)
         return split.frozen(batch, training=False)
 
-    def fill(out: np.ndarray, images: np.ndarray, augmented: bool) -> None:
+    def fill(out: np.ndarray, images: np.ndarray, augmented: bool, progress: tqdm) -> None:
         for view in range(out.shape[0]):
             for start in range(0, len(images), batch_size):
                 features = extract(images[start : start + batch_size], augmented).numpy()
                 if on_disk:
                     features = np.clip(features, -FLOAT16_MAX, FLOAT16_MAX)
                 out[view, start : start + len(features)] = features
+                progress.update(len(features))
 
     train = allocate("train", views, len(train_images))
     val = allocate("val", 1, len(val_images))
-    fill(train, train_images, augment)
-    fill(val, val_images, False)
+    total_images = views * len(train_images) + len(val_images)
+    with tqdm(total=total_images, desc="feature cache", unit="img", disable=None) as progress:
+        fill(train, train_images, augment, progress)
+        fill(val, val_images, False, progress)
     mode = "disk" if on_disk else "memory"
     seconds = time.perf_counter() - started
     log.info(
