@@ -131,15 +131,15 @@ def test_saved_model_loads_in_a_fresh_process(make_cfg, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_colour_texture_converts_to_tflite(make_cfg, int8: bool) -> None:
+@pytest.mark.parametrize("backend", ["tflite_fp32", "tflite_int8"])
+def test_colour_texture_converts_to_tflite(make_cfg, backend: str) -> None:
     """Every op of the statistics is a TFLite builtin (at input_size null: no resize)."""
     cfg = make_cfg(SMALL)
     model = build_model(cfg.model.colour_texture, cfg.data)
     images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
-    runner = serve.TFLiteRunner(model, int8=int8)
+    runner = serve.TFLiteRunner(model, backend)
     np.testing.assert_allclose(
-        runner(images), np.asarray(model(images)), atol=0.02 if int8 else 1e-5
+        runner(images), np.asarray(model(images)), atol=0.02 if backend == "tflite_int8" else 1e-5
     )
 
 
@@ -148,7 +148,7 @@ def test_an_antialiased_resize_is_a_clear_tflite_error(make_cfg) -> None:
     cfg = make_cfg("model.colour_texture.input_size=24")
     model = build_model(cfg.model.colour_texture, cfg.data)
     with pytest.raises(ValueError, match="no ScaleAndTranslate op.*serve.backend=keras"):
-        serve.TFLiteRunner(model, int8=False)
+        serve.TFLiteRunner(model, "tflite_fp32")
 
 
 def test_a_model_without_conv_layers_is_explained_by_input_gradients() -> None:

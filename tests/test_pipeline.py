@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pox_pipeline.config import project_root, write_params
+from pox_pipeline.config import compose, project_root, write_params
 
 PROJECT_ROOT = project_root()
 
@@ -29,9 +29,11 @@ TINY = [
     "model.resnet.input_size=null",
     "model.colour_texture.epochs=1",
     "model.colour_texture.input_size=null",
+    "model.efficientnet_lite.epochs=1",
+    "model.efficientnet_lite.augment.cached_copies=1",
     "evaluate.bootstrap.samples=50",
 ]
-MODELS = ("cnn", "vgg16", "resnet", "colour_texture")  # conf/config.yaml's models
+MODELS = tuple(compose().models)  # conf/config.yaml's models
 COPIED = ["conf", "src", "dvc.yaml", ".dvcignore", ".gitignore"]
 
 
