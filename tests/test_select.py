@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 
 from fake_training import fake_trained_model
 from pox_pipeline.select import choose_champion, select
+from pox_pipeline.tracking import setup_mlflow
 
 METADATA_KEYS = {
     "classes", "positive_class", "threshold", "image_size", "resample", "architecture",
@@ -75,7 +77,6 @@ def test_select_registers_saves_and_is_idempotent(
     import bentoml
 
     from pox_pipeline import select as select_module
-    from pox_pipeline.select import load_champion
 
     cfg = candidates
     test_metrics_read = []
@@ -131,7 +132,9 @@ def test_select_registers_saves_and_is_idempotent(
 
     batch = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     expected = keras.saving.load_model(Path(cfg.paths.models_dir) / "vgg16" / "model.keras")
-    champion_model = load_champion(cfg)
+    setup_mlflow(cfg)  # what a team does: MLflow's own loader, on the registry alias
+    champion_uri = f"models:/{cfg.select.registered_model_name}@{cfg.select.alias}"
+    champion_model = mlflow.keras.load_model(champion_uri)
     np.testing.assert_allclose(champion_model.predict_on_batch(batch), expected(batch), rtol=1e-5)
     assert bento.info.module == "bentoml.keras"
     from_bentoml = bentoml.keras.load_model(bento.tag)

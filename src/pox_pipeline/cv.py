@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pox_pipeline import paths, tracking
-from pox_pipeline.config import conf_entry, flatten
+from pox_pipeline.config import conf_entry
 
 
 def fold_config(cfg: DictConfig, fold: int, seed: int) -> DictConfig:
@@ -149,7 +149,7 @@ def log_summary(cfg: DictConfig, summaries: dict[str, dict[str, Any]], out_dir: 
         with mlflow.start_run(run_name=f"cv-{name}"):
             mlflow.set_tags({"model_name": name, "protocol": f"cv{cfg.cv.folds}",
                              "git_commit": tracking.git_commit()})  # fmt: skip
-            mlflow.log_params(flatten(cfg))  # MLflow sends them in batches of its own size
+            tracking.log_params(cfg)
             mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             mlflow.log_artifact(str(out_dir / "summary.md"))
 

@@ -34,7 +34,6 @@ from pox_pipeline.calibration import IDENTITY_TEMPERATURE
 from pox_pipeline.config import conf_entry
 from pox_pipeline.cv import fold_config, fold_runs, mean_std, summarise
 from pox_pipeline.serve import load_keras_model
-from pox_pipeline.train import log_keras_model, log_params
 
 AUTO = "auto"
 REPORT_FILE = "ensemble.json"
@@ -184,13 +183,13 @@ def publish(
     tags = {"model_name": model_name, "architecture": report["architecture"],
             "protocol": report["protocol"], "git_commit": tracking.git_commit()}  # fmt: skip
     with mlflow.start_run(run_name=f"ensemble-{family}", tags=tags) as run:
-        log_params(cfg)
+        tracking.log_params(cfg)
         for prefix in ("val", "cv_test", "held_out_ensemble"):
             values = select.without_nulls(report[f"{prefix}_metrics"] or {})
             mlflow.log_metrics({f"{prefix}_{key}": value for key, value in values.items()
                                 if isinstance(value, (int, float))})  # fmt: skip
         mlflow.log_dict(report, REPORT_FILE)
-        log_keras_model(model)
+        tracking.log_keras_model(model)
     version = select.register_champion(
         cfg,
         run.info.run_id,

@@ -264,16 +264,6 @@ def read_dvc_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_champion(cfg: DictConfig) -> Any:
-    """The Keras model behind ``models:/<registered_model_name>@<alias>``."""
-    from pox_pipeline import features  # noqa: F401 - registers ColourTextureFeatures
-
-    setup_mlflow(cfg)
-    return mlflow.keras.load_model(
-        f"models:/{cfg.select.registered_model_name}@{cfg.select.alias}"
-    )
-
-
 def run(cfg: DictConfig) -> None:
     result = select(cfg)
     print(

@@ -15,13 +15,11 @@ lower ``finetune.learning_rate``; the second phase is kept only if it improves t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,15 +31,12 @@ import pandas as pd
 import tensorflow as tf
 from keras.src.backend.tensorflow import trainer as _keras_tf_trainer
 from matplotlib.figure import Figure
-from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pox_pipeline import tracking
-from pox_pipeline.config import flatten, stage_entry
+from pox_pipeline.config import stage_entry
 from pox_pipeline.data import load_split
-from pox_pipeline.features import custom_objects
 from pox_pipeline.models import (
     FrozenSplit,
     WeightsUnavailableError,
@@ -58,7 +53,6 @@ EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy"]  # every model 
 HISTORY_COLUMNS = ["epoch", *EPOCH_METRICS]
 # Monitors where higher is better (Keras' EarlyStopping "auto" mode reads names the same way).
 HIGHER_IS_BETTER = ("accuracy", "auc", "precision", "recall")
-MLFLOW_PARAMS_PER_CALL = 100
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 _keras_reduce_per_replica = _keras_tf_trainer.reduce_per_replica
 
@@ -306,19 +300,6 @@ def cached_dataset(
 # ---------------------------------------------------------------------------- outputs
 
 
-class MlflowEpochMetrics(keras.callbacks.Callback):
-    """Every per-epoch metric Keras reports (loss, accuracy, auc, their val_ twins, the learning
-    rate) to the active MLflow run; step = epoch counted from 1 across training phases."""
-
-    def __init__(self, first_step: int = 1) -> None:
-        super().__init__()
-        self.first_step = first_step
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        metrics = {key: float(value) for key, value in (logs or {}).items()}
-        mlflow.log_metrics(metrics, step=self.first_step + epoch)
-
-
 def history_frame(history: dict[str, list[float]]) -> pd.DataFrame:
     """Keras history -> epoch (from 1), loss, accuracy, val_loss, val_accuracy, then any other
     metric the model logged (auc, val_auc, learning_rate)."""
@@ -393,51 +374,6 @@ def model_summary(model: keras.Model) -> str:
     return "\n".join(lines)
 
 
-def model_signature(model: keras.Model) -> ModelSignature:
-    """Explicit MLflow signature: float32 (-1, S, S, 3) images in, class scores out."""
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *model.input_shape[1:]))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *model.output_shape[1:]))]),
-    )
-
-
-def log_keras_model(model: keras.Model) -> None:
-    """The model as the active run's ``model`` artifact, with an explicit signature.
-
-    A model with a layer of this package (colour_texture's features) is logged as a TensorFlow
-    SavedModel export: MLflow's Keras 3 flavor takes no ``code_paths`` or custom objects, so
-    its ``.keras`` file would load only where pox_pipeline is imported first. The export loads
-    by ``mlflow.pyfunc`` and ``mlflow.keras`` (an object with ``serve(batch)``) wherever
-    TensorFlow is installed; every other model stays a ``.keras`` file (a ``keras.Model``).
-    """
-    mlflow.keras.log_model(
-        model,
-        name="model",
-        signature=model_signature(model),
-        save_exported_model=bool(custom_objects(model)),
-        # explicit: inferring them re-imports TensorFlow in a subprocess (~10 s a model)
-        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={tf.__version__}"],
-    )
-
-
-def log_params(cfg: DictConfig) -> None:
-    """The whole resolved config as dotted MLflow params (MLflow takes <= 100 per call)."""
-    items = list(flatten(cfg).items())
-    for start in range(0, len(items), MLFLOW_PARAMS_PER_CALL):
-        mlflow.log_params(dict(items[start : start + MLFLOW_PARAMS_PER_CALL]))
-
-
-@contextlib.contextmanager
-def mlflow_run(cfg: DictConfig, tags: dict[str, str], enabled: bool) -> Iterator[Any]:
-    """The stage's MLflow run (None on non-chief workers, which track nothing)."""
-    if not enabled:
-        yield None
-        return
-    tracking.setup_mlflow(cfg)
-    with mlflow.start_run(run_name=f"train-{tags['model_name']}", tags=tags) as active:
-        yield active
-
-
 # ---------------------------------------------------------------------------- the stage
 
 
@@ -480,7 +416,7 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     cache_root.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(dir=cache_root, prefix=f"{model_name}-") as scratch,
-        mlflow_run(cfg, tags, enabled=chief) as active_run,
+        tracking.mlflow_run(cfg, tags, enabled=chief) as active_run,
     ):
         if split is not None:
             cache = build_feature_cache(
@@ -507,7 +443,7 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
             train_data = mixup(train_data, model_cfg.mixup_alpha, num_classes, seed=cfg.seed)
 
         if active_run is not None:
-            log_params(cfg)
+            tracking.log_params(cfg)
             mlflow.set_tag("feature_cache", cache_mode)
             mlflow.log_metric("feature_cache_build_seconds", cache_seconds)
         checkpoint_dir = Path(cfg.train.checkpoint_dir) if chief else Path(scratch)
@@ -532,7 +468,7 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
                 ),
             ]  # fmt: skip
             if active_run is not None:
-                callbacks.append(MlflowEpochMetrics(first_step=sum(map(len, frames)) + 1))
+                callbacks.append(tracking.MlflowEpochMetrics(first_step=sum(map(len, frames)) + 1))
             before = fit_model.get_weights() if phases else None
             prepare_multi_worker_fit(fit_model, strategy)
             with strategy.scope():
@@ -602,7 +538,7 @@ def _write_outputs(
     mlflow.log_artifact(str(curves))
     mlflow.log_text(model_summary(model), "model_summary.txt")
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    log_keras_model(model)
+    tracking.log_keras_model(model)
     info["wall_seconds"] = round(time.perf_counter() - started, 2)
     mlflow.log_metrics(
         {"epochs_run": info["epochs_run"], "best_epoch": info["best_epoch"],
