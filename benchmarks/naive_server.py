@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flask import Flask, jsonify, request
 
-from pox_pipeline import preprocess, serve
+from pox_pipeline import inference, preprocess, serve
 
 
 def create_app(bento_tag: str) -> Flask:
@@ -23,7 +23,7 @@ def create_app(bento_tag: str) -> Flask:
 
     stored = bentoml.models.get(bento_tag)
     card = serve.ModelCard.from_stored(stored)
-    model = serve.load_stored_model(Path(stored.path))
+    model = inference.load_stored_model(Path(stored.path))
     app = Flask(__name__)
 
     @app.get("/readyz")

@@ -46,7 +46,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pox_pipeline.config import load_params, project_root
-from pox_pipeline.serve import BACKENDS, store_keras_model
+from pox_pipeline.inference import store_keras_model
+from pox_pipeline.serve import BACKENDS
 
 PROJECT_ROOT = project_root()
 

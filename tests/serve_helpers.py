@@ -22,7 +22,7 @@ from PIL import Image
 
 from conftest import MSLD_DIR, TEST_IMAGE_SIZE
 from pox_pipeline.config import project_root, write_params
-from pox_pipeline.serve import store_keras_model
+from pox_pipeline.inference import store_keras_model
 
 PROJECT_ROOT = project_root()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pox_pipeline import paths, select, serve, train
+from pox_pipeline import inference, paths, select, train
 from pox_pipeline.features import custom_objects
 from pox_pipeline.tracking import setup_mlflow
 
@@ -53,7 +53,7 @@ def test_colour_texture_champion_loads_without_the_package(prepared_cfg, tmp_pat
                        "train.verbose=0")
     info = train.train(cfg, "colour_texture")
     model_file = paths.model_file(cfg, "colour_texture")
-    model = serve.load_keras_model(model_file)
+    model = inference.load_keras_model(model_file)
     assert custom_objects(model), "the model holds this package's layer: the case under test"
 
     setup_mlflow(cfg)

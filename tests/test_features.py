@@ -120,8 +120,8 @@ def test_saved_model_loads_in_a_fresh_process(make_cfg, tmp_path: Path) -> None:
     np.save(tmp_path / "images.npy", images)
     np.save(tmp_path / "expected.npy", model.predict(images, verbose=0))
     script = (
-        "import sys, numpy as np; from pathlib import Path; from pox_pipeline import serve; "
-        "root = Path(sys.argv[1]); model = serve.load_keras_model(root / 'model.keras'); "
+        "import sys, numpy as np; from pathlib import Path; from pox_pipeline import inference; "
+        "root = Path(sys.argv[1]); model = inference.load_keras_model(root / 'model.keras'); "
         "np.testing.assert_allclose(model.predict(np.load(root / 'images.npy'), verbose=0), "
         "np.load(root / 'expected.npy'), rtol=1e-5, atol=1e-6); "
         "assert 'pox_pipeline.models' not in sys.modules"

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_IMAGE_SIZE
-from pox_pipeline import preprocess, serve
+from pox_pipeline import inference, preprocess, serve
 from pox_pipeline.config import compose, project_root
 from pox_pipeline.preprocess import ImageError, ImageTooLarge
 from serve_helpers import (
@@ -146,16 +146,16 @@ def test_card_applies_the_temperature_before_the_threshold() -> None:
 
 def test_tta_views_are_the_four_flips() -> None:
     batch = np.arange(2 * 2 * 3 * 3, dtype=np.float32).reshape(2, 2, 3, 3)
-    assert [v is batch for v in serve.tta_views(batch, "none")] == [True]
-    identity, horizontal, vertical, both = serve.tta_views(batch, "flips")
+    assert [v is batch for v in inference.tta_views(batch, "none")] == [True]
+    identity, horizontal, vertical, both = inference.tta_views(batch, "flips")
     np.testing.assert_array_equal(identity, batch)
     np.testing.assert_array_equal(horizontal[:, :, 0], batch[:, :, -1])  # columns mirrored
     np.testing.assert_array_equal(vertical[:, 0], batch[:, -1])  # rows mirrored
     np.testing.assert_array_equal(both, batch[:, ::-1, ::-1])
     with pytest.raises(ValueError, match="tta"):
-        serve.tta_views(batch, "rotations")
+        inference.tta_views(batch, "rotations")
     stacked = np.concatenate([np.full((2, 1), k, np.float32) for k in range(4)])
-    np.testing.assert_array_equal(serve.mean_over_views(stacked, 4), [[1.5], [1.5]])
+    np.testing.assert_array_equal(inference.mean_over_views(stacked, 4), [[1.5], [1.5]])
 
 
 # ---------------------------------------------------------------------------- predictor

@@ -33,7 +33,7 @@ from pox_pipeline import paths, select, tracking
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE
 from pox_pipeline.config import conf_entry
 from pox_pipeline.cv import fold_config, fold_runs, mean_std, summarise
-from pox_pipeline.serve import load_keras_model
+from pox_pipeline.inference import load_keras_model
 
 AUTO = "auto"
 REPORT_FILE = "ensemble.json"

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from pox_pipeline import calibration, metrics, paths
 from pox_pipeline.config import stage_entry
 from pox_pipeline.data import load_split
-from pox_pipeline.serve import load_keras_model, tta_views
+from pox_pipeline.inference import load_keras_model, tta_views
 from pox_pipeline.tracking import read_run_info, setup_mlflow
 
 FIGURE_DPI = 100
@@ -64,7 +64,7 @@ def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int) -> n
 def model_outputs(
     model: keras.Model, images: np.ndarray, batch_size: int, tta: str
 ) -> np.ndarray:
-    """Model outputs averaged over the TTA views of ``serve.tta_views`` (what the service's
+    """Model outputs averaged over the TTA views of ``inference.tta_views`` (what the service's
     ``Predictor.outputs`` computes); each view goes through in batches of ``batch_size``,
     so memory stays that of one view."""
     views = tta_views(images, tta)

@@ -29,7 +29,7 @@ from pox_pipeline import model_card, ood, paths
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, NO_CALIBRATION
 from pox_pipeline.config import stage_entry
 from pox_pipeline.data import load_split
-from pox_pipeline.serve import NO_TTA, load_keras_model, store_keras_model
+from pox_pipeline.inference import NO_TTA, load_keras_model, store_keras_model
 from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
 
 MLFLOW_ARTIFACT = "model"

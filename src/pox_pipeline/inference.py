@@ -1,0 +1,100 @@
+"""Inference shared by evaluation, publishing and serving: the test-time augmentation views,
+loading a saved model, and storing one in BentoML. Offline stages import this module, never
+``serve`` (the HTTP-free serving core), so editing the service re-runs no evaluation."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pox_pipeline import paths
+
+if TYPE_CHECKING:
+    import keras
+    from bentoml import Model as StoredModel
+
+# Test-time augmentation (evaluate.tta, shipped as the model's ``tta`` metadata).
+NO_TTA = "none"
+TTA_MODES = (NO_TTA, "flips")
+# Image array axes of a (N, S, S, 3) batch: rows flip vertically, columns horizontally.
+ROW_AXIS, COLUMN_AXIS = 1, 2
+
+
+def tta_views(batch: np.ndarray, mode: str) -> list[np.ndarray]:
+    """The views of a (N, S, S, 3) batch that ``mode`` averages over.
+
+    ``none``: the batch itself; ``flips``: identity, horizontal flip, vertical flip and both
+    (a lesion photo has no preferred orientation). The flips are numpy views, not copies.
+    Evaluation and serving both take their views from here, so they average the same thing.
+    """
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta={mode!r}; choose one of {TTA_MODES}")
+    if mode == NO_TTA:
+        return [batch]
+    return [
+        batch,
+        np.flip(batch, axis=COLUMN_AXIS),
+        np.flip(batch, axis=ROW_AXIS),
+        np.flip(batch, axis=(ROW_AXIS, COLUMN_AXIS)),
+    ]
+
+
+def mean_over_views(outputs: np.ndarray, n_views: int) -> np.ndarray:
+    """Outputs of the concatenated views (view-major, as :func:`tta_views` lists them) ->
+    each image's mean output (probabilities are averaged, not logits)."""
+    return outputs.reshape(n_views, -1, *outputs.shape[1:]).mean(axis=0)
+
+
+def load_keras_model(path: Path) -> keras.Model:
+    """A saved ``.keras`` model (file or unzipped directory), uncompiled; this project's custom
+    layers registered first."""
+    import keras
+
+    from pox_pipeline import features  # noqa: F401 - registers ColourTextureFeatures
+
+    return keras.saving.load_model(path, compile=False)
+
+
+def load_stored_model(model_dir: Path) -> keras.Model:
+    """The Keras model of a BentoML store entry: saved by :func:`store_keras_model` (an unzipped
+    ``.keras`` directory), or as ``model.keras`` inside it by versions before that."""
+    legacy = Path(model_dir) / paths.MODEL_FILE
+    return load_keras_model(legacy if legacy.is_file() else Path(model_dir))
+
+
+def store_keras_model(
+    name: str,
+    model: keras.Model,
+    labels: dict[str, str] | None,
+    metadata: dict[str, Any],
+    extra_files: Mapping[str, Path] | None = None,
+) -> StoredModel:
+    """Save a Keras model to the BentoML store with ``bentoml.keras`` so that
+    ``bentoml.keras.load_model(tag)`` rebuilds it in any Python with Keras, this package not
+    imported: its layers travel as custom objects pickled by value, not by reference.
+    ``extra_files`` (name -> file: the guard, the model card) are copied beside it."""
+    import bentoml
+    import cloudpickle
+
+    from pox_pipeline.features import custom_objects
+
+    objects = custom_objects(model)
+    modules = {sys.modules[cls.__module__] for cls in objects.values()}
+    for module in modules:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        stored = bentoml.keras.save_model(
+            name, model, labels=labels, metadata=metadata, custom_objects=objects or None
+        )
+    finally:
+        for module in modules:
+            cloudpickle.unregister_pickle_by_value(module)
+    stored = bentoml.models.get(stored.tag)  # its place in the store, not the staging folder
+    for file_name, path in (extra_files or {}).items():
+        shutil.copyfile(path, Path(stored.path) / file_name)
+    return stored
