@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from pox_pipeline import tracking
+from pox_pipeline import paths, tracking
 from pox_pipeline.config import stage_entry
 from pox_pipeline.data import load_split
 from pox_pipeline.models import (
@@ -527,10 +527,10 @@ def _write_outputs(
     """Model, history and curves to the stage outputs and the active MLflow run; then run.json
     (its wall time includes the saving)."""
     model = inference_copy(model, cfg.model[model_name], cfg.data)
-    model_path = Path(cfg.paths.models_dir) / model_name / "model.keras"
+    model_path = paths.model_file(cfg, model_name)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     model.save(model_path)
-    report_dir = Path(cfg.paths.reports_dir) / "train" / model_name
+    report_dir = paths.train_report_dir(cfg, model_name)
     report_dir.mkdir(parents=True, exist_ok=True)
     frame.to_csv(report_dir / "history.csv", index=False)
     curves = plot_curves(frame, report_dir / "curves.png", f"{model_name} training")
