@@ -4,6 +4,7 @@ architecture and its ImageNet weights (checked on real photos), and the model fa
 from __future__ import annotations
 
 import importlib.util
+import io
 import pickle
 import struct
 import sys
@@ -350,5 +351,7 @@ def test_it_joins_cv_the_fold_ensemble_serving_tta_tflite_and_gradcam(make_cfg, 
         photo, serve.ServeConfig.from_cfg(cfg.serve).heatmap
     )
     assert result["label"] in cfg.data.classes
-    assert Image.open(__import__("io").BytesIO(overlay)).size == photo.size
-    assert preprocess  # the same preprocessing the service uses (imported for the card)
+    assert Image.open(io.BytesIO(overlay)).size == photo.size
+    # explain answers what predict answers for the same photo, through the same preprocessing
+    same = keras_predictor.predict([preprocess.to_model_input(photo, 64, cfg.data.resample)])[0]
+    assert result["probabilities"] == pytest.approx(same["probabilities"])

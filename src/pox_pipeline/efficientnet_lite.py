@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from pox_pipeline.features import walk_layers
 from pox_pipeline.torch_legacy import read_state_dict
 
 BN_EPSILON = 1e-3
@@ -236,18 +237,10 @@ def is_backbone_layer(name: str) -> bool:
     return bool(BACKBONE_LAYER.match(name))
 
 
-def walk_layers(layer: keras.Layer) -> Iterator[keras.Layer]:
-    """A layer and, depth first, every layer nested in it (sub-models of a chain)."""
-    yield layer
-    for sub in getattr(layer, "layers", None) or ():
-        yield from walk_layers(sub)
-
-
-def load_backbone_weights(model: keras.Model, weights: dict[str, list[np.ndarray]]) -> int:
-    """Set every backbone layer found in ``model`` (at any depth); returns how many were set.
+def load_backbone_weights(model: keras.Model, weights: dict[str, list[np.ndarray]]) -> None:
+    """Set every backbone layer found in ``model`` (at any depth).
     A backbone layer without weights, or weights of another shape, is an error: a silent
     partial load would look like a working pretrained model."""
-    loaded = 0
     for layer in walk_layers(model):
         if layer.name not in weights or layer is model:
             continue
@@ -259,13 +252,11 @@ def load_backbone_weights(model: keras.Model, weights: dict[str, list[np.ndarray
                 f"{expected} (another EfficientNet-Lite variant?)"
             )
         layer.set_weights(values)
-        loaded += 1
     backbone = {n for n in weights if is_backbone_layer(n)}
     present = {layer.name for layer in walk_layers(model)} & backbone
     if present != backbone:
         missing = sorted(backbone - present)[:5]
         raise ValueError(f"the model lacks backbone layers {missing}: variant mismatch?")
-    return loaded
 
 
 def imagenet_weights(name: str) -> dict[str, list[np.ndarray]]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,36 @@ def mean_over_views(outputs: np.ndarray, n_views: int) -> np.ndarray:
     """Outputs of the concatenated views (view-major, as :func:`tta_views` lists them) ->
     each image's mean output (probabilities are averaged, not logits)."""
     return outputs.reshape(n_views, -1, *outputs.shape[1:]).mean(axis=0)
+
+
+@contextmanager
+def recorded_calls(layers: Sequence[keras.Layer], record: str) -> Iterator[list[Any]]:
+    """While inside the block, record each call of ``layers``: its ``"input"`` (the first
+    argument) or its ``"output"`` tensor. Wrapping each layer's own ``call`` works wherever
+    the layer sits (plain, nested in a sub-model, shared between chained sub-models), where
+    building a second Keras model from a symbolic tensor fails for nested graphs. Grad-CAM
+    records the last conv's output, the OOD guard the inputs of the output layers."""
+    if record not in ("input", "output"):
+        raise ValueError(f"record must be 'input' or 'output', got {record!r}")
+    recorded: list[Any] = []
+
+    def hook(layer: keras.Layer) -> None:
+        original = layer.call
+
+        def recording_call(*args: Any, **kwargs: Any) -> Any:
+            output = original(*args, **kwargs)
+            recorded.append(args[0] if record == "input" else output)
+            return output
+
+        layer.call = recording_call
+
+    for layer in layers:
+        hook(layer)
+    try:
+        yield recorded
+    finally:
+        for layer in layers:
+            del layer.call  # the class's method shows through again
 
 
 def load_keras_model(path: Path) -> keras.Model:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from pox_pipeline import efficientnet_lite as lite
 from pox_pipeline.efficientnet_lite import WeightsUnavailableError
-from pox_pipeline.features import ColourTextureFeatures
+from pox_pipeline.features import ColourTextureFeatures, walk_layers
 from pox_pipeline.torch_legacy import read_state_dict
 
 # Keras' own cache name and published md5 for the ImageNet VGG16 conv base (no top).
@@ -523,7 +523,7 @@ def resolve_lite_weights(
         return lite.keras_weights(read_state_dict(path))
     if path.suffix == ".keras":
         saved = keras.saving.load_model(path, compile=False)
-        return {layer.name: layer.get_weights() for layer in lite.walk_layers(saved)
+        return {layer.name: layer.get_weights() for layer in walk_layers(saved)
                 if lite.is_backbone_layer(layer.name) and layer.weights}  # fmt: skip
     raise WeightsUnavailableError(f"model weights={weights!r}: expected a .pth or .keras file")
 
@@ -534,10 +534,10 @@ def set_fine_tuning(model: keras.Model, enabled: bool, batchnorm: str = "frozen"
     Returns whether the model has such a part. Recompile afterwards."""
     if batchnorm not in ("frozen", "train"):
         raise ValueError(f"finetune.batchnorm must be frozen or train, got {batchnorm!r}")
-    tuned = next((layer for layer in lite.walk_layers(model) if layer.name == TUNED), None)
+    tuned = next((layer for layer in walk_layers(model) if layer.name == TUNED), None)
     if tuned is None:
         return False
-    for layer in lite.walk_layers(tuned):  # each layer: a container's flag does not reach all
+    for layer in walk_layers(tuned):  # each layer: a container's flag does not reach all
         frozen_norm = batchnorm == "frozen" and isinstance(layer, layers.BatchNormalization)
         layer.trainable = enabled and not frozen_norm
     return True

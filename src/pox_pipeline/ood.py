@@ -24,8 +24,7 @@ extractor built on the Keras model it already runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -233,42 +232,15 @@ def verdict(score: float | None) -> dict[str, Any]:
 def head_layers(model: keras.Layer) -> list[keras.Layer]:
     """Every final Dense ``output`` layer, searching nested sub-models in layer order (one per
     model; one per member in an ensemble)."""
-    found = []
+    from pox_pipeline.features import walk_layers
 
-    def walk(layer: keras.Layer) -> None:
-        if layer.name == OUTPUT_LAYER and not getattr(layer, "layers", None):
-            found.append(layer)
-        for sub in getattr(layer, "layers", None) or ():
-            walk(sub)
-
-    walk(model)
+    found = [
+        layer for layer in walk_layers(model)
+        if layer.name == OUTPUT_LAYER and not getattr(layer, "layers", None)
+    ]  # fmt: skip
     if not found:
         raise ValueError(f"model {model.name!r} has no layer named {OUTPUT_LAYER!r}")
     return found
-
-
-@contextmanager
-def captured_inputs(layers: Sequence[keras.Layer]) -> Iterator[list[Any]]:
-    """Record the input tensor of each call of ``layers`` while inside the block (the same
-    instance-level ``call`` hook as ``serve.captured_output``, on the way in)."""
-    inputs: list[Any] = []
-
-    def hook(layer: keras.Layer) -> None:
-        original = layer.call
-
-        def recording_call(features: Any, *args: Any, **kwargs: Any) -> Any:
-            inputs.append(features)
-            return original(features, *args, **kwargs)
-
-        layer.call = recording_call
-
-    for layer in layers:
-        hook(layer)
-    try:
-        yield inputs
-    finally:
-        for layer in layers:
-            del layer.call
 
 
 def feature_extractor(
@@ -283,6 +255,7 @@ def feature_extractor(
     import tensorflow as tf
 
     from pox_pipeline.features import ColourTextureFeatures
+    from pox_pipeline.inference import recorded_calls
 
     heads = head_layers(model)
     resize = keras.layers.Resizing(statistics_size, statistics_size, antialias=True)
@@ -290,7 +263,7 @@ def feature_extractor(
     signature = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32)]
 
     def both(batch: Any) -> tuple[Any, dict[str, Any]]:
-        with captured_inputs(heads) as recorded:
+        with recorded_calls(heads, "input") as recorded:
             outputs = model(batch, training=False)
         features = {}
         if HEAD in spaces:

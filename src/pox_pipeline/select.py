@@ -16,7 +16,7 @@ import math
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 import mlflow
@@ -31,6 +31,9 @@ from pox_pipeline.config import stage_entry
 from pox_pipeline.data import load_split
 from pox_pipeline.inference import NO_TTA, load_keras_model, store_keras_model
 from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
+
+if TYPE_CHECKING:
+    import keras
 
 MLFLOW_ARTIFACT = "model"
 HASH_LABEL = "content_sha256"
@@ -138,9 +141,10 @@ def save_bentoml_model(
     model_file: Path,
     metadata: Mapping[str, Any],
     extra_files: Mapping[str, Path] | None = None,
+    model: keras.Model | None = None,
 ) -> str:
     """Save the champion (and ``extra_files``, name -> file, beside it) to the BentoML store;
-    reuse the latest if its content is identical.
+    reuse the latest if its content is identical. ``model`` is ``model_file`` already loaded.
 
     Only the latest counts: after A, B, A the store gets a new A, because serving loads
     ``<name>:latest``. Saved by ``bentoml.keras``, so ``bentoml.keras.load_model`` loads it.
@@ -154,7 +158,8 @@ def save_bentoml_model(
     except NotFound:
         pass
     labels = {HASH_LABEL: sha, "model_name": str(metadata["model_name"])}
-    model = load_keras_model(model_file)
+    if model is None:
+        model = load_keras_model(model_file)
     return str(store_keras_model(name, model, labels, dict(metadata), extra_files).tag)
 
 
@@ -169,19 +174,20 @@ def publish_bentoml(
     validation photos (``serve.ood``), write its model card, save all three to BentoML and
     log the card and guard to its MLflow run. The one publish step of select and ensemble."""
     metadata = {**metadata, **model_card.data_metadata(data_cfg)}
+    model = load_keras_model(model_file)
     with tempfile.TemporaryDirectory() as tmp:
         extra_files = {}
         if cfg.serve.ood.enabled:
             train, val = (load_split(data_cfg, split)[0] for split in ("train", "val"))
             settings = ood.OODSettings.from_cfg(cfg.serve.ood)
-            guard = ood.fit_guard(load_keras_model(model_file), train, val, settings)
+            guard = ood.fit_guard(model, train, val, settings)
             metadata["ood"] = guard.metadata()
             extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
         metadata = without_nulls(metadata)
         name = cfg.select.registered_model_name
         for path in model_card.write_files(Path(tmp), name, metadata):
             extra_files[path.name] = path
-        tag = save_bentoml_model(cfg, model_file, metadata, extra_files)
+        tag = save_bentoml_model(cfg, model_file, metadata, extra_files, model)
         client = MlflowClient()
         for path in extra_files.values():
             client.log_artifact(run_id, str(path))

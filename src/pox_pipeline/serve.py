@@ -13,8 +13,7 @@ import re
 import secrets
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ from pox_pipeline.inference import (
     TTA_MODES,
     load_stored_model,
     mean_over_views,
+    recorded_calls,
     tta_views,
 )
 from pox_pipeline.preprocess import ImageError, ImageTooLarge
@@ -329,13 +329,17 @@ class Predictor:
 
         return cls.from_stored(bentoml.models.get(tag), backend, ood_enabled=ood_enabled)
 
+    def _view_batch(self, batch: np.ndarray) -> tuple[np.ndarray, int]:
+        """All the card's TTA views of all images as one contiguous batch, and the view count."""
+        views = tta_views(np.asarray(batch, dtype=np.float32), self.card.tta)
+        inputs = views[0] if len(views) == 1 else np.concatenate(views)  # no copy without TTA
+        return np.ascontiguousarray(inputs), len(views)
+
     def outputs(self, batch: np.ndarray) -> np.ndarray:
         """Model outputs for a float32 (N, S, S, 3) batch in [0, 255], averaged over the
         card's TTA views: all views of all images go through the model as one batch."""
-        views = tta_views(np.asarray(batch, dtype=np.float32), self.card.tta)
-        inputs = views[0] if len(views) == 1 else np.concatenate(views)  # no copy without TTA
-        outputs = self._run(np.ascontiguousarray(inputs))
-        return mean_over_views(outputs, len(views))
+        inputs, n_views = self._view_batch(batch)
+        return mean_over_views(self._run(inputs), n_views)
 
     def outputs_with_ood_score(self, batch: np.ndarray) -> np.ndarray:
         """:meth:`outputs` with one more column: each image's OOD score (above 1: out of
@@ -344,15 +348,14 @@ class Predictor:
         if self.guard is None:
             outputs = self.outputs(batch)
             return np.concatenate([outputs, np.full((len(outputs), 1), np.nan)], axis=1)
-        views = tta_views(np.asarray(batch, dtype=np.float32), self.card.tta)
-        inputs = views[0] if len(views) == 1 else np.concatenate(views)
-        model_outputs, features = self._features(np.ascontiguousarray(inputs))
+        inputs, n_views = self._view_batch(batch)
+        model_outputs, features = self._features(inputs)
         if self.backend != "keras":  # the answer comes from the backend being served
-            model_outputs = self._run(np.ascontiguousarray(inputs))
+            model_outputs = self._run(inputs)
         scores = self.guard.scores(
-            {space: mean_over_views(values, len(views)) for space, values in features.items()}
+            {space: mean_over_views(values, n_views) for space, values in features.items()}
         )
-        return np.concatenate([mean_over_views(model_outputs, len(views)), scores[:, None]], 1)
+        return np.concatenate([mean_over_views(model_outputs, n_views), scores[:, None]], 1)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """Model inputs (``preprocess.to_model_input``) -> one result dict per image, in order."""
@@ -452,36 +455,10 @@ def last_conv2d(model: keras.Layer) -> keras.layers.Conv2D | None:
     None for a model without one."""
     import keras
 
-    def walk(layer: keras.Layer) -> Iterator[keras.Layer]:
-        yield layer
-        for sub in getattr(layer, "layers", None) or ():
-            yield from walk(sub)
+    from pox_pipeline.features import walk_layers
 
-    convs = [layer for layer in walk(model) if isinstance(layer, keras.layers.Conv2D)]
+    convs = [layer for layer in walk_layers(model) if isinstance(layer, keras.layers.Conv2D)]
     return convs[-1] if convs else None
-
-
-@contextmanager
-def captured_output(layer: keras.Layer) -> Iterator[list[Any]]:
-    """Record the layer's output tensor on every call while inside the block.
-
-    Wrapping the layer's own ``call`` works wherever the layer sits (plain, nested in a
-    sub-model, shared between chained sub-models), where building a second Keras model
-    from the layer's symbolic output fails for nested graphs.
-    """
-    outputs: list[Any] = []
-    original = layer.call
-
-    def recording_call(*args: Any, **kwargs: Any) -> Any:
-        output = original(*args, **kwargs)
-        outputs.append(output)
-        return output
-
-    layer.call = recording_call
-    try:
-        yield outputs
-    finally:
-        del layer.call  # the class's method shows through again
 
 
 def gradcam(
@@ -491,7 +468,7 @@ def gradcam(
     import tensorflow as tf
 
     batch = tf.constant(image[None], dtype=tf.float32)
-    with captured_output(layer) as recorded, tf.GradientTape() as tape:
+    with recorded_calls([layer], "output") as recorded, tf.GradientTape() as tape:
         score = model(batch, training=False)[:, output_index]
         features = recorded[-1]
     gradients = tape.gradient(score, features)

@@ -14,6 +14,7 @@ from typing import Any
 import keras
 import mlflow
 import numpy as np
+import tensorflow as tf
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig
@@ -95,7 +96,7 @@ def log_keras_model(model: keras.Model) -> None:
         signature=model_signature(model),
         save_exported_model=bool(custom_objects(model)),
         # explicit: inferring them re-imports TensorFlow in a subprocess (~10 s a model)
-        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={_tf_version()}"],
+        pip_requirements=[f"keras=={keras.__version__}", f"tensorflow-cpu=={tf.__version__}"],
     )
 
 
@@ -113,9 +114,3 @@ def mlflow_run(cfg: DictConfig, tags: dict[str, str], enabled: bool) -> Iterator
     setup_mlflow(cfg)
     with mlflow.start_run(run_name=f"train-{tags['model_name']}", tags=tags) as active:
         yield active
-
-
-def _tf_version() -> str:
-    import tensorflow as tf
-
-    return tf.__version__
