@@ -177,7 +177,7 @@ def test_select_ships_the_temperature_and_tta_of_the_winner(candidates: DictConf
     """The served model computes what evaluate computed: same T, same TTA, same threshold."""
     import bentoml
 
-    from pox_pipeline.serve import ModelCard
+    from pox_pipeline.model_card import ModelCard
 
     cfg = candidates
     calibrated = {**json.loads(_val(0.90, 0.3)), "calibration": "temperature",

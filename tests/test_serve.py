@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_IMAGE_SIZE
-from pox_pipeline import inference, preprocess, serve
+from pox_pipeline import inference, model_card, preprocess, serve
 from pox_pipeline.config import compose, project_root
 from pox_pipeline.preprocess import ImageError, ImageTooLarge
 from serve_helpers import (
@@ -47,7 +47,7 @@ def predictor(champion_tag: str) -> serve.Predictor:
 
 def card(
     classes: tuple[str, ...] = CLASSES, threshold: float | None = THRESHOLD, **extra: object
-) -> serve.ModelCard:
+) -> model_card.ModelCard:
     metadata = {
         "classes": list(classes),
         "positive_class": classes[0],
@@ -57,7 +57,7 @@ def card(
         "mlflow_run_id": "run",
         **extra,
     }
-    return serve.ModelCard.from_metadata("pox-classifier", "v1", metadata)
+    return model_card.ModelCard.from_metadata("pox-classifier", "v1", metadata)
 
 
 # ---------------------------------------------------------------------------- settings, card
@@ -108,7 +108,7 @@ def test_multiclass_label_is_the_argmax() -> None:
 
 def test_card_rejects_inconsistent_metadata() -> None:
     with pytest.raises(ValueError, match="positive_class"):
-        serve.ModelCard.from_metadata(
+        model_card.ModelCard.from_metadata(
             "m",
             "v",
             {

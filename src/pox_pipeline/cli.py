@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from pox_pipeline import paths, serve
+from pox_pipeline import model_card, paths, serve
 from pox_pipeline.preprocess import ImageError
 
 GLOB_CHARACTERS = set("*?[")
@@ -65,8 +65,8 @@ class ModelSource:
     metadata: dict[str, Any]
 
     @property
-    def card(self) -> serve.ModelCard:
-        return serve.ModelCard.from_metadata(self.name, self.version, self.metadata)
+    def card(self) -> model_card.ModelCard:
+        return model_card.ModelCard.from_metadata(self.name, self.version, self.metadata)
 
     def predictor(self, settings: serve.ServeConfig) -> serve.Predictor:
         return serve.Predictor(
@@ -282,7 +282,6 @@ def model_card_command(model_ref: str | None, out: str) -> None:
     """Write the model card of the served model: intended use, data and licence, split,
     metrics with intervals, the threshold and what it trades, the out-of-distribution rule
     and known limits."""
-    from pox_pipeline import model_card
 
     params = load_params()
     source = resolve_model(model_ref, params)

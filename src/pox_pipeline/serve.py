@@ -24,15 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pox_pipeline import ood, preprocess
-from pox_pipeline.calibration import IDENTITY_TEMPERATURE, temperature_scale
 from pox_pipeline.inference import (
-    NO_TTA,
-    TTA_MODES,
     load_stored_model,
     mean_over_views,
     recorded_calls,
     tta_views,
 )
+from pox_pipeline.model_card import ModelCard
 from pox_pipeline.preprocess import ImageError, ImageTooLarge
 
 if TYPE_CHECKING:
@@ -119,161 +117,6 @@ class ServeConfig:
                 f"in the project root, or set {PARAMS_ENV} to a composed params file"
             )
         return cls.from_cfg(load_params(path, overrides).serve)
-
-
-# ---------------------------------------------------------------------------- model card
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What the served model means, from its BentoML metadata; needs no TensorFlow."""
-
-    name: str
-    version: str
-    classes: tuple[str, ...]
-    positive_class: str
-    threshold: float | None
-    image_size: int
-    resample: str
-    mlflow_run_id: str | None
-    temperature: float = IDENTITY_TEMPERATURE
-    tta: str = NO_TTA
-    # What the threshold trades, on the validation photos (plain-words explanations).
-    val_sensitivity: float | None = None
-    val_specificity: float | None = None
-
-    @classmethod
-    def from_metadata(cls, name: str, version: str, metadata: Mapping[str, Any]) -> ModelCard:
-        classes = tuple(metadata["classes"])
-        positive = metadata["positive_class"]
-        if positive not in classes:
-            raise ValueError(f"positive_class {positive!r} is not one of the classes {classes}")
-        threshold = metadata.get("threshold")
-        if len(classes) == 2 and threshold is None:
-            raise ValueError("a binary model needs a decision threshold in its metadata")
-        # Models saved before calibration / TTA existed carry neither: T = 1, no TTA.
-        temperature = float(metadata.get("temperature", IDENTITY_TEMPERATURE))
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        tta = str(metadata.get("tta", NO_TTA))
-        if tta not in TTA_MODES:
-            raise ValueError(f"tta={tta!r} in the metadata; known: {TTA_MODES}")
-        return cls(
-            name=name,
-            version=version,
-            classes=classes,
-            positive_class=positive,
-            threshold=None if threshold is None else float(threshold),
-            image_size=int(metadata["image_size"]),
-            resample=str(metadata["resample"]),
-            mlflow_run_id=metadata.get("mlflow_run_id"),
-            temperature=temperature,
-            tta=tta,
-            val_sensitivity=metadata.get("val_metrics", {}).get("sensitivity"),
-            val_specificity=metadata.get("val_metrics", {}).get("specificity"),
-        )
-
-    @classmethod
-    def from_stored(cls, stored: StoredModel) -> ModelCard:
-        return cls.from_metadata(stored.tag.name, str(stored.tag.version), stored.info.metadata)
-
-    @property
-    def is_binary(self) -> bool:
-        return len(self.classes) == 2
-
-    @property
-    def positive_index(self) -> int:
-        """Which output unit scores the positive class: the single sigmoid, or its softmax slot."""
-        return 0 if self.is_binary else self.classes.index(self.positive_class)
-
-    def class_probabilities(self, outputs: np.ndarray) -> np.ndarray:
-        """Model outputs -> (N, len(classes)) calibrated probabilities in ``classes`` order.
-
-        Binary models have one sigmoid unit = P(positive class); others a softmax row. The
-        model's temperature is applied here, as evaluate applied it before choosing the
-        threshold, so the probability shown is the one the threshold was set on.
-        """
-        outputs = temperature_scale(outputs, self.temperature, self.is_binary)
-        if not self.is_binary:
-            return outputs
-        positive = outputs.reshape(-1)
-        probabilities = np.empty((positive.size, 2))
-        index = self.classes.index(self.positive_class)
-        probabilities[:, index] = positive
-        probabilities[:, 1 - index] = 1.0 - positive
-        return probabilities
-
-    def result(self, probabilities: np.ndarray, ood_score: float | None = None) -> dict[str, Any]:
-        """One image's answer: binary = positive iff P(positive) >= threshold, else argmax;
-        with the OOD guard's verdict on ``ood_score`` and the decision in plain words."""
-        if self.is_binary:
-            positive = probabilities[self.classes.index(self.positive_class)]
-            negative = next(c for c in self.classes if c != self.positive_class)
-            label = self.positive_class if positive >= self.threshold else negative
-        else:
-            label = self.classes[int(np.argmax(probabilities))]
-        answer = {
-            "label": label,
-            "probability": float(probabilities[self.classes.index(label)]),
-            "threshold": self.threshold,
-            "probabilities": {
-                c: float(p) for c, p in zip(self.classes, probabilities, strict=True)
-            },
-            "model": {
-                "name": self.name,
-                "version": self.version,
-                "mlflow_run_id": self.mlflow_run_id,
-            },
-            **ood.verdict(ood_score),
-        }
-        answer["explanation"] = self.plain_words(answer)
-        return answer
-
-    def results(
-        self, outputs: np.ndarray, ood_scores: np.ndarray | None = None
-    ) -> list[dict[str, Any]]:
-        """Answers for model outputs and (optionally) the OOD scores of the same images."""
-        rows = self.class_probabilities(outputs)
-        ood_scores = [None] * len(rows) if ood_scores is None else ood_scores
-        return [self.result(row, score) for row, score in zip(rows, ood_scores, strict=True)]
-
-    def threshold_trade(self) -> str:
-        """What the threshold buys and costs on the validation photos, in plain words."""
-        if self.threshold is None:
-            return "The model names the class it scores highest."
-        if self.val_sensitivity is None or self.val_specificity is None:
-            return f"The screening threshold is {self.threshold:.0%}."
-        negative = next(c for c in self.classes if c != self.positive_class)
-        return (
-            f"On the validation photos, the screening threshold of {self.threshold:.0%} caught "
-            f"{self.val_sensitivity:.0%} of {self.positive_class} cases, at the cost of false "
-            f"alarms on {1 - self.val_specificity:.0%} of {negative} photos."
-        )
-
-    def plain_words(self, answer: Mapping[str, Any]) -> str:
-        """Why this label, for a person: a probability below 50% can still be flagged."""
-        if not answer["in_distribution"]:
-            return (
-                f"No label: {ood.REASON}, so its scores mean nothing. Please upload a clear, "
-                "close photo of the skin lesion."
-            )
-        if self.threshold is None:
-            return (
-                f"{answer['label']} scored highest ({answer['probability']:.0%}). "
-                + self.threshold_trade()
-            )
-        score = answer["probabilities"][self.positive_class]
-        if answer["label"] == self.positive_class:
-            verdict = (
-                f"Flagged for a clinician: {self.positive_class} scored {score:.0%}, at or above "
-                f"the screening threshold of {self.threshold:.0%}."
-            )
-        else:
-            verdict = (
-                f"Not flagged: {self.positive_class} scored {score:.0%}, below the screening "
-                f"threshold of {self.threshold:.0%}."
-            )
-        return f"{verdict} {self.threshold_trade()} This is not a diagnosis."
 
 
 # ---------------------------------------------------------------------------- predictor
