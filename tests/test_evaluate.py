@@ -70,7 +70,6 @@ def test_evaluate_binary_writes_the_contract_and_logs_to_the_run(
         "evaluate.bootstrap.samples=50",
         "model.cnn.epochs=1",
         "model.cnn.padding=same",  # 5 valid conv+pool blocks do not fit in 32 px
-        f"train.checkpoint_dir={tmp_path}/checkpoints",
         "train.verbose=0",
     )
     train(cfg, "cnn")

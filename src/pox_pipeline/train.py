@@ -1,7 +1,7 @@
 """The ``train@<name>`` stage: one training loop for every model in ``conf/model/``.
 
-Reads the prepared train/val splits, fits the model with class weights, early stopping and
-a best-epoch checkpoint, and writes ``models/<name>/model.keras`` + ``run.json`` and
+Reads the prepared train/val splits, fits the model with class weights and early stopping
+(restoring the best epoch's weights), and writes ``models/<name>/model.keras`` + ``run.json`` and
 ``reports/train/<name>/{history.csv,curves.png}``, all tracked in one MLflow run.
 
 When the model begins with frozen layers (VGG16's frozen base), their outputs are computed
@@ -20,6 +20,8 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import tensorflow as tf
 from keras.src.backend.tensorflow import trainer as _keras_tf_trainer
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
+from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
 from pox_pipeline import paths, tracking
@@ -82,19 +85,25 @@ def _multi_worker_mean(values: Any, strategy: tf.distribute.Strategy, reduction:
     return _keras_reduce_per_replica(values, strategy, reduction)
 
 
-def prepare_multi_worker_fit(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
-    """Let ``model.fit`` run under MultiWorkerMirroredStrategy with several workers.
+@contextmanager
+def multi_worker_fit(model: keras.Model, strategy: tf.distribute.Strategy) -> Iterator[None]:
+    """While inside, ``model.fit`` runs under MultiWorkerMirroredStrategy with several workers.
 
     Keras 3.15 fails there (keras-team/keras#20585): its symbolic pre-build reduces the first
     (nested) batch across workers, which the collective strategy cannot do, and its step
     reduction passes a bad axis. Two narrow shims, only for this strategy: the model defers
     its build to the traced step (fit then runs inside ``strategy.scope()``), and the step
-    reduction above replaces Keras' for multi-worker means.
+    reduction above replaces Keras' for multi-worker means, until the block ends.
     """
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        yield
         return
     model._distribute_strategy = None  # fit picks the strategy up from the scope instead
     _keras_tf_trainer.reduce_per_replica = _multi_worker_mean
+    try:
+        yield
+    finally:
+        _keras_tf_trainer.reduce_per_replica = _keras_reduce_per_replica
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -115,11 +124,11 @@ def seed_everything(cfg: DictConfig) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
-    """Inverse class frequency, n / (k * n_c), so every present class weighs the same in total."""
-    counts = np.bincount(labels, minlength=num_classes)
-    present = np.flatnonzero(counts)
-    return {int(c): float(len(labels) / (len(present) * counts[c])) for c in present}
+def class_weights(labels: np.ndarray) -> dict[int, float]:
+    """scikit-learn's "balanced" weights, n / (k * n_c): every present class weighs the same."""
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    return {int(c): float(w) for c, w in zip(present, weights, strict=True)}
 
 
 def sample_weights(labels: np.ndarray, weights: dict[int, float] | None) -> np.ndarray | None:
@@ -359,11 +368,11 @@ def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> Path:
     return path
 
 
-def inference_copy(model: keras.Model, model_cfg: DictConfig, data_cfg: DictConfig) -> keras.Model:
-    """A fresh, never-compiled build holding the trained weights: what evaluation and serving
-    load, without optimizer state (under half the file for VGG16). Keras' clone_model would
-    recompile, and so rebuild the optimizer's slots."""
-    copy = build_model(model_cfg, data_cfg)
+def inference_copy(model: keras.Model) -> keras.Model:
+    """An uncompiled copy holding the trained weights: what evaluation and serving load,
+    without optimizer state (under half the file for VGG16). Rebuilt from the model's own
+    config, as ``keras.models.clone_model`` does, minus its recompiling."""
+    copy = type(model).from_config(model.get_config())
     copy.set_weights(model.get_weights())
     return copy
 
@@ -395,7 +404,7 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     train_images, train_labels, _ = load_split(cfg, "train")
     val_images, val_labels, _ = load_split(cfg, "val")
     steps_per_epoch = math.ceil(len(train_images) / model_cfg.batch_size)
-    weights = class_weights(train_labels, num_classes) if cfg.train.class_weights else None
+    weights = class_weights(train_labels) if cfg.train.class_weights else None
     positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
     train_y = label_array(train_labels, num_classes, positive_index)
     val_y = label_array(val_labels, num_classes, positive_index)
@@ -446,9 +455,6 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
             tracking.log_params(cfg)
             mlflow.set_tag("feature_cache", cache_mode)
             mlflow.log_metric("feature_cache_build_seconds", cache_seconds)
-        checkpoint_dir = Path(cfg.train.checkpoint_dir) if chief else Path(scratch)
-        checkpoint = checkpoint_dir / model_name / "best.weights.h5"
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
         frames: list[pd.DataFrame] = []
         phases: list[dict[str, Any]] = []
         for phase in training_phases(model_cfg):
@@ -460,18 +466,11 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
                 patience=phase.cfg.patience,
                 restore_best_weights=cfg.train.restore_best_weights,
             )
-            callbacks: list[keras.callbacks.Callback] = [
-                early_stopping,
-                keras.callbacks.ModelCheckpoint(
-                    checkpoint, monitor=phase.cfg.monitor, save_best_only=True,
-                    save_weights_only=True,
-                ),
-            ]  # fmt: skip
+            callbacks: list[keras.callbacks.Callback] = [early_stopping]
             if active_run is not None:
                 callbacks.append(tracking.MlflowEpochMetrics(first_step=sum(map(len, frames)) + 1))
             before = fit_model.get_weights() if phases else None
-            prepare_multi_worker_fit(fit_model, strategy)
-            with strategy.scope():
+            with strategy.scope(), multi_worker_fit(fit_model, strategy):
                 fitted = fit_model.fit(
                     train_data,
                     validation_data=val_data,
@@ -526,7 +525,7 @@ def _write_outputs(
 ) -> None:
     """Model, history and curves to the stage outputs and the active MLflow run; then run.json
     (its wall time includes the saving)."""
-    model = inference_copy(model, cfg.model[model_name], cfg.data)
+    model = inference_copy(model)
     model_path = paths.model_file(cfg, model_name)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     model.save(model_path)
