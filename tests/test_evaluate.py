@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig
 
 from fake_training import fake_trained_model
+from pox_pipeline import calibration
 from pox_pipeline import evaluate as evaluate_module
 from pox_pipeline.evaluate import evaluate
 from pox_pipeline.metrics import BINARY_METRICS, MULTICLASS_METRICS, binary_metrics
@@ -244,3 +245,28 @@ def test_calibrated_tta_evaluation_is_what_the_service_computes(
         uncalibrated = dataclasses.replace(card, temperature=1.0)
         raw = uncalibrated.results(predictor.outputs(images))
         assert not np.allclose([r["probabilities"][positive] for r in raw], served)
+
+
+def test_split_scores_carry_every_class_probability() -> None:
+    """A sigmoid becomes two columns in the classes' order, wherever the positive class sits;
+    a softmax stays as it is; calibration and resampling keep both shapes."""
+    sigmoid = np.array([[0.9], [0.2]])
+    for positive_index in (0, 1):
+        proba = calibration.class_probabilities(sigmoid, 1.0, positive_index)
+        np.testing.assert_allclose(proba[:, positive_index], [0.9, 0.2])
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+        labels = np.array([positive_index, 1 - positive_index])
+        scores = evaluate_module.SplitScores(["a", "b"], labels, proba, positive_index, binary=True)
+        np.testing.assert_array_equal(scores.targets, [1, 0])
+        np.testing.assert_array_equal(evaluate_module.predicted_indices(scores, 0.5),
+                                      [positive_index, 1 - positive_index])  # fmt: skip
+        softened = evaluate_module.calibrated(scores, 2.0)
+        assert 0.5 < softened.positive_score[0] < 0.9 and 0.2 < softened.positive_score[1] < 0.5
+        np.testing.assert_allclose(softened.proba.sum(axis=1), 1.0)
+        np.testing.assert_array_equal(scores.subset(np.array([1, 1])).positive_score, [0.2, 0.2])
+    softmax = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
+    np.testing.assert_array_equal(calibration.class_probabilities(softmax, 1.0, 2), softmax)
+    multi = evaluate_module.SplitScores([], np.array([1, 2]), softmax, 2, binary=False)
+    np.testing.assert_array_equal(multi.targets, [1, 2])
+    np.testing.assert_array_equal(multi.positive_score, [0.2, 0.2])
+    np.testing.assert_array_equal(evaluate_module.predicted_indices(multi, None), [1, 0])

@@ -50,7 +50,7 @@ def test_cnn_run_writes_stage_outputs_and_tracks_everything(prepared_cfg, tmp_pa
     assert json.loads((model_dir / "run.json").read_text()) == info
     assert set(info) == RUN_JSON_KEYS
     assert info["epochs_run"] == 2 and 1 <= info["best_epoch"] <= 2
-    assert (info["weights"], info["feature_cache"]) == ("random", "none")
+    assert (info["weights"], info["feature_cache"]) == ("random", "nothing_frozen")
 
     report_dir = Path(cfg.paths.reports_dir) / "train" / "cnn"
     history = pd.read_csv(report_dir / "history.csv")
@@ -98,7 +98,7 @@ def test_training_on_the_feature_cache_gives_the_same_model(prepared_cfg, tmp_pa
                              "train.feature_cache.enabled=false")  # fmt: skip
     cached_info = train.train(cached_cfg, "vgg16")
     assert cached_info["feature_cache"] == "memory"
-    assert train.train(plain_cfg, "vgg16")["feature_cache"] == "off"
+    assert train.train(plain_cfg, "vgg16")["feature_cache"] == "disabled"
 
     images, _, _ = load_split(cached_cfg, "val")
     cached_path = tmp_path / "cached" / "vgg16" / "model.keras"

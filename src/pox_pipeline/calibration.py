@@ -42,3 +42,23 @@ def temperature_scale(outputs: np.ndarray, temperature: float, binary: bool) -> 
     z = log_probabilities(outputs) / temperature
     z -= z.max(axis=-1, keepdims=True)
     return np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+
+
+def class_probabilities(
+    outputs: np.ndarray, temperature: float, positive_index: int
+) -> np.ndarray:
+    """Model outputs -> (N, C) temperature-scaled probabilities in the classes' order.
+
+    One output unit is a binary model's sigmoid, P(class ``positive_index``): it becomes two
+    columns. Wider outputs are softmax rows and stay rows. Evaluation and serving both read
+    model outputs through here.
+    """
+    outputs = np.asarray(outputs, dtype=np.float64)
+    outputs = outputs.reshape(len(outputs), -1)
+    if outputs.shape[1] != 1:
+        return temperature_scale(outputs, temperature, binary=False)
+    positive = temperature_scale(outputs[:, 0], temperature, binary=True)
+    proba = np.empty((len(positive), 2))
+    proba[:, positive_index] = positive
+    proba[:, 1 - positive_index] = 1.0 - positive
+    return proba

@@ -158,7 +158,6 @@ def held_out_ensembles(
         return None
     from pox_pipeline.evaluate import score_split, split_metrics
 
-    positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
     per_fold = []
     folds = sorted({m.fold for m in members})
     for fold in tqdm(folds, desc="held-out ensembles", unit="fold", disable=None):
@@ -166,8 +165,7 @@ def held_out_ensembles(
         fold_models = [model for m, model in zip(members, models, strict=True) if m.fold == fold]
         model = build_ensemble(fold_models, int(cfg.data.image_size), name)
         scores = score_split(fold_config(cfg, fold, group[0].seed), model, "test")
-        point = split_metrics(scores, ensemble_threshold(group), positive_index,
-                              int(cfg.evaluate.ece_bins))  # fmt: skip
+        point = split_metrics(scores, ensemble_threshold(group), int(cfg.evaluate.ece_bins))
         per_fold.append(
             {"fold": fold, "members": len(group), "n_test": len(scores.labels), **point}
         )

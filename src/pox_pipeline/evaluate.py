@@ -43,13 +43,31 @@ SPLITS = ("val", "test")
 
 @dataclass(frozen=True)
 class SplitScores:
-    """Model outputs on one split: class-index labels, P(positive) and, for N > 2 classes,
-    the full softmax."""
+    """Model outputs on one split: class-index labels and (N, C) class probabilities. A
+    ``binary`` model (one sigmoid unit) is decided at a threshold on the positive class's
+    column; a multi-class one (softmax) by argmax."""
 
     files: list[str]
     labels: np.ndarray
-    positive_score: np.ndarray
-    proba: np.ndarray | None
+    proba: np.ndarray
+    positive_index: int
+    binary: bool
+
+    @property
+    def positive_score(self) -> np.ndarray:
+        return self.proba[:, self.positive_index]
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Binary: 1 for the positive class, 0 otherwise; multi-class: the class indices."""
+        if self.binary:
+            return (self.labels == self.positive_index).astype(int)
+        return self.labels
+
+    def subset(self, indices: np.ndarray) -> SplitScores:
+        """The images at ``indices`` (a bootstrap resample); file names are not carried."""
+        return SplitScores([], self.labels[indices], self.proba[indices], self.positive_index,
+                           self.binary)  # fmt: skip
 
 
 def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -77,24 +95,14 @@ def score_split(cfg: DictConfig, model: keras.Model, split: str) -> SplitScores:
     outputs = model_outputs(model, images, int(cfg.evaluate.batch_size), str(cfg.evaluate.tta))
     positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
     relative = [os.path.relpath(f, cfg.paths.prepared_dir) for f in files]
-    if len(cfg.data.classes) == 2:
-        return SplitScores(relative, np.asarray(labels), outputs[:, 0], None)
-    return SplitScores(relative, np.asarray(labels), outputs[:, positive_index], outputs)
+    proba = calibration.class_probabilities(
+        outputs, calibration.IDENTITY_TEMPERATURE, positive_index
+    )
+    return SplitScores(relative, np.asarray(labels), proba, positive_index,
+                       binary=outputs.shape[1] == 1)  # fmt: skip
 
 
-def _probabilities(scores: SplitScores) -> np.ndarray:
-    """P(positive) of a binary model, else the softmax rows."""
-    return scores.positive_score if scores.proba is None else scores.proba
-
-
-def _targets(scores: SplitScores, positive_index: int) -> np.ndarray:
-    """Binary: 1 for the positive class, 0 otherwise; multi-class: the class indices."""
-    if scores.proba is None:
-        return (scores.labels == positive_index).astype(int)
-    return scores.labels
-
-
-def fit_calibration(scores: SplitScores, positive_index: int, cfg: DictConfig) -> float:
+def fit_calibration(scores: SplitScores, cfg: DictConfig) -> float:
     """The temperature of ``evaluate.calibration`` fitted on these (validation) scores;
     ``none`` is T = 1."""
     method = str(cfg.evaluate.calibration)
@@ -102,81 +110,63 @@ def fit_calibration(scores: SplitScores, positive_index: int, cfg: DictConfig) -
         return calibration.IDENTITY_TEMPERATURE
     if method == "temperature":
         return metrics.fit_temperature(
-            _targets(scores, positive_index),
-            _probabilities(scores),
+            scores.targets,
+            scores.positive_score if scores.binary else scores.proba,
             list(cfg.evaluate.temperature_bounds),
-            binary=scores.proba is None,
+            binary=scores.binary,
         )
     raise ValueError(
         f"evaluate.calibration={method!r}; choose one of {calibration.CALIBRATION_METHODS}"
     )
 
 
-def calibrated(scores: SplitScores, temperature: float, positive_index: int) -> SplitScores:
+def calibrated(scores: SplitScores, temperature: float) -> SplitScores:
     """The same split with temperature-scaled probabilities (what the service shows)."""
-    if scores.proba is None:
-        positive = calibration.temperature_scale(scores.positive_score, temperature, binary=True)
-        return SplitScores(scores.files, scores.labels, positive, None)
-    proba = calibration.temperature_scale(scores.proba, temperature, binary=False)
-    return SplitScores(scores.files, scores.labels, proba[:, positive_index], proba)
+    outputs = scores.positive_score if scores.binary else scores.proba
+    proba = calibration.class_probabilities(outputs, temperature, scores.positive_index)
+    return SplitScores(scores.files, scores.labels, proba, scores.positive_index, scores.binary)
 
 
-def calibration_inputs(
-    scores: SplitScores, positive_index: int
-) -> tuple[np.ndarray, np.ndarray]:
+def calibration_inputs(scores: SplitScores) -> tuple[np.ndarray, np.ndarray]:
     """(confidence, outcome) whose agreement calibration measures.
 
     Binary: P(positive) against being positive, the probability the service shows next to
     its threshold. Multi-class: the top-class confidence against the argmax being right.
     """
-    if scores.proba is None:
-        return scores.positive_score, _targets(scores, positive_index)
+    if scores.binary:
+        return scores.positive_score, scores.targets
     return scores.proba.max(axis=1), (scores.proba.argmax(axis=1) == scores.labels).astype(int)
 
 
-def split_ece(scores: SplitScores, positive_index: int, n_bins: int) -> float:
-    return metrics.expected_calibration_error(*calibration_inputs(scores, positive_index), n_bins)
+def split_ece(scores: SplitScores, n_bins: int) -> float:
+    return metrics.expected_calibration_error(*calibration_inputs(scores), n_bins)
 
 
-def split_metrics(
-    scores: SplitScores, threshold: float | None, positive_index: int, ece_bins: int
-) -> dict[str, float]:
+def split_metrics(scores: SplitScores, threshold: float | None, ece_bins: int) -> dict[str, float]:
     """Point metrics of one split (binary at ``threshold``, multi-class by argmax) and its
     expected calibration error."""
-    if scores.proba is None:
-        point = metrics.binary_metrics(
-            _targets(scores, positive_index), scores.positive_score, threshold
-        )
+    if scores.binary:
+        point = metrics.binary_metrics(scores.targets, scores.positive_score, threshold)
     else:
-        point = metrics.multiclass_metrics(scores.labels, scores.proba, positive_index)
-    return {**point, "ece": split_ece(scores, positive_index, ece_bins)}
+        point = metrics.multiclass_metrics(scores.labels, scores.proba, scores.positive_index)
+    return {**point, "ece": split_ece(scores, ece_bins)}
 
 
-def predicted_indices(
-    scores: SplitScores, threshold: float | None, positive_index: int
-) -> np.ndarray:
+def predicted_indices(scores: SplitScores, threshold: float | None) -> np.ndarray:
     """Class index decided for every image."""
-    if scores.proba is not None:
+    if not scores.binary:
         return scores.proba.argmax(axis=1)
-    negative_index = 1 - positive_index
-    return np.where(scores.positive_score >= threshold, positive_index, negative_index)
+    positive = scores.positive_index
+    return np.where(scores.positive_score >= threshold, positive, 1 - positive)
 
 
-def with_ci(
-    scores: SplitScores, threshold: float | None, positive_index: int, cfg: DictConfig
-) -> dict[str, float]:
+def with_ci(scores: SplitScores, threshold: float | None, cfg: DictConfig) -> dict[str, float]:
     """Test metrics, each with its percentile bootstrap interval, as flat keys."""
     ece_bins = int(cfg.evaluate.ece_bins)
-    point = split_metrics(scores, threshold, positive_index, ece_bins)
+    point = split_metrics(scores, threshold, ece_bins)
 
     def resampled(indices: np.ndarray) -> dict[str, float]:
-        subset = SplitScores(
-            [],
-            scores.labels[indices],
-            scores.positive_score[indices],
-            None if scores.proba is None else scores.proba[indices],
-        )
-        return split_metrics(subset, threshold, positive_index, ece_bins)
+        return split_metrics(scores.subset(indices), threshold, ece_bins)
 
     intervals = metrics.bootstrap_ci(
         resampled,
@@ -274,15 +264,13 @@ def write_reliability(
     raw: Mapping[str, SplitScores],
     scored: Mapping[str, SplitScores],
     temperature: float,
-    positive_index: int,
     n_bins: int,
 ) -> None:
     """``figures/reliability_<split>.png`` for val and test: the model's own probabilities
     and, when calibrated (T != 1), the temperature-scaled ones, each with its ECE."""
-    binary = raw["test"].proba is None
     axis_labels = (
         (f"mean predicted P({positive})", f"fraction {positive}")
-        if binary
+        if raw["test"].binary
         else ("mean top-class confidence", "accuracy")
     )
     for split in SPLITS:
@@ -290,8 +278,8 @@ def write_reliability(
         if temperature != calibration.IDENTITY_TEMPERATURE:
             versions[f"T = {temperature:.2f}"] = scored[split]
         curves = {
-            f"{label} (ECE {split_ece(scores, positive_index, n_bins):.3f})":
-            metrics.reliability_bins(*calibration_inputs(scores, positive_index), n_bins)
+            f"{label} (ECE {split_ece(scores, n_bins):.3f})":
+            metrics.reliability_bins(*calibration_inputs(scores), n_bins)
             for label, scores in versions.items()
         }
         plot_reliability(
@@ -306,7 +294,6 @@ def write_reports(
     out: Path,
     model_name: str,
     classes: list[str],
-    positive_index: int,
     test: SplitScores,
     predicted: np.ndarray,
     decision: str,
@@ -323,12 +310,13 @@ def write_reports(
             "probability": test.positive_score,
         }
     ).to_csv(out / "predictions.csv", index=False)
+    positive_index = test.positive_index
     is_positive = (test.labels == positive_index).astype(int)
     roc = metrics.roc_points(is_positive, test.positive_score)
     pr = metrics.pr_points(is_positive, test.positive_score)
     roc.to_csv(out / "roc.csv", index=False)
     pr.to_csv(out / "pr.csv", index=False)
-    if test.proba is not None:
+    if not test.binary:
         metrics.per_class_table(test.labels, test.proba, classes).to_csv(
             out / "per_class.csv", index=False
         )
@@ -400,15 +388,13 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
     model = load_keras_model(paths.model_file(cfg, model_name))
     raw = {split: score_split(cfg, model, split) for split in SPLITS}
     # Calibrate first: the threshold and every metric use the probabilities the service shows.
-    temperature = fit_calibration(raw["val"], positive_index, cfg)
-    scored = {split: calibrated(raw[split], temperature, positive_index) for split in SPLITS}
+    temperature = fit_calibration(raw["val"], cfg)
+    scored = {split: calibrated(raw[split], temperature) for split in SPLITS}
     val, test = scored["val"], scored["test"]
 
-    if test.proba is None:
+    if test.binary:
         rule_cfg = OmegaConf.to_container(cfg.evaluate.threshold, resolve=True)
-        threshold = metrics.choose_threshold(
-            _targets(val, positive_index), val.positive_score, rule_cfg
-        )
+        threshold = metrics.choose_threshold(val.targets, val.positive_score, rule_cfg)
         rule = str(cfg.evaluate.threshold.rule)
         note = {}
     else:
@@ -426,14 +412,14 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
     val_metrics = {
         **header,
         "n_val": len(val.labels),
-        **split_metrics(val, threshold, positive_index, ece_bins),
-        "ece_uncalibrated": split_ece(raw["val"], positive_index, ece_bins),
+        **split_metrics(val, threshold, ece_bins),
+        "ece_uncalibrated": split_ece(raw["val"], ece_bins),
     }
     test_metrics = {
         **header,
         "n_test": len(test.labels),
-        **with_ci(test, threshold, positive_index, cfg),
-        "ece_uncalibrated": split_ece(raw["test"], positive_index, ece_bins),
+        **with_ci(test, threshold, cfg),
+        "ece_uncalibrated": split_ece(raw["test"], ece_bins),
     }
 
     out = paths.eval_dir(cfg, model_name)
@@ -441,14 +427,11 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
     _write_json(out / paths.VAL_METRICS_FILE, val_metrics)
     _write_json(out / paths.TEST_METRICS_FILE, test_metrics)
     _write_json(out / paths.DVC_METRICS_FILE, compared(cfg, val_metrics, test_metrics))
-    predicted = predicted_indices(test, threshold, positive_index)
+    predicted = predicted_indices(test, threshold)
     decision = MULTICLASS_RULE if threshold is None else f"threshold {threshold:.3f}"
-    write_reports(
-        out, model_name, classes, positive_index, test, predicted, decision, test_metrics["auc"]
-    )
+    write_reports(out, model_name, classes, test, predicted, decision, test_metrics["auc"])
     write_reliability(
-        out / "figures", model_name, classes[positive_index], raw, scored, temperature,
-        positive_index, ece_bins,
+        out / "figures", model_name, classes[positive_index], raw, scored, temperature, ece_bins
     )
     log_to_mlflow(cfg, model_name, out, val_metrics, test_metrics)
     return {"val": _json_ready(val_metrics), "test": _json_ready(test_metrics)}

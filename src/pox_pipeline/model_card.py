@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pox_pipeline import ood
-from pox_pipeline.calibration import IDENTITY_TEMPERATURE, temperature_scale
+from pox_pipeline.calibration import IDENTITY_TEMPERATURE, class_probabilities
 from pox_pipeline.inference import NO_TTA, TTA_MODES
 
 if TYPE_CHECKING:
@@ -128,21 +128,12 @@ class ModelCard:
         return 0 if self.is_binary else self.classes.index(self.positive_class)
 
     def class_probabilities(self, outputs: np.ndarray) -> np.ndarray:
-        """Model outputs -> (N, len(classes)) calibrated probabilities in ``classes`` order.
-
-        Binary models have one sigmoid unit = P(positive class); others a softmax row. The
-        model's temperature is applied here, as evaluate applied it before choosing the
-        threshold, so the probability shown is the one the threshold was set on.
-        """
-        outputs = temperature_scale(outputs, self.temperature, self.is_binary)
-        if not self.is_binary:
-            return outputs
-        positive = outputs.reshape(-1)
-        probabilities = np.empty((positive.size, 2))
-        index = self.classes.index(self.positive_class)
-        probabilities[:, index] = positive
-        probabilities[:, 1 - index] = 1.0 - positive
-        return probabilities
+        """Model outputs -> (N, len(classes)) calibrated probabilities in ``classes`` order,
+        with the model's temperature applied as evaluate applied it before choosing the
+        threshold: the probability shown is the one the threshold was set on."""
+        return class_probabilities(
+            outputs, self.temperature, self.classes.index(self.positive_class)
+        )
 
     def result(self, probabilities: np.ndarray, ood_score: float | None = None) -> dict[str, Any]:
         """One image's answer: binary = positive iff P(positive) >= threshold, else argmax;

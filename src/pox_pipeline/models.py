@@ -261,7 +261,8 @@ def vgg16(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Mod
     weights_file = resolve_vgg16_weights(model_cfg.weights, model_cfg.download_timeout_s)
     if weights_file is not None:
         base.load_weights(str(weights_file))
-    # base.layers[0] is its input layer: the new sub-models bring their own inputs
+    # base.layers[0] is its input layer, which the sub-models replace with their own: freeze 0
+    # and 1 both leave every weight trainable (only the input scaling is "frozen")
     n_frozen = max(frozen_layer_count(base, model_cfg.freeze), 1)
 
     frozen = keras.Sequential(

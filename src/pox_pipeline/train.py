@@ -202,7 +202,9 @@ class FeatureCache:
 
     train: np.ndarray
     val: np.ndarray
-    mode: str  # "memory" (float32 arrays) or "disk" (float16 memmaps)
+    # "memory" (float32 arrays) or "disk" (float16 memmaps); run.json's feature_cache also
+    # says "disabled" (train.feature_cache.enabled: false) or "nothing_frozen" (no prefix).
+    mode: str
     build_seconds: float
 
 
@@ -443,7 +445,8 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
             )
             val_data = cached_dataset(cache.val, val_y, None, model_cfg.batch_size)
         else:
-            cache_mode, cache_seconds = ("none" if cfg.train.feature_cache.enabled else "off"), 0.0
+            cache_mode = "nothing_frozen" if cfg.train.feature_cache.enabled else "disabled"
+            cache_seconds = 0.0
             train_data = image_dataset(
                 train_images, train_y, train_w, model_cfg.batch_size, shuffle_seed=cfg.seed
             )
