@@ -123,6 +123,24 @@ def image_bytes(size: tuple[int, int] = (48, 40), fmt: str = "PNG", seed: int = 
     return buffer.getvalue()
 
 
+def grey_photo_with_spot(size: tuple[int, int] = (120, 90)) -> bytes:
+    """A flat grey PNG with a black disc: achromatic, so any coloured pixel of its overlay
+    was drawn by the heatmap."""
+    width, height = size
+    rows, cols = np.mgrid[:height, :width]
+    pixels = np.full((height, width, 3), 150, np.uint8)
+    pixels[(rows - height / 2) ** 2 + (cols - width / 3) ** 2 < (min(size) / 5) ** 2] = 20
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def coloured_pixels(png: bytes) -> int:
+    """Pixels whose channels differ by more than a PNG/resampling rounding: heatmap colour."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    return int(((pixels.max(axis=-1) - pixels.min(axis=-1)) > 12).sum())
+
+
 def animated_gif() -> bytes:
     frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue")]
     buffer = io.BytesIO()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
 from pox_pipeline.config import project_root
 from serve_helpers import (
@@ -102,10 +103,21 @@ def test_upload_shows_label_probability_heatmap_and_the_disclaimer(
     assert explanation.startswith(flagged)
     assert "screening threshold of 50%" in explanation
     assert "caught 95% of Monkeypox cases, at the cost of false alarms on 40%" in explanation
+    # the page shows the API's answer for the same file: its label and every probability
+    photo = a_photo(tmp_path)
+    answer = requests.post(
+        f"{page_url}explain", files={"image": (photo.name, photo.read_bytes(), "image/png")},
+        timeout=WAIT_S,
+    ).json()  # fmt: skip
+    assert label == answer["label"]
     meters = browser.find_elements(By.CSS_SELECTOR, "[role=meter]")
-    assert len(meters) == len(CLASSES)
-    total = sum(float(m.get_attribute("aria-valuenow")) for m in meters)
-    assert total == pytest.approx(1.0, abs=2e-3)
+    shown = {
+        m.get_attribute("aria-label").removeprefix("Probability of "): float(
+            m.get_attribute("aria-valuenow")
+        )
+        for m in meters
+    }
+    assert shown == pytest.approx(answer["probabilities"], abs=6e-4)  # shown to 3 decimals
     heatmap = browser.find_element(By.ID, "heatmap")
     assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
     assert browser.execute_script("return arguments[0].naturalWidth", heatmap) > 0

@@ -19,6 +19,8 @@ from conftest import MSLD_DIR, TEST_IMAGE_SIZE
 from pox_pipeline import preprocess, serve
 from serve_helpers import (
     CLASSES,
+    coloured_pixels,
+    grey_photo_with_spot,
     image_bytes,
     msld_samples,
     running_service,
@@ -139,10 +141,12 @@ def test_bad_uploads_are_refused_and_the_next_photo_works(server: Server) -> Non
 
 
 def test_explain_and_the_web_page(server: Server) -> None:
-    response = server.post("/explain", image_bytes(size=(90, 60)))
+    response = server.post("/explain", grey_photo_with_spot(size=(90, 60)))
     assert response.status_code == 200, response.text
-    overlay = Image.open(io.BytesIO(base64.b64decode(response.json()["heatmap_png_base64"])))
+    png = base64.b64decode(response.json()["heatmap_png_base64"])
+    overlay = Image.open(io.BytesIO(png))
     assert overlay.format == "PNG" and overlay.size == (90, 60)
+    assert coloured_pixels(png) > 0, "no heatmap drawn over the grey photo"
     root = requests.get(f"{server.url}/", timeout=TIMEOUT_S)
     assert root.url.endswith("/ui/") and "not a diagnosis" in root.text
     assert "swagger" in requests.get(f"{server.url}/docs", timeout=TIMEOUT_S).text.lower()
