@@ -15,13 +15,13 @@ import base64
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import bentoml
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 from PIL import Image
+from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.routing import Mount
@@ -38,6 +38,44 @@ SETTINGS = serve.ServeConfig.load()
 CHAMPION = bentoml.models.BentoModel(SETTINGS.model_tag)
 STATIC_DIR = Path(serve.__file__).parent / "static"
 logger = logging.getLogger("bentoml.service")
+
+
+class ModelRef(BaseModel):
+    """Which model answered: the BentoML model and the MLflow run that trained it."""
+
+    name: str
+    version: str
+    mlflow_run_id: str | None = None
+
+
+class OODCheck(BaseModel):
+    """The out-of-distribution guard's reading of the photo."""
+
+    checked: bool = Field(description="false: no guard shipped with the model, or it is off")
+    score: float | None = Field(None, description="distance / limit; above 1 is out")
+
+
+class Answer(BaseModel):
+    """One photo's answer (``/predict``, each item of ``/predict_batch``)."""
+
+    label: str = Field(description="the decided class (ignore it when in_distribution is false)")
+    probability: float = Field(description="the calibrated probability of `label`")
+    threshold: float | None = Field(
+        description="binary models: the positive class is decided at or above this probability"
+    )
+    probabilities: dict[str, float] = Field(description="every class's calibrated probability")
+    model: ModelRef
+    in_distribution: bool = Field(description="false: the photo is unlike the training photos")
+    ood: OODCheck
+    ood_reason: str | None = Field(None, description="why the photo got no label")
+    explanation: str = Field(description="the decision in plain words")
+
+
+class ExplainedAnswer(Answer):
+    """The ``/predict`` answer plus the Grad-CAM heatmap over the photo."""
+
+    heatmap_png_base64: str = Field(description="the photo with the heatmap blended in, as PNG")
+
 
 # BentoML's client to a dependency replaces its HTTP session after `max_requests` calls (100 by
 # default) or `max_age` seconds and closes the old session under the calls still in flight on
@@ -64,7 +102,7 @@ class PoxModel:
     model = CHAMPION
 
     def __init__(self) -> None:
-        card = serve.ModelCard.from_stored(self.model)
+        card = model_card.ModelCard.from_stored(self.model)
         self.predictor = serve.Predictor.from_stored(
             self.model,
             SETTINGS.backend,
@@ -136,7 +174,11 @@ class ModelCardPage:
 
 
 def rejection(error: ImageError, which: str = "") -> JSONResponse:
-    """A bad upload's answer: 413 over the limits, else 400, with the reason as ``error``."""
+    """A bad upload's answer: 413 over the limits, else 400, with the reason as ``error``.
+
+    Returned, not raised as ``bentoml.exceptions.InvalidArgument``: BentoML 1.4.40 wraps a
+    raised 4xx's body in a list (``[{"error": ...}]``, _bentoml_impl/server/app.py) and has no
+    413 error type."""
     reason = f"{which}: {error}" if which else str(error)
     return JSONResponse({"error": reason}, status_code=serve.http_status(error))
 
@@ -155,7 +197,7 @@ class PoxClassifier:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self.card = serve.ModelCard.from_stored(CHAMPION.resolve())
+        self.card = model_card.ModelCard.from_stored(CHAMPION.resolve())
 
     async def _load(self, upload: Path) -> tuple[Image.Image, np.ndarray]:
         """Decode off the event loop; raises ImageError with a reason for the client."""
@@ -185,17 +227,19 @@ class PoxClassifier:
         return await self._call_model("infer", images=batch.astype(np.uint8))
 
     @bentoml.api
-    async def predict(self, image: Path) -> dict[str, Any]:
+    async def predict(self, image: Path) -> Answer:
         """One photo (multipart field ``image``) -> label, probability, threshold,
         probabilities per class and the model's name, version and MLflow run."""
         try:
             _, array = await self._load(image)
         except ImageError as error:
             return rejection(error)
-        return self.card.results(*serve.split_ood_score(await self._outputs(array[None])))[0]
+        return Answer(
+            **self.card.results(*serve.split_ood_score(await self._outputs(array[None])))[0]
+        )
 
     @bentoml.api
-    async def predict_batch(self, images: list[Path]) -> list[dict[str, Any]]:
+    async def predict_batch(self, images: list[Path]) -> list[Answer]:
         """Several photos (repeated multipart field ``images``) -> one answer each, in order."""
         limit = self.settings.max_images_per_request
         if len(images) > limit:
@@ -209,10 +253,11 @@ class PoxClassifier:
                 arrays.append((await self._load(upload))[1])
             except ImageError as error:
                 return rejection(error, f"image {number} of {len(images)}")
-        return self.card.results(*serve.split_ood_score(await self._outputs(np.stack(arrays))))
+        outputs = await self._outputs(np.stack(arrays))
+        return [Answer(**result) for result in self.card.results(*serve.split_ood_score(outputs))]
 
     @bentoml.api
-    async def explain(self, image: Path) -> dict[str, Any]:
+    async def explain(self, image: Path) -> ExplainedAnswer:
         """The ``/predict`` answer plus ``heatmap_png_base64``: the Grad-CAM map of the
         positive class over the photo (input-gradient saliency for a model without Conv2D,
         such as ``colour_texture``), as a base64 PNG."""
@@ -225,7 +270,7 @@ class PoxClassifier:
         )
         png = await asyncio.to_thread(serve.render_heatmap, photo, cam, self.settings.heatmap)
         result = self.card.results(*serve.split_ood_score(outputs))[0]
-        return {**result, "heatmap_png_base64": base64.b64encode(png).decode("ascii")}
+        return ExplainedAnswer(**result, heatmap_png_base64=base64.b64encode(png).decode("ascii"))
 
 
 PoxClassifier.add_asgi_middleware(EntryPoints, ui_path=SETTINGS.ui_path)

@@ -504,6 +504,15 @@ def test_health_docs_and_web_page_routes(api) -> None:
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     spec = api.get("/docs.json").json()
     assert {"/predict", "/predict_batch", "/explain"} <= set(spec["paths"])
+    # the docs show the real answer schema, not a bare object
+    schemas = spec["components"]["schemas"]
+    answer = {"label", "probability", "threshold", "probabilities", "model", "in_distribution",
+              "ood", "ood_reason", "explanation"}  # fmt: skip
+    assert set(schemas["Answer"]["properties"]) == answer
+    explained = spec["paths"]["/explain"]["post"]["responses"]["200"]["content"]
+    assert set(explained["application/json"]["schema"]["properties"]) == answer | {
+        "heatmap_png_base64"
+    }
     page = api.get("/ui/")
     assert page.status_code == 200 and "not a diagnosis" in page.text
     assert api.get("/ui/app.js").status_code == 200 and api.get("/ui/style.css").status_code == 200
@@ -559,7 +568,7 @@ def test_every_answer_says_whether_the_photo_looks_like_the_training_photos(
         files = [("images", (f"{i}.png", p, "image/png")) for i, p in enumerate([blue, skin, blue])]
         batch = api.post("/predict_batch", files=files).json()
     for inside, outside in answers.values():
-        assert inside["in_distribution"] is True and "ood_reason" not in inside
+        assert inside["in_distribution"] is True and inside["ood_reason"] is None
         assert outside["in_distribution"] is False
         assert "does not look like a skin photo" in outside["ood_reason"]
         assert outside["ood"]["score"] > 1 >= inside["ood"]["score"]
@@ -572,7 +581,7 @@ def test_the_guard_has_an_off_switch(service_app, tmp_path: Path) -> None:
     with client_for(service_app, tmp_path, ood=off) as client:
         blue = png_of(np.full((32, 32, 3), [30, 60, 220]))
         body = client.post("/predict", files=upload(blue)).json()
-    assert body["in_distribution"] is True and body["ood"] == {"checked": False}
+    assert body["in_distribution"] is True and body["ood"] == {"checked": False, "score": None}
 
 
 def test_model_card_page(service_app, tmp_path: Path) -> None:
