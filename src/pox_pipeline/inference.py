@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +49,21 @@ def mean_over_views(outputs: np.ndarray, n_views: int) -> np.ndarray:
     """Outputs of the concatenated views (view-major, as :func:`tta_views` lists them) ->
     each image's mean output (probabilities are averaged, not logits)."""
     return outputs.reshape(n_views, -1, *outputs.shape[1:]).mean(axis=0)
+
+
+def traced(function: Callable[[Any], Any], image_size: int) -> Any:
+    """``function`` traced once as a TF concrete function of a float32 (N, S, S, 3) batch."""
+    import tensorflow as tf
+
+    signature = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32)]
+    return tf.function(function, input_signature=signature).get_concrete_function()
+
+
+def run_traced(function: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """A concrete function as a numpy call (how Keras serving and publishing run it)."""
+    import tensorflow as tf
+
+    return lambda batch: function(tf.constant(batch, tf.float32)).numpy()
 
 
 @contextmanager

@@ -19,7 +19,7 @@ distance / threshold ratio over the spaces: above 1 it is out of distribution.
 
 Fitted when a model is published (``select``, ``ensemble``) and stored beside it in the
 BentoML model directory (:data:`OOD_FILE`); serving needs numpy only, plus the feature
-extractor built on the Keras model it already runs.
+extractor built on the model it already runs (Keras, or the same pass converted to TFLite).
 """
 
 from __future__ import annotations
@@ -243,43 +243,69 @@ def head_layers(model: keras.Layer) -> list[keras.Layer]:
     return found
 
 
-def feature_extractor(
-    model: keras.Model, image_size: int, spaces: Sequence[str], statistics_size: int
-) -> Callable[[np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """A compiled call: float32 (N, S, S, 3) in [0, 255] -> (model outputs, {space: features}).
-
-    Traced once with the head layers hooked, so serving gets the answer and the guard's
-    features from one pass.
-    """
-    import keras
+def outputs_with_head(model: keras.Model, image_size: int) -> Any:
+    """A concrete function: the model's outputs with its head features appended, one
+    (N, outputs + head) tensor from one pass. One tensor, so that TFLite converts it too."""
     import tensorflow as tf
 
-    from pox_pipeline.features import ColourTextureFeatures
-    from pox_pipeline.inference import recorded_calls
+    from pox_pipeline.inference import recorded_calls, traced
 
     heads = head_layers(model)
-    resize = keras.layers.Resizing(statistics_size, statistics_size, antialias=True)
-    statistics = ColourTextureFeatures()
-    signature = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32)]
 
-    def both(batch: Any) -> tuple[Any, dict[str, Any]]:
+    def joined(batch: Any) -> Any:
         with recorded_calls(heads, "input") as recorded:
             outputs = model(batch, training=False)
-        features = {}
-        if HEAD in spaces:
-            flat = [tf.reshape(tensor, [tf.shape(tensor)[0], -1]) for tensor in recorded]
-            features[HEAD] = tf.concat(flat, axis=-1)
-        if IMAGE_STATISTICS in spaces:
-            features[IMAGE_STATISTICS] = statistics(resize(batch))
-        return outputs, features
+        flat = [tf.reshape(tensor, [tf.shape(tensor)[0], -1]) for tensor in recorded]
+        return tf.concat([outputs, *flat], axis=-1)
 
-    concrete = tf.function(both, input_signature=signature).get_concrete_function()
+    return traced(joined, image_size)
 
-    def run(batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        outputs, features = concrete(tf.constant(batch, tf.float32))
-        return outputs.numpy(), {space: value.numpy() for space, value in features.items()}
 
-    return run
+@dataclass(frozen=True)
+class FeatureExtractor:
+    """Model outputs and the guard's features of a float32 (N, S, S, 3) batch in [0, 255]."""
+
+    joined: Callable[[np.ndarray], np.ndarray]  # outputs_with_head, compiled for a backend
+    n_outputs: int
+    statistics: Callable[[np.ndarray], np.ndarray] | None  # image_statistics, when guarded
+
+    def outputs(self, batch: np.ndarray) -> np.ndarray:
+        return self.joined(batch)[:, : self.n_outputs]
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        joined = self.joined(batch)
+        features = {HEAD: joined[:, self.n_outputs :]}
+        if self.statistics is not None:
+            features[IMAGE_STATISTICS] = self.statistics(batch)
+        return joined[:, : self.n_outputs], features
+
+
+def feature_extractor(
+    model: keras.Model,
+    image_size: int,
+    spaces: Sequence[str],
+    statistics_size: int,
+    compile_joined: Callable[[Any], Callable[[np.ndarray], np.ndarray]] | None = None,
+) -> FeatureExtractor:
+    """The answer and the guard's features, each traced once.
+
+    ``compile_joined`` runs the traced outputs-with-head function: as traced (default), or
+    converted by the serving backend (TFLite), so a served answer and its head features come
+    from one pass of the model being served. The image statistics stay a TF function (their
+    antialiased resize has no TFLite op); they are the model-free half of the guard.
+    """
+    import keras
+
+    from pox_pipeline.features import ColourTextureFeatures
+    from pox_pipeline.inference import run_traced, traced
+
+    statistics = None
+    if IMAGE_STATISTICS in spaces:
+        resize = keras.layers.Resizing(statistics_size, statistics_size, antialias=True)
+        describe = ColourTextureFeatures()
+        statistics = run_traced(traced(lambda batch: describe(resize(batch)), image_size))
+    joined = (compile_joined or run_traced)(outputs_with_head(model, image_size))
+    return FeatureExtractor(joined, int(model.output_shape[-1]), statistics)
 
 
 # ---------------------------------------------------------------------------- publishing

@@ -28,6 +28,8 @@ from pox_pipeline.inference import (
     load_stored_model,
     mean_over_views,
     recorded_calls,
+    run_traced,
+    traced,
     tta_views,
 )
 from pox_pipeline.model_card import ModelCard
@@ -139,18 +141,31 @@ class Predictor:
         self.card = card
         self.backend = backend
         self.model = load_stored_model(Path(model_dir))
-        self._run = (
-            compiled_keras_call(self.model, card.image_size)
-            if backend == "keras"
-            else TFLiteRunner(self.model, backend, calibration, tflite_threads)
-        )
-        self._gradcam_layer = last_conv2d(self.model)
-        self._gradcam_lock = threading.Lock()
+
+        def compiled(function: Any) -> Callable[[np.ndarray], np.ndarray]:
+            """A traced function of the model, run by this backend."""
+            if backend == "keras":
+                return run_traced(function)
+            self.runner = TFLiteRunner(
+                function, self.model.name, backend, calibration, tflite_threads
+            )
+            return self.runner
+
         guard_file = Path(model_dir) / ood.OOD_FILE
         self.guard = ood.GuardSet.load(guard_file) if ood_enabled and guard_file.is_file() else None
-        self._features = None if self.guard is None else ood.feature_extractor(
-            self.model, card.image_size, list(self.guard.guards), self.guard.statistics_size
-        )  # fmt: skip
+        self.runner: TFLiteRunner | None = None  # the converted model, on TFLite backends
+        if self.guard is None:
+            self._features = None
+            plain = traced(lambda batch: self.model(batch, training=False), card.image_size)
+            self._run = compiled(plain)
+        else:  # one pass gives the answer and the guard's head features
+            self._features = ood.feature_extractor(
+                self.model, card.image_size, list(self.guard.guards), self.guard.statistics_size,
+                compiled,
+            )  # fmt: skip
+            self._run = self._features.outputs
+        self._gradcam_layer = last_conv2d(self.model)
+        self._gradcam_lock = threading.Lock()
         # Trace / allocate now so that the first request is not the slow one.
         self.outputs(np.zeros((1, card.image_size, card.image_size, 3), np.float32))
 
@@ -193,8 +208,6 @@ class Predictor:
             return np.concatenate([outputs, np.full((len(outputs), 1), np.nan)], axis=1)
         inputs, n_views = self._view_batch(batch)
         model_outputs, features = self._features(inputs)
-        if self.backend != "keras":  # the answer comes from the backend being served
-            model_outputs = self._run(inputs)
         scores = self.guard.scores(
             {space: mean_over_views(values, n_views) for space, values in features.items()}
         )
@@ -226,31 +239,23 @@ def split_ood_score(scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scored[:, :-1], scored[:, -1]
 
 
-def compiled_keras_call(model: keras.Model, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """A tf.function with a fixed input signature: traced once, no per-call Keras overhead."""
-    import tensorflow as tf
-
-    signature = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32)]
-    call = tf.function(lambda batch: model(batch, training=False), input_signature=signature)
-    return lambda batch: call(batch).numpy()
-
-
 class TFLiteRunner:
-    """The model converted to TFLite, run on CPU: ``tflite_fp32``; ``tflite_int8``, int8
-    weights with float activations (dynamic range); or ``tflite_full_int8``, int8 weights and
-    activations, the activation ranges calibrated on ``calibration`` (model inputs of real
-    photos), float32 in and out."""
+    """A traced function of a model (:func:`ood.traced`) converted to TFLite, run on CPU:
+    ``tflite_fp32``; ``tflite_int8``, int8 weights with float activations (dynamic range); or
+    ``tflite_full_int8``, int8 weights and activations, the activation ranges calibrated on
+    ``calibration`` (model inputs of real photos), float32 in and out."""
 
     def __init__(
         self,
-        model: keras.Model,
+        function: Any,
+        name: str,
         backend: str,
         calibration: np.ndarray | None = None,
         threads: int | None = None,
     ) -> None:
         import tensorflow as tf
 
-        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
         if backend != "tflite_fp32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if backend in CALIBRATED_BACKENDS:
@@ -264,7 +269,7 @@ class TFLiteRunner:
         except Exception as err:  # noqa: BLE001 - the converter raises several error types
             lacking = sorted(set(re.findall(r"'tf\.(\w+)' op is neither", str(err))))
             raise ValueError(
-                f"model {model.name!r} cannot be converted to TFLite"
+                f"model {name!r} cannot be converted to TFLite"
                 + (f" (TFLite has no {', '.join(lacking)} op)" if lacking else "")
                 + "; serve it with serve.backend=keras"
             ) from None
