@@ -30,7 +30,7 @@ lint: install
 ## test: the linter, then the test suite (real-data tests run when ../shared exists and skip
 ## without it, except in CI (CI=true) where they fail; `-m slow` and `-m soak` are opt-in)
 test: lint
-	python -m pytest -m "not slow and not soak"
+	python -m pytest -m "not slow and not soak" --durations=20
 
 ## soak: 8 clients x 60 s, three times, on the real server (about 4 minutes; nothing else running)
 soak: install
