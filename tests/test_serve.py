@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import bentoml
 import numpy as np
 import pytest
 from PIL import Image
@@ -44,7 +45,7 @@ def champion_tag() -> str:
 
 @pytest.fixture(scope="module")
 def predictor(champion_tag: str) -> serve.Predictor:
-    return serve.Predictor.from_tag(champion_tag)
+    return serve.Predictor.from_stored(bentoml.models.get(champion_tag))
 
 
 def card(
@@ -176,7 +177,6 @@ def test_predictor_matches_keras_and_keeps_order(predictor: serve.Predictor) -> 
 def test_predictor_tta_is_the_mean_of_the_flips_in_one_call(
     predictor: serve.Predictor, champion_tag: str
 ) -> None:
-    import bentoml
 
     stored = bentoml.models.get(champion_tag)
     flips = serve.Predictor(
@@ -210,7 +210,6 @@ def test_predictor_tta_is_the_mean_of_the_flips_in_one_call(
 def test_tflite_backends_agree_with_keras(
     predictor: serve.Predictor, champion_tag: str, tmp_path: Path
 ) -> None:
-    import bentoml
 
     stored = bentoml.models.get(champion_tag)
     batch = np.stack(
@@ -238,7 +237,6 @@ def test_tflite_backends_agree_with_keras(
 def test_full_integer_tflite_is_calibrated_on_photos(
     predictor: serve.Predictor, champion_tag: str, tmp_path: Path
 ) -> None:
-    import bentoml
 
     stored = bentoml.models.get(champion_tag)
     with pytest.raises(ValueError, match="calibration"):

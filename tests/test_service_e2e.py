@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import bentoml
 import pytest
 import requests
 from PIL import Image
@@ -60,7 +61,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def predictor(server: Server) -> serve.Predictor:
-    return serve.Predictor.from_tag(server.tag)
+    return serve.Predictor.from_stored(bentoml.models.get(server.tag))
 
 
 def photos() -> dict[str, bytes]:

@@ -181,12 +181,6 @@ class Predictor:
         return cls(Path(stored.path), ModelCard.from_stored(stored), backend, calibration,
                    tflite_threads, ood_enabled)  # fmt: skip
 
-    @classmethod
-    def from_tag(cls, tag: str, backend: str = "keras", ood_enabled: bool = True) -> Predictor:
-        import bentoml
-
-        return cls.from_stored(bentoml.models.get(tag), backend, ood_enabled=ood_enabled)
-
     def _view_batch(self, batch: np.ndarray) -> tuple[np.ndarray, int]:
         """All the card's TTA views of all images as one contiguous batch, and the view count."""
         views = tta_views(np.asarray(batch, dtype=np.float32), self.card.tta)
