@@ -323,6 +323,7 @@ def test_it_joins_cv_the_fold_ensemble_serving_tta_tflite_and_gradcam(make_cfg, 
 
     cfg = make_cfg(
         "data.image_size=64", "cv.folds=2", "cv.models=[efficientnet_lite]", "train.verbose=0",
+        "model.efficientnet_lite.variant=lite0",  # the smaller backbone: the road, not the score
         "model.efficientnet_lite.epochs=2", "model.efficientnet_lite.augment.cached_copies=1",
         "model.efficientnet_lite.finetune.blocks=1", "model.efficientnet_lite.finetune.epochs=1",
         "evaluate.tta=flips", "evaluate.bootstrap.samples=20", f"cv.out_dir={tmp_path}/cv",
