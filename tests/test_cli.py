@@ -172,3 +172,25 @@ def test_a_missing_model_is_a_clear_error(project: dict) -> None:
     result = pox(project, "predict", "--model", "no-such-model:latest", str(project["folder"]))
     assert result.returncode == 2
     assert "no model 'no-such-model:latest'" in result.stderr
+
+
+def test_full_integer_tflite_is_calibrated_on_the_configured_photos(project: dict) -> None:
+    """serve.backend=tflite_full_int8 works from the command line as in the service: the
+    activation ranges come from serve.calibration_dir's photos."""
+    from pox_pipeline import serve
+    from pox_pipeline.config import load_params
+
+    params = load_params(write_serve_params(
+        project["root"] / "int8.yaml", "serve.backend=tflite_full_int8",
+        f"serve.calibration_dir={project['folder']}",
+    ))  # fmt: skip
+    settings = serve.ServeConfig.from_cfg(params.serve)
+    predictor = cli.resolve_model(project["tag"], params).predictor(settings)
+    assert predictor.runner is not None and predictor.backend == "tflite_full_int8"
+    image = np.asarray(Image.open(project["folder"] / "skin_a.png").convert("RGB"), np.float32)
+    [answer] = predictor.predict([image])
+    source = cli.resolve_model(project["tag"], params)
+    keras_settings = serve.ServeConfig.from_cfg({**params.serve, "backend": "keras"})
+    [expected] = source.predictor(keras_settings).predict([image])
+    assert answer["model"] == expected["model"]
+    assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=0.1)

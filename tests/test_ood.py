@@ -3,6 +3,7 @@ family, and its verdict in the service's answers."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,3 +162,26 @@ def test_predictor_answers_carry_the_verdict(tmp_path: Path) -> None:
 
     off = serve.Predictor.from_stored(stored, ood_enabled=False)
     assert off.guard is None and np.isnan(off.outputs_with_ood_score(flat[None])[0, -1])
+
+
+def test_test_time_views_average_the_model_side_and_describe_each_photo_once() -> None:
+    """With TTA the outputs and head features are the means over the views; the image
+    statistics are those of the photos themselves (as fitted), computed once, not per view."""
+    from pox_pipeline.inference import tta_views
+
+    images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    extract = ood.feature_extractor(tiny_model(), 32, ood.FEATURE_SPACES, 16)
+    described: list[int] = []
+    statistics = extract.statistics
+    extract = dataclasses.replace(
+        extract, statistics=lambda batch: described.append(len(batch)) or statistics(batch)
+    )
+    views = tta_views(images, "flips")
+    outputs, features = extract(np.concatenate(views), n_views=len(views))
+    per_view = [extract(view) for view in views]
+    np.testing.assert_allclose(outputs, np.mean([o for o, _ in per_view], axis=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        features["head"], np.mean([f["head"] for _, f in per_view], axis=0), rtol=1e-5
+    )
+    np.testing.assert_allclose(features["image_statistics"], per_view[0][1]["image_statistics"])
+    assert described[0] == len(images)  # the flipped copies were not described

@@ -70,9 +70,11 @@ class ModelSource:
         return model_card.ModelCard.from_metadata(self.name, self.version, self.metadata)
 
     def predictor(self, settings: serve.ServeConfig) -> serve.Predictor:
+        """Built as the service builds it: backend, calibration photos, threads, guard."""
         return serve.Predictor(
-            self.model_dir, self.card, settings.backend, tflite_threads=settings.tflite_threads,
-            ood_enabled=settings.ood.enabled,
+            self.model_dir, self.card, settings.backend,
+            serve.calibration_inputs(settings, self.card), settings.tflite_threads,
+            settings.ood.enabled,
         )  # fmt: skip
 
 

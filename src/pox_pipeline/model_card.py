@@ -211,7 +211,7 @@ class ModelCard:
 # ---------------------------------------------------------------------------- at publish time
 
 
-def data_metadata(cfg: DictConfig) -> dict[str, Any]:
+def training_data_metadata(cfg: DictConfig) -> dict[str, Any]:
     """What the card says about the training data and the split, taken at publish time."""
     raw_dir = Path(cfg.data.raw_dir)
     notes = next(
@@ -231,11 +231,14 @@ def data_metadata(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def write_files(out_dir: Path, name: str, metadata: Mapping[str, Any]) -> list[Path]:
-    """Markdown and HTML cards in ``out_dir``; returns their paths."""
+def write_files(
+    out_dir: Path, name: str, metadata: Mapping[str, Any], ui_path: str
+) -> list[Path]:
+    """Markdown and HTML cards in ``out_dir`` (the HTML linking back to the page at
+    ``ui_path``); returns their paths."""
     paths = {"md": Path(out_dir) / MARKDOWN_FILE, "html": Path(out_dir) / HTML_FILE}
     for fmt, path in paths.items():
-        path.write_text(render(name, metadata, fmt))
+        path.write_text(render(name, metadata, fmt, ui_path))
     return list(paths.values())
 
 

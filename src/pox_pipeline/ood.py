@@ -272,11 +272,19 @@ class FeatureExtractor:
     def outputs(self, batch: np.ndarray) -> np.ndarray:
         return self.joined(batch)[:, : self.n_outputs]
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        joined = self.joined(batch)
+    def __call__(
+        self, views: np.ndarray, n_views: int = 1
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``views``: the images' TTA views, view-major (:func:`inference.tta_views`), the first
+        view the images themselves. Outputs and head features are averaged over the views; the
+        image statistics (colour, texture, edges: the same for a flipped photo) are taken of
+        the images alone, as at fitting."""
+        from pox_pipeline.inference import mean_over_views
+
+        joined = mean_over_views(self.joined(views), n_views)
         features = {HEAD: joined[:, self.n_outputs :]}
         if self.statistics is not None:
-            features[IMAGE_STATISTICS] = self.statistics(batch)
+            features[IMAGE_STATISTICS] = self.statistics(views[: len(views) // n_views])
         return joined[:, : self.n_outputs], features
 
 

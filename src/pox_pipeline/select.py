@@ -173,7 +173,7 @@ def publish_bentoml(
     """Serve a model: fit its out-of-distribution guard on ``data_cfg``'s prepared train and
     validation photos (``serve.ood``), write its model card, save all three to BentoML and
     log the card and guard to its MLflow run. The one publish step of select and ensemble."""
-    metadata = {**metadata, **model_card.data_metadata(data_cfg)}
+    metadata = {**metadata, **model_card.training_data_metadata(data_cfg)}
     model = load_keras_model(model_file)
     with tempfile.TemporaryDirectory() as tmp:
         extra_files = {}
@@ -185,7 +185,7 @@ def publish_bentoml(
             extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
         metadata = without_nulls(metadata)
         name = cfg.select.registered_model_name
-        for path in model_card.write_files(Path(tmp), name, metadata):
+        for path in model_card.write_files(Path(tmp), name, metadata, str(cfg.serve.ui_path)):
             extra_files[path.name] = path
         tag = save_bentoml_model(cfg, model_file, metadata, extra_files, model)
         client = MlflowClient()

@@ -200,12 +200,8 @@ class Predictor:
         if self.guard is None:
             outputs = self.outputs(batch)
             return np.concatenate([outputs, np.full((len(outputs), 1), np.nan)], axis=1)
-        inputs, n_views = self._view_batch(batch)
-        model_outputs, features = self._features(inputs)
-        scores = self.guard.scores(
-            {space: mean_over_views(values, n_views) for space, values in features.items()}
-        )
-        return np.concatenate([mean_over_views(model_outputs, n_views), scores[:, None]], 1)
+        model_outputs, features = self._features(*self._view_batch(batch))
+        return np.concatenate([model_outputs, self.guard.scores(features)[:, None]], axis=1)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """Model inputs (``preprocess.to_model_input``) -> one result dict per image, in order."""
@@ -234,7 +230,7 @@ def split_ood_score(scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class TFLiteRunner:
-    """A traced function of a model (:func:`ood.traced`) converted to TFLite, run on CPU:
+    """A traced function of a model (:func:`inference.traced`) converted to TFLite, run on CPU:
     ``tflite_fp32``; ``tflite_int8``, int8 weights with float activations (dynamic range); or
     ``tflite_full_int8``, int8 weights and activations, the activation ranges calibrated on
     ``calibration`` (model inputs of real photos), float32 in and out."""
