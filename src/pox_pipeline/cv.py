@@ -38,6 +38,8 @@ def fold_config(cfg: DictConfig, fold: int, seed: int) -> DictConfig:
         cfg,
         {
             "seed": seed,
+            # the published protocol: fit on the fold's train split, early-stop on its val
+            "train": {"refit": {"folds": 0}},
             "data": {"folds": cfg.cv.folds, "fold": fold,
                      "split_seed": seed if cfg.cv.resplit else cfg.data.split_seed},  # fmt: skip
             "paths": {

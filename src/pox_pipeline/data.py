@@ -616,15 +616,39 @@ def _print_summary(report: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_split(cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(images float32 N x S x S x 3, labels by index in data.classes, paths) in manifest order."""
+def _manifest_rows(cfg: DictConfig, split: str) -> list[dict[str, str]]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    with (Path(cfg.paths.prepared_dir) / MANIFEST_NAME).open(newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row["split"] == split]
+
+
+def split_groups_of(cfg: DictConfig, split: str) -> list[str]:
+    """The patient group (near duplicates merged) of each image of ``split``, in the order of
+    :func:`load_split`: what keeps one patient's photos in one cross-validation fold."""
+    return [row["group"] for row in _manifest_rows(cfg, split)]
+
+
+def group_folds(groups: Sequence[str], labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each image's fold (0 .. folds - 1) in a patient-grouped, class-stratified k-fold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    fold_of = np.full(len(groups), -1, dtype=np.int64)
+    try:
+        for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(groups)), labels, groups)):
+            fold_of[held_out] = fold
+    except ValueError as err:
+        raise DataError(f"cannot make {folds} grouped folds: {err}") from None
+    return fold_of
+
+
+def load_split(cfg: DictConfig, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images float32 N x S x S x 3, labels by index in data.classes, paths) in manifest order."""
     data = cfg.data
     prepared_dir = Path(cfg.paths.prepared_dir)
     classes = list(data.classes)
-    with (prepared_dir / MANIFEST_NAME).open(newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["split"] == split]
+    rows = _manifest_rows(cfg, split)
     unknown = sorted({row["class"] for row in rows} - set(classes))
     if unknown:
         raise ValueError(f"manifest classes {unknown} are not in data.classes {classes}")

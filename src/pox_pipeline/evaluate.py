@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from pox_pipeline import calibration, metrics, paths
 from pox_pipeline.config import stage_entry
 from pox_pipeline.data import load_split
-from pox_pipeline.inference import load_keras_model, tta_views
-from pox_pipeline.tracking import read_run_info, setup_mlflow
+from pox_pipeline.inference import load_keras_model, model_outputs
+from pox_pipeline.tracking import OUT_OF_FOLD_PROTOCOL, read_run_info, setup_mlflow
 
 FIGURE_DPI = 100
 MULTICLASS_RULE = "argmax"
@@ -39,6 +39,8 @@ MULTICLASS_NOTE = (
     "applies to binary models only"
 )
 SPLITS = ("val", "test")
+# val_metrics.json's ``evidence`` after a refit: out-of-fold predictions over all non-test photos
+OUT_OF_FOLD = "out_of_fold"
 
 
 @dataclass(frozen=True)
@@ -70,25 +72,6 @@ class SplitScores:
                            self.binary)  # fmt: skip
 
 
-def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Model outputs in batches through Keras' compiled predict step (not image by image)."""
-    batches = [
-        np.asarray(model.predict_on_batch(images[start : start + batch_size]))
-        for start in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(batches).astype(np.float64)
-
-
-def model_outputs(
-    model: keras.Model, images: np.ndarray, batch_size: int, tta: str
-) -> np.ndarray:
-    """Model outputs averaged over the TTA views of ``inference.tta_views`` (what the service's
-    ``Predictor.outputs`` computes); each view goes through in batches of ``batch_size``,
-    so memory stays that of one view."""
-    views = tta_views(images, tta)
-    return np.mean([predict_scores(model, view, batch_size) for view in views], axis=0)
-
-
 def score_split(cfg: DictConfig, model: keras.Model, split: str) -> SplitScores:
     """Load a prepared split and run the model over it (uncalibrated outputs)."""
     images, labels, files = load_split(cfg, split)
@@ -100,6 +83,82 @@ def score_split(cfg: DictConfig, model: keras.Model, split: str) -> SplitScores:
     )
     return SplitScores(relative, np.asarray(labels), proba, positive_index,
                        binary=outputs.shape[1] == 1)  # fmt: skip
+
+
+def evidence_scores(
+    cfg: DictConfig, model: keras.Model, model_name: str
+) -> tuple[SplitScores, np.ndarray | None]:
+    """The scores every decision is set on, and each one's fold: the out-of-fold predictions
+    over all non-test photos (``train.refit.folds`` >= 2), else the validation split's."""
+    if read_run_info(cfg, model_name).get("protocol") != OUT_OF_FOLD_PROTOCOL:
+        return score_split(cfg, model, "val"), None
+    frame = pd.read_csv(paths.oof_file(cfg, model_name))
+    outputs = frame[[c for c in frame.columns if c.startswith("output_")]].to_numpy(np.float64)
+    positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
+    proba = calibration.class_probabilities(
+        outputs, calibration.IDENTITY_TEMPERATURE, positive_index
+    )
+    scores = SplitScores(list(frame["file"]), frame["label"].to_numpy(np.int64), proba,
+                         positive_index, binary=outputs.shape[1] == 1)  # fmt: skip
+    return scores, frame["fold"].to_numpy(np.int64)
+
+
+def fold_spread(
+    scores: SplitScores, folds: np.ndarray, threshold: float | None, ece_bins: int
+) -> dict[str, float]:
+    """Each metric's mean over the folds and its standard error (sd / sqrt(folds)): how much
+    a family's figure would move with other photos, which ``select``'s rule weighs."""
+    per_fold = [split_metrics(scores.subset(np.flatnonzero(folds == k)), threshold, ece_bins)
+                for k in np.unique(folds)]  # fmt: skip
+    spread: dict[str, float] = {"folds": len(per_fold)}
+    for name in per_fold[0]:
+        values = np.array([fold[name] for fold in per_fold], dtype=np.float64)
+        values = values[~np.isnan(values)]
+        spread[f"{name}_fold_mean"] = float(values.mean()) if values.size else math.nan
+        spread[f"{name}_fold_se"] = (
+            float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else math.nan
+        )
+    return spread
+
+
+def rates_with_ci(scores: SplitScores, threshold: float, cfg: DictConfig) -> dict[str, float]:
+    """Sensitivity, specificity and balanced accuracy at ``threshold`` with bootstrap
+    intervals: what an operating point promises (binary models)."""
+    names = ("sensitivity", "specificity", "balanced_accuracy")
+
+    def rates(indices: np.ndarray) -> dict[str, float]:
+        point = metrics.binary_metrics(
+            scores.targets[indices], scores.positive_score[indices], threshold
+        )
+        return {name: point[name] for name in names}
+
+    point = rates(np.arange(len(scores.labels)))
+    intervals = metrics.bootstrap_ci(
+        rates, len(scores.labels), samples=int(cfg.evaluate.bootstrap.samples),
+        confidence=float(cfg.evaluate.bootstrap.confidence), seed=int(cfg.seed),
+    )  # fmt: skip
+    flat: dict[str, float] = {}
+    for name in names:
+        flat[name] = point[name]
+        flat[f"{name}_ci_low"] = intervals[name].low
+        flat[f"{name}_ci_high"] = intervals[name].high
+    return flat
+
+
+def operating_points(
+    evidence: SplitScores, test: SplitScores, cfg: DictConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``evaluate.operating_points``: each rule's threshold, chosen on the evidence, with the
+    rates it promises there and (separately, never steering a choice) the test rates."""
+    on_evidence, on_test = [], []
+    for name, rule_cfg in cfg.evaluate.operating_points.items():
+        rule = OmegaConf.to_container(rule_cfg, resolve=True)
+        threshold = metrics.choose_threshold(evidence.targets, evidence.positive_score, rule)
+        on_evidence.append({"name": name, "threshold": threshold,
+                            **rates_with_ci(evidence, threshold, cfg)})  # fmt: skip
+        on_test.append({"name": name, "threshold": threshold,
+                        **rates_with_ci(test, threshold, cfg)})  # fmt: skip
+    return on_evidence, on_test
 
 
 def fit_calibration(scores: SplitScores, cfg: DictConfig) -> float:
@@ -382,11 +441,16 @@ def compared(
 
 
 def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
-    """Evaluate ``models/<model_name>/model.keras``; returns the written val and test metrics."""
+    """Evaluate ``models/<model_name>/model.keras``; returns the written val and test metrics.
+
+    "val" is the evidence the decisions are set on: the out-of-fold predictions over every
+    non-test photo when the model was refitted after cross-validation, else the validation
+    split (``evidence`` in the file says which)."""
     classes = list(cfg.data.classes)
     positive_index = classes.index(cfg.data.positive_class)
     model = load_keras_model(paths.model_file(cfg, model_name))
-    raw = {split: score_split(cfg, model, split) for split in SPLITS}
+    evidence, folds = evidence_scores(cfg, model, model_name)
+    raw = {"val": evidence, "test": score_split(cfg, model, "test")}
     # Calibrate first: the threshold and every metric use the probabilities the service shows.
     temperature = fit_calibration(raw["val"], cfg)
     scored = {split: calibrated(raw[split], temperature) for split in SPLITS}
@@ -397,8 +461,10 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
         threshold = metrics.choose_threshold(val.targets, val.positive_score, rule_cfg)
         rule = str(cfg.evaluate.threshold.rule)
         note = {}
+        val_points, test_points = operating_points(val, test, cfg)
     else:
         threshold, rule, note = None, MULTICLASS_RULE, {"decision": MULTICLASS_NOTE}
+        val_points, test_points = [], []
 
     ece_bins = int(cfg.evaluate.ece_bins)
     header = {
@@ -411,9 +477,11 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
     }
     val_metrics = {
         **header,
+        "evidence": "validation" if folds is None else OUT_OF_FOLD,
         "n_val": len(val.labels),
-        **split_metrics(val, threshold, ece_bins),
+        **with_ci(val, threshold, cfg),
         "ece_uncalibrated": split_ece(raw["val"], ece_bins),
+        **({} if folds is None else fold_spread(val, folds, threshold, ece_bins)),
     }
     test_metrics = {
         **header,
@@ -424,8 +492,8 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
 
     out = paths.eval_dir(cfg, model_name)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / paths.VAL_METRICS_FILE, val_metrics)
-    _write_json(out / paths.TEST_METRICS_FILE, test_metrics)
+    _write_json(out / paths.VAL_METRICS_FILE, {**val_metrics, "operating_points": val_points})
+    _write_json(out / paths.TEST_METRICS_FILE, {**test_metrics, "operating_points": test_points})
     _write_json(out / paths.DVC_METRICS_FILE, compared(cfg, val_metrics, test_metrics))
     predicted = predicted_indices(test, threshold)
     decision = MULTICLASS_RULE if threshold is None else f"threshold {threshold:.3f}"
@@ -434,7 +502,10 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
         out / "figures", model_name, classes[positive_index], raw, scored, temperature, ece_bins
     )
     log_to_mlflow(cfg, model_name, out, val_metrics, test_metrics)
-    return {"val": _json_ready(val_metrics), "test": _json_ready(test_metrics)}
+    return {
+        "val": {**_json_ready(val_metrics), "operating_points": val_points},
+        "test": {**_json_ready(test_metrics), "operating_points": test_points},
+    }
 
 
 def run(cfg: DictConfig) -> None:

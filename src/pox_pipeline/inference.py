@@ -51,6 +51,25 @@ def mean_over_views(outputs: np.ndarray, n_views: int) -> np.ndarray:
     return outputs.reshape(n_views, -1, *outputs.shape[1:]).mean(axis=0)
 
 
+def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Model outputs in batches through Keras' compiled predict step (not image by image)."""
+    batches = [
+        np.asarray(model.predict_on_batch(images[start : start + batch_size]))
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(batches).astype(np.float64)
+
+
+def model_outputs(
+    model: keras.Model, images: np.ndarray, batch_size: int, tta: str
+) -> np.ndarray:
+    """Model outputs averaged over the TTA views of :func:`tta_views` (what the service's
+    ``Predictor.outputs`` computes); each view goes through in batches of ``batch_size``,
+    so memory stays that of one view."""
+    views = tta_views(images, tta)
+    return np.mean([predict_scores(model, view, batch_size) for view in views], axis=0)
+
+
 def traced(function: Callable[[Any], Any], image_size: int) -> Any:
     """``function`` traced once as a TF concrete function of a float32 (N, S, S, 3) batch."""
     import tensorflow as tf

@@ -12,6 +12,8 @@ from omegaconf import DictConfig
 
 MODEL_FILE = "model.keras"
 RUN_INFO_FILE = "run.json"
+# train's out-of-fold predictions over the non-test photos (evaluate and select read them)
+OOF_FILE = "oof.csv"
 # evaluate's reports: every validation figure and the threshold, calibration and TTA that
 # select ships with the champion; every test figure with its interval
 VAL_METRICS_FILE = "val_metrics.json"
@@ -34,6 +36,11 @@ def model_file(cfg: DictConfig, model_name: str) -> Path:
 def run_info_file(cfg: DictConfig, model_name: str) -> Path:
     """The MLflow run, architecture and weights of ``train@<model_name>``."""
     return model_dir(cfg, model_name) / RUN_INFO_FILE
+
+
+def oof_file(cfg: DictConfig, model_name: str) -> Path:
+    """``train@<model_name>``'s out-of-fold predictions (absent with ``train.refit.folds: 0``)."""
+    return model_dir(cfg, model_name) / OOF_FILE
 
 
 def train_report_dir(cfg: DictConfig, model_name: str) -> Path:

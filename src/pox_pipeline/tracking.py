@@ -47,6 +47,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+# run.json's ``protocol``: refitted after patient-grouped k-fold (train.refit.folds >= 2;
+# models/<name>/oof.csv holds the out-of-fold predictions), or fitted on one fixed split
+OUT_OF_FOLD_PROTOCOL = "cv_refit"
+FIXED_SPLIT_PROTOCOL = "fixed_split"
+
+
 def write_run_info(cfg: DictConfig, model_name: str, info: dict[str, Any]) -> Path:
     """Record which MLflow run trained a model, so evaluate and select log to the same run."""
     path = run_info_file(cfg, model_name)

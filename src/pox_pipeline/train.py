@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from pox_pipeline import paths, tracking
 from pox_pipeline.config import stage_entry
-from pox_pipeline.data import load_split
+from pox_pipeline.data import group_folds, load_split, split_groups_of
+from pox_pipeline.inference import model_outputs
 from pox_pipeline.models import (
     FrozenSplit,
     WeightsUnavailableError,
@@ -315,7 +316,9 @@ def history_frame(history: dict[str, list[float]]) -> pd.DataFrame:
     """Keras history -> epoch (from 1), loss, accuracy, val_loss, val_accuracy, then any other
     metric the model logged (auc, val_auc, learning_rate)."""
     extra = sorted(key for key in history if key not in EPOCH_METRICS)
-    frame = pd.DataFrame({key: history[key] for key in [*EPOCH_METRICS, *extra]})
+    length = len(history["loss"])
+    frame = pd.DataFrame({key: history.get(key, [np.nan] * length)  # no val_ in a refit
+                          for key in [*EPOCH_METRICS, *extra]})  # fmt: skip
     frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
     return frame
 
@@ -358,7 +361,8 @@ def plot_curves(frame: pd.DataFrame, path: Path, title: str) -> Path:
     figure = Figure(figsize=(10, 4))
     for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
         axis.plot(frame["epoch"], frame[metric], marker="o", label=f"train {metric}")
-        axis.plot(frame["epoch"], frame[f"val_{metric}"], marker="o", label=f"val {metric}")
+        if frame[f"val_{metric}"].notna().any():  # a refit has no held-out images
+            axis.plot(frame["epoch"], frame[f"val_{metric}"], marker="o", label=f"val {metric}")
         axis.set_xlabel("epoch")
         axis.set_ylabel(metric)
         axis.set_title(metric)
@@ -388,33 +392,72 @@ def model_summary(model: keras.Model) -> str:
 # ---------------------------------------------------------------------------- the stage
 
 
+@dataclass
+class Pool:
+    """Every image one ``train`` run may fit on, and how a subset of it becomes a dataset.
+
+    ``fit_inputs`` are what the fitted model sees in training (the images, or their
+    augmented frozen outputs, views first), ``plain_inputs`` what it sees for early stopping
+    (no augmentation). One cache serves every fold and the refit: the frozen prefix runs once.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    files: list[str]
+    fit_inputs: np.ndarray
+    plain_inputs: np.ndarray
+    cached: bool
+
+
+def fold_plan(cfg: DictConfig, pool: Pool, groups: list[str]) -> np.ndarray:
+    """Each pooled image's fold for ``train.refit.folds`` patient-grouped folds (split by
+    ``data.split_seed``, so every model of a run sees the same folds)."""
+    return group_folds(groups, pool.labels, int(cfg.train.refit.folds), int(cfg.data.split_seed))
+
+
+def refit_epochs(fold_phases: list[list[dict[str, Any]]]) -> dict[str, int]:
+    """Epochs of each phase for the refit: the median best epoch over the folds; a phase the
+    folds mostly did not keep (fine-tuning that did not help) gets 0."""
+    epochs: dict[str, int] = {}
+    for name in [record["phase"] for record in fold_phases[0]]:
+        records = [r for phases in fold_phases for r in phases if r["phase"] == name]
+        kept = [r for r in records if r["kept"]]
+        epochs[name] = (
+            int(np.ceil(np.median([r["phase_best_epoch"] for r in kept])))
+            if 2 * len(kept) > len(records)
+            else 0
+        )
+    return epochs
+
+
 def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
-    """Train ``cfg.model[model_name]`` on the prepared splits; returns what run.json records."""
+    """Train ``cfg.model[model_name]``; returns what run.json records.
+
+    ``train.refit.folds`` >= 2 (the default): patient-grouped k-fold over all non-test photos
+    (train + val). Each fold's model is fitted on the other folds but one, early-stopped on
+    that one, and predicts its own fold: out-of-fold predictions for every photo, which
+    ``evaluate`` calibrates and thresholds on and ``select`` compares on. The served model is
+    then refitted on every non-test photo for the folds' median number of epochs.
+    ``train.refit.folds: 0``: fit on train, early-stop on val (one fixed split)."""
     started = time.perf_counter()
     cfg = OmegaConf.merge(cfg, {"model_name": model_name})  # what MLflow records
     strategy = make_strategy(cfg.train.strategy)  # first: multi-worker needs a fresh runtime
     chief = is_chief(strategy)
     seed_everything(cfg)
     model_cfg = cfg.model[model_name]
-    num_classes = len(cfg.data.classes)
+    refit = int(cfg.train.refit.folds) >= 2
 
     with strategy.scope():
         model = build_model(model_cfg, cfg.data)  # first: missing weights fail before the data
         split = frozen_split(model) if cfg.train.feature_cache.enabled else None
         fit_model = split.trainable if split is not None else model
+    initial_weights = fit_model.get_weights()
 
-    train_images, train_labels, _ = load_split(cfg, "train")
-    val_images, val_labels, _ = load_split(cfg, "val")
-    steps_per_epoch = math.ceil(len(train_images) / model_cfg.batch_size)
-    weights = class_weights(train_labels) if cfg.train.class_weights else None
-    positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
-    train_y = label_array(train_labels, num_classes, positive_index)
-    val_y = label_array(val_labels, num_classes, positive_index)
-    train_w = sample_weights(train_labels, weights)
-    log.info(
-        "%s: %d train / %d val images, class weights %s", model_name, len(train_images),
-        len(val_images), weights,
-    )  # fmt: skip
+    loaded = [load_split(cfg, name) for name in ("train", "val")]
+    images = np.concatenate([part[0] for part in loaded])
+    labels = np.concatenate([part[1] for part in loaded])
+    files = [file for part in loaded for file in part[2]]
+    n_train = len(loaded[0][0])
 
     tags = {
         "model_name": model_name,
@@ -422,6 +465,7 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
         "git_commit": tracking.git_commit(),
         "dvc_stage": f"train@{model_name}",
         "weights": weights_source(model_cfg),
+        "protocol": tracking.OUT_OF_FOLD_PROTOCOL if refit else tracking.FIXED_SPLIT_PROTOCOL,
     }
     cache_root = Path(cfg.train.feature_cache.dir)
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -432,67 +476,64 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
         if split is not None:
             cache = build_feature_cache(
                 split,
-                train_images,
-                val_images,
+                images,
+                images,
                 views=model_cfg.augment.cached_copies,
                 batch_size=model_cfg.batch_size,
                 max_memory_mb=cfg.train.feature_cache.max_memory_mb,
                 directory=Path(scratch),
             )
             cache_mode, cache_seconds = cache.mode, cache.build_seconds
-            train_data = cached_dataset(
-                cache.train, train_y, train_w, model_cfg.batch_size, shuffle_seed=cfg.seed
-            )
-            val_data = cached_dataset(cache.val, val_y, None, model_cfg.batch_size)
+            pool = Pool(images, labels, files, cache.train, cache.val, cached=True)
         else:
             cache_mode = "nothing_frozen" if cfg.train.feature_cache.enabled else "disabled"
             cache_seconds = 0.0
-            train_data = image_dataset(
-                train_images, train_y, train_w, model_cfg.batch_size, shuffle_seed=cfg.seed
-            )
-            val_data = image_dataset(val_images, val_y, None, model_cfg.batch_size)
-        if model_cfg.mixup_alpha:
-            train_data = mixup(train_data, model_cfg.mixup_alpha, num_classes, seed=cfg.seed)
-
+            pool = Pool(images, labels, files, images, images, cached=False)
         if active_run is not None:
             tracking.log_params(cfg)
             mlflow.set_tag("feature_cache", cache_mode)
             mlflow.log_metric("feature_cache_build_seconds", cache_seconds)
-        frames: list[pd.DataFrame] = []
-        phases: list[dict[str, Any]] = []
-        for phase in training_phases(model_cfg):
-            set_fine_tuning(model, phase.tune, phase.batchnorm)
-            with strategy.scope():  # the learning-rate schedule needs the steps per epoch
-                compile_model(fit_model, phase.cfg, num_classes, steps_per_epoch)
-            early_stopping = keras.callbacks.EarlyStopping(
-                monitor=phase.cfg.monitor,
-                patience=phase.cfg.patience,
-                restore_best_weights=cfg.train.restore_best_weights,
-            )
-            callbacks: list[keras.callbacks.Callback] = [early_stopping]
-            if active_run is not None:
-                callbacks.append(tracking.MlflowEpochMetrics(first_step=sum(map(len, frames)) + 1))
-            before = fit_model.get_weights() if phases else None
-            with strategy.scope(), multi_worker_fit(fit_model, strategy):
-                fitted = fit_model.fit(
-                    train_data,
-                    validation_data=val_data,
-                    epochs=phase.cfg.epochs,
-                    shuffle=False,  # the training dataset shuffles itself, seeded
-                    callbacks=callbacks,
-                    verbose=cfg.train.verbose,
+
+        def fit(
+            fit_index: np.ndarray, stop_index: np.ndarray | None,
+            epochs: dict[str, int] | None = None, track: bool = False,
+        ) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+            return fit_phases(
+                cfg, model, fit_model, initial_weights, pool, fit_index, stop_index,
+                strategy, epochs, track,
+            )  # fmt: skip
+
+        if refit:
+            fold_of = fold_plan(cfg, pool, [*split_groups_of(cfg, "train"),
+                                            *split_groups_of(cfg, "val")])  # fmt: skip
+            folds = int(cfg.train.refit.folds)
+            oof_outputs = np.zeros((len(images), int(model.output_shape[-1])))
+            fold_phases: list[list[dict[str, Any]]] = []
+            for fold in tqdm(range(folds), desc=f"{model_name} folds", unit="fold", disable=None):
+                stop = (fold + 1) % folds  # early stopping on the next fold, never the held-out one
+                phases_k, _ = fit(
+                    np.flatnonzero((fold_of != fold) & (fold_of != stop)),
+                    np.flatnonzero(fold_of == stop),
                 )
-            record = {"phase": phase.name, "epochs": len(fitted.epoch),
-                      "best_epoch": sum(map(len, frames)) + early_stopping.best_epoch + 1,
-                      "best": float(early_stopping.best), "kept": True}  # fmt: skip
-            if phases and not improves(phase.cfg.monitor, record["best"], phases[-1]["best"]):
-                fit_model.set_weights(before)  # fine-tuning did not help on validation
-                record["kept"] = False
-            log.info("%s phase %s: %s", model_name, phase.name, record)
-            phases.append(record)
-            frames.append(history_frame(fitted.history))
-        frame = pd.concat(frames, ignore_index=True)
-        frame["epoch"] = np.arange(1, len(frame) + 1)
+                held_out = np.flatnonzero(fold_of == fold)
+                oof_outputs[held_out] = model_outputs(
+                    model, images[held_out], int(cfg.evaluate.batch_size), str(cfg.evaluate.tta)
+                )
+                fold_phases.append(phases_k)
+                log.info("%s fold %d/%d: %s", model_name, fold + 1, folds, phases_k)
+            epochs = refit_epochs(fold_phases)
+            phases, frame = fit(np.arange(len(images)), None, epochs, track=active_run is not None)
+            cross_validation = {
+                "folds": folds,
+                "fold_phases": fold_phases,
+                "refit_epochs": epochs,
+                "images": len(images),
+            }
+        else:
+            phases, frame = fit(
+                np.arange(n_train), np.arange(n_train, len(images)), track=active_run is not None
+            )
+            oof_outputs, fold_of, cross_validation = None, None, None
         best = next(p for p in reversed(phases) if p["kept"])
         info = {
             "mlflow_run_id": active_run.info.run_id if active_run else None,
@@ -500,22 +541,143 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
             "model_name": model_name,
             "architecture": model_cfg.architecture,
             "weights": weights_source(model_cfg),
+            "protocol": tags["protocol"],
             "epochs_run": len(frame),
             "best_epoch": best["best_epoch"],
             "phases": phases,
+            "cross_validation": cross_validation,
             "wall_seconds": round(time.perf_counter() - started, 2),
             "cpu_count": os.cpu_count(),
             "feature_cache": cache_mode,
         }
         if chief:
+            if oof_outputs is not None:
+                write_oof(cfg, model_name, pool, fold_of, oof_outputs)
             _write_outputs(cfg, model_name, model, frame, info, started)
 
     log.info(
-        "%s: %d epoch(s), best epoch %d (%s %.4f), %.1f s wall, feature cache %s",
-        model_name, info["epochs_run"], info["best_epoch"], model_cfg.monitor,
-        best["best"], info["wall_seconds"], cache_mode,
+        "%s: %s, %d epoch(s), best epoch %d, %.1f s wall, feature cache %s",
+        model_name, info["protocol"], info["epochs_run"], info["best_epoch"],
+        info["wall_seconds"], cache_mode,
     )  # fmt: skip
     return info
+
+
+def fit_phases(
+    cfg: DictConfig,
+    model: keras.Model,
+    fit_model: keras.Model,
+    initial_weights: list[np.ndarray],
+    pool: Pool,
+    fit_index: np.ndarray,
+    stop_index: np.ndarray | None,
+    strategy: tf.distribute.Strategy,
+    epochs: dict[str, int] | None = None,
+    track: bool = False,
+) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+    """The one training loop: from the initial weights, fit ``fit_model`` on the pool's
+    ``fit_index`` images through every phase. With ``stop_index``: early stopping on those
+    images (restoring the best epoch), and a fine-tune phase kept only if it improves the
+    monitor. Without: each phase runs ``epochs[phase]`` epochs (0 skips it)."""
+    model_cfg = cfg.model[cfg.model_name]
+    num_classes = len(cfg.data.classes)
+    positive_index = list(cfg.data.classes).index(cfg.data.positive_class)
+    set_fine_tuning(model, False)
+    fit_model.set_weights(initial_weights)
+    labels = pool.labels[fit_index]
+    weights = class_weights(labels) if cfg.train.class_weights else None
+    y = label_array(labels, num_classes, positive_index)
+    w = sample_weights(labels, weights)
+    steps_per_epoch = math.ceil(len(fit_index) / model_cfg.batch_size)
+    if pool.cached:
+        train_data = cached_dataset(pool.fit_inputs[:, fit_index], y, w, model_cfg.batch_size,
+                                    shuffle_seed=cfg.seed)  # fmt: skip
+    else:
+        train_data = image_dataset(pool.fit_inputs[fit_index], y, w, model_cfg.batch_size,
+                                   shuffle_seed=cfg.seed)  # fmt: skip
+    if model_cfg.mixup_alpha:
+        train_data = mixup(train_data, model_cfg.mixup_alpha, num_classes, seed=cfg.seed)
+    val_data = None
+    if stop_index is not None:
+        val_y = label_array(pool.labels[stop_index], num_classes, positive_index)
+        val_data = (
+            cached_dataset(pool.plain_inputs[:, stop_index], val_y, None, model_cfg.batch_size)
+            if pool.cached
+            else image_dataset(pool.plain_inputs[stop_index], val_y, None, model_cfg.batch_size)
+        )
+
+    frames: list[pd.DataFrame] = []
+    phases: list[dict[str, Any]] = []
+    for phase in training_phases(model_cfg):
+        phase_epochs = phase.cfg.epochs if epochs is None else epochs[phase.name]
+        if phase_epochs == 0:
+            phases.append({"phase": phase.name, "epochs": 0, "kept": False})
+            continue
+        set_fine_tuning(model, phase.tune, phase.batchnorm)
+        with strategy.scope():  # the learning-rate schedule needs the steps per epoch
+            compile_model(fit_model, phase.cfg, num_classes, steps_per_epoch)
+        callbacks: list[keras.callbacks.Callback] = []
+        early_stopping = None
+        if val_data is not None:
+            early_stopping = keras.callbacks.EarlyStopping(
+                monitor=phase.cfg.monitor,
+                patience=phase.cfg.patience,
+                restore_best_weights=cfg.train.restore_best_weights,
+            )
+            callbacks.append(early_stopping)
+        if track:
+            callbacks.append(tracking.MlflowEpochMetrics(first_step=sum(map(len, frames)) + 1))
+        before = fit_model.get_weights() if phases else None
+        with strategy.scope(), multi_worker_fit(fit_model, strategy):
+            fitted = fit_model.fit(
+                train_data,
+                validation_data=val_data,
+                epochs=phase_epochs,
+                shuffle=False,  # the training dataset shuffles itself, seeded
+                callbacks=callbacks,
+                verbose=cfg.train.verbose,
+            )
+        done = sum(map(len, frames))
+        if early_stopping is not None:
+            phase_best = early_stopping.best_epoch + 1
+            record = {"phase": phase.name, "epochs": len(fitted.epoch),
+                      "phase_best_epoch": phase_best, "best_epoch": done + phase_best,
+                      "best": float(early_stopping.best), "kept": True}  # fmt: skip
+            if phases and not improves(phase.cfg.monitor, record["best"], phases[-1]["best"]):
+                fit_model.set_weights(before)  # fine-tuning did not help on the held-out images
+                record["kept"] = False
+        else:  # a refit: the epochs were fixed by cross-validation
+            record = {"phase": phase.name, "epochs": len(fitted.epoch),
+                      "phase_best_epoch": len(fitted.epoch),
+                      "best_epoch": done + len(fitted.epoch), "kept": True}  # fmt: skip
+        phases.append(record)
+        frames.append(history_frame(fitted.history))
+    frame = pd.concat(frames, ignore_index=True)
+    frame["epoch"] = np.arange(1, len(frame) + 1)
+    return phases, frame
+
+
+def write_oof(
+    cfg: DictConfig,
+    model_name: str,
+    pool: Pool,
+    fold_of: np.ndarray,
+    outputs: np.ndarray,
+) -> Path:
+    """``oof.csv``: each non-test photo's fold and the raw output of the model that did not
+    train on it (TTA-averaged as ``evaluate.tta``), in manifest order."""
+    frame = pd.DataFrame(
+        {
+            "file": [os.path.relpath(f, cfg.paths.prepared_dir) for f in pool.files],
+            "label": pool.labels,
+            "fold": fold_of,
+            **{f"output_{i}": outputs[:, i] for i in range(outputs.shape[1])},
+        }
+    )
+    path = paths.oof_file(cfg, model_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return path
 
 
 def _write_outputs(
