@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,9 +79,13 @@ class ModelCard:
     mlflow_run_id: str | None
     temperature: float = IDENTITY_TEMPERATURE
     tta: str = NO_TTA
-    # What the threshold trades, on the validation photos (plain-words explanations).
-    val_sensitivity: float | None = None
-    val_specificity: float | None = None
+    # What the threshold trades on the evidence it was set on (plain-words explanations):
+    # sensitivity and specificity with their bootstrap intervals (low, value, high).
+    val_sensitivity: tuple[float, float, float] | None = None
+    val_specificity: tuple[float, float, float] | None = None
+    evidence: str = "validation photos"
+    # serve.threshold_override: a site's own threshold (pox validate) replacing the published
+    published_threshold: float | None = None
 
     @classmethod
     def from_metadata(cls, name: str, version: str, metadata: Mapping[str, Any]) -> ModelCard:
@@ -110,9 +114,20 @@ class ModelCard:
             mlflow_run_id=metadata.get("mlflow_run_id"),
             temperature=temperature,
             tta=tta,
-            val_sensitivity=metadata.get("val_metrics", {}).get("sensitivity"),
-            val_specificity=metadata.get("val_metrics", {}).get("specificity"),
+            val_sensitivity=_with_interval(metadata.get("val_metrics", {}), "sensitivity"),
+            val_specificity=_with_interval(metadata.get("val_metrics", {}), "specificity"),
+            evidence=evidence_words(metadata.get("val_metrics", {})),
         )
+
+    def with_threshold_override(self, threshold: float | None) -> ModelCard:
+        """The card a site serves with ``serve.threshold_override`` (None: as published)."""
+        if threshold is None:
+            return self
+        if not self.is_binary:
+            raise ValueError("serve.threshold_override applies to binary models only")
+        if not 0 < threshold < 1:
+            raise ValueError(f"serve.threshold_override must be in (0, 1), got {threshold}")
+        return replace(self, threshold=float(threshold), published_threshold=self.threshold)
 
     @classmethod
     def from_stored(cls, stored: StoredModel) -> ModelCard:
@@ -170,16 +185,22 @@ class ModelCard:
         return [self.result(row, score) for row, score in zip(rows, ood_scores, strict=True)]
 
     def threshold_trade(self) -> str:
-        """What the threshold buys and costs on the validation photos, in plain words."""
+        """What the threshold buys and costs on the photos it was set on, in plain words."""
         if self.threshold is None:
             return "The model names the class it scores highest."
+        if self.published_threshold is not None:
+            return (
+                f"This site serves its own screening threshold of {self.threshold:.0%} "
+                "(serve.threshold_override) instead of the published "
+                f"{self.published_threshold:.0%}."
+            )
         if self.val_sensitivity is None or self.val_specificity is None:
             return f"The screening threshold is {self.threshold:.0%}."
         negative = next(c for c in self.classes if c != self.positive_class)
         return (
-            f"On the validation photos, the screening threshold of {self.threshold:.0%} caught "
-            f"{self.val_sensitivity:.0%} of {self.positive_class} cases, at the cost of false "
-            f"alarms on {1 - self.val_specificity:.0%} of {negative} photos."
+            f"On {self.evidence}, the screening threshold of {self.threshold:.0%} caught "
+            f"{_rate(self.val_sensitivity)} of {self.positive_class} cases, at the cost of false "
+            f"alarms on {_rate(self.val_specificity, complement=True)} of {negative} photos."
         )
 
     def plain_words(self, answer: Mapping[str, Any]) -> str:
@@ -206,6 +227,35 @@ class ModelCard:
                 f"threshold of {self.threshold:.0%}."
             )
         return f"{verdict} {self.threshold_trade()} This is not a diagnosis."
+
+
+def _with_interval(values: Mapping[str, Any], name: str) -> tuple[float, float, float] | None:
+    """(low, value, high) of a metric and its bootstrap interval; the value thrice when the
+    interval was not computed."""
+    if values.get(name) is None:
+        return None
+    value = float(values[name])
+    low, high = values.get(f"{name}_ci_low"), values.get(f"{name}_ci_high")
+    return (value, value, value) if low is None or high is None else (low, value, high)
+
+
+def _rate(rate: tuple[float, float, float], complement: bool = False) -> str:
+    """"90% (95% interval 84-95%)"; ``complement``: of 1 - rate (false alarms from specificity)."""
+    low, value, high = (1 - rate[2], 1 - rate[1], 1 - rate[0]) if complement else rate
+    if low == high:
+        return f"{value:.0%}"
+    return f"{value:.0%} (95% interval {low:.0%}-{high:.0%})"
+
+
+def evidence_words(val_metrics: Mapping[str, Any]) -> str:
+    """What the threshold, the calibration and the choice were set on."""
+    n = val_metrics.get("n_val", "?")
+    if val_metrics.get("evidence") == "out_of_fold":
+        return (
+            f"{n} out-of-fold predictions (every non-test photo, each scored by a model that "
+            "did not train on its patient)"
+        )
+    return f"{n} validation photos"
 
 
 # ---------------------------------------------------------------------------- at publish time
@@ -284,6 +334,40 @@ def cv_rows(values: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _interval(values: Mapping[str, Any], name: str) -> str:
+    rate = _with_interval(values, name)
+    return "n/a" if rate is None else f"{rate[1]:.3f} [{rate[0]:.3f}, {rate[2]:.3f}]"
+
+
+def operating_point_rows(points: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    header = ["rule", "threshold", "sensitivity (evidence)", "specificity (evidence)",
+              "sensitivity (test)", "specificity (test)", "balanced accuracy (test)"]  # fmt: skip
+    rows = [header]
+    for point in points:
+        evidence, test = point["evidence"], point.get("test", {})
+        rows.append([
+            str(point["name"]), f"{float(point['threshold']):.3f}",
+            _interval(evidence, "sensitivity"), _interval(evidence, "specificity"),
+            _interval(test, "sensitivity"), _interval(test, "specificity"),
+            _interval(test, "balanced_accuracy"),
+        ])  # fmt: skip
+    return rows
+
+
+def selection_section(selection: Mapping[str, Any]) -> Section:
+    """How the family was chosen: every candidate's cross-validated figure and the rule."""
+    rows = [["model", f"{selection['metric']} (mean over folds)", "standard error",
+             "within 1 SE of the best", "ms per photo"]]  # fmt: skip
+    for name, row in selection["candidates"].items():
+        latency = row.get("latency_ms")
+        rows.append([
+            name, f"{row['mean']:.3f}", "n/a" if row.get("se") is None else f"{row['se']:.3f}",
+            "yes" if row["eligible"] else "no",
+            "not measured" if latency is None else f"{latency:.1f}",
+        ])  # fmt: skip
+    return Section("How this model was chosen", paragraphs=[selection["rule"]], table=rows)
+
+
 def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
     """The card's content; ``name`` is the registered model name."""
     card = ModelCard.from_metadata(name, "", metadata)
@@ -340,10 +424,15 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
             "saw validation photos only; the test photos were scored once."
         )
         sections.append(Section("Split protocol", paragraphs=[protocol]))
+    if metadata.get("selection"):
+        sections.append(selection_section(metadata["selection"]))
     metrics_section = Section(
-        "Validation metrics",
-        paragraphs=["At the operating threshold, on the validation photos."],
-        table=metric_rows(metadata.get("val_metrics", {}), with_intervals=False),
+        "Selection evidence",
+        paragraphs=[
+            f"At the operating threshold, on {evidence_words(metadata.get('val_metrics', {}))}, "
+            "with percentile bootstrap intervals."
+        ],
+        table=metric_rows(metadata.get("val_metrics", {}), with_intervals=True),
     )
     sections.append(metrics_section)
     if metadata.get("test_metrics"):
@@ -392,6 +481,19 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
             ],
         )
     )
+    if metadata.get("operating_points"):
+        sections.append(
+            Section(
+                "Operating points",
+                paragraphs=[
+                    "Each rule's threshold, chosen on the selection evidence, with the rates it "
+                    "promises there and the rates it gave on the test photos (never used to "
+                    "choose). A site serves another with serve.threshold_override "
+                    "(`pox validate` recommends one from its own labelled photos)."
+                ],
+                table=operating_point_rows(metadata["operating_points"]),
+            )
+        )
     sections.append(Section("Out-of-distribution rule", paragraphs=[ood_rule(metadata)]))
     sections.append(Section("Known limits", bullets=KNOWN_LIMITS))
     return sections
@@ -412,17 +514,27 @@ def ood_rule(metadata: Mapping[str, Any]) -> str:
         )
     spaces = [
         f"{SPACE_NAMES.get(space, space)} ({part['feature_dims']} numbers, threshold "
-        f"{part['threshold']:.3f}, the {part['quantile']:.0%} quantile of the validation photos)"
+        f"{part['threshold']:.3f}, set on {part['calibration_photos']} held-out photos for a "
+        f"false-refusal rate of at most {part['effective_alpha']:.2%})"
         for space, part in guard["spaces"].items()
     ]
     first = next(iter(guard["spaces"].values()))
+    rate = float(guard["stated_false_refusal_rate"])
     return (
         f"Each upload is compared with the {first['reference_photos']} training photos in "
         f"{len(spaces)} way(s): " + "; ".join(spaces) + ". In each, features are standardised "
         f"and the mean distance to the {first['k']} nearest training photos is compared with "
         "the threshold. Above it in any, the answer says the photo does not look like a skin "
-        "photo like those the model was trained on, and gives no label. Switch: "
-        "serve.ood.enabled."
+        "photo like those the model was trained on, and gives no label. "
+        f"{stated_rate_in_words(rate)} Switch: serve.ood.enabled."
+    )
+
+
+def stated_rate_in_words(rate: float) -> str:
+    """The guard's stated false-refusal rate as a person would say it."""
+    return (
+        f"About 1 in {max(1, round(1 / rate))} genuine skin photos like the training photos "
+        f"may be refused ({rate:.1%} at most, a split-conformal bound on held-out photos)."
     )
 
 

@@ -13,9 +13,13 @@ measures how far an image lies from the training photos in up to two feature spa
 
 In each space every feature is standardised with the training split's mean and spread, and
 an image's distance is the mean Euclidean distance (per feature, i.e. divided by sqrt(dims))
-to its ``k`` nearest training photos. The space's threshold is a quantile of the same distance
-over the validation photos, which the reference never saw. An image's score is its largest
-distance / threshold ratio over the spaces: above 1 it is out of distribution.
+to its ``k`` nearest reference photos. The space's threshold is a split-conformal quantile of
+held-out distances: each non-test photo's distance to a reference of the other folds' photos
+(out of fold; the validation photos' distance to the training photos on a fixed split). For
+a new genuine photo exchangeable with those, the chance of exceeding the threshold is at
+most the space's effective alpha (``serve.ood.alpha`` shared over the spaces), which the
+metadata and the model card state. An image's score is its largest distance / threshold
+ratio over the spaces: above 1 it is out of distribution.
 
 Fitted when a model is published (``select``, ``ensemble``) and stored beside it in the
 BentoML model directory (:data:`OOD_FILE`); serving needs numpy only, plus the feature
@@ -24,8 +28,10 @@ extractor built on the model it already runs (Keras, or the same pass converted 
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +39,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     import keras
+
+log = logging.getLogger(__name__)
 
 OOD_FILE = "ood.npz"  # inside the BentoML model directory, beside model.keras
 OUTPUT_LAYER = "output"  # models.classifier_head's name for the final Dense layer
@@ -57,7 +65,7 @@ class OODSettings:
     features: tuple[str, ...]
     statistics_size: int
     k: int
-    quantile: float
+    alpha: float  # the stated false-refusal rate of genuine photos, shared over the spaces
     batch_size: int
 
     @classmethod
@@ -72,42 +80,86 @@ class OODSettings:
             )
         if settings.k < 1:
             raise ValueError(f"serve.ood.k must be at least 1, got {settings.k}")
-        if not 0 < settings.quantile <= 1:
-            raise ValueError(f"serve.ood.quantile must be in (0, 1], got {settings.quantile}")
+        if not 0 < settings.alpha < 1:
+            raise ValueError(f"serve.ood.alpha must be in (0, 1), got {settings.alpha}")
         return settings
 
 
 # ---------------------------------------------------------------------------- the distance rule
 
 
+def conformal_rank(n: int, alpha: float) -> tuple[int, float]:
+    """Split conformal: the ``ceil((n + 1)(1 - alpha))``-th smallest of ``n`` held-out scores
+    bounds a new exchangeable score with probability >= 1 - alpha. Returns that rank and
+    the effective alpha ``1 - rank / (n + 1)``; when ``n`` is too small for ``alpha`` the rank
+    is ``n`` (the largest score) and the effective alpha 1 / (n + 1), with a warning."""
+    if n < 1:
+        raise ValueError("no held-out photos to set the guard's threshold on")
+    rank = math.ceil((n + 1) * (1 - alpha) - 1e-9)
+    if rank > n:
+        log.warning(
+            "%d held-out photos cannot bound a %.4f false-refusal rate (that needs %d); "
+            "the guard states %.4f instead", n, alpha, math.ceil(1 / alpha - 1), 1 / (n + 1),
+        )  # fmt: skip
+        rank = n
+    return rank, 1 - rank / (n + 1)
+
+
 @dataclass(frozen=True)
 class Guard:
-    """The fitted rule: reference features (standardised), their scaling, k and the threshold."""
+    """The fitted rule: reference features (standardised), their scaling, k and the threshold
+    (with the alpha it was asked for, the effective alpha it states, and its evidence)."""
 
     mean: np.ndarray
     scale: np.ndarray
     reference: np.ndarray
     k: int
-    threshold: float
-    quantile: float
+    threshold: float = np.inf
+    alpha: float = math.nan
+    effective_alpha: float = math.nan
+    calibration_photos: int = 0
+
+    @classmethod
+    def of_reference(cls, features: np.ndarray, k: int) -> Guard:
+        """Reference = these photos, each feature standardised by their mean and spread; no
+        threshold yet."""
+        reference = np.asarray(features, np.float64)
+        if len(reference) < k:
+            raise ValueError(f"{len(reference)} reference photos are fewer than k={k}")
+        mean = reference.mean(axis=0)
+        spread = reference.std(axis=0)
+        floor = MIN_SCALE_RATIO * float(spread.mean()) if spread.any() else 1.0
+        scale = np.maximum(spread, floor)
+        return cls(mean, scale, (reference - mean) / scale, k)
+
+    def with_threshold(self, held_out_distances: np.ndarray, alpha: float) -> Guard:
+        """The conformal threshold of held-out photos' distances (photos outside the reference
+        they were measured against, like an upload)."""
+        ordered = np.sort(np.asarray(held_out_distances, np.float64))
+        rank, effective = conformal_rank(len(ordered), alpha)
+        return replace(self, threshold=float(ordered[rank - 1]), alpha=alpha,
+                       effective_alpha=effective, calibration_photos=len(ordered))  # fmt: skip
 
     @classmethod
     def fit(
-        cls, train_features: np.ndarray, val_features: np.ndarray, k: int, quantile: float
+        cls, train_features: np.ndarray, val_features: np.ndarray, k: int, alpha: float
     ) -> Guard:
-        """Reference = the training photos; threshold = ``quantile`` of the validation
-        photos' distances (photos the reference does not contain, like an upload)."""
-        train = np.asarray(train_features, np.float64)
-        if len(train) < k:
-            raise ValueError(f"{len(train)} training photos are fewer than k={k}")
-        mean = train.mean(axis=0)
-        spread = train.std(axis=0)
-        floor = MIN_SCALE_RATIO * float(spread.mean()) if spread.any() else 1.0
-        scale = np.maximum(spread, floor)
-        unfitted = cls(mean, scale, (train - mean) / scale, k, np.inf, quantile)
-        val_distances = unfitted.distances(val_features)
-        threshold = float(np.quantile(val_distances, quantile, method="higher"))
-        return cls(mean, scale, unfitted.reference, k, threshold, quantile)
+        """Fixed split: reference = the training photos; threshold from the validation
+        photos' distances to them."""
+        unfitted = cls.of_reference(train_features, k)
+        return unfitted.with_threshold(unfitted.distances(val_features), alpha)
+
+    @classmethod
+    def fit_out_of_fold(
+        cls, features: np.ndarray, folds: np.ndarray, k: int, alpha: float
+    ) -> Guard:
+        """Reference = every photo; threshold from each photo's distance to a reference of
+        the other folds' photos (patient-grouped folds: never its own patient's photos)."""
+        held_out = np.empty(len(features))
+        for fold in np.unique(folds):
+            inside = folds == fold
+            held_out[inside] = cls.of_reference(features[~inside], k).distances(features[inside])
+        return cls.of_reference(features, k).with_threshold(held_out, alpha)
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Mean distance (per feature) of each row to its k nearest reference photos."""
@@ -126,7 +178,9 @@ class Guard:
             "feature_dims": int(self.reference.shape[1]),
             "reference_photos": int(self.reference.shape[0]),
             "k": self.k,
-            "quantile": self.quantile,
+            "alpha": self.alpha,
+            "effective_alpha": self.effective_alpha,
+            "calibration_photos": self.calibration_photos,
             "threshold": self.threshold,
         }
 
@@ -137,7 +191,9 @@ class Guard:
             "reference": self.reference.astype(np.float32),
             "k": self.k,
             "threshold": self.threshold,
-            "quantile": self.quantile,
+            "alpha": self.alpha,
+            "effective_alpha": self.effective_alpha,
+            "calibration_photos": self.calibration_photos,
         }
 
     @classmethod
@@ -148,7 +204,9 @@ class Guard:
             reference=np.asarray(stored["reference"], np.float64),
             k=int(stored["k"]),
             threshold=float(stored["threshold"]),
-            quantile=float(stored["quantile"]),
+            alpha=float(stored["alpha"]),
+            effective_alpha=float(stored["effective_alpha"]),
+            calibration_photos=int(stored["calibration_photos"]),
         )
 
 
@@ -167,11 +225,27 @@ class GuardSet:
         val: Mapping[str, np.ndarray],
         settings: OODSettings,
     ) -> GuardSet:
-        guards = {
-            space: Guard.fit(train[space], val[space], settings.k, settings.quantile)
-            for space in settings.features
-        }
+        """Fixed split: the validation photos set each space's threshold."""
+        alpha = settings.alpha / len(settings.features)
+        guards = {space: Guard.fit(train[space], val[space], settings.k, alpha)
+                  for space in settings.features}  # fmt: skip
         return cls(guards, settings.statistics_size)
+
+    @classmethod
+    def fit_out_of_fold(
+        cls, features: Mapping[str, np.ndarray], folds: np.ndarray, settings: OODSettings
+    ) -> GuardSet:
+        """Every photo is the reference; out-of-fold distances set each space's threshold."""
+        alpha = settings.alpha / len(settings.features)
+        guards = {space: Guard.fit_out_of_fold(features[space], folds, settings.k, alpha)
+                  for space in settings.features}  # fmt: skip
+        return cls(guards, settings.statistics_size)
+
+    @property
+    def stated_rate(self) -> float:
+        """The share of genuine photos the guard may refuse: at most the sum of its spaces'
+        effective alphas (a union bound)."""
+        return float(sum(guard.effective_alpha for guard in self.guards.values()))
 
     def scores(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
         ratios = [guard.distances(features[space]) / guard.threshold
@@ -182,6 +256,7 @@ class GuardSet:
         """What travels in the model's metadata (and the model card)."""
         return {
             "rule": "out of distribution when the distance in any space exceeds its threshold",
+            "stated_false_refusal_rate": self.stated_rate,
             "statistics_size": self.statistics_size,
             "spaces": {space: guard.metadata() for space, guard in self.guards.items()},
         }
@@ -221,7 +296,7 @@ def verdict(score: float | None) -> dict[str, Any]:
     if not inside:
         answer["ood_reason"] = (
             f"{REASON} (its distance to the training photos is {score:.1f} times the limit "
-            "that validation photos stay under)"
+            "that held-out genuine photos stay under)"
         )
     return answer
 
@@ -320,22 +395,35 @@ def feature_extractor(
 
 
 def features_of(
-    model: keras.Model, images: np.ndarray, settings: OODSettings
+    model: keras.Model, images: np.ndarray, settings: OODSettings, tta: str
 ) -> dict[str, np.ndarray]:
-    """The guard's features of many images, in batches of ``settings.batch_size``."""
+    """The guard's features of many images as the service computes them (the same extractor
+    and TTA views), in batches of ``settings.batch_size``."""
+    from pox_pipeline.inference import tta_views
+
     if not len(images):
         raise ValueError("no images to compute features of")
     extract = feature_extractor(model, images.shape[1], settings.features, settings.statistics_size)
-    parts = [extract(images[start : start + settings.batch_size])[1]
-             for start in range(0, len(images), settings.batch_size)]  # fmt: skip
+    parts = []
+    for start in range(0, len(images), settings.batch_size):
+        views = tta_views(images[start : start + settings.batch_size], tta)
+        parts.append(extract(np.concatenate(views), len(views))[1])
     return {space: np.concatenate([part[space] for part in parts]) for space in settings.features}
 
 
 def fit_guard(
-    model: keras.Model, train: np.ndarray, val: np.ndarray, settings: OODSettings
+    model: keras.Model, train: np.ndarray, val: np.ndarray, settings: OODSettings, tta: str
 ) -> GuardSet:
-    """The guard of a model about to be published: reference = its training photos,
-    thresholds from its validation photos (model inputs, as ``data.load_split`` gives them)."""
+    """Fixed split: reference = the training photos, thresholds from the validation photos
+    (model inputs, as ``data.load_split`` gives them)."""
     return GuardSet.fit(
-        features_of(model, train, settings), features_of(model, val, settings), settings
+        features_of(model, train, settings, tta), features_of(model, val, settings, tta), settings
     )
+
+
+def fit_guard_out_of_fold(
+    model: keras.Model, images: np.ndarray, folds: np.ndarray, settings: OODSettings, tta: str
+) -> GuardSet:
+    """Reference = every non-test photo, thresholds from out-of-fold distances (``folds``:
+    the patient-grouped folds the model was cross-validated on)."""
+    return GuardSet.fit_out_of_fold(features_of(model, images, settings, tta), folds, settings)
