@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pox_pipeline import inference, paths, select, train
+from pox_pipeline import inference, paths, publish, select, train
 from pox_pipeline.features import custom_objects
 from pox_pipeline.tracking import setup_mlflow
 
@@ -58,7 +58,7 @@ def test_colour_texture_champion_loads_without_the_package(prepared_cfg, tmp_pat
 
     setup_mlflow(cfg)
     version = select.register_champion(cfg, info["mlflow_run_id"], {"model_name": "colour_texture"})
-    tag = select.save_bentoml_model(cfg, model_file, {"model_name": "colour_texture"})
+    tag = publish.save_bentoml_model(cfg, model_file, {"model_name": "colour_texture"})
     batch = np.random.default_rng(0).uniform(0, 255, (3, *model.input_shape[1:])).astype("float32")
     np.save(tmp_path / "batch.npy", batch)
     expected = np.asarray(model(batch, training=False)).ravel()

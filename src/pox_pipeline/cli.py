@@ -118,16 +118,9 @@ def pipeline_model(model_dir: Path, params: Any) -> ModelSource:
     from pox_pipeline import select
 
     name = model_dir.name
-    val = select.read_val_metrics(params, name)
-    metadata = {
-        **select.data_metadata(params),
-        **select.inference_settings(val),
-        "threshold": val.get("threshold"),
-        "threshold_rule": val.get("threshold_rule"),
-        "model_name": name,
-        "val_metrics": select.without_nulls(val),
-        "test_metrics": select.without_nulls(select.read_test_metrics(params, name)),
-    }
+    metadata = select.model_metadata(
+        params, name, select.read_val_metrics(params, name), select.read_test_metrics(params, name)
+    )
     return ModelSource(model_dir, name, "unpublished", metadata)
 
 

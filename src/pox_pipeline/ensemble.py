@@ -30,6 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from pox_pipeline import paths, select, tracking
+from pox_pipeline import publish as publishing
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE
 from pox_pipeline.config import conf_entry
 from pox_pipeline.cv import fold_config, fold_runs, mean_std, summarise
@@ -183,7 +184,7 @@ def publish(
     with mlflow.start_run(run_name=f"ensemble-{family}", tags=tags) as run:
         tracking.log_params(cfg)
         for prefix in ("val", "cv_test", "held_out_ensemble"):
-            values = select.without_nulls(report[f"{prefix}_metrics"] or {})
+            values = publishing.without_nulls(report[f"{prefix}_metrics"] or {})
             mlflow.log_metrics({f"{prefix}_{key}": value for key, value in values.items()
                                 if isinstance(value, (int, float))})  # fmt: skip
         mlflow.log_dict(report, REPORT_FILE)
@@ -207,13 +208,13 @@ def publish(
         "mlflow_model_version": int(version.version),
         "registered_model_name": cfg.select.registered_model_name,
         "git_commit": tags["git_commit"],
-        "val_metrics": select.without_nulls(report["val_metrics"]),
-        "cv_test_metrics": select.without_nulls(report["cv_test_metrics"]),
+        "val_metrics": publishing.without_nulls(report["val_metrics"]),
+        "cv_test_metrics": publishing.without_nulls(report["cv_test_metrics"]),
     }
     # the guard's reference photos: the first member's training split (any fold's photos are
     # skin photos of the same data set; every member saw most of them)
     data_cfg = fold_config(cfg, members[0].fold, members[0].seed)
-    bento_tag = select.publish_bentoml(
+    bento_tag = publishing.publish(
         cfg, data_cfg, Path(report["model_file"]), metadata, run.info.run_id
     )
     return {"mlflow_run_id": run.info.run_id, "registered_model_version": int(version.version),

@@ -70,6 +70,22 @@ def model_outputs(
     return np.mean([predict_scores(model, view, batch_size) for view in views], axis=0)
 
 
+def serving_latency_ms(model: keras.Model, image_size: int, tta: str, repeats: int) -> float:
+    """Median milliseconds to answer one photo (its TTA views in one batch) through the
+    traced model, after one warm-up call: what a family costs to serve, measured."""
+    import time
+
+    run = run_traced(traced(lambda batch: model(batch, training=False), image_size))
+    batch = np.concatenate(tta_views(np.zeros((1, image_size, image_size, 3), np.float32), tta))
+    run(batch)
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run(batch)
+        timings.append(time.perf_counter() - started)
+    return float(np.median(timings) * 1000)
+
+
 def traced(function: Callable[[Any], Any], image_size: int) -> Any:
     """``function`` traced once as a TF concrete function of a float32 (N, S, S, 3) batch."""
     import tensorflow as tf

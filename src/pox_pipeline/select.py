@@ -1,49 +1,36 @@
-"""Stage `select`: choose the champion on validation metrics, register it in the MLflow
-Model Registry (alias ``select.alias``) and save it to the BentoML model store.
+"""Stage `select`: choose the champion on its selection evidence, register it in the MLflow
+Model Registry (alias ``select.alias``) and publish it to the BentoML model store.
 
-The choice reads ``reports/eval/<name>/val_metrics.json`` and nothing else
-(:func:`choose_champion` only ever sees validation numbers), so the test split stays an
-unbiased estimate. The winner's test metrics are read afterwards, only to ship with the
-model as metadata. Both the registry and the BentoML store are idempotent: re-running on
-unchanged inputs reuses the registered version and the saved BentoML model.
+The choice reads ``reports/eval/<name>/val_metrics.json`` and nothing else: the out-of-fold
+predictions over every non-test photo (or the validation split on a fixed split), so the test
+split stays an unbiased estimate. The rule (:func:`one_standard_error_rule`): the best mean over
+the folds, and every family within one standard error of it counts as as good; of those, the
+cheapest to serve wins (median milliseconds per photo through the compiled model, measured
+here in one run). The winner's test metrics are read afterwards, only to ship with the model
+as metadata. Both the registry and the BentoML store are idempotent: re-running on unchanged
+inputs reuses the registered version and the saved BentoML model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import bentoml
 import mlflow
-from bentoml.exceptions import NotFound
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig
 
-from pox_pipeline import model_card, ood, paths
+from pox_pipeline import paths
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, NO_CALIBRATION
 from pox_pipeline.config import stage_entry
-from pox_pipeline.data import load_split
-from pox_pipeline.inference import NO_TTA, load_keras_model, store_keras_model
+from pox_pipeline.inference import NO_TTA, load_keras_model, serving_latency_ms
+from pox_pipeline.publish import GuardPhotos, publish, without_nulls
 from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
 
-if TYPE_CHECKING:
-    import keras
-
 MLFLOW_ARTIFACT = "model"
-HASH_LABEL = "content_sha256"
-KERAS_MODULE = "bentoml.keras"  # the framework module of a model saved by bentoml.keras
-# Metadata left out of the content hash: a new commit alone is no new model.
-UNHASHED_METADATA = ("git_commit",)
-# Files saved with the model but rendered from its metadata: hashed through the metadata.
-UNHASHED_FILES = (model_card.MARKDOWN_FILE, model_card.HTML_FILE)
-
-
 def read_val_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     """The validation metrics and threshold of one candidate: all that the choice may see."""
     path = paths.eval_dir(cfg, model_name) / paths.VAL_METRICS_FILE
@@ -70,6 +57,55 @@ def choose_champion(
     if not scored:
         raise ValueError(f"no candidate has a defined validation {metric!r}")
     return max(scored)[2]
+
+
+def one_standard_error_rule(
+    val_metrics: Mapping[str, Mapping[str, Any]], metric: str, greater_is_better: bool
+) -> dict[str, dict[str, Any]]:
+    """Each candidate's mean over the folds of ``metric`` (the metric itself on a fixed split),
+    its standard error, and whether it lies within one standard error of the best: the
+    families the evidence cannot tell apart from the best (Breiman's one-SE rule)."""
+    table: dict[str, dict[str, Any]] = {}
+    for name, values in val_metrics.items():
+        mean = values.get(f"{metric}_fold_mean", values.get(metric))
+        se = values.get(f"{metric}_fold_se")
+        table[name] = {"mean": mean, "se": se, "pooled": values.get(metric),
+                       "eligible": False}  # fmt: skip
+    best = choose_champion(
+        {name: {metric: row["mean"]} for name, row in table.items()}, metric, greater_is_better
+    )
+    margin = table[best]["se"] or 0.0
+    for row in table.values():
+        if row["mean"] is None or math.isnan(row["mean"]):
+            continue
+        gap = table[best]["mean"] - row["mean"] if greater_is_better else (
+            row["mean"] - table[best]["mean"])  # fmt: skip
+        row["eligible"] = gap <= margin
+    return table
+
+
+def cheapest(table: dict[str, dict[str, Any]], cfg: DictConfig) -> str:
+    """The eligible candidate with the lowest measured latency per photo (the only one when a
+    single candidate is eligible; ties go to ``models`` order). Records ``latency_ms``."""
+    eligible = [name for name, row in table.items() if row["eligible"]]
+    if len(eligible) == 1:
+        return eligible[0]
+    for name in eligible:
+        model = load_keras_model(paths.model_file(cfg, name))
+        tta = read_val_metrics(cfg, name).get("tta", NO_TTA)
+        table[name]["latency_ms"] = serving_latency_ms(
+            model, int(cfg.data.image_size), tta, int(cfg.select.latency_repeats)
+        )
+    return min(eligible, key=lambda name: (table[name]["latency_ms"], eligible.index(name)))
+
+
+RULE_WORDS = (
+    "Candidates are compared on {metric} over out-of-fold predictions (the mean over the "
+    "patient-grouped folds of the non-test photos, with its standard error). Every candidate "
+    "within one standard error of the best is as good on this evidence; of those, the "
+    "cheapest to serve (median milliseconds per photo through the compiled model, measured "
+    "at selection) is the champion."
+)
 
 
 def read_test_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
@@ -117,92 +153,20 @@ def register_champion(
     return version
 
 
-def without_nulls(values: Mapping[str, Any]) -> dict[str, Any]:
-    """BentoML metadata takes no None: undefined metrics are left out."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def content_hash(
-    model_file: Path, metadata: Mapping[str, Any], extra_files: Mapping[str, Path] | None = None
-) -> str:
-    """sha256 over the model bytes, the files saved with it and the metadata that changes
-    what is served."""
-    digest = hashlib.sha256(model_file.read_bytes())
-    for name, path in sorted((extra_files or {}).items()):
-        if name not in UNHASHED_FILES:
-            digest.update(name.encode() + path.read_bytes())
-    hashed = {k: v for k, v in metadata.items() if k not in UNHASHED_METADATA}
-    digest.update(json.dumps(hashed, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def save_bentoml_model(
-    cfg: DictConfig,
-    model_file: Path,
-    metadata: Mapping[str, Any],
-    extra_files: Mapping[str, Path] | None = None,
-    model: keras.Model | None = None,
-) -> str:
-    """Save the champion (and ``extra_files``, name -> file, beside it) to the BentoML store;
-    reuse the latest if its content is identical. ``model`` is ``model_file`` already loaded.
-
-    Only the latest counts: after A, B, A the store gets a new A, because serving loads
-    ``<name>:latest``. Saved by ``bentoml.keras``, so ``bentoml.keras.load_model`` loads it.
-    """
-    name = cfg.select.bentoml_model_name
-    sha = content_hash(model_file, metadata, extra_files)
-    try:
-        latest = bentoml.models.get(f"{name}:latest")
-        if latest.info.labels.get(HASH_LABEL) == sha and latest.info.module == KERAS_MODULE:
-            return str(latest.tag)
-    except NotFound:
-        pass
-    labels = {HASH_LABEL: sha, "model_name": str(metadata["model_name"])}
-    if model is None:
-        model = load_keras_model(model_file)
-    return str(store_keras_model(name, model, labels, dict(metadata), extra_files).tag)
-
-
-def publish_bentoml(
-    cfg: DictConfig,
-    data_cfg: DictConfig,
-    model_file: Path,
-    metadata: Mapping[str, Any],
-    run_id: str,
-) -> str:
-    """Serve a model: fit its out-of-distribution guard on ``data_cfg``'s prepared train and
-    validation photos (``serve.ood``), write its model card, save all three to BentoML and
-    log the card and guard to its MLflow run. The one publish step of select and ensemble."""
-    metadata = {**metadata, **model_card.training_data_metadata(data_cfg)}
-    model = load_keras_model(model_file)
-    with tempfile.TemporaryDirectory() as tmp:
-        extra_files = {}
-        if cfg.serve.ood.enabled:
-            train, val = (load_split(data_cfg, split)[0] for split in ("train", "val"))
-            settings = ood.OODSettings.from_cfg(cfg.serve.ood)
-            guard = ood.fit_guard(model, train, val, settings)
-            metadata["ood"] = guard.metadata()
-            extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
-        metadata = without_nulls(metadata)
-        name = cfg.select.registered_model_name
-        for path in model_card.write_files(Path(tmp), name, metadata, str(cfg.serve.ui_path)):
-            extra_files[path.name] = path
-        tag = save_bentoml_model(cfg, model_file, metadata, extra_files, model)
-        client = MlflowClient()
-        for path in extra_files.values():
-            client.log_artifact(run_id, str(path))
-    return tag
-
-
 def select(cfg: DictConfig) -> dict[str, Any]:
-    """Choose, register and save the champion; writes and returns ``reports/select.json`` and
-    writes the champion's compared figures to ``reports/champion.json`` (DVC metrics)."""
+    """Choose, register and publish the champion; writes and returns ``reports/select.json``
+    and writes the champion's compared figures to ``reports/champion.json`` (DVC metrics)."""
     metric = cfg.select.metric
     val_metrics = {name: read_val_metrics(cfg, name) for name in cfg.models}
-    winner = choose_champion(val_metrics, metric, bool(cfg.select.greater_is_better))
+    table = one_standard_error_rule(val_metrics, metric, bool(cfg.select.greater_is_better))
+    winner = cheapest(table, cfg)
+    candidates = {name: without_nulls(row) for name, row in table.items()}
+    selection = {"metric": metric, "rule": RULE_WORDS.format(metric=metric),
+                 "candidates": candidates}  # fmt: skip
 
     # From here on the choice is made; test metrics only travel with the model.
     chosen = val_metrics[winner]
+    test_metrics = read_test_metrics(cfg, winner)
     inference = inference_settings(chosen)
     run_info = read_run_info(cfg, winner)
     run_id = run_info["mlflow_run_id"]
@@ -221,32 +185,25 @@ def select(cfg: DictConfig) -> dict[str, Any]:
         },
     )
     metadata = {
-        **data_metadata(cfg),
-        "threshold": chosen["threshold"],
-        "threshold_rule": chosen["threshold_rule"],
-        **inference,
+        **model_metadata(cfg, winner, chosen, test_metrics),
         "architecture": run_info["architecture"],
-        "model_name": winner,
         "weights": run_info["weights"] or "none",
         "mlflow_run_id": run_id,
         "mlflow_model_version": int(version.version),
         "registered_model_name": cfg.select.registered_model_name,
         "git_commit": commit,
-        "val_metrics": without_nulls(chosen),
-        "test_metrics": without_nulls(read_test_metrics(cfg, winner)),
+        "selection": selection,
     }
     model_file = paths.model_file(cfg, winner)
-    bento_tag = publish_bentoml(cfg, cfg, model_file, metadata, run_id)
+    bento_tag = publish(cfg, cfg, model_file, metadata, run_id, GuardPhotos.of_model(cfg, winner))
 
     result = {
         "winner": winner,
         "metric": metric,
         "greater_is_better": bool(cfg.select.greater_is_better),
-        "value": chosen[metric],
-        "candidates": {
-            name: {metric: values[metric], "threshold": values["threshold"]}
-            for name, values in val_metrics.items()
-        },
+        "value": table[winner]["mean"],
+        "candidates": table,
+        "rule": selection["rule"],
         "threshold": chosen["threshold"],
         "threshold_rule": chosen["threshold_rule"],
         **inference,
@@ -264,6 +221,29 @@ def select(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def model_metadata(
+    cfg: DictConfig, model_name: str, val: Mapping[str, Any], test: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What a trained model's answers mean, from its evaluation: shared by ``select`` and the
+    CLI's unpublished models, so both cards say the same."""
+    points = [
+        {"name": point["name"], "threshold": point["threshold"],
+         "evidence": without_nulls(point), "test": without_nulls(on_test)}
+        for point, on_test in zip(val.get("operating_points", []),
+                                  test.get("operating_points", []), strict=True)
+    ]  # fmt: skip
+    return {
+        **data_metadata(cfg),
+        "threshold": val.get("threshold"),
+        "threshold_rule": val.get("threshold_rule"),
+        **inference_settings(val),
+        "model_name": model_name,
+        "val_metrics": without_nulls({k: v for k, v in val.items() if k != "operating_points"}),
+        "test_metrics": without_nulls({k: v for k, v in test.items() if k != "operating_points"}),
+        "operating_points": points,
+    }
+
+
 def read_dvc_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     """evaluate's few compared figures of one model ({} if absent), for select's DVC metrics."""
     path = paths.eval_dir(cfg, model_name) / paths.DVC_METRICS_FILE
@@ -273,7 +253,8 @@ def read_dvc_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
 def run(cfg: DictConfig) -> None:
     result = select(cfg)
     print(
-        f"champion: {result['winner']} (val {result['metric']} {result['value']}), "
+        f"champion: {result['winner']} ({result['metric']} {result['value']:.3f}, the cheapest "
+        "within one standard error of the best), "
         f"threshold {result['threshold']}, temperature {result['temperature']:.3f}, "
         f"tta {result['tta']}, "
         f"{result['registered_model_name']} v{result['registered_model_version']} "
