@@ -40,6 +40,13 @@ STATIC_DIR = Path(serve.__file__).parent / "static"
 logger = logging.getLogger("bentoml.service")
 
 
+def served_card(stored: bentoml.Model) -> model_card.ModelCard:
+    """The champion's card with this site's ``serve.threshold_override`` (if any) applied."""
+    return model_card.ModelCard.from_stored(stored).with_threshold_override(
+        SETTINGS.threshold_override
+    )
+
+
 class ModelRef(BaseModel):
     """Which model answered: the BentoML model and the MLflow run that trained it."""
 
@@ -102,7 +109,7 @@ class PoxModel:
     model = CHAMPION
 
     def __init__(self) -> None:
-        card = model_card.ModelCard.from_stored(self.model)
+        card = served_card(self.model)
         self.predictor = serve.Predictor.from_stored(
             self.model,
             SETTINGS.backend,
@@ -168,7 +175,10 @@ class ModelCardPage:
             return
         if self.page is None:
             stored = CHAMPION.resolve()
-            html = model_card.render(stored.tag.name, stored.info.metadata, "html", self.ui_path)
+            metadata = model_card.with_site_override(
+                stored.info.metadata, SETTINGS.threshold_override
+            )
+            html = model_card.render(stored.tag.name, metadata, "html", self.ui_path)
             self.page = HTMLResponse(html)
         await self.page(scope, receive, send)
 
@@ -197,7 +207,7 @@ class PoxClassifier:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self.card = model_card.ModelCard.from_stored(CHAMPION.resolve())
+        self.card = served_card(CHAMPION.resolve())
 
     async def _load(self, upload: Path) -> tuple[Image.Image, np.ndarray]:
         """Decode off the event loop; raises ImageError with a reason for the client."""

@@ -4,6 +4,7 @@
     pox explain photo.jpg --out overlay.png      the service's Grad-CAM overlay
     pox doctor                                   what a run needs, and the fix for what is missing
     pox model-card --out model_card.html         the model card of the served model
+    pox validate site_photos/                    the served model on a site's labelled photos
 
 Run it in the project root (it reads ``params.yaml``, or the file ``$POX_PARAMS`` names). The
 model, its preprocessing and the out-of-distribution guard are the service's own
@@ -69,12 +70,16 @@ class ModelSource:
     def card(self) -> model_card.ModelCard:
         return model_card.ModelCard.from_metadata(self.name, self.version, self.metadata)
 
+    def served_card(self, settings: serve.ServeConfig) -> model_card.ModelCard:
+        """The card as the service serves it (``serve.threshold_override`` applied)."""
+        return self.card.with_threshold_override(settings.threshold_override)
+
     def predictor(self, settings: serve.ServeConfig) -> serve.Predictor:
         """Built as the service builds it: backend, calibration photos, threads, guard."""
+        card = self.served_card(settings)
         return serve.Predictor(
-            self.model_dir, self.card, settings.backend,
-            serve.calibration_inputs(settings, self.card), settings.tflite_threads,
-            settings.ood.enabled,
+            self.model_dir, card, settings.backend, serve.calibration_inputs(settings, card),
+            settings.tflite_threads, settings.ood.enabled,
         )  # fmt: skip
 
 
@@ -282,12 +287,86 @@ def model_card_command(model_ref: str | None, out: str) -> None:
     params = load_params()
     source = resolve_model(model_ref, params)
     fmt = "html" if out.endswith(".html") else "md"
-    text = model_card.render(source.name, source.metadata, fmt, str(params.serve.ui_path))
+    settings = serve.ServeConfig.from_cfg(params.serve)
+    metadata = model_card.with_site_override(source.metadata, settings.threshold_override)
+    text = model_card.render(source.name, metadata, fmt, str(params.serve.ui_path))
     if out == "-":
         click.echo(text)
     else:
         Path(out).write_text(text)
         click.echo(f"model card of {source.name}:{source.version} written to {out}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--model", "model_ref", metavar="TAG_OR_PATH", help=MODEL_HELP)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("reports/validate"), show_default=True,
+              help="Folder for validation.json, validation.html, the plots and the override.")
+@click.option("--sensitivity-target", type=click.FloatRange(0, 1, min_open=True),
+              default=None, help="Sensitivity the recommended site threshold keeps "
+              "(default: evaluate.threshold.sensitivity_target in params.yaml).")  # fmt: skip
+def validate(
+    folder: Path, model_ref: str | None, out_dir: Path, sensitivity_target: float | None
+) -> None:
+    """Check the served model on a site's own labelled photos before going live.
+
+    FOLDER holds one folder per class, named as the model's classes (FOLDER/Monkeypox/*.jpg,
+    FOLDER/Others/*.jpg). Prints sensitivity, specificity, balanced accuracy and AUC with
+    bootstrap intervals at the served threshold, the share of photos the out-of-distribution
+    guard refused, and a recommended site threshold, written as the config override
+    serve.threshold_override (threshold_override.yaml) that the service and pox honour.
+    The published model is never changed.
+    """
+    from tqdm import tqdm
+
+    from pox_pipeline import preprocess
+    from pox_pipeline import validate as site
+
+    params = load_params()
+    settings = serve.ServeConfig.from_cfg(params.serve)
+    source = resolve_model(model_ref, params)
+    card = source.served_card(settings)
+    target = float(sensitivity_target or params.evaluate.threshold.sensitivity_target)
+    try:
+        photos = site.labelled_photos(folder, card.classes, params.data.image_extensions)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    predictor = source.predictor(settings)
+    with tqdm(total=len(photos), unit="photo", disable=None, file=sys.stderr) as progress:
+
+        def to_input(path: Path) -> Any:
+            progress.update(1)
+            return preprocess.to_model_input(read_photo(path, settings), card.image_size,
+                                             card.resample)  # fmt: skip
+
+        readable, scored, unreadable = site.score_photos(
+            photos, to_input, predictor.outputs_with_ood_score, settings.max_batch_size
+        )
+    for bad in unreadable:
+        click.echo(f"{bad['file']}: error: {bad['error']}", err=True)
+    report = site.validate(params, card, readable, scored, target)
+    report["unreadable"] = unreadable
+    written = site.write_report(report, out_dir, int(params.evaluate.ece_bins))
+    served = report["at_served_threshold"]
+    click.echo(
+        f"{report['model']} on {report['photos']} photos of {folder}: the guard refused "
+        f"{report['refused']} ({report['refused_share']:.1%}); at the {report['threshold_source']}"
+        f" threshold {report['threshold']}: "
+        + ", ".join(f"{name} {site.cell(served, name)}"
+                    for name in ("sensitivity", "specificity", "balanced_accuracy", "auc")
+                    if name in served)  # fmt: skip
+    )
+    if "recommended" in report:
+        recommended = report["recommended"]
+        click.echo(
+            f"recommended site threshold for sensitivity >= {target}: "
+            f"{recommended['threshold']:.6f} (sensitivity {site.cell(recommended, 'sensitivity')},"
+            f" specificity {site.cell(recommended, 'specificity')}); apply it with\n"
+            f"  python -m pox_pipeline.config serve.threshold_override="
+            f"{recommended['threshold']:.6f}"
+        )
+    click.echo("written: " + ", ".join(str(path) for path in written))
 
 
 # ---------------------------------------------------------------------------- doctor

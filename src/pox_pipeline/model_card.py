@@ -65,6 +65,10 @@ KNOWN_LIMITS = [
 ]
 
 
+# The site's serve.threshold_override, recorded in the card a site renders (never stored)
+SITE_OVERRIDE = "site_threshold_override"
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """What the served model means, from its BentoML metadata; needs no TensorFlow."""
@@ -368,9 +372,18 @@ def selection_section(selection: Mapping[str, Any]) -> Section:
     return Section("How this model was chosen", paragraphs=[selection["rule"]], table=rows)
 
 
+def with_site_override(metadata: Mapping[str, Any], threshold: float | None) -> dict[str, Any]:
+    """The metadata a site's card is rendered from: ``serve.threshold_override`` recorded."""
+    if threshold is None:
+        return dict(metadata)
+    return {**metadata, SITE_OVERRIDE: float(threshold)}
+
+
 def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
     """The card's content; ``name`` is the registered model name."""
-    card = ModelCard.from_metadata(name, "", metadata)
+    card = ModelCard.from_metadata(name, "", metadata).with_threshold_override(
+        metadata.get(SITE_OVERRIDE)
+    )
     version = metadata.get("mlflow_model_version", "?")
     sections = [
         Section(

@@ -91,6 +91,7 @@ class ServeConfig:
     ood: ood.OODSettings
     store_uploads: bool
     upload_dir: Path
+    threshold_override: float | None = None  # a site's own threshold (pox validate)
 
     @classmethod
     def from_cfg(cls, serve_cfg: DictConfig | Mapping[str, Any]) -> ServeConfig:
