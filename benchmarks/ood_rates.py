@@ -57,9 +57,9 @@ def flagged(predictor: Predictor, photos: list[Image.Image]) -> dict[str, np.nda
          for i in tqdm(range(0, len(inputs), BATCH), desc="photos", disable=None, leave=False)]
     )  # fmt: skip
     settings = ood.OODSettings(enabled=True, features=tuple(guard.guards),
-                               statistics_size=guard.statistics_size, k=1, quantile=1.0,
+                               statistics_size=guard.statistics_size, k=1, alpha=0.01,
                                batch_size=BATCH)  # fmt: skip
-    features = ood.features_of(predictor.model, inputs, settings)
+    features = ood.features_of(predictor.model, inputs, settings, card.tta)
     alone = {space: part.distances(features[space]) > part.threshold
              for space, part in guard.guards.items()}  # fmt: skip
     return {**alone, SERVED: served > 1.0}
@@ -96,17 +96,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     if predictor.guard is None:
         raise SystemExit(f"{stored.tag} has no out-of-distribution guard: publish it again")
     spaces = ", ".join(
-        f"{space} (k={guard.k}, threshold {guard.threshold:.3f} = validation "
-        f"quantile {guard.quantile})"
+        f"{space} (k={guard.k}, threshold {guard.threshold:.3f}, set on "
+        f"{guard.calibration_photos} held-out photos for at most {guard.effective_alpha:.2%})"
         for space, guard in predictor.guard.guards.items()
     )
     print(f"model {stored.tag} ({stored.info.metadata.get('model_name')}), guard spaces: {spaces}")
+    print(f"stated false-refusal rate of genuine photos: at most {predictor.guard.stated_rate:.2%}")
     rules = [*predictor.guard.guards, SERVED]
     print("| set | images | " + " | ".join(f"flagged by {rule}" for rule in rules) + " | goal |")
     print("|---|---|" + "---|" * len(rules) + "---|")
     for name, count, hits, goal in rates(predictor, args.images):
-        cells = " | ".join(f"{hits[rule]} ({hits[rule] / count:.1%})" for rule in rules)
+        cells = " | ".join(f"{hits[rule]} ({hits[rule] / count:.1%}, {interval(hits[rule], count)})"
+                           for rule in rules)  # fmt: skip
         print(f"| {name} | {count} | {cells} | {goal} |")
+
+
+def interval(hits: int, count: int) -> str:
+    """The exact (Clopper-Pearson) 95% interval of a flagged share."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(hits, count).proportion_ci(confidence_level=0.95)
+    return f"95% CI {ci.low:.1%}-{ci.high:.1%}"
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def save_champion(
         if guard_photos is not None:
             photos = guard_photos.astype(np.float32)
             split = len(photos) * 3 // 4
-            guard = ood.fit_guard(model, photos[:split], photos[split:], tiny_guard_settings())
+            guard = ood.fit_guard(model, photos[:split], photos[split:], tiny_guard_settings(),
+                                  "none")
             metadata["ood"] = guard.metadata()
             extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
         return str(store_keras_model(MODEL_NAME, model, None, metadata, extra_files).tag)
@@ -92,7 +93,7 @@ def tiny_guard_settings(**changes: object):
     from pox_pipeline import ood
 
     values = {"enabled": True, "features": ood.FEATURE_SPACES, "statistics_size": TEST_IMAGE_SIZE,
-              "k": 3, "quantile": 1.0, "batch_size": 32, **changes}  # fmt: skip
+              "k": 3, "alpha": 0.01, "batch_size": 32, **changes}  # fmt: skip
     return ood.OODSettings(**values)
 
 

@@ -21,16 +21,51 @@ rng = np.random.default_rng(0)
 def test_guard_flags_points_far_from_the_training_cloud() -> None:
     train = rng.normal(0, 1, (200, 8))
     val = rng.normal(0, 1, (50, 8))
-    guard = ood.Guard.fit(train, val, k=5, quantile=0.9)
-    # the threshold is the validation quantile: about 10% of validation photos are above it
-    assert np.mean(guard.distances(val) > guard.threshold) == pytest.approx(0.1, abs=0.03)
+    guard = ood.Guard.fit(train, val, k=5, alpha=0.1)
     near, far = guard.distances(np.vstack([np.zeros(8), np.full(8, 6.0)]))
     assert near < guard.threshold < far
 
 
+def test_conformal_rank_and_the_rate_it_can_state(caplog: pytest.LogCaptureFixture) -> None:
+    assert ood.conformal_rank(999, 0.01) == (990, pytest.approx(0.01))
+    assert ood.conformal_rank(50, 0.1) == (46, pytest.approx(1 - 46 / 51))
+    with caplog.at_level("WARNING"):
+        rank, effective = ood.conformal_rank(182, 0.005)  # too few photos for 1 in 200
+    assert (rank, effective) == (182, pytest.approx(1 / 183)) and "cannot bound" in caplog.text
+
+
+def test_the_stated_rate_holds_on_genuine_photos_the_guard_never_saw() -> None:
+    """Probe with fresh draws of the training distribution, never the reference or the
+    calibration photos: the share flagged is the effective alpha the guard states."""
+    train, calibration = rng.normal(0, 1, (300, 8)), rng.normal(0, 1, (400, 8))
+    guard = ood.Guard.fit(train, calibration, k=5, alpha=0.1)
+    fresh = rng.normal(0, 1, (4000, 8))
+    flagged = np.mean(guard.distances(fresh) > guard.threshold)
+    assert guard.effective_alpha == pytest.approx(0.1, abs=0.005)
+    assert flagged == pytest.approx(guard.effective_alpha, abs=0.025)
+
+
+def test_out_of_fold_distances_exclude_each_photos_own_patient() -> None:
+    """Two near-identical photos per patient, a patient's photos in one fold: measured against a
+    reference holding its twin, a photo looks close to everything, and a guard fitted that way
+    refuses most genuine photos; out of fold, fresh photos are refused at most at the stated rate."""
+    patients = rng.normal(0, 1, (150, 8))
+    photos = np.repeat(patients, 2, axis=0) + rng.normal(0, 0.01, (300, 8))
+    folds = np.repeat(np.arange(150) % 5, 2)
+    guard = ood.Guard.fit_out_of_fold(photos, folds, k=1, alpha=0.1)
+    in_sample = ood.Guard.of_reference(photos, k=1).with_threshold(
+        ood.Guard.of_reference(photos, k=1).distances(photos), alpha=0.1
+    )
+    fresh = rng.normal(0, 1, (4000, 8))
+    # conservative (each fold's reference is 4/5 of the photos the served one holds), never over
+    assert 0.02 < np.mean(guard.distances(fresh) > guard.threshold) <= guard.effective_alpha + 0.02
+    assert np.mean(in_sample.distances(fresh) > in_sample.threshold) > 0.9
+    assert guard.calibration_photos == 300 and guard.reference.shape[0] == 300
+
+
 def test_a_unit_silent_in_training_counts_and_divides_by_no_zero() -> None:
     train = np.hstack([rng.normal(0, 1, (100, 4)), np.zeros((100, 1))])
-    guard = ood.Guard.fit(train, train[:30], k=3, quantile=1.0)
+    guard = ood.Guard.fit(train, train[:30], k=3, alpha=0.01)
     lit = np.array([[0, 0, 0, 0, 5.0]])
     assert np.isfinite(guard.distances(lit)).all()
     assert guard.distances(lit)[0] > guard.threshold
@@ -44,7 +79,7 @@ def two_spaces() -> tuple[dict, dict]:
 
 def test_the_score_is_the_worst_space_relative_to_its_threshold(tmp_path: Path) -> None:
     train, val = two_spaces()
-    guards = ood.GuardSet.fit(train, val, tiny_guard_settings(quantile=0.95))
+    guards = ood.GuardSet.fit(train, val, tiny_guard_settings(alpha=0.1))
     probe = {"head": np.zeros((2, 6)), "image_statistics": np.array([[5, 5, 5], [50, 50, 50]])}
     head, stats = guards.guards["head"], guards.guards["image_statistics"]
     expected = np.maximum(head.distances(probe["head"]) / head.threshold,
@@ -55,13 +90,16 @@ def test_the_score_is_the_worst_space_relative_to_its_threshold(tmp_path: Path) 
     np.testing.assert_allclose(loaded.scores(probe), guards.scores(probe), rtol=1e-5)
     assert loaded.metadata() == guards.metadata()
     assert set(guards.metadata()["spaces"]) == {"head", "image_statistics"}
+    # alpha is shared over the spaces; the stated rate is the sum of what each achieved
+    assert head.alpha == stats.alpha == pytest.approx(0.05)
+    assert guards.stated_rate == pytest.approx(head.effective_alpha + stats.effective_alpha)
 
 
 def test_settings_are_checked() -> None:
     base = {"enabled": True, "features": ["head"], "statistics_size": 64, "k": 5,
-            "quantile": 0.9, "batch_size": 8}  # fmt: skip
+            "alpha": 0.01, "batch_size": 8}  # fmt: skip
     assert ood.OODSettings.from_cfg(base).features == ("head",)
-    for change, words in ({"quantile": 0}, "quantile"), ({"k": 0}, "k must"), (
+    for change, words in ({"alpha": 0}, "alpha"), ({"alpha": 1}, "alpha"), ({"k": 0}, "k must"), (
         {"features": ["pixels"]}, "features"), ({"features": []}, "features"):  # fmt: skip
         with pytest.raises(ValueError, match=words):
             ood.OODSettings.from_cfg({**base, **change})
@@ -118,9 +156,9 @@ def test_an_ensemble_gives_every_members_features() -> None:
     members = [tiny_model(seed=0), tiny_model(seed=1)]
     ensemble = build_ensemble(members, 32, "pair")
     images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
-    features = ood.features_of(ensemble, images, tiny_guard_settings(features=["head"]))["head"]
-    singles = [ood.features_of(m, images, tiny_guard_settings(features=["head"]))["head"]
-               for m in members]  # fmt: skip
+    settings = tiny_guard_settings(features=["head"])
+    features = ood.features_of(ensemble, images, settings, "none")["head"]
+    singles = [ood.features_of(m, images, settings, "none")["head"] for m in members]
     np.testing.assert_allclose(features, np.hstack(singles), rtol=1e-5)
 
 
@@ -130,7 +168,7 @@ def test_image_statistics_are_the_colour_texture_features_of_the_resized_photo()
     from pox_pipeline.features import ColourTextureFeatures
 
     images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
-    got = ood.features_of(tiny_model(), images, tiny_guard_settings(statistics_size=16))
+    got = ood.features_of(tiny_model(), images, tiny_guard_settings(statistics_size=16), "none")
     resized = keras.layers.Resizing(16, 16, antialias=True)(images)
     expected = np.asarray(ColourTextureFeatures()(resized))
     np.testing.assert_allclose(got["image_statistics"], expected, rtol=1e-4, atol=1e-5)
@@ -149,7 +187,7 @@ def test_predictor_answers_carry_the_verdict(tmp_path: Path) -> None:
     # a guard fitted on skin-like photos: one of them passes, a flat colour does not
     photos = skin_like_photos(24)
     settings = tiny_guard_settings()
-    ood.fit_guard(predictor.model, photos[:18], photos[18:], settings).save(
+    ood.fit_guard(predictor.model, photos[:18], photos[18:], settings, "none").save(
         Path(stored.path) / ood.OOD_FILE
     )
     guarded = serve.Predictor.from_stored(stored)
@@ -185,3 +223,19 @@ def test_test_time_views_average_the_model_side_and_describe_each_photo_once() -
     )
     np.testing.assert_allclose(features["image_statistics"], per_view[0][1]["image_statistics"])
     assert described[0] == len(images)  # the flipped copies were not described
+
+
+def test_the_guard_is_fitted_on_the_features_the_service_computes_under_tta() -> None:
+    """A champion served with flips TTA averages head features over the flipped views: the
+    guard's reference is fitted on those same averaged features, not the plain ones."""
+    from pox_pipeline.inference import tta_views
+
+    model, images = tiny_model(), skin_like_photos(4)
+    settings = tiny_guard_settings()
+    fitted = ood.features_of(model, images, settings, "flips")
+    extract = ood.feature_extractor(model, 32, settings.features, settings.statistics_size)
+    views = tta_views(images, "flips")
+    served = extract(np.concatenate(views), len(views))[1]
+    np.testing.assert_allclose(fitted["head"], served["head"], rtol=1e-5)
+    plain = ood.features_of(model, images, settings, "none")
+    assert not np.allclose(fitted["head"], plain["head"], rtol=1e-3)
