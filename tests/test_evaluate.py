@@ -64,10 +64,12 @@ def reference_ece(predictions: pd.DataFrame, positive: str, n_bins: int) -> floa
 def test_evaluate_binary_writes_the_contract_and_logs_to_the_run(
     prepared_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
-    """On the output of the real `train` (one epoch of the CNN at 32 px)."""
+    """On the output of the real `train` (one epoch of the CNN at 32 px, on the fixed split:
+    tests/test_refit.py evaluates on out-of-fold evidence)."""
     from pox_pipeline.train import train
 
     cfg = prepared_cfg(
+        "train.refit.folds=0",
         "evaluate.bootstrap.samples=50",
         "model.cnn.epochs=1",
         "model.cnn.padding=same",  # 5 valid conv+pool blocks do not fit in 32 px

@@ -48,7 +48,8 @@ def test_the_stated_rate_holds_on_genuine_photos_the_guard_never_saw() -> None:
 def test_out_of_fold_distances_exclude_each_photos_own_patient() -> None:
     """Two near-identical photos per patient, a patient's photos in one fold: measured against a
     reference holding its twin, a photo looks close to everything, and a guard fitted that way
-    refuses most genuine photos; out of fold, fresh photos are refused at most at the stated rate."""
+    refuses most genuine photos; out of fold, fresh photos are refused at most at the stated
+    rate."""
     patients = rng.normal(0, 1, (150, 8))
     photos = np.repeat(patients, 2, axis=0) + rng.normal(0, 0.01, (300, 8))
     folds = np.repeat(np.arange(150) % 5, 2)

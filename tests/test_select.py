@@ -91,9 +91,9 @@ def test_select_registers_saves_and_is_idempotent(
     assert first["winner"] == "vgg16"  # val decides; cnn's (garbage) test metrics unread
     assert test_metrics_read == ["vgg16"]  # only the winner's, to ship as metadata
     assert first["threshold"] == 0.3
-    assert first["candidates"] == {
-        "cnn": {"auc": 0.70, "threshold": 0.4},
-        "vgg16": {"auc": 0.90, "threshold": 0.3},
+    assert first["candidates"] == {  # a fixed split: no fold spread, only the best is eligible
+        "cnn": {"mean": 0.70, "se": None, "pooled": 0.70, "eligible": False},
+        "vgg16": {"mean": 0.90, "se": None, "pooled": 0.90, "eligible": True},
     }
     on_disk = json.loads((Path(cfg.paths.reports_dir) / "select.json").read_text())
     assert on_disk == first

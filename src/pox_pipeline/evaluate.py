@@ -1,11 +1,14 @@
-"""Stage `evaluate@<name>`: score a trained model on val and test (optionally averaged over
-test-time augmentation views), calibrate it on val, pick the operating threshold on val,
-report test metrics with bootstrap CIs, calibration, curves and figures.
+"""Stage `evaluate@<name>`: calibrate a trained model and choose its operating threshold on its
+selection evidence, then report test metrics with bootstrap CIs, calibration, curves and
+figures.
 
-The temperature and the threshold are both chosen on the validation split only, so the test
-figures are an honest estimate of the deployed decision; they travel to the service through
-``val_metrics.json`` (``temperature``, ``threshold``, ``tta``), which ``select`` ships as the
-model's metadata. Everything is logged to the MLflow run that trained the model
+The evidence is the out-of-fold predictions over every non-test photo that ``train`` wrote
+(``models/<name>/oof.csv``, ~180 photos on MSLD) or, for a model fitted on one fixed split,
+the validation split. The temperature, the served threshold and the other operating points
+(``evaluate.operating_points``, each with the rates it promises and their intervals) are all
+set there, so the test figures are an honest estimate of the deployed decision; they travel to
+the service through ``val_metrics.json`` (``evidence`` says which), which ``select`` ships as
+the model's metadata. Everything is logged to the MLflow run that trained the model
 (``models/<name>/run.json``).
 """
 

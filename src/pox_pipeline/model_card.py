@@ -253,7 +253,9 @@ def _rate(rate: tuple[float, float, float], complement: bool = False) -> str:
 
 def evidence_words(val_metrics: Mapping[str, Any]) -> str:
     """What the threshold, the calibration and the choice were set on."""
-    n = val_metrics.get("n_val", "?")
+    n = val_metrics.get("n_val")
+    if n is None:
+        return "the validation photos"
     if val_metrics.get("evidence") == "out_of_fold":
         return (
             f"{n} out-of-fold predictions (every non-test photo, each scored by a model that "
