@@ -41,8 +41,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     for index, name in enumerate(CLASSES):
         (folder / name).mkdir(parents=True)
         for number, pixels in enumerate(photos[24 + 8 * index : 32 + 8 * index]):
-            # brighter positives: the tiny model's output follows the mean colour
-            save_png(folder / name / f"p{number}.png", np.clip(pixels + (30 - 60 * index), 0, 255))
+            save_png(folder / name / f"p{number}.png", pixels)
     save_png(folder / CLASSES[1] / "flat.png", np.full((32, 32, 3), [20.0, 200.0, 40.0]))
     (folder / CLASSES[0] / "broken.png").write_bytes(b"not a png")
     params = write_serve_params(root / "params.yaml")
@@ -104,12 +103,16 @@ def test_a_folder_that_names_no_class_is_a_clear_error(site: dict, tmp_path: Pat
 def test_the_override_changes_the_served_threshold_in_the_cli_and_the_real_service(
     site: dict,
 ) -> None:
-    """An override between a photo's probability and the published threshold flips its label,
+    """An override on the other side of a photo's probability from the published threshold
+    flips its label,
     in ``pox predict`` and in the service; the served model card records it."""
-    photo = sorted((site["folder"] / CLASSES[0]).glob("p*.png"))[0]
-    (probability,), _ = served_probabilities(site, [photo])
+    candidates = sorted((site["folder"] / CLASSES[0]).glob("p*.png"))
+    probabilities, ood_scores = served_probabilities(site, candidates)
+    closest = int(np.argmin(ood_scores))  # in distribution: it gets a label
+    photo, probability = candidates[closest], probabilities[closest]
+    assert ood_scores[closest] <= 1
     flagged = probability >= THRESHOLD
-    override = (probability + THRESHOLD) / 2
+    override = (probability + 1) / 2 if flagged else probability / 2  # the other side of it
     params = write_serve_params(site["root"] / "override.yaml",
                                 f"serve.threshold_override={override}")  # fmt: skip
     result = pox(site, "predict", "--json", str(photo), params=params)

@@ -340,12 +340,18 @@ def validate(
             return preprocess.to_model_input(read_photo(path, settings), card.image_size,
                                              card.resample)  # fmt: skip
 
-        readable, scored, unreadable = site.score_photos(
-            photos, to_input, predictor.outputs_with_ood_score, settings.max_batch_size
-        )
+        try:
+            readable, scored, unreadable = site.score_photos(
+                photos, to_input, predictor.outputs_with_ood_score, settings.max_batch_size
+            )
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
     for bad in unreadable:
         click.echo(f"{bad['file']}: error: {bad['error']}", err=True)
-    report = site.validate(params, card, readable, scored, target)
+    try:
+        report = site.validate(params, card, readable, scored, target)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
     report["unreadable"] = unreadable
     written = site.write_report(report, out_dir, int(params.evaluate.ece_bins))
     served = report["at_served_threshold"]
