@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from omegaconf import DictConfig
 
-from pox_pipeline import model_card, ood, paths
+from pox_pipeline import model_card, monitor, ood, paths
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, NO_CALIBRATION
 from pox_pipeline.config import stage_entry
 from pox_pipeline.data import load_split
@@ -183,6 +183,14 @@ def publish_bentoml(
             guard = ood.fit_guard(model, train, val, settings)
             metadata["ood"] = guard.metadata()
             extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
+        # Monitoring reference (issue 21); belongs in publish.py's list of stored files.
+        if cfg.serve.monitoring.enabled:
+            train, val = (load_split(data_cfg, split)[0] for split in ("train", "val"))
+            files, metadata["monitoring"] = monitor.write_reference(
+                model_file, metadata, train, val, cfg.serve, Path(tmp),
+                extra_files.get(ood.OOD_FILE),
+            )  # fmt: skip
+            extra_files.update(files)
         metadata = without_nulls(metadata)
         name = cfg.select.registered_model_name
         for path in model_card.write_files(Path(tmp), name, metadata, str(cfg.serve.ui_path)):
