@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pox_pipeline import ood
+from pox_pipeline import ood, paths
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -274,7 +274,7 @@ def write_reference(
     card = ModelCard.from_metadata(str(metadata.get("registered_model_name", "model")),
                                    "reference", metadata)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:  # a model directory as the service reads it
-        shutil.copyfile(model_file, Path(tmp) / Path(model_file).name)
+        shutil.copyfile(model_file, Path(tmp) / paths.MODEL_FILE)
         shutil.copyfile(basis_file, Path(tmp) / BASIS_FILE)
         if guard_file is not None:
             shutil.copyfile(guard_file, Path(tmp) / ood.OOD_FILE)
