@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 # A built Bento (and its container) ships the package as source under src/, not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from pox_pipeline import model_card, serve  # noqa: E402
+from pox_pipeline import model_card, monitor, serve  # noqa: E402
 from pox_pipeline.preprocess import ImageError  # noqa: E402
 
 SETTINGS = serve.ServeConfig.load()
@@ -116,6 +116,7 @@ class PoxModel:
             serve.calibration_inputs(SETTINGS, card),
             SETTINGS.tflite_threads,
             SETTINGS.ood.enabled,
+            SETTINGS.monitoring.enabled,
         )
 
     @bentoml.api(
@@ -125,9 +126,9 @@ class PoxModel:
     )
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Model outputs for a (N, S, S, 3) batch (averaged over the champion's TTA views),
-        plus a last column: each image's out-of-distribution score (above 1: out; nan: no check);
-        concurrent calls are merged into one."""
-        return self.predictor.outputs_with_ood_score(images)
+        plus a column: each image's out-of-distribution score (above 1: out; nan: no check), then
+        the monitored columns when monitoring is on; concurrent calls are merged into one."""
+        return self.predictor.outputs_with_monitoring(images)
 
     @bentoml.api
     def gradcam(self, image: np.ndarray) -> np.ndarray:
@@ -208,6 +209,17 @@ class PoxClassifier:
     def __init__(self) -> None:
         self.settings = SETTINGS
         self.card = served_card(CHAMPION.resolve())
+        self.monitor = monitor.ServiceMonitor(
+            SETTINGS.monitoring, Path(CHAMPION.resolve().path), self.card
+        )
+
+    def __metrics__(self, exposition: str) -> str:
+        """BentoML's ``/metrics`` plus the last ``pox monitor`` result as gauges."""
+        return self.monitor.metrics_text(exposition)
+
+    def _rejected(self, response: JSONResponse) -> JSONResponse:
+        self.monitor.rejected(response.status_code)
+        return response
 
     async def _load(self, upload: Path) -> tuple[Image.Image, np.ndarray]:
         """Decode off the event loop; raises ImageError with a reason for the client."""
@@ -231,10 +243,16 @@ class PoxClassifier:
             f"the model service did not answer {api!r} in {attempts} attempts ({failure})"
         )
 
-    async def _outputs(self, batch: np.ndarray) -> np.ndarray:
+    async def _answers(self, batch: np.ndarray, endpoint: str) -> list[dict]:
+        """The answers for a batch of model inputs, each recorded by the monitor."""
         # Model inputs are whole numbers in [0, 255] (a resized 8-bit photo): uint8 carries
         # them exactly in a quarter of the bytes between the two processes.
-        return await self._call_model("infer", images=batch.astype(np.uint8))
+        scored, columns = self.monitor.split(
+            await self._call_model("infer", images=batch.astype(np.uint8))
+        )
+        answers = self.card.results(*serve.split_ood_score(scored))
+        self.monitor.record(endpoint, answers, columns)
+        return answers
 
     @bentoml.api
     async def predict(self, image: Path) -> Answer:
@@ -243,28 +261,26 @@ class PoxClassifier:
         try:
             _, array = await self._load(image)
         except ImageError as error:
-            return rejection(error)
-        return Answer(
-            **self.card.results(*serve.split_ood_score(await self._outputs(array[None])))[0]
-        )
+            return self._rejected(rejection(error))
+        return Answer(**(await self._answers(array[None], "predict"))[0])
 
     @bentoml.api
     async def predict_batch(self, images: list[Path]) -> list[Answer]:
         """Several photos (repeated multipart field ``images``) -> one answer each, in order."""
         limit = self.settings.max_images_per_request
         if len(images) > limit:
-            return JSONResponse(
+            return self._rejected(JSONResponse(
                 {"error": f"{len(images)} images sent; the limit is {limit} per request"},
                 status_code=413,
-            )
+            ))  # fmt: skip
         arrays = []
         for number, upload in enumerate(images, 1):
             try:
                 arrays.append((await self._load(upload))[1])
             except ImageError as error:
-                return rejection(error, f"image {number} of {len(images)}")
-        outputs = await self._outputs(np.stack(arrays))
-        return [Answer(**result) for result in self.card.results(*serve.split_ood_score(outputs))]
+                return self._rejected(rejection(error, f"image {number} of {len(images)}"))
+        answers = await self._answers(np.stack(arrays), "predict_batch")
+        return [Answer(**result) for result in answers]
 
     @bentoml.api
     async def explain(self, image: Path) -> ExplainedAnswer:
@@ -274,12 +290,12 @@ class PoxClassifier:
         try:
             photo, array = await self._load(image)
         except ImageError as error:
-            return rejection(error)
-        outputs, cam = await asyncio.gather(
-            self._outputs(array[None]), self._call_model("gradcam", image=array)
+            return self._rejected(rejection(error))
+        answers, cam = await asyncio.gather(
+            self._answers(array[None], "explain"), self._call_model("gradcam", image=array)
         )
         png = await asyncio.to_thread(serve.render_heatmap, photo, cam, self.settings.heatmap)
-        result = self.card.results(*serve.split_ood_score(outputs))[0]
+        result = answers[0]
         return ExplainedAnswer(**result, heatmap_png_base64=base64.b64encode(png).decode("ascii"))
 
 

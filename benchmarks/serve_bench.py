@@ -9,6 +9,8 @@ throughput ratios. Servers are stopped by pid whatever happens.
 
 The model is an untrained one built by pox_pipeline.models at 224 px (speed does not depend on
 the weights) in a temporary BentoML store, or with --bento-tag a stored champion.
+``bentoml-nomonitor`` is the batching server with ``serve.monitoring.enabled=false``: the
+"monitoring on / off" ratio is what the per-answer records and /metrics series cost.
 
 examples:
   python benchmarks/serve_bench.py --model cnn
@@ -54,6 +56,7 @@ PROJECT_ROOT = project_root()
 SERVERS = {
     "bentoml": "BentoML service, adaptive batching on",
     "bentoml-nobatch": "BentoML service, adaptive batching off",
+    "bentoml-nomonitor": "BentoML service, adaptive batching on, monitoring off",
     "naive": "Flask + model.predict per request",
 }
 READY_TIMEOUT_S = 300
@@ -112,8 +115,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------- model and payloads
 
 
-def store_untrained_model(cfg: DictConfig, architecture: str, image_size: int) -> str:
-    """Save an untrained model as ``pox-classifier`` in the (temporary) BentoML store."""
+def store_untrained_model(
+    cfg: DictConfig, architecture: str, image_size: int, workdir: Path
+) -> str:
+    """Save an untrained model as ``pox-classifier`` in the (temporary) BentoML store, with a
+    guard and a monitoring reference fitted on the synthetic photos (as publishing stores
+    them), so that monitoring on vs off compares what a published champion serves."""
+    from pox_pipeline import monitor, ood
+    from pox_pipeline.inference import load_keras_model
     from pox_pipeline.models import build_model
 
     data_cfg = OmegaConf.merge(cfg.data, {"image_size": image_size})
@@ -129,7 +138,17 @@ def store_untrained_model(cfg: DictConfig, architecture: str, image_size: int) -
         "model_name": architecture,
         "weights": "none",
     }
-    return str(store_keras_model("pox-classifier", model, None, metadata).tag)
+    arrays = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
+                       for data in photos(None, image_size)])  # fmt: skip
+    settings = ood.OODSettings.from_cfg({**cfg.serve.ood, "k": 1})
+    half = len(arrays) // 2
+    model_file = workdir / "untrained.keras"
+    model.save(model_file)
+    guard = ood.fit_guard(load_keras_model(model_file), arrays[:half], arrays[half:], settings)
+    extra = {ood.OOD_FILE: guard.save(workdir / ood.OOD_FILE)}
+    files, _ = monitor.write_reference(model_file, metadata, arrays[:half], arrays[half:],
+                                       cfg.serve, workdir, extra[ood.OOD_FILE])  # fmt: skip
+    return str(store_keras_model("pox-classifier", model, None, metadata, {**extra, **files}).tag)
 
 
 def photos(folder: Path | None, size: int) -> list[bytes]:
@@ -306,7 +325,8 @@ def report(results: list[Result]) -> str:
                      f"{r.p95_ms:>10.1f}{r.p99_ms:>10.1f}{r.errors:>8}{r.peak_rss_mib:>14.1f}")
     rate = {(r.server, r.clients): r.requests_per_s for r in results}
     for label, top, bottom in (("BentoML (batching) / naive", "bentoml", "naive"),
-                               ("batching on / off", "bentoml", "bentoml-nobatch")):
+                               ("batching on / off", "bentoml", "bentoml-nobatch"),
+                               ("monitoring on / off", "bentoml", "bentoml-nomonitor")):
         ratios = [f"{c} clients: {rate[top, c] / rate[bottom, c]:.2f}x"
                   for c in sorted({c for _, c in rate})
                   if (top, c) in rate and (bottom, c) in rate and rate[bottom, c] > 0]
@@ -323,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ["BENTOML_HOME"] = str(workdir / "bentoml")
     cfg = load_params(args.params)
     args.backend = args.backend or cfg.serve.backend
-    tag = args.bento_tag or store_untrained_model(cfg, args.model, args.image_size)
+    tag = args.bento_tag or store_untrained_model(cfg, args.model, args.image_size, workdir)
     print(f"model {tag} ({args.bento_tag or args.model}), backend {args.backend}; "
           f"{os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} before the run on {platform.node()}",
@@ -333,7 +353,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         for name in args.servers:
             params = workdir / f"{name}.params.yaml"
-            serve_cfg = {"batching": name != "bentoml-nobatch", "backend": args.backend}
+            serve_cfg = {"batching": name != "bentoml-nobatch", "backend": args.backend,
+                         "monitoring": {"enabled": name != "bentoml-nomonitor",
+                                        "log_path": str(workdir / "monitoring")}}  # fmt: skip
             OmegaConf.save(OmegaConf.merge(cfg, {"serve": serve_cfg}), params)
             print(f"{name}: {SERVERS[name]}", flush=True)
             with running(name, tag, params, workdir) as (url, root):

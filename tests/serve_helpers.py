@@ -49,14 +49,19 @@ def tiny_model(image_size: int = TEST_IMAGE_SIZE, seed: int = 0):
 
 
 def save_champion(
-    model=None, image_size: int = TEST_IMAGE_SIZE, guard_photos: np.ndarray | None = None
+    model=None,
+    image_size: int = TEST_IMAGE_SIZE,
+    guard_photos: np.ndarray | None = None,
+    monitored: bool = False,
 ) -> str:
     """Save a model as ``pox-classifier`` with select.py's metadata keys; returns its tag.
 
     With ``guard_photos`` (N, S, S, 3), an out-of-distribution guard is stored too, as
     publishing fits it: the first three quarters are its reference, the rest set the threshold.
+    ``monitored`` also stores the monitoring basis and reference table, from the same photos.
     """
-    from pox_pipeline import ood
+    from pox_pipeline import monitor, ood
+    from pox_pipeline.config import compose
 
     model = model or tiny_model(image_size)
     metadata = {
@@ -85,7 +90,22 @@ def save_champion(
                                   "none")
             metadata["ood"] = guard.metadata()
             extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
+            if monitored:
+                model_file = Path(tmp) / "model.keras"
+                model.save(model_file)
+                serve_cfg = compose(tiny_guard_overrides()).serve
+                files, metadata["monitoring"] = monitor.write_reference(
+                    model_file, metadata, photos[:split], photos[split:], serve_cfg, Path(tmp),
+                    extra_files[ood.OOD_FILE],
+                )  # fmt: skip
+                extra_files.update(files)
         return str(store_keras_model(MODEL_NAME, model, None, metadata, extra_files).tag)
+
+
+def tiny_guard_overrides() -> list[str]:
+    """:func:`tiny_guard_settings` as ``serve.ood`` overrides of the composed config."""
+    return [f"serve.ood.{key}={value}" for key, value in
+            {"statistics_size": TEST_IMAGE_SIZE, "k": 3, "quantile": 1.0}.items()]  # fmt: skip
 
 
 def tiny_guard_settings(**changes: object):

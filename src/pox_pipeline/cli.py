@@ -5,6 +5,7 @@
     pox doctor                                   what a run needs, and the fix for what is missing
     pox model-card --out model_card.html         the model card of the served model
     pox validate site_photos/                    the served model on a site's labelled photos
+    pox monitor --since 7d                       drift of the served answers (exit 1 on drift)
 
 Run it in the project root (it reads ``params.yaml``, or the file ``$POX_PARAMS`` names). The
 model, its preprocessing and the out-of-distribution guard are the service's own
@@ -19,7 +20,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -491,6 +492,42 @@ def champion_check(tag: str) -> Check:
     return Check(
         "champion in BentoML", True, f"{stored.tag} ({stored.info.metadata.get('model_name')})"
     )
+
+
+@main.command("monitor")
+@click.option("--logs", type=click.Path(file_okay=False, path_type=Path),
+              help="The monitoring records' folder (default: serve.monitoring.log_path).")
+@click.option("--since", help="Window up to now, e.g. 7d, 12h (default: serve.monitoring.since).")
+@click.option("--min-answers", type=int,
+              help="Fewer answers per version: no test (default: serve.monitoring.min_answers).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Where drift.json and drift.html go (default: serve.monitoring.report_dir).")
+@click.option("--mlflow", "to_mlflow", is_flag=True, help="Also log the result to MLflow.")
+def monitor_command(
+    logs: Path | None, since: str | None, min_answers: int | None, out: Path | None,
+    to_mlflow: bool,
+) -> None:  # fmt: skip
+    """Test the served answers of a window against each model version's reference.
+
+    Exit status 1 when any version drifted (for cron or CI), else 0 (also for "not enough
+    answers")."""
+    from datetime import datetime
+
+    from pox_pipeline import monitor
+
+    params = load_params()
+    settings = serve.ServeConfig.from_cfg(params.serve).monitoring
+    if logs is not None:
+        settings = replace(settings, log_path=logs)
+    window = monitor.parse_since(since or settings.since)
+    report = monitor.check(settings, str(params.select.bentoml_model_name),
+                           datetime.now() - window, min_answers=min_answers)  # fmt: skip
+    files = monitor.write_report(report, out or settings.report_dir)
+    click.echo(monitor.table(report))
+    click.echo(f"wrote {files[0]} and {files[1]}")
+    if to_mlflow:
+        click.echo(f"MLflow run {monitor.log_to_mlflow(report, files, params)}")
+    sys.exit(1 if report["drift"] else 0)
 
 
 @main.command()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig
 
-from pox_pipeline import ood
+from pox_pipeline import monitor, ood
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, class_probabilities
 from pox_pipeline.inference import NO_TTA, TTA_MODES
 
@@ -510,6 +510,8 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
             )
         )
     sections.append(Section("Out-of-distribution rule", paragraphs=[ood_rule(metadata)]))
+    monitored = monitor.card_text(metadata.get("monitoring"))
+    sections.append(Section("Monitoring", paragraphs=[monitored]))
     sections.append(Section("Known limits", bullets=KNOWN_LIMITS))
     return sections
 

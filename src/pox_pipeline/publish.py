@@ -25,7 +25,7 @@ from bentoml.exceptions import NotFound
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from pox_pipeline import model_card, ood, paths
+from pox_pipeline import model_card, monitor, ood, paths
 from pox_pipeline.data import load_split
 from pox_pipeline.inference import load_keras_model, store_keras_model
 
@@ -42,10 +42,10 @@ UNHASHED_FILES = (model_card.MARKDOWN_FILE, model_card.HTML_FILE)
 
 @dataclass(frozen=True)
 class GuardPhotos:
-    """The photos a guard is fitted on. Out of fold: ``images`` are every non-test photo (the
-    reference) and ``folds`` their patient-grouped folds (the threshold comes from each
-    photo's distance to the other folds). Fixed split: ``images`` are the reference (train)
-    and ``held_out`` the photos that set the threshold (val)."""
+    """The photos a guard (and the monitoring reference) is fitted on. Out of fold: ``images``
+    are every non-test photo (the reference) and ``folds`` their patient-grouped folds (the
+    threshold comes from each photo's distance to the other folds). Fixed split: ``images``
+    are the reference (train) and ``held_out`` the photos that set the threshold (val)."""
 
     images: np.ndarray
     folds: np.ndarray | None = None
@@ -66,6 +66,14 @@ class GuardPhotos:
         if list(frame["file"]) != expected:
             raise ValueError(f"{oof} does not list the prepared train + val photos: re-run train")
         return cls(np.concatenate([train, val]), folds=frame["fold"].to_numpy(np.int64))
+
+    @property
+    def monitoring_photos(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the PCA basis's photos, the reference table's photos) of the monitoring reference:
+        train and val on a fixed split; every non-test photo twice after a refit (no photo is
+        held out from the served model then, so its reference is in-sample)."""
+        held_out = self.images if self.held_out is None else self.held_out
+        return self.images, held_out
 
     def fit(self, model: keras.Model, settings: ood.OODSettings, tta: str) -> ood.GuardSet:
         if self.folds is not None:
@@ -134,12 +142,19 @@ def publish(
     model = load_keras_model(model_file)
     with tempfile.TemporaryDirectory() as tmp:
         extra_files = {}
+        photos = guard_photos or GuardPhotos.of_model(data_cfg, None)
         if cfg.serve.ood.enabled:
             settings = ood.OODSettings.from_cfg(cfg.serve.ood)
-            photos = guard_photos or GuardPhotos.of_model(data_cfg, None)
             guard = photos.fit(model, settings, str(metadata["tta"]))
             metadata["ood"] = guard.metadata()
             extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
+        if cfg.serve.monitoring.enabled:  # the reference `pox monitor` compares uploads with
+            basis_photos, reference_photos = photos.monitoring_photos
+            files, metadata["monitoring"] = monitor.write_reference(
+                model_file, metadata, basis_photos, reference_photos, cfg.serve, Path(tmp),
+                extra_files.get(ood.OOD_FILE),
+            )  # fmt: skip
+            extra_files.update(files)
         metadata = without_nulls(metadata)
         name = cfg.select.registered_model_name
         for path in model_card.write_files(Path(tmp), name, metadata, str(cfg.serve.ui_path)):

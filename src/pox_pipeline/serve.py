@@ -23,7 +23,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pox_pipeline import ood, preprocess
+from pox_pipeline import monitor, ood, preprocess
 from pox_pipeline.inference import (
     load_stored_model,
     mean_over_views,
@@ -91,6 +91,7 @@ class ServeConfig:
     ood: ood.OODSettings
     store_uploads: bool
     upload_dir: Path
+    monitoring: monitor.MonitoringSettings
     threshold_override: float | None = None  # a site's own threshold (pox validate)
 
     @classmethod
@@ -104,6 +105,7 @@ class ServeConfig:
             raise ValueError(f"serve.backend={values['backend']!r}; choose one of {BACKENDS}")
         values["heatmap"] = HeatmapConfig(**values["heatmap"])
         values["ood"] = ood.OODSettings.from_cfg(values["ood"])
+        values["monitoring"] = monitor.MonitoringSettings.from_cfg(values["monitoring"])
         values["upload_dir"] = Path(values["upload_dir"])
         values["calibration_dir"] = Path(values["calibration_dir"])
         return cls(**values)
@@ -136,6 +138,7 @@ class Predictor:
         calibration: np.ndarray | None = None,
         tflite_threads: int | None = None,
         ood_enabled: bool = True,
+        monitoring: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
@@ -154,15 +157,19 @@ class Predictor:
 
         guard_file = Path(model_dir) / ood.OOD_FILE
         self.guard = ood.GuardSet.load(guard_file) if ood_enabled and guard_file.is_file() else None
+        # Monitoring (monitor.py): both feature spaces, projected on the basis stored at publish.
+        basis_file = Path(model_dir) / monitor.BASIS_FILE
+        self.basis = monitor.Basis.load(basis_file) if monitoring and basis_file.is_file() else None
+        spaces = list(ood.FEATURE_SPACES if self.basis else self.guard.guards if self.guard else [])
         self.runner: TFLiteRunner | None = None  # the converted model, on TFLite backends
-        if self.guard is None:
+        if not spaces:
             self._features = None
             plain = traced(lambda batch: self.model(batch, training=False), card.image_size)
             self._run = compiled(plain)
         else:  # one pass gives the answer and the guard's head features
             self._features = ood.feature_extractor(
-                self.model, card.image_size, list(self.guard.guards), self.guard.statistics_size,
-                compiled,
+                self.model, card.image_size, spaces,
+                self.guard.statistics_size if self.guard else card.image_size, compiled,
             )  # fmt: skip
             self._run = self._features.outputs
         self._gradcam_layer = last_conv2d(self.model)
@@ -178,9 +185,10 @@ class Predictor:
         calibration: np.ndarray | None = None,
         tflite_threads: int | None = None,
         ood_enabled: bool = True,
+        monitoring: bool = False,
     ) -> Predictor:
         return cls(Path(stored.path), ModelCard.from_stored(stored), backend, calibration,
-                   tflite_threads, ood_enabled)  # fmt: skip
+                   tflite_threads, ood_enabled, monitoring)  # fmt: skip
 
     def _view_batch(self, batch: np.ndarray) -> tuple[np.ndarray, int]:
         """All the card's TTA views of all images as one contiguous batch, and the view count."""
@@ -203,6 +211,17 @@ class Predictor:
             return np.concatenate([outputs, np.full((len(outputs), 1), np.nan)], axis=1)
         model_outputs, features = self._features(*self._view_batch(batch))
         return np.concatenate([model_outputs, self.guard.scores(features)[:, None]], axis=1)
+
+    def outputs_with_monitoring(self, batch: np.ndarray) -> np.ndarray:
+        """:meth:`outputs_with_ood_score` with the monitored columns appended
+        (:func:`monitor.monitored_columns`, ``self.basis.columns``), from the same pass; as
+        :meth:`outputs_with_ood_score` when no monitoring basis is loaded."""
+        if self.basis is None:
+            return self.outputs_with_ood_score(batch)
+        model_outputs, features = self._features(*self._view_batch(batch))
+        scores = self.guard.scores(features) if self.guard else np.full(len(model_outputs), np.nan)
+        columns = monitor.monitored_columns(features, self.guard, self.basis)
+        return np.concatenate([model_outputs, scores[:, None], columns], axis=1)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """Model inputs (``preprocess.to_model_input``) -> one result dict per image, in order."""

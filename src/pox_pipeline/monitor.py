@@ -1,0 +1,794 @@
+"""Production monitoring: do this week's uploads still look like the photos the model was
+validated on? Without keeping a photo.
+
+Three parts, one home:
+
+- **Records** (serving): for every answered image a few numbers go through ``bentoml.monitor``
+  (JSON lines, one file per API worker per day under ``serve.monitoring.log_path``, deleted
+  after ``retention_days``): the answer (label, positive probability, in_distribution, the
+  guard's score per feature space), ten named image statistics (brightness, contrast, colour
+  means, edges, texture: read off the guard's colour/texture features) and a few principal
+  components of the model's head features. Never the photo, its file name or the embedding.
+  Live counters and histograms of the same answers go to ``/metrics`` (prometheus_client).
+- **Reference** (publishing): the same columns for the validation photos, computed through
+  the serving path (backend, TTA), stored beside the model with the PCA basis, fitted on the
+  training photos' head features.
+- **Tests** (``pox monitor``): each model version's records against its reference, with
+  scipy tests whose method is pinned (Fisher's exact test, exact two-sample KS, an exact
+  binomial test), Holm's correction over all of them, PSI for the probability as a
+  conventional reading. Writes drift.json and an HTML page; non-zero exit on drift.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging.handlers
+import math
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pox_pipeline import ood, paths
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from pox_pipeline.model_card import ModelCard
+
+MONITOR_NAME = "pox_answers"  # one bentoml.monitor per process (its loggers are global)
+BASIS_FILE = "monitoring_basis.npz"  # beside the model, like ood.npz
+REFERENCE_FILE = "monitoring_reference.csv"
+REPORT_JSON = "drift.json"
+REPORT_HTML = "drift.html"
+ROTATED_SUFFIX = "%Y-%m-%d"  # a day's file: data.<worker>.log.<date>
+
+GUARD_COLUMNS = tuple(f"guard_{space}" for space in ood.FEATURE_SPACES)
+# The ten named statistics, each read off ColourTextureFeatures (see :func:`statistic_indices`).
+STATISTICS = (
+    "brightness", "contrast", "saturation", "red_mean", "green_mean", "blue_mean",
+    "chroma_blue", "chroma_red", "edge_energy", "texture_irregularity",
+)  # fmt: skip
+# ColourTextureFeatures' colour channels, in its order: RGB, HSV, YCbCr.
+CHANNELS = ("red", "green", "blue", "hue", "saturation", "value", "luma", "cb", "cr")
+ANSWER_COLUMNS = ("label", "positive_probability", "in_distribution", "ood_score")
+CATEGORICAL = ("model_version", "label", "in_distribution")
+# PSI: an empty bin counts as this share, so the logarithm stays finite.
+PSI_FLOOR = 1e-4
+# Conventional reading of PSI: below 0.1 stable, 0.1-0.25 moderate, above 0.25 major shift.
+PSI_LEVELS = ((0.1, "stable"), (0.25, "moderate"), (math.inf, "major"))
+
+
+def component_columns(count: int) -> tuple[str, ...]:
+    return tuple(f"head_pc{i}" for i in range(1, count + 1))
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class MonitoringSettings:
+    """``serve.monitoring`` (conf/serve/default.yaml says what each is)."""
+
+    enabled: bool
+    log_path: Path
+    retention_days: int
+    components: int
+    report_dir: Path
+    since: str
+    min_answers: int
+    alpha: float
+    psi_bins: int
+    probability_buckets: tuple[float, ...]
+    guard_score_buckets: tuple[float, ...]
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> MonitoringSettings:
+        values = dict(cfg)
+        values["log_path"] = Path(values["log_path"])
+        values["report_dir"] = Path(values["report_dir"])
+        for key in ("probability_buckets", "guard_score_buckets"):
+            values[key] = tuple(float(b) for b in values[key])
+        settings = cls(**values)
+        if settings.retention_days < 1:
+            raise ValueError("serve.monitoring.retention_days must be at least 1")
+        if not 0 < settings.alpha < 1:
+            raise ValueError(f"serve.monitoring.alpha must be in (0, 1), got {settings.alpha}")
+        parse_since(settings.since)
+        return settings
+
+
+def parse_since(text: str) -> timedelta:
+    """``7d``, ``12h``, ``30m`` -> a timedelta."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhm])\s*", str(text))
+    if not match:
+        raise ValueError(f"since={text!r}: write a number and d, h or m, e.g. 7d")
+    unit = {"d": "days", "h": "hours", "m": "minutes"}[match.group(2)]
+    return timedelta(**{unit: float(match.group(1))})
+
+
+# ---------------------------------------------------------------------------- the columns
+
+
+def statistic_indices() -> dict[str, tuple[int, ...] | tuple[str, int, int]]:
+    """Where each named statistic sits in ColourTextureFeatures' output (its default layout,
+    the guard's): moments (mean, std per channel), quantiles, colour histograms, LBP
+    histograms per radius, the gradient histogram. Edge energy needs the whole gradient
+    histogram: ``("gradient", first, bins)``."""
+    from pox_pipeline.features import COLOUR_CHANNELS, LBP_BINS, ColourTextureFeatures
+
+    layer = ColourTextureFeatures()
+    moments = 0
+    lbp = moments + COLOUR_CHANNELS * (2 + len(layer.quantiles) + layer.histogram_bins)
+    gradient = lbp + LBP_BINS * len(layer.lbp_radii)
+
+    def mean(channel: str) -> tuple[int, ...]:
+        return (moments + 2 * CHANNELS.index(channel),)
+
+    return {
+        "brightness": mean("luma"),
+        "contrast": (moments + 2 * CHANNELS.index("luma") + 1,),
+        "saturation": mean("saturation"),
+        "red_mean": mean("red"),
+        "green_mean": mean("green"),
+        "blue_mean": mean("blue"),
+        "chroma_blue": mean("cb"),
+        "chroma_red": mean("cr"),
+        "edge_energy": ("gradient", gradient, layer.gradient_bins),
+        # the share of non-uniform LBP codes (the last bin) at the smallest radius
+        "texture_irregularity": (lbp + LBP_BINS - 1,),
+    }
+
+
+def named_statistics(image_statistics: np.ndarray) -> np.ndarray:
+    """(N, 213) colour/texture features -> (N, len(STATISTICS)) named statistics. Edge
+    energy is the mean grey-level gradient magnitude read off its histogram (bin centres)."""
+    from pox_pipeline.features import ColourTextureFeatures
+
+    values = np.asarray(image_statistics, np.float64)
+    indices = statistic_indices()
+    columns = []
+    for name in STATISTICS:
+        where = indices[name]
+        if where[0] == "gradient":
+            _, first, bins = where
+            width = ColourTextureFeatures().gradient_range / bins
+            centres = (np.arange(bins) + 0.5) * width
+            columns.append(values[:, first : first + bins] @ centres)
+        else:
+            columns.append(values[:, where[0]])
+    return np.stack(columns, axis=1)
+
+
+@dataclass(frozen=True)
+class Basis:
+    """The head features' principal components, fitted on the training photos at publish."""
+
+    mean: np.ndarray
+    components: np.ndarray  # (count, head dims), rows orthonormal
+
+    @classmethod
+    def fit(cls, head: np.ndarray, count: int) -> Basis:
+        values = np.asarray(head, np.float64)
+        mean = values.mean(axis=0)
+        _, _, rows = np.linalg.svd(values - mean, full_matrices=False)
+        return cls(mean, rows[: min(count, len(rows))])
+
+    def project(self, head: np.ndarray) -> np.ndarray:
+        return (np.asarray(head, np.float64) - self.mean) @ self.components.T
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*GUARD_COLUMNS, *STATISTICS, *component_columns(len(self.components)))
+
+    def save(self, path: Path) -> Path:
+        np.savez(path, mean=self.mean, components=self.components)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Basis:
+        with np.load(path) as stored:
+            return cls(stored["mean"], stored["components"])
+
+
+def monitored_columns(
+    features: Mapping[str, np.ndarray], guard: ood.GuardSet | None, basis: Basis
+) -> np.ndarray:
+    """The model process's share of a record, (N, len(basis.columns)): each guard space's
+    distance / threshold (nan when that space is not guarded), the named statistics and the
+    head components. ``features`` has both spaces (:data:`ood.FEATURE_SPACES`)."""
+    count = len(features[ood.HEAD])
+    ratios = [
+        guard.guards[space].distances(features[space]) / guard.guards[space].threshold
+        if guard is not None and space in guard.guards
+        else np.full(count, np.nan)
+        for space in ood.FEATURE_SPACES
+    ]
+    return np.concatenate(
+        [
+            np.stack(ratios, axis=1),
+            named_statistics(features[ood.IMAGE_STATISTICS]),
+            basis.project(features[ood.HEAD]),
+        ],
+        axis=1,
+    )
+
+
+def records(
+    answers: Sequence[Mapping[str, Any]], columns: np.ndarray, names: Sequence[str],
+    positive_class: str,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One flat record per answer: what was answered, and the monitored numbers."""
+    rows = []
+    for answer, values in zip(answers, np.asarray(columns, np.float64), strict=True):
+        score = answer.get("ood", {}).get("score")
+        row = {
+            "model_version": answer["model"]["version"],
+            "label": answer.get("label"),
+            "positive_probability": float(answer["probabilities"][positive_class]),
+            "in_distribution": bool(answer["in_distribution"]),
+            "ood_score": None if score is None else float(score),
+        }
+        pairs = zip(names, values, strict=True)
+        row.update({name: None if np.isnan(v) else float(v) for name, v in pairs})
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- publishing
+
+
+def write_reference(
+    model_file: Path,
+    metadata: Mapping[str, Any],
+    train: np.ndarray,
+    val: np.ndarray,
+    serve_cfg: Mapping[str, Any],
+    out_dir: Path,
+    guard_file: Path | None,
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The PCA basis (training photos' head features) and the reference table (the validation
+    photos through the served path: ``serve.backend``, the model's TTA, its guard) in
+    ``out_dir``; returns name -> file, to store beside the model, and the metadata entry."""
+    import shutil
+
+    from pox_pipeline import serve
+    from pox_pipeline.inference import load_keras_model
+    from pox_pipeline.model_card import ModelCard
+
+    settings = serve.ServeConfig.from_cfg(serve_cfg)
+    head_only = dataclasses.replace(settings.ood, features=(ood.HEAD,))
+    head = ood.features_of(load_keras_model(model_file), np.asarray(train, np.float32),
+                           head_only, str(metadata["tta"]))[ood.HEAD]  # fmt: skip
+    basis = Basis.fit(head, settings.monitoring.components)
+    basis_file = basis.save(Path(out_dir) / BASIS_FILE)
+    card = ModelCard.from_metadata(str(metadata.get("registered_model_name", "model")),
+                                   "reference", metadata)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:  # a model directory as the service reads it
+        shutil.copyfile(model_file, Path(tmp) / paths.MODEL_FILE)
+        shutil.copyfile(basis_file, Path(tmp) / BASIS_FILE)
+        if guard_file is not None:
+            shutil.copyfile(guard_file, Path(tmp) / ood.OOD_FILE)
+        predictor = serve.Predictor(
+            Path(tmp), card, settings.backend, serve.calibration_inputs(settings, card),
+            settings.tflite_threads, settings.ood.enabled, monitoring=True,
+        )  # fmt: skip
+        size = settings.ood.batch_size
+        parts = [predictor.outputs_with_monitoring(val[start : start + size])
+                 for start in range(0, len(val), size)]  # fmt: skip
+    scored, columns = split_columns(np.concatenate(parts), len(basis.columns))
+    answers = card.results(*serve.split_ood_score(scored))
+    table = records(answers, columns, basis.columns, card.positive_class)
+    reference_file = Path(out_dir) / REFERENCE_FILE
+    frame = _frame(table).drop(columns=["model_version"])
+    frame.to_csv(reference_file, index=False)
+    files = {BASIS_FILE: basis_file, REFERENCE_FILE: reference_file}
+    return files, {"columns": list(basis.columns), "components": len(basis.components),
+                   "reference_photos": len(frame)}  # fmt: skip
+
+
+def split_columns(scored: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Predictor.outputs_with_monitoring -> (outputs with the OOD score, monitored columns)."""
+    return scored[:, : scored.shape[1] - count], scored[:, scored.shape[1] - count :]
+
+
+def card_text(monitoring: Mapping[str, Any] | None) -> str:
+    if not monitoring:
+        return "No monitoring reference was stored with this model: `pox monitor` cannot test it."
+    return (
+        "Each answer is logged as a few numbers, never the photo or its file name: the label, "
+        "the positive-class probability, the out-of-distribution verdict and score per feature "
+        f"space, {len(STATISTICS)} image statistics ({', '.join(STATISTICS)}) and "
+        f"{monitoring['components']} principal components of the head features. `pox monitor` "
+        f"compares them with the same numbers for the {monitoring['reference_photos']} "
+        "validation photos, stored with the model, and reports drift."
+    )
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+LOG_CONFIG = """
+version: 1
+disable_existing_loggers: false
+loggers:
+  bentoml_monitor_data:
+    level: INFO
+    handlers: [bentoml_monitor_data]
+    propagate: false
+  bentoml_monitor_schema:
+    level: INFO
+    handlers: [bentoml_monitor_schema]
+    propagate: false
+handlers:
+  bentoml_monitor_data:
+    class: pox_pipeline.monitor.RetainedDailyFileHandler
+    level: INFO
+    formatter: bentoml_json
+    filename: '{data_filename}'
+    retention_days: %(retention_days)d
+  bentoml_monitor_schema:
+    class: logging.FileHandler
+    level: INFO
+    formatter: bentoml_json
+    filename: '{schema_filename}'
+formatters:
+  bentoml_json:
+    class: pythonjsonlogger.jsonlogger.JsonFormatter
+    format: "()"
+    validate: false
+"""
+
+
+class RetainedDailyFileHandler(logging.handlers.TimedRotatingFileHandler):
+    """BentoML's daily file (``data.<worker>.log``), rotated at midnight to
+    ``data.<worker>.log.<date>``; rotated files older than ``retention_days`` are deleted at
+    each rotation and at start. (BentoML's own handler keeps every day forever.)"""
+
+    def __init__(self, filename: str, retention_days: int, **kwargs: Any) -> None:
+        super().__init__(filename, when="midnight", backupCount=0, **kwargs)
+        self.retention_days = retention_days
+        self.delete_expired()
+
+    def doRollover(self) -> None:  # noqa: N802 - logging's name
+        super().doRollover()
+        self.delete_expired()
+
+    def delete_expired(self, today: datetime | None = None) -> list[Path]:
+        """Delete the rotated files of days before ``today - retention_days``."""
+        oldest = (today or datetime.now()).date() - timedelta(days=self.retention_days)
+        current = Path(self.baseFilename)
+        deleted = []
+        for path in current.parent.glob(f"{current.name}.*"):
+            try:
+                day = datetime.strptime(path.name[len(current.name) + 1 :], ROTATED_SUFFIX)
+            except ValueError:
+                continue
+            if day.date() < oldest:
+                path.unlink(missing_ok=True)
+                deleted.append(path)
+        return deleted
+
+
+class ServiceMonitor:
+    """The API process's side: splits the monitored columns off the model service's array,
+    writes one record per answer and keeps the live ``/metrics`` series. A disabled monitor
+    (``serve.monitoring.enabled: false``, or a model published without a reference) passes
+    the array through and records nothing."""
+
+    def __init__(
+        self, settings: MonitoringSettings, model_dir: Path | None, card: ModelCard | None
+    ) -> None:
+        basis_file = None if model_dir is None else Path(model_dir) / BASIS_FILE
+        self.enabled = bool(settings.enabled and basis_file is not None and basis_file.is_file())
+        self.settings = settings
+        self.columns: tuple[str, ...] = Basis.load(basis_file).columns if self.enabled else ()
+        self.card = card
+        self.metrics = LiveMetrics(settings) if self.enabled else None
+        self._options: dict[str, str] = {}
+        if self.enabled:
+            settings.log_path.mkdir(parents=True, exist_ok=True)
+            config = settings.log_path / f".{MONITOR_NAME}.logging.yaml"
+            config.write_text(LOG_CONFIG % {"retention_days": settings.retention_days})
+            self._options = {"log_path": str(settings.log_path.resolve()),
+                             "log_config_file": str(config)}  # fmt: skip
+
+    def split(self, scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return split_columns(scored, len(self.columns))
+
+    def record(
+        self, endpoint: str, answers: Sequence[Mapping[str, Any]], columns: np.ndarray
+    ) -> None:
+        """One record per answer through ``bentoml.monitor`` (columns of equal length: its
+        own length check is a no-op), and the live series."""
+        if not self.enabled or not answers:
+            return
+        import bentoml
+
+        rows = records(answers, columns, self.columns, self.card.positive_class)
+        with bentoml.monitor(MONITOR_NAME, monitor_class="default",
+                             monitor_options=self._options) as mon:  # fmt: skip
+            mon.log_batch([endpoint] * len(rows), "endpoint", "feature", "categorical")
+            for name in rows[0]:
+                role = "prediction" if name in ANSWER_COLUMNS else "feature"
+                kind = "categorical" if name in CATEGORICAL else "numerical"
+                mon.log_batch([row[name] for row in rows], name, role, kind)
+        self.metrics.observe(endpoint, rows)
+
+    def rejected(self, status: int) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(status=str(status)).inc()
+
+    def metrics_text(self, exposition: str) -> str:
+        """``/metrics`` plus the last ``pox monitor`` result as gauges."""
+        if not self.enabled:
+            return exposition
+        return exposition + drift_gauges(self.settings.report_dir / REPORT_JSON)
+
+
+class LiveMetrics:
+    """The answers as Prometheus series (BentoML collects them from every worker)."""
+
+    def __init__(self, settings: MonitoringSettings, registry: Any = None) -> None:
+        import prometheus_client as prom
+
+        registry = prom.REGISTRY if registry is None else registry
+        self.answers = prom.Counter(
+            "pox_answers", "Answered images by label and in_distribution",
+            ["endpoint", "label", "in_distribution"], registry=registry,
+        )  # fmt: skip
+        self.probability = prom.Histogram(
+            "pox_positive_probability", "The positive-class probability of each answer",
+            buckets=settings.probability_buckets, registry=registry,
+        )  # fmt: skip
+        self.guard_score = prom.Histogram(
+            "pox_guard_score", "Out-of-distribution score of each checked answer (above 1: out)",
+            buckets=settings.guard_score_buckets, registry=registry,
+        )  # fmt: skip
+        self.rejected = prom.Counter(
+            "pox_rejected_uploads", "Uploads refused, by HTTP status", ["status"],
+            registry=registry,
+        )  # fmt: skip
+
+    def observe(self, endpoint: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        for row in rows:
+            label = "none" if row["label"] is None else str(row["label"])
+            inside = str(row["in_distribution"]).lower()
+            self.answers.labels(endpoint=endpoint, label=label, in_distribution=inside).inc()
+            self.probability.observe(row["positive_probability"])
+            if row["ood_score"] is not None:
+                self.guard_score.observe(row["ood_score"])
+
+
+def drift_gauges(report_file: Path) -> str:
+    """The last drift report as Prometheus gauges (text exposition); empty without one."""
+    if not report_file.is_file():
+        return ""
+    report = json.loads(report_file.read_text())
+    lines = [
+        "# HELP pox_drift_detected 1 when the last pox monitor run found drift",
+        "# TYPE pox_drift_detected gauge",
+        f"pox_drift_detected {int(report['drift'])}",
+        "# HELP pox_drift_answers Answers the last pox monitor run tested",
+        "# TYPE pox_drift_answers gauge",
+        f"pox_drift_answers {report['answers']}",
+        "# HELP pox_drift_report_timestamp_seconds When the last pox monitor run ended",
+        "# TYPE pox_drift_report_timestamp_seconds gauge",
+        f"pox_drift_report_timestamp_seconds {report['generated_at_unix']}",
+        "# HELP pox_drift_p_value Holm-adjusted p-value per model version and column",
+        "# TYPE pox_drift_p_value gauge",
+    ]
+    for model in report["models"]:
+        for test in model.get("tests", []):
+            lines.append(
+                f'pox_drift_p_value{{model_version="{model["model_version"]}",'
+                f'column="{test["column"]}"}} {test["p_adjusted"]}'
+            )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- reading the logs
+
+
+def read_records(log_path: Path, start: datetime, end: datetime | None = None) -> pd.DataFrame:
+    """Every record under ``log_path`` (any depth: each monitor and worker, current and
+    rotated files) with ``start <= timestamp <= end``."""
+    import pandas as pd
+
+    rows = []
+    for path in sorted(Path(log_path).rglob("data.*.log*")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    frame = _frame(rows)
+    if frame.empty:
+        return frame
+    stamps = pd.to_datetime(frame["timestamp"])
+    keep = stamps >= start
+    if end is not None:
+        keep &= stamps <= end
+    return frame[keep].reset_index(drop=True)
+
+
+def _frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(list(rows))
+
+
+def load_reference(model_name: str, version: str) -> tuple[pd.DataFrame, str] | None:
+    """A model version's reference table and positive class, from the BentoML store; None when
+    the version is gone or was published without one."""
+    import bentoml
+    import pandas as pd
+    from bentoml.exceptions import NotFound
+
+    try:
+        stored = bentoml.models.get(f"{model_name}:{version}")
+    except NotFound:
+        return None
+    table = Path(stored.path) / REFERENCE_FILE
+    if not table.is_file():
+        return None
+    return pd.read_csv(table), str(stored.info.metadata["positive_class"])
+
+
+# ---------------------------------------------------------------------------- the tests
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjustment (family-wise error), in the input order."""
+    p = np.asarray(p_values, np.float64)
+    order = np.argsort(p)
+    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * (len(p) - np.arange(len(p)))))
+    out = np.empty_like(adjusted)
+    out[order] = adjusted
+    return out
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int) -> float:
+    """Population stability index on the reference's quantile bins."""
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+    ref = np.bincount(np.searchsorted(edges, reference, "right"), minlength=len(edges) + 1)
+    cur = np.bincount(np.searchsorted(edges, current, "right"), minlength=len(edges) + 1)
+    ref_share = np.maximum(ref / ref.sum(), PSI_FLOOR)
+    cur_share = np.maximum(cur / cur.sum(), PSI_FLOOR)
+    return float(np.sum((cur_share - ref_share) * np.log(cur_share / ref_share)))
+
+
+def psi_level(value: float) -> str:
+    return next(name for limit, name in PSI_LEVELS if value < limit)
+
+
+def stated_flag_rate(reference: pd.DataFrame) -> float:
+    """The share of in-distribution photos the guard's thresholds say it flags: in each space
+    the threshold is an order statistic of the validation photos' distances, so a new photo
+    like them exceeds it with probability (validation photos above it + 1) / (n + 1)
+    (split-conformal); over the spaces at most the sum."""
+    rate = 0.0
+    for column in GUARD_COLUMNS:
+        ratios = reference[column].dropna().to_numpy(np.float64)
+        if len(ratios):
+            rate += (int((ratios > 1.0).sum()) + 1) / (len(ratios) + 1)
+    return min(rate, 1.0)
+
+
+def _numbers(frame: pd.DataFrame, column: str) -> np.ndarray:
+    return frame[column].dropna().to_numpy(np.float64) if column in frame else np.array([])
+
+
+def column_tests(
+    current: pd.DataFrame, reference: pd.DataFrame, positive_class: str, psi_bins: int
+) -> list[dict[str, Any]]:
+    """Each column's test, unadjusted: label share (Fisher's exact), probability (exact KS,
+    with PSI), guard flag rate (exact one-sided binomial against the stated rate), each
+    statistic and component (exact KS). Columns without numbers on either side are skipped."""
+    from scipy import stats
+
+    tests = []
+    labelled = current["label"].dropna()
+    ref_labelled = reference["label"].dropna()
+    if len(labelled) and len(ref_labelled):
+        table = [
+            [int((labelled == positive_class).sum()), int((labelled != positive_class).sum())],
+            [int((ref_labelled == positive_class).sum()),
+             int((ref_labelled != positive_class).sum())],
+        ]
+        result = stats.fisher_exact(table, alternative="two-sided")
+        tests.append({
+            "column": "label", "test": "fisher_exact", "statistic": float(result.statistic),
+            "p_value": float(result.pvalue),
+            "current": table[0][0] / len(labelled), "reference": table[1][0] / len(ref_labelled),
+        })  # fmt: skip
+    checked = current["ood_score"].notna() if "ood_score" in current else []
+    if len(checked) and checked.any():
+        flagged = int((~current.loc[checked, "in_distribution"].astype(bool)).sum())
+        rate = stated_flag_rate(reference)
+        result = stats.binomtest(flagged, int(checked.sum()), rate, alternative="greater")
+        tests.append({
+            "column": "in_distribution", "test": "binomial_greater",
+            "statistic": flagged / int(checked.sum()), "p_value": float(result.pvalue),
+            "current": flagged / int(checked.sum()), "reference": rate,
+        })  # fmt: skip
+    numeric = ["positive_probability", *GUARD_COLUMNS, *STATISTICS]
+    numeric += [c for c in reference.columns if c.startswith("head_pc")]
+    for column in numeric:
+        now, ref = _numbers(current, column), _numbers(reference, column)
+        if not len(now) or not len(ref):
+            continue
+        result = stats.ks_2samp(now, ref, alternative="two-sided", method="exact")
+        entry = {
+            "column": column, "test": "ks_exact", "statistic": float(result.statistic),
+            "p_value": float(result.pvalue),
+            "current": float(np.median(now)), "reference": float(np.median(ref)),
+        }  # fmt: skip
+        if column == "positive_probability":
+            entry["psi"] = psi(ref, now, psi_bins)
+            entry["psi_level"] = psi_level(entry["psi"])
+        tests.append(entry)
+    return tests
+
+
+def check_version(
+    current: pd.DataFrame, reference: pd.DataFrame, positive_class: str,
+    settings: MonitoringSettings, min_answers: int,
+) -> dict[str, Any]:  # fmt: skip
+    """One model version's verdict: drift when any Holm-adjusted p-value is below alpha."""
+    result: dict[str, Any] = {"answers": len(current), "reference_photos": len(reference)}
+    if len(current) < min_answers:
+        return {**result, "status": "not enough answers", "drift": False, "tests": []}
+    tests = column_tests(current, reference, positive_class, settings.psi_bins)
+    for test, adjusted in zip(tests, holm([t["p_value"] for t in tests]), strict=True):
+        test["p_adjusted"] = float(adjusted)
+        test["drift"] = bool(adjusted < settings.alpha)
+    drift = any(t["drift"] for t in tests)
+    return {**result, "status": "drift" if drift else "no drift", "drift": drift, "tests": tests}
+
+
+def check(
+    settings: MonitoringSettings,
+    model_name: str,
+    start: datetime,
+    end: datetime | None = None,
+    min_answers: int | None = None,
+) -> dict[str, Any]:
+    """Read the records of [start, end] and test each model version against its reference."""
+    frame = read_records(settings.log_path, start, end)
+    floor = settings.min_answers if min_answers is None else min_answers
+    models = []
+    for version, current in (frame.groupby("model_version") if not frame.empty else []):
+        entry: dict[str, Any] = {"model_version": str(version), "model": model_name}
+        found = load_reference(model_name, str(version))
+        if found is None:
+            entry.update(answers=len(current), status="no reference", drift=False, tests=[])
+        else:
+            entry.update(check_version(current, found[0], found[1], settings, floor))
+            entry["_current"], entry["_reference"] = current, found[0]
+        models.append(entry)
+    drift = any(m["drift"] for m in models)
+    enough = any(m["status"] in ("drift", "no drift") for m in models)
+    return {
+        "generated_at": datetime.now().isoformat(timespec="seconds"),
+        "generated_at_unix": time.time(),
+        "window": {"start": start.isoformat(timespec="seconds"),
+                   "end": (end or datetime.now()).isoformat(timespec="seconds")},  # fmt: skip
+        "log_path": str(settings.log_path),
+        "answers": len(frame),
+        "min_answers": floor,
+        "alpha": settings.alpha,
+        "correction": "holm",
+        "status": "drift" if drift else ("no drift" if enough else "not enough answers"),
+        "drift": drift,
+        "models": models,
+    }
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """drift.json (the tables, without the records) and drift.html (a plot per column)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    public = {**report, "models": [{k: v for k, v in m.items() if not k.startswith("_")}
+                                   for m in report["models"]]}  # fmt: skip
+    json_file = out_dir / REPORT_JSON
+    json_file.write_text(json.dumps(public, indent=2) + "\n")
+    html_file = out_dir / REPORT_HTML
+    html_file.write_text(render_html(report))
+    return json_file, html_file
+
+
+def _plot(current: np.ndarray, reference: np.ndarray, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4, 2.6))
+    both = np.concatenate([current, reference])
+    bins = np.histogram_bin_edges(both, bins="auto") if np.ptp(both) > 0 else 10
+    axis.hist(reference, bins=bins, density=True, alpha=0.5, label="reference (validation)")
+    axis.hist(current, bins=bins, density=True, alpha=0.5, label="current (served)")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    import html
+
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>pox monitor</title></head><body>",
+        f"<h1>Drift report: {html.escape(report['status'])}</h1>",
+        f"<p>{report['answers']} answers from {html.escape(report['window']['start'])} to "
+        f"{html.escape(report['window']['end'])}; family-wise alpha {report['alpha']} (Holm).</p>",
+    ]
+    for model in report["models"]:
+        name = html.escape(f"{model['model']}:{model['model_version']}")
+        parts.append(f"<h2>{name}: {html.escape(model['status'])} "
+                     f"({model['answers']} answers)</h2>")  # fmt: skip
+        current, reference = model.get("_current"), model.get("_reference")
+        for test in model["tests"]:
+            column = test["column"]
+            line = (f"{column}: {test['test']}, p = {test['p_value']:.3g}, adjusted "
+                    f"{test['p_adjusted']:.3g}{' DRIFT' if test['drift'] else ''}")  # fmt: skip
+            if column == "label" or column == "in_distribution":
+                parts.append(f"<p>{html.escape(line)}: current {test['current']:.3f}, "
+                             f"reference {test['reference']:.3f}</p>")  # fmt: skip
+            elif current is not None and reference is not None:
+                image = _plot(_numbers(current, column), _numbers(reference, column), line)
+                parts.append(f"<img alt='{column}' src='data:image/png;base64,{image}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def table(report: Mapping[str, Any]) -> str:
+    """The printed summary: one line per test."""
+    lines = [f"{report['status']}: {report['answers']} answers, {report['window']['start']} .. "
+             f"{report['window']['end']}"]  # fmt: skip
+    for model in report["models"]:
+        lines.append(f"{model['model']}:{model['model_version']}  {model['status']}  "
+                     f"({model['answers']} answers)")  # fmt: skip
+        if model["tests"]:
+            lines.append(f"  {'column':<24} {'test':<18} {'current':>9} {'reference':>9} "
+                         f"{'p':>9} {'p (Holm)':>9}")  # fmt: skip
+        for t in model["tests"]:
+            lines.append(
+                f"  {t['column']:<24} {t['test']:<18} {t['current']:>9.3f} {t['reference']:>9.3f} "
+                f"{t['p_value']:>9.2g} {t['p_adjusted']:>9.2g}{'  DRIFT' if t['drift'] else ''}"
+            )
+    return "\n".join(lines)
+
+
+def log_to_mlflow(report: Mapping[str, Any], files: Sequence[Path], cfg: Any) -> str:
+    """One MLflow run per check, in the project's experiment: the verdict, each adjusted
+    p-value, the report files."""
+    import mlflow
+
+    from pox_pipeline.tracking import setup_mlflow
+
+    setup_mlflow(cfg)
+    with mlflow.start_run(run_name="pox-monitor", tags={"stage": "monitor"}) as run:
+        mlflow.log_metric("drift", int(report["drift"]))
+        mlflow.log_metric("answers", report["answers"])
+        for model in report["models"]:
+            for t in model["tests"]:
+                key = f"p_adjusted.{model['model_version']}.{t['column']}"
+                mlflow.log_metric(key, t["p_adjusted"])
+        for path in files:
+            mlflow.log_artifact(str(path))
+    return run.info.run_id
