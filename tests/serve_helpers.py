@@ -105,7 +105,7 @@ def save_champion(
 def tiny_guard_overrides() -> list[str]:
     """:func:`tiny_guard_settings` as ``serve.ood`` overrides of the composed config."""
     return [f"serve.ood.{key}={value}" for key, value in
-            {"statistics_size": TEST_IMAGE_SIZE, "k": 3, "quantile": 1.0}.items()]  # fmt: skip
+            {"statistics_size": TEST_IMAGE_SIZE, "k": 3, "alpha": 0.01}.items()]  # fmt: skip
 
 
 def tiny_guard_settings(**changes: object):
