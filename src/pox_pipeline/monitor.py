@@ -262,13 +262,13 @@ def write_reference(
     import shutil
 
     from pox_pipeline import serve
-    from pox_pipeline.inference import load_keras_model
+    from pox_pipeline.inference import NO_TTA, load_keras_model
     from pox_pipeline.model_card import ModelCard
 
     settings = serve.ServeConfig.from_cfg(serve_cfg)
     head_only = dataclasses.replace(settings.ood, features=(ood.HEAD,))
     head = ood.features_of(load_keras_model(model_file), np.asarray(train, np.float32),
-                           head_only, str(metadata["tta"]))[ood.HEAD]  # fmt: skip
+                           head_only, str(metadata.get("tta", NO_TTA)))[ood.HEAD]  # fmt: skip
     basis = Basis.fit(head, settings.monitoring.components)
     basis_file = basis.save(Path(out_dir) / BASIS_FILE)
     card = ModelCard.from_metadata(str(metadata.get("registered_model_name", "model")),

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from pox_pipeline import model_card, monitor, ood, paths
 from pox_pipeline.data import load_split
-from pox_pipeline.inference import load_keras_model, store_keras_model
+from pox_pipeline.inference import NO_TTA, load_keras_model, store_keras_model
 
 if TYPE_CHECKING:
     import keras
@@ -145,7 +145,7 @@ def publish(
         photos = guard_photos or GuardPhotos.of_model(data_cfg, None)
         if cfg.serve.ood.enabled:
             settings = ood.OODSettings.from_cfg(cfg.serve.ood)
-            guard = photos.fit(model, settings, str(metadata["tta"]))
+            guard = photos.fit(model, settings, str(metadata.get("tta", NO_TTA)))
             metadata["ood"] = guard.metadata()
             extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
         if cfg.serve.monitoring.enabled:  # the reference `pox monitor` compares uploads with
