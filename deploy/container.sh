@@ -7,14 +7,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 engine=$CONTAINER_ENGINE
 
+# A value from one of the project's YAML files, named once there: `setting FILE KEY.KEY`.
+setting() {
+  python -c 'import sys, yaml
+value = yaml.safe_load(open(sys.argv[1]))
+for key in sys.argv[2].split("."):
+    value = value[key]
+print(value)' "$1" "$2"
+}
+
 build() {
   local base=${BASE_IMAGE:-$DEBIAN_IMAGE} serve_base context tag version revision
   if [ -z "$BASE_IMAGE" ] && ! "$engine" image inspect "$DEBIAN_IMAGE" >/dev/null 2>&1; then
     deploy/base-image.sh "$DEBIAN_IMAGE"
   fi
-  # bentofile.yaml names the image the Bento's Dockerfile starts FROM.
-  serve_base=$(python -c 'import yaml
-print(yaml.safe_load(open("bentofile.yaml"))["docker"]["base_image"])')
+  serve_base=$(setting bentofile.yaml docker.base_image)  # what the Bento's image starts FROM
   context=$(mktemp -d)
   trap 'rm -rf "$context"' RETURN
   mkdir "$context/extra-ca-certificates"
@@ -39,8 +46,8 @@ print(yaml.safe_load(open("bentofile.yaml"))["docker"]["base_image"])')
 run() {
   local url="http://127.0.0.1:$PORT" started=$SECONDS
   "$engine" run --detach --name "$CONTAINER_NAME" --read-only --tmpfs /tmp \
-    --cap-drop ALL --security-opt no-new-privileges --publish "127.0.0.1:$PORT:3000" \
-    "$IMAGE:latest" >/dev/null
+    --cap-drop ALL --security-opt no-new-privileges \
+    --publish "127.0.0.1:$PORT:$(setting params.yaml serve.port)" "$IMAGE:latest" >/dev/null
   until curl --silent --fail --max-time 2 --output /dev/null "$url/readyz"; do
     if [ $((SECONDS - started)) -ge "$READY_TIMEOUT_S" ] || [ "$(state)" != running ]; then
       "$engine" logs "$CONTAINER_NAME" >&2 || true
