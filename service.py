@@ -58,12 +58,19 @@ class OODCheck(BaseModel):
 class Answer(BaseModel):
     """One photo's answer (``/predict``, each item of ``/predict_batch``)."""
 
-    label: str = Field(description="the decided class (ignore it when in_distribution is false)")
-    probability: float = Field(description="the calibrated probability of `label`")
+    label: str | None = Field(
+        description="the decided class; null when in_distribution is false (no label is given)"
+    )
+    probability: float | None = Field(
+        description="the calibrated probability of `label`; null when in_distribution is false"
+    )
     threshold: float | None = Field(
         description="binary models: the positive class is decided at or above this probability"
     )
-    probabilities: dict[str, float] = Field(description="every class's calibrated probability")
+    probabilities: dict[str, float] | None = Field(
+        description="every class's calibrated probability; null when in_distribution is false "
+        "(a rejected image's scores mean nothing: read `ood` and `ood_reason` instead)"
+    )
     model: ModelRef
     in_distribution: bool = Field(description="false: the photo is unlike the training photos")
     ood: OODCheck

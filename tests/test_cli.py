@@ -76,12 +76,16 @@ def test_predict_answers_every_readable_file_then_fails_for_the_unreadable(proje
     assert "not an image" in by_name["notes.txt"]["error"]
     for name in ("skin_a.png", "skin_b.png", "blue.png"):
         answer = by_name[name]
-        assert answer["label"] in ("Monkeypox", "Others") and 0 <= answer["probability"] <= 1
         assert answer["threshold"] == 0.5
         assert answer["model"]["version"] == project["tag"].split(":")[1]
-    assert by_name["skin_a.png"]["in_distribution"] is True
-    assert by_name["blue.png"]["in_distribution"] is False
-    assert "does not look like a skin photo" in by_name["blue.png"]["ood_reason"]
+    skin, blue = by_name["skin_a.png"], by_name["blue.png"]
+    assert skin["in_distribution"] is True
+    assert skin["label"] in ("Monkeypox", "Others") and 0 <= skin["probability"] <= 1
+    # the guard rejects the blue square: no label, no probability, the guard's score and why
+    assert blue["in_distribution"] is False and blue["ood"]["checked"] is True
+    assert blue["label"] is None and blue["probability"] is None and blue["probabilities"] is None
+    assert blue["ood"]["score"] > 1 and blue["ood_reason"] in blue["explanation"]
+    assert "does not look like a skin photo" in blue["ood_reason"]
     assert "1 of 4 files could not be read" in result.stderr
 
 
