@@ -129,7 +129,7 @@ def grey_photo_with_spot(size: tuple[int, int] = (120, 90), grain: float = 0.0) 
     flip or shift leaves unchanged)."""
     width, height = size
     rows, cols = np.mgrid[:height, :width]
-    noise = np.random.default_rng(0).normal(0, grain, (height, width, 1)) if grain else 0
+    noise = np.random.default_rng(0).normal(0, grain, (height, width, 1))
     pixels = np.repeat(np.clip(150 + noise, 0, 255), 3, axis=2).astype(np.uint8)
     pixels[(rows - height / 2) ** 2 + (cols - width / 3) ** 2 < (min(size) / 5) ** 2] = 20
     buffer = io.BytesIO()

@@ -563,6 +563,10 @@ def test_health_docs_and_web_page_routes(api) -> None:
     answer = {"label", "probability", "threshold", "probabilities", "model", "in_distribution",
               "ood", "ood_reason", "explanation"}  # fmt: skip
     assert set(schemas["Answer"]["properties"]) == answer
+    for field in ("label", "probability", "probabilities"):  # a rejected image has none
+        described = schemas["Answer"]["properties"][field]
+        assert {"type": "null"} in described["anyOf"], field
+        assert "null when in_distribution is false" in described["description"], field
     explained = spec["paths"]["/explain"]["post"]["responses"]["200"]["content"]
     assert set(explained["application/json"]["schema"]["properties"]) == answer | {
         "heatmap_png_base64"
