@@ -23,6 +23,7 @@ from PIL import Image
 from pox_pipeline import efficientnet_lite as lite
 from pox_pipeline.models import (
     HEAD,
+    TRAINABLE,
     TUNED,
     WeightsUnavailableError,
     build_model,
@@ -409,14 +410,26 @@ def test_weights_from_a_saved_keras_model_or_none(make_cfg, tmp_path: Path) -> N
         )
 
 
-def test_two_phase_training_records_both_phases(prepared_cfg, tmp_path: Path) -> None:  # noqa: ANN001
-    """Head on the frozen backbone, then the top block: one history, one MLflow run, and the
-    fine-tuned phase kept only if it beat the head's best validation loss."""
+def test_two_phase_training_records_both_phases(
+    prepared_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    """Head on the frozen backbone, then the top block: one history, one MLflow run. A
+    fine-tune phase made worse on purpose (a learning rate far too high) is dropped: the saved
+    model holds the head phase's weights, not the fine-tuned ones."""
     import mlflow
     import pandas as pd
 
     from pox_pipeline.train import train
 
+    fitted: list[list[np.ndarray]] = []  # the trained part's weights as each phase ended
+    fit = keras.Model.fit
+
+    def recording_fit(self: keras.Model, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        history = fit(self, *args, **kwargs)
+        fitted.append(self.get_weights())
+        return history
+
+    monkeypatch.setattr(keras.Model, "fit", recording_fit)
     cfg = prepared_cfg(
         "train.verbose=0",
         "model.efficientnet_lite.epochs=3",
@@ -424,14 +437,21 @@ def test_two_phase_training_records_both_phases(prepared_cfg, tmp_path: Path) ->
         "model.efficientnet_lite.augment.cached_copies=2",
         "model.efficientnet_lite.finetune.blocks=1",
         "model.efficientnet_lite.finetune.epochs=2",
-        "model.efficientnet_lite.finetune.learning_rate=0.01",
+        "model.efficientnet_lite.finetune.learning_rate=10.0",
     )
     info = train(cfg, "efficientnet_lite")
     head, tuned = info["phases"]
     assert (head["phase"], tuned["phase"]) == ("head", "finetune")
     assert info["epochs_run"] == head["epochs"] + tuned["epochs"] == 5
-    assert tuned["kept"] == (tuned["best"] < head["best"])
-    assert info["best_epoch"] == (tuned if tuned["kept"] else head)["best_epoch"]
+    assert tuned["best"] > head["best"] and tuned["kept"] is False
+    assert info["best_epoch"] == head["best_epoch"]
+    saved = keras.models.load_model(tmp_path / "models" / "efficientnet_lite" / "model.keras")
+    kept = saved.get_layer(TRAINABLE).get_weights()
+    head_weights, tuned_weights = fitted
+    assert len(kept) == len(head_weights) == len(tuned_weights)
+    for got, want in zip(kept, head_weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.allclose(a, b) for a, b in zip(kept, tuned_weights, strict=True))
     history = pd.read_csv(tmp_path / "reports" / "train" / "efficientnet_lite" / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5]
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
@@ -477,7 +497,8 @@ def test_it_joins_cv_the_fold_ensemble_serving_tta_tflite_and_gradcam(make_cfg, 
     from pox_pipeline.cv import fold_config
 
     images, _, _ = load_split(fold_config(cfg, 0, 42), "test")
-    keras_predictor = serve.Predictor.from_stored(stored)
+    # without its guard: explain's label is checked below, whatever the guard makes of the photo
+    keras_predictor = serve.Predictor.from_stored(stored, ood_enabled=False)
     expected = keras_predictor.outputs(images[:4])
     fp32 = serve.Predictor.from_stored(stored, "tflite_fp32").outputs(images[:4])
     np.testing.assert_allclose(fp32, expected, atol=1e-4)
@@ -491,8 +512,15 @@ def test_it_joins_cv_the_fold_ensemble_serving_tta_tflite_and_gradcam(make_cfg, 
     result, overlay = keras_predictor.explain(
         photo, serve.ServeConfig.from_cfg(cfg.serve).heatmap
     )
-    assert result["label"] in cfg.data.classes
     assert Image.open(io.BytesIO(overlay)).size == photo.size
-    # explain answers what predict answers for the same photo, through the same preprocessing
-    same = keras_predictor.predict([preprocess.to_model_input(photo, 64, cfg.data.resample)])[0]
-    assert result["probabilities"] == pytest.approx(same["probabilities"])
+    # explain's answer is the ensemble's own output over the four flips (not predict's answer:
+    # explain calls predict), read at the published threshold (T = 1: baked into the members)
+    image = preprocess.to_model_input(photo, 64, cfg.data.resample)
+    views = np.stack([image, image[:, ::-1], image[::-1], image[::-1, ::-1]])
+    positive = float(keras_predictor.model(views, training=False).numpy()[:, 0].mean())
+    metadata = stored.info.metadata
+    assert metadata["temperature"] == 1.0
+    assert result["probabilities"][cfg.data.positive_class] == pytest.approx(positive, abs=1e-5)
+    negative = next(c for c in cfg.data.classes if c != cfg.data.positive_class)
+    called = cfg.data.positive_class if positive >= metadata["threshold"] else negative
+    assert result["label"] == called
