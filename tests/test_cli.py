@@ -226,6 +226,11 @@ def test_full_integer_tflite_is_calibrated_on_the_configured_photos(project: dic
     [answer] = predictor.predict([image])
     source = cli.resolve_model(project["tag"], params)
     keras_settings = serve.ServeConfig.from_cfg({**params.serve, "backend": "keras"})
-    [expected] = source.predictor(keras_settings).predict([image])
+    keras_predictor = source.predictor(keras_settings)
+    [expected] = keras_predictor.predict([image])
     assert answer["model"] == expected["model"]
-    assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=0.1)
+    # the model's outputs, not the answers' probabilities: those are null for a photo the guard
+    # rejects, and the int8 guard's verdict on this photo may differ from the float one's
+    np.testing.assert_allclose(
+        predictor.outputs(image[None]), keras_predictor.outputs(image[None]), atol=0.1
+    )
