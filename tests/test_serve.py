@@ -48,6 +48,13 @@ def predictor(champion_tag: str) -> serve.Predictor:
     return serve.Predictor.from_stored(bentoml.models.get(champion_tag))
 
 
+@pytest.fixture(scope="module")
+def unchecked(champion_tag: str) -> serve.Predictor:
+    """The champion without its guard: every answer carries a label, whatever the image (the
+    tests' noise images are far outside the guard's skin-like photos)."""
+    return serve.Predictor.from_stored(bentoml.models.get(champion_tag), ood_enabled=False)
+
+
 def card(
     classes: tuple[str, ...] = CLASSES, threshold: float | None = THRESHOLD, **extra: object
 ) -> model_card.ModelCard:
@@ -109,6 +116,23 @@ def test_multiclass_label_is_the_argmax() -> None:
     assert three.positive_index == 0
 
 
+@pytest.mark.parametrize(
+    ("classes", "row"), [(CLASSES, [0.9]), (("Monkeypox", "Chickenpox", "Measles"), [0.9, 0.1, 0])]
+)
+def test_an_image_the_guard_rejects_gets_no_label_and_no_probabilities(
+    classes: tuple, row: list
+) -> None:
+    scored = card(classes=classes, threshold=THRESHOLD if len(classes) == 2 else None)
+    inside, outside = scored.results(np.array([row, row]), np.array([0.8, 3.5]))
+    assert inside["label"] == "Monkeypox" and inside["probability"] == pytest.approx(0.9)
+    assert outside["in_distribution"] is False and outside["ood"] == {"checked": True, "score": 3.5}
+    assert outside["label"] is None and outside["probability"] is None
+    assert outside["probabilities"] is None
+    assert outside["threshold"] == inside["threshold"] and outside["model"] == inside["model"]
+    assert outside["explanation"].startswith("No label and no probabilities: ")
+    assert outside["ood_reason"] in outside["explanation"] and "3.5 times" in outside["explanation"]
+
+
 def test_card_rejects_inconsistent_metadata() -> None:
     with pytest.raises(ValueError, match="positive_class"):
         model_card.ModelCard.from_metadata(
@@ -164,14 +188,31 @@ def test_tta_views_are_the_four_flips() -> None:
 # ---------------------------------------------------------------------------- predictor
 
 
-def test_predictor_matches_keras_and_keeps_order(predictor: serve.Predictor) -> None:
+def test_predictor_matches_keras_and_keeps_order(unchecked: serve.Predictor) -> None:
     images = [preprocess.preprocess_bytes(image_bytes(seed=s), TEST_IMAGE_SIZE) for s in range(5)]
-    expected = predictor.model.predict(np.stack(images), verbose=0)[:, 0]
-    results = predictor.predict(images)
+    expected = unchecked.model.predict(np.stack(images), verbose=0)[:, 0]
+    results = unchecked.predict(images)
     got = [r["probabilities"]["Monkeypox"] for r in results]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert len(set(np.round(got, 6))) > 1, "the test images should score differently"
-    assert predictor.predict([]) == []
+    assert unchecked.predict([]) == []
+
+
+def test_the_guard_leaves_images_that_are_not_skin_without_a_label(
+    predictor: serve.Predictor,
+) -> None:
+    """Through the Python API (what the CLI and the service call): flat colours, noise and
+    text screenshots get no label, no probability, and the guard's numeric score."""
+    from pox_pipeline import non_skin
+
+    named = [*non_skin.flat_colours(), *non_skin.noise(), *non_skin.text_screenshots()]
+    images = [preprocess.to_model_input(image, TEST_IMAGE_SIZE) for _, image in named]
+    for (name, _), answer in zip(named, predictor.predict(images), strict=True):
+        assert answer["in_distribution"] is False, name
+        assert answer["label"] is None and answer["probability"] is None, name
+        assert answer["probabilities"] is None, name
+        assert answer["ood"]["checked"] is True and answer["ood"]["score"] > 1, name
+        assert answer["ood_reason"] in answer["explanation"], name
 
 
 def test_predictor_tta_is_the_mean_of_the_flips_in_one_call(
@@ -180,7 +221,8 @@ def test_predictor_tta_is_the_mean_of_the_flips_in_one_call(
 
     stored = bentoml.models.get(champion_tag)
     flips = serve.Predictor(
-        Path(stored.path), dataclasses.replace(predictor.card, tta="flips", temperature=1.5)
+        Path(stored.path), dataclasses.replace(predictor.card, tta="flips", temperature=1.5),
+        ood_enabled=False,
     )
     batch = np.stack(
         [preprocess.preprocess_bytes(image_bytes(seed=s), TEST_IMAGE_SIZE) for s in range(3)]
@@ -336,12 +378,18 @@ def test_gradcam_finds_the_vgg16_base_conv_of_the_project_model() -> None:
     assert cam.max() == pytest.approx(1.0)  # scaled to its peak: a map was found
 
 
-def test_explain_returns_the_prediction_and_an_overlay_png(predictor: serve.Predictor) -> None:
-    photo = Image.open(io.BytesIO(grey_photo_with_spot(size=(120, 90)))).convert("RGB")
-    assert coloured_pixels(grey_photo_with_spot(size=(120, 90))) == 0
-    result, png = predictor.explain(photo, HEATMAP)
-    expected = predictor.predict([preprocess.to_model_input(photo, TEST_IMAGE_SIZE)])[0]
-    assert result == expected
+def test_explain_returns_the_prediction_and_an_overlay_png(unchecked: serve.Predictor) -> None:
+    data = grey_photo_with_spot(size=(120, 90), grain=30)
+    assert coloured_pixels(data) == 0
+    photo = Image.open(io.BytesIO(data)).convert("RGB")
+    result, png = unchecked.explain(photo, HEATMAP)
+    # not predict's answer (explain calls predict): the Keras model itself, read at the threshold
+    image = preprocess.to_model_input(photo, TEST_IMAGE_SIZE)
+    positive = float(unchecked.model(image[None], training=False).numpy()[0, 0])
+    assert result["probabilities"] == pytest.approx(
+        {CLASSES[0]: positive, CLASSES[1]: 1 - positive}, abs=1e-6
+    )
+    assert result["label"] == (CLASSES[0] if positive >= THRESHOLD else CLASSES[1])
     overlay = Image.open(io.BytesIO(png))
     assert overlay.format == "PNG" and overlay.size == (64, 48)  # longest side = max_side
     assert coloured_pixels(png) > 0, "no heatmap drawn over the grey photo"
@@ -428,7 +476,11 @@ def client_for(service_app, tmp_path: Path, **changes: object):
 
 @pytest.fixture(scope="module")
 def api(service_app, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    with client_for(service_app, tmp_path_factory.mktemp("api")) as client:
+    """The service with its guard off: the noise test photos get labels (the guard's own
+    tests below turn it on)."""
+    root = tmp_path_factory.mktemp("api")
+    off = dataclasses.replace(settings(root).ood, enabled=False)
+    with client_for(service_app, root, ood=off) as client:
         yield client
 
 
@@ -436,11 +488,11 @@ def upload(data: bytes, name: str = "photo.png", field: str = "image") -> dict:
     return {field: (name, data, "application/octet-stream")}
 
 
-def test_predict_answers_as_the_predictor_does(api, predictor: serve.Predictor) -> None:
+def test_predict_answers_as_the_predictor_does(api, unchecked: serve.Predictor) -> None:
     data = image_bytes(seed=3)
     response = api.post("/predict", files=upload(data))
     assert response.status_code == 200, response.text
-    expected = predictor.predict([preprocess.preprocess_bytes(data, TEST_IMAGE_SIZE)])[0]
+    expected = unchecked.predict([preprocess.preprocess_bytes(data, TEST_IMAGE_SIZE)])[0]
     body = response.json()
     assert body["label"] == expected["label"]
     assert body["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
@@ -511,6 +563,10 @@ def test_health_docs_and_web_page_routes(api) -> None:
     answer = {"label", "probability", "threshold", "probabilities", "model", "in_distribution",
               "ood", "ood_reason", "explanation"}  # fmt: skip
     assert set(schemas["Answer"]["properties"]) == answer
+    for field in ("label", "probability", "probabilities"):  # a rejected image has none
+        described = schemas["Answer"]["properties"][field]
+        assert {"type": "null"} in described["anyOf"], field
+        assert "null when in_distribution is false" in described["description"], field
     explained = spec["paths"]["/explain"]["post"]["responses"]["200"]["content"]
     assert set(explained["application/json"]["schema"]["properties"]) == answer | {
         "heatmap_png_base64"
@@ -572,6 +628,7 @@ def test_every_answer_says_whether_the_photo_looks_like_the_training_photos(
     for inside, outside in answers.values():
         assert inside["in_distribution"] is True and inside["ood_reason"] is None
         assert outside["in_distribution"] is False
+        assert outside["label"] is outside["probability"] is outside["probabilities"] is None
         assert "does not look like a skin photo" in outside["ood_reason"]
         assert outside["ood"]["score"] > 1 >= inside["ood"]["score"]
         assert inside["explanation"].startswith(("Flagged", "Not flagged"))

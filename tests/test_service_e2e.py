@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bentoml
+import numpy as np
 import pytest
 import requests
 from PIL import Image
 
 from conftest import MSLD_DIR, TEST_IMAGE_SIZE
-from pox_pipeline import preprocess, serve
+from pox_pipeline import non_skin, preprocess, serve
 from serve_helpers import (
     CLASSES,
     coloured_pixels,
@@ -26,6 +27,7 @@ from serve_helpers import (
     msld_samples,
     running_service,
     save_champion,
+    skin_like_photos,
     write_serve_params,
 )
 
@@ -165,3 +167,63 @@ def test_uploads_leave_no_trace_on_disk_or_in_the_log(server: Server) -> None:
     # BentoML parks a multipart file in a per-request temp dir while the request runs.
     leftovers = [p for p in (server.root / "tmp").rglob("*") if p.is_file()]
     assert not [p for p in leftovers if "jane-doe" in p.name or marker in p.read_bytes()]
+
+
+# ---------------------------------------------------------------------------- with a guard
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A second server whose champion carries an out-of-distribution guard fitted on
+    skin-like photos (the module's first server serves one without)."""
+    tag = save_champion(guard_photos=skin_like_photos(24))
+    root = tmp_path_factory.mktemp("e2e-guarded")
+    params = write_serve_params(root / "params.yaml", f"serve.model_tag={tag}",
+                                f"serve.upload_dir={root / 'uploads'}")  # fmt: skip
+    with running_service(params, root / "server.log") as url:
+        yield Server(url, root, tag)
+
+
+def not_skin() -> dict[str, bytes]:
+    """A flat colour, a noise image and a text screenshot, as PNG uploads."""
+    chosen = {"flat-blue", "noise-uniform-0", "text-0-1"}
+    found = {}
+    for name, image in [*non_skin.flat_colours(), *non_skin.noise(), *non_skin.text_screenshots()]:
+        if name in chosen:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            found[name] = buffer.getvalue()
+    return found
+
+
+def test_images_that_are_not_skin_get_no_label_through_both_processes(guarded: Server) -> None:
+    """The guard's score travels from the model process to the answer: each non-skin image is
+    answered with its numeric score (the in-process one), and no label, probability or
+    probabilities; /predict_batch and /explain answer the same."""
+    predictor = serve.Predictor.from_stored(bentoml.models.get(guarded.tag))
+    uploads = not_skin()
+    for name, data in uploads.items():
+        response = guarded.post("/predict", data, name=f"{name}.png")
+        assert response.status_code == 200, f"{name}: {response.text}"
+        got, want = response.json(), expected(predictor, data)
+        assert got["in_distribution"] is False and got["ood"]["checked"] is True, name
+        assert isinstance(got["ood"]["score"], float) and got["ood"]["score"] > 1, name
+        assert got["ood"]["score"] == pytest.approx(want["ood"]["score"], rel=1e-4), name
+        assert got["label"] is None and got["probability"] is None, name
+        assert got["probabilities"] is None, name
+        assert got["ood_reason"] and got["ood_reason"] in got["explanation"], name
+    skin = io.BytesIO()
+    Image.fromarray(skin_like_photos(1, seed=5)[0].astype(np.uint8)).save(skin, format="PNG")
+    sent = [*uploads.values(), skin.getvalue()]
+    files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(sent)]
+    batch = requests.post(f"{guarded.url}/predict_batch", files=files, timeout=TIMEOUT_S)
+    assert batch.status_code == 200, batch.text
+    for data, got in zip(sent, batch.json(), strict=True):
+        want = expected(predictor, data)
+        assert got["ood"]["checked"] is True
+        assert got["ood"]["score"] == pytest.approx(want["ood"]["score"], rel=1e-4)
+        assert got["in_distribution"] is want["in_distribution"]
+        assert got["label"] == want["label"]
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+    explained = guarded.post("/explain", uploads["flat-blue"]).json()
+    assert explained["label"] is None and explained["ood"]["score"] > 1

@@ -1,8 +1,9 @@
 """Soak: the real server under steady load loses nothing (issue 11, item 4).
 
 8 clients post one photo to ``/predict`` back to back for 60 s, three times, on one server;
-every request must get a 200 within 2 s. Opt-in (``pytest -m soak``, about 4 minutes): it
-needs the machine to itself to say anything about latency. All traffic stays on 127.0.0.1.
+every request must get a 200 within 2 s, and no model call may have been re-sent. Opt-in
+(``pytest -m soak``, about 4 minutes): it needs the machine to itself to say anything about
+latency. All traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ RUNS = 3
 MAX_LATENCY_S = 2.0
 # A request that takes longer than this is lost, not slow: failing it ends the run's client.
 REQUEST_TIMEOUT_S = 70.0
+# What service.py logs each time it re-sends a model call (PoxClassifier._call_model).
+RETRIED = "); retrying"
 # A model at a real photo's input size, so the arrays between the two services are full-sized.
 SOAK_IMAGE_SIZE = 224
 
@@ -116,5 +119,6 @@ def test_steady_load_loses_no_request(server: tuple[str, Path], run: int) -> Non
     print(f"soak run {run}/{RUNS}, {CLIENTS} clients x {RUN_S:.0f} s: {seen.summary(RUN_S)}")
     assert not seen.failures, seen.summary(RUN_S)
     assert seen.latencies and max(seen.latencies) < MAX_LATENCY_S, seen.summary(RUN_S)
-    retried = log.read_text(errors="replace").count("retrying")
+    retried = log.read_text(errors="replace").count(RETRIED)
     print(f"model calls retried so far: {retried}")
+    assert retried == 0, f"{retried} model calls were re-sent (see {log}): connections dropped"

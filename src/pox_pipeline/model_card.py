@@ -156,26 +156,32 @@ class ModelCard:
 
     def result(self, probabilities: np.ndarray, ood_score: float | None = None) -> dict[str, Any]:
         """One image's answer: binary = positive iff P(positive) >= threshold, else argmax;
-        with the OOD guard's verdict on ``ood_score`` and the decision in plain words."""
-        if self.is_binary:
-            positive = probabilities[self.classes.index(self.positive_class)]
-            negative = next(c for c in self.classes if c != self.positive_class)
-            label = self.positive_class if positive >= self.threshold else negative
-        else:
-            label = self.classes[int(np.argmax(probabilities))]
+        with the OOD guard's verdict on ``ood_score`` and the decision in plain words.
+
+        An image the guard rejects gets no label and no probabilities (null): the model's
+        scores for a picture unlike every training photo would name a disease for nothing,
+        and a client reading ``label``, or ranking by a probability, would act on them."""
+        guard = ood.verdict(ood_score)
+        label = scores = None
+        if guard["in_distribution"]:
+            if self.is_binary:
+                positive = probabilities[self.classes.index(self.positive_class)]
+                negative = next(c for c in self.classes if c != self.positive_class)
+                label = self.positive_class if positive >= self.threshold else negative
+            else:
+                label = self.classes[int(np.argmax(probabilities))]
+            scores = {c: float(p) for c, p in zip(self.classes, probabilities, strict=True)}
         answer = {
             "label": label,
-            "probability": float(probabilities[self.classes.index(label)]),
+            "probability": None if scores is None else scores[label],
             "threshold": self.threshold,
-            "probabilities": {
-                c: float(p) for c, p in zip(self.classes, probabilities, strict=True)
-            },
+            "probabilities": scores,
             "model": {
                 "name": self.name,
                 "version": self.version,
                 "mlflow_run_id": self.mlflow_run_id,
             },
-            **ood.verdict(ood_score),
+            **guard,
         }
         answer["explanation"] = self.plain_words(answer)
         return answer
@@ -211,8 +217,8 @@ class ModelCard:
         """Why this label, for a person: a probability below 50% can still be flagged."""
         if not answer["in_distribution"]:
             return (
-                f"No label: {ood.REASON}, so its scores mean nothing. Please upload a clear, "
-                "close photo of the skin lesion."
+                f"No label and no probabilities: {answer['ood_reason']}, so the model's scores "
+                "for it would mean nothing. Please upload a clear, close photo of the skin lesion."
             )
         if self.threshold is None:
             return (

@@ -94,6 +94,17 @@ class ServeConfig:
     monitoring: monitor.MonitoringSettings
     threshold_override: float | None = None  # a site's own threshold (pox validate)
 
+    def __post_init__(self) -> None:
+        # A call the batcher still holds must not be given up on (and it is never re-sent):
+        # the per-call timeout outlasts the batcher's bound, and ends before the request's.
+        if not self.max_latency_ms < 1000 * self.model_call_timeout_s < 1000 * self.timeout_s:
+            raise ValueError(
+                f"serve.model_call_timeout_s={self.model_call_timeout_s:g} must lie between "
+                f"serve.max_latency_ms={self.max_latency_ms} ms (the batcher may hold a call "
+                f"that long before running it) and serve.timeout_s={self.timeout_s:g} (so the "
+                "503 reaches the client before its request times out)"
+            )
+
     @classmethod
     def from_cfg(cls, serve_cfg: DictConfig | Mapping[str, Any]) -> ServeConfig:
         values = (

@@ -64,7 +64,8 @@ function showResult(result) {
   const bars = $("bars");
   bars.hidden = !inDistribution;
   bars.replaceChildren();
-  const classes = Object.keys(result.probabilities);
+  // A rejected image's answer carries no probabilities (null).
+  const classes = Object.keys(result.probabilities || {});
   // The threshold applies to the positive class: the first class of a binary model.
   const positive = classes.length === 2 && result.threshold !== null ? classes[0] : null;
   for (const name of classes) {
