@@ -431,6 +431,7 @@ def test_two_phase_training_records_both_phases(
 
     monkeypatch.setattr(keras.Model, "fit", recording_fit)
     cfg = prepared_cfg(
+        "train.refit.folds=0",  # one fit per phase: the phase decision is made on val
         "train.verbose=0",
         "model.efficientnet_lite.epochs=3",
         "model.efficientnet_lite.patience=3",

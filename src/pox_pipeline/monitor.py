@@ -231,10 +231,13 @@ def records(
     rows = []
     for answer, values in zip(answers, np.asarray(columns, np.float64), strict=True):
         score = answer.get("ood", {}).get("score")
+        probabilities = answer.get("probabilities")  # null for a photo the guard refused
         row = {
             "model_version": answer["model"]["version"],
             "label": answer.get("label"),
-            "positive_probability": float(answer["probabilities"][positive_class]),
+            "positive_probability": (
+                None if probabilities is None else float(probabilities[positive_class])
+            ),
             "in_distribution": bool(answer["in_distribution"]),
             "ood_score": None if score is None else float(score),
         }
