@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pox_pipeline.config import project_root
+from pox_pipeline.inference import median_call_ms
 from pox_pipeline.serve import (
     BACKENDS,
     CALIBRATED_BACKENDS,
@@ -62,13 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def ms_per_image(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, repeats: int) -> float:
     """Median wall milliseconds per image of ``run(batch)``, after one untimed call."""
-    run(batch)
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run(batch)
-        seconds.append(time.perf_counter() - started)
-    return 1000 * statistics.median(seconds) / len(batch)
+    return median_call_ms(run, batch, repeats) / len(batch)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

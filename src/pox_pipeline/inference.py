@@ -70,13 +70,10 @@ def model_outputs(
     return np.mean([predict_scores(model, view, batch_size) for view in views], axis=0)
 
 
-def serving_latency_ms(model: keras.Model, image_size: int, tta: str, repeats: int) -> float:
-    """Median milliseconds to answer one photo (its TTA views in one batch) through the
-    traced model, after one warm-up call: what a family costs to serve, measured."""
+def median_call_ms(run: Callable[[np.ndarray], Any], batch: np.ndarray, repeats: int) -> float:
+    """Median wall milliseconds of ``run(batch)`` over ``repeats`` calls, after one untimed."""
     import time
 
-    run = run_traced(traced(lambda batch: model(batch, training=False), image_size))
-    batch = np.concatenate(tta_views(np.zeros((1, image_size, image_size, 3), np.float32), tta))
     run(batch)
     timings = []
     for _ in range(repeats):
@@ -84,6 +81,14 @@ def serving_latency_ms(model: keras.Model, image_size: int, tta: str, repeats: i
         run(batch)
         timings.append(time.perf_counter() - started)
     return float(np.median(timings) * 1000)
+
+
+def serving_latency_ms(model: keras.Model, image_size: int, tta: str, repeats: int) -> float:
+    """Median milliseconds to answer one photo (its TTA views in one batch) through the
+    traced model: what a family costs to serve, measured."""
+    run = run_traced(traced(lambda batch: model(batch, training=False), image_size))
+    batch = np.concatenate(tta_views(np.zeros((1, image_size, image_size, 3), np.float32), tta))
+    return median_call_ms(run, batch, repeats)
 
 
 def traced(function: Callable[[Any], Any], image_size: int) -> Any:
