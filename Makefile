@@ -9,7 +9,7 @@ export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install run lint test test-all soak serve params clean
+.PHONY: install run lint test test-all soak serve mlflow-server params clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ params: install
 ## serve: serve the champion chosen by `select` on http://127.0.0.1:3000
 serve: install
 	bentoml serve service:PoxClassifier --host 127.0.0.1 --port 3000
+
+## mlflow-server: the team's MLflow server (PostgreSQL, proxied artifacts, sign-in) on
+## http://127.0.0.1:5000; needs MLFLOW_AUTH_ADMIN_PASSWORD (README "Working as a team")
+mlflow-server: install
+	python -m pox_pipeline.team_server
 
 clean:
 	rm -rf $(VENV) datas/synthetic datas/prepared models reports outputs mlflow.db mlruns

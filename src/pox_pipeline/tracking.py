@@ -4,9 +4,12 @@ param, metric and logged model."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,17 +18,23 @@ import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
+from mlflow.entities import Metric, Param
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig
 
 from pox_pipeline.config import flatten
+from pox_pipeline.data import MANIFEST_NAME
 from pox_pipeline.features import custom_objects
 from pox_pipeline.paths import run_info_file
 
 # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI itself, so only the value set before
 # this process configured MLflow is the user's choice (else the first config would stick).
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+# Set by `dvc exp run` for every stage it runs (dvc.env.DVC_EXP_NAME).
+DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
+# MLflow's own tag for a nested run: the UI folds children under their parent.
+PARENT_RUN_TAG = "mlflow.parentRunId"
 
 
 def setup_mlflow(cfg: DictConfig) -> str:
@@ -45,6 +54,28 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def dataset_tags(cfg: DictConfig) -> dict[str, str]:
+    """Which data a run saw: the originals' folder (common to every manifest ``source``) and
+    the sha256 of the prepared manifest (each original's sha256, class, group and split), so
+    two runs on different photos or splits never look alike in the UI."""
+    manifest = Path(cfg.paths.prepared_dir) / MANIFEST_NAME
+    with manifest.open(newline="") as handle:
+        sources = [Path(row["source"]).parent for row in csv.DictReader(handle)]
+    return {
+        "dataset": os.path.commonpath(sources) if sources else "",
+        "dataset_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+    }
+
+
+def run_tags(cfg: DictConfig, stage: str) -> dict[str, str]:
+    """Tags every pipeline run carries to be compared across a team: the code (git commit),
+    the DVC stage, the data (:func:`dataset_tags`) and the `dvc exp` name when there is one."""
+    tags = {"git_commit": git_commit(), "dvc_stage": stage, **dataset_tags(cfg)}
+    if os.environ.get(DVC_EXP_NAME_ENV):
+        tags["dvc_exp"] = os.environ[DVC_EXP_NAME_ENV]
+    return tags
 
 
 def write_run_info(cfg: DictConfig, model_name: str, info: dict[str, Any]) -> Path:
@@ -106,11 +137,39 @@ def log_params(cfg: DictConfig) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_run(cfg: DictConfig, tags: dict[str, str], enabled: bool) -> Iterator[Any]:
-    """The stage's MLflow run (None on non-chief workers, which track nothing)."""
+def mlflow_run(
+    cfg: DictConfig, tags: dict[str, str], enabled: bool, parent_run_id: str | None = None
+) -> Iterator[Any]:
+    """The stage's MLflow run (None on non-chief workers, which track nothing), nested under
+    ``parent_run_id`` when given (a cross-validation fold)."""
     if not enabled:
         yield None
         return
     setup_mlflow(cfg)
-    with mlflow.start_run(run_name=f"train-{tags['model_name']}", tags=tags) as active:
+    with mlflow.start_run(
+        run_name=f"train-{tags['model_name']}", tags=tags, parent_run_id=parent_run_id
+    ) as active:
         yield active
+
+
+def start_parent_run(cfg: DictConfig, run_name: str, tags: dict[str, str]) -> str:
+    """A run left open for children logged from other code (the folds of a cross-validation);
+    :func:`finish_parent_run` closes it. Returns its id."""
+    setup_mlflow(cfg)
+    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment.experiment_id, tags=tags, run_name=run_name)
+    params = [Param(key, str(value)) for key, value in flatten(cfg).items()]
+    client.log_batch(run.info.run_id, params=params)  # sent in MLflow's batch-sized chunks
+    return run.info.run_id
+
+
+def finish_parent_run(run_id: str, metrics: dict[str, float], artifact: Path | None) -> None:
+    """Log the children's summary (mean/std) to the parent and mark it finished."""
+    client = mlflow.MlflowClient()
+    now_ms = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now_ms, 0) for key, value in metrics.items()]
+    client.log_batch(run_id, metrics=batch)
+    if artifact is not None:
+        client.log_artifact(run_id, str(artifact))
+    client.set_terminated(run_id)
