@@ -57,15 +57,18 @@ def git_commit() -> str:
 
 
 def dataset_tags(cfg: DictConfig) -> dict[str, str]:
-    """Which data a run saw: the originals' folder (common to every manifest ``source``) and
-    the sha256 of the prepared manifest (each original's sha256, class, group and split), so
-    two runs on different photos or splits never look alike in the UI."""
+    """Which data a run saw, read from the prepared manifest: the originals' folder (common to
+    every ``source``), ``dataset_sha256`` over each original's class and sha256 (the data set,
+    whatever its split or order) and ``split_sha256`` of the manifest itself (also groups and
+    splits), so two runs on different photos or splits never look alike in the UI."""
     manifest = Path(cfg.paths.prepared_dir) / MANIFEST_NAME
     with manifest.open(newline="") as handle:
-        sources = [Path(row["source"]).parent for row in csv.DictReader(handle)]
+        rows = list(csv.DictReader(handle))
+    content = "\n".join(sorted(f"{row['class']},{row['sha256']}" for row in rows))
     return {
-        "dataset": os.path.commonpath(sources) if sources else "",
-        "dataset_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        "dataset": os.path.commonpath([Path(r["source"]).parent for r in rows]) if rows else "",
+        "dataset_sha256": hashlib.sha256(content.encode()).hexdigest(),
+        "split_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
     }
 
 

@@ -388,8 +388,11 @@ def model_summary(model: keras.Model) -> str:
 # ---------------------------------------------------------------------------- the stage
 
 
-def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
-    """Train ``cfg.model[model_name]`` on the prepared splits; returns what run.json records."""
+def train(
+    cfg: DictConfig, model_name: str, parent_run_id: str | None = None
+) -> dict[str, Any]:
+    """Train ``cfg.model[model_name]`` on the prepared splits; returns what run.json records.
+    ``parent_run_id``: the MLflow run this one nests under (a cross-validation's)."""
     started = time.perf_counter()
     cfg = OmegaConf.merge(cfg, {"model_name": model_name})  # what MLflow records
     strategy = make_strategy(cfg.train.strategy)  # first: multi-worker needs a fresh runtime
@@ -419,15 +422,14 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     tags = {
         "model_name": model_name,
         "architecture": model_cfg.architecture,
-        "git_commit": tracking.git_commit(),
-        "dvc_stage": f"train@{model_name}",
         "weights": weights_source(model_cfg),
+        **tracking.run_tags(cfg, f"train@{model_name}"),
     }
     cache_root = Path(cfg.train.feature_cache.dir)
     cache_root.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(dir=cache_root, prefix=f"{model_name}-") as scratch,
-        tracking.mlflow_run(cfg, tags, enabled=chief) as active_run,
+        tracking.mlflow_run(cfg, tags, enabled=chief, parent_run_id=parent_run_id) as active_run,
     ):
         if split is not None:
             cache = build_feature_cache(
