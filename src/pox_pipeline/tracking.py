@@ -93,16 +93,22 @@ def read_run_info(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     return json.loads(run_info_file(cfg, model_name).read_text())
 
 
+# Keras's per-epoch names get this prefix: its `val_auc` (uncalibrated, during training) would
+# otherwise share a key with evaluate's `val_auc`, and the latest step would win in the UI.
+EPOCH_METRIC_PREFIX = "epoch_"
+
+
 class MlflowEpochMetrics(keras.callbacks.Callback):
     """Every per-epoch metric Keras reports (loss, accuracy, auc, their val_ twins, the learning
-    rate) to the active MLflow run; step = epoch counted from 1 across training phases."""
+    rate) to the active MLflow run as ``epoch_<name>``; step = epoch counted from 1 across
+    training phases."""
 
     def __init__(self, first_step: int = 1) -> None:
         super().__init__()
         self.first_step = first_step
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        metrics = {EPOCH_METRIC_PREFIX + key: float(value) for key, value in (logs or {}).items()}
         mlflow.log_metrics(metrics, step=self.first_step + epoch)
 
 
