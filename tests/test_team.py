@@ -398,7 +398,7 @@ def test_the_mlflow_ui_lists_the_runs_and_the_champion(
     page_shows(
         f"{server['url']}/#/compare-runs?runs={ids}"
         f"&experiments={quote(json.dumps([experiment.experiment_id]))}",
-        f"Comparing {len(runs)} Runs", "test_auc",
+        f"Comparing {len(runs)} Runs from 1 Experiment", "Run details",
     )
     # for the README: the assistant panel closed, only the params that differ, from the runs down
     for label in ("Close", "Parameters - Show diff only"):
