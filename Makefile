@@ -9,8 +9,8 @@ export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install run lint test test-all soak serve params clean container container-run \
-	container-stop test-container
+.PHONY: install run lint test test-all soak serve mlflow-server params clean container \
+	container-run container-stop test-container
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,11 @@ container-stop:
 ## test-container: build the image for a test champion, run it, compare it with `make serve`
 test-container: install
 	python -m pytest -m container
+
+## mlflow-server: the team's MLflow server (PostgreSQL, proxied artifacts, sign-in) on
+## http://127.0.0.1:5000; needs MLFLOW_AUTH_ADMIN_PASSWORD (README "Working as a team")
+mlflow-server: install
+	python -m pox_pipeline.team_server
 
 clean:
 	rm -rf $(VENV) datas/synthetic datas/prepared models reports outputs mlflow.db mlruns

@@ -64,7 +64,20 @@ def test_cross_validate_runs_every_fold(make_cfg, tmp_path: Path) -> None:
     names = sorted(run.info.run_name for run in runs)
     assert names.count("train-cnn") == 2 and "cv-cnn" in names
     cv_run = next(run for run in runs if run.info.run_name == "cv-cnn")
-    assert "balanced_accuracy_mean" in cv_run.data.metrics
+    assert cv_run.data.metrics["balanced_accuracy_mean"] == pytest.approx(
+        summaries["cnn"]["balanced_accuracy_mean"]
+    )
+    assert cv_run.info.status == "FINISHED"
+    # the parent nests one child per fold and seed, each tagged with its data and fold
+    children = [run for run in runs if run.info.run_name == "train-cnn"]
+    assert {run.data.tags["mlflow.parentRunId"] for run in children} == {cv_run.info.run_id}
+    [seed] = cfg.cv.seeds
+    assert sorted(run.data.tags["cv_fold"] for run in children) == [f"{seed}/0", f"{seed}/1"]
+    assert len({run.data.tags["split_sha256"] for run in children}) == 2  # two splits
+    assert {run.data.tags["dataset_sha256"] for run in children} == {
+        cv_run.data.tags["dataset_sha256"]
+    }
+    assert cv_run.data.params["cv.folds"] == "2"
 
 
 def test_resplit_decides_whether_a_seed_redraws_the_folds(make_cfg) -> None:

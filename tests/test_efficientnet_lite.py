@@ -456,7 +456,7 @@ def test_two_phase_training_records_both_phases(
     history = pd.read_csv(tmp_path / "reports" / "train" / "efficientnet_lite" / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5]
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
-    steps = client.get_metric_history(info["mlflow_run_id"], "val_loss")
+    steps = client.get_metric_history(info["mlflow_run_id"], "epoch_val_loss")
     assert [m.step for m in steps] == [1, 2, 3, 4, 5]
 
 

@@ -70,7 +70,7 @@ def test_cnn_run_writes_stage_outputs_and_tracks_everything(prepared_cfg, tmp_pa
     assert run.data.params["model.cnn.epochs"] == "2"
     assert run.data.params["data.image_size"] == "32"
     for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "auc", "val_auc"):
-        steps = client.get_metric_history(run.info.run_id, metric)
+        steps = client.get_metric_history(run.info.run_id, f"epoch_{metric}")
         assert [m.step for m in steps] == [1, 2]
         assert [m.value for m in steps] == pytest.approx(history[metric].tolist(), rel=1e-5)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

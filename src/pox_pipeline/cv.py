@@ -108,13 +108,16 @@ def cross_validate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     per_model: dict[str, list[dict[str, Any]]] = {name: [] for name in cfg.cv.models}
     wall: dict[str, float] = {name: 0.0 for name in cfg.cv.models}
     runs = fold_runs(cfg)
+    parents: dict[str, str] = {}  # model -> its parent run, opened once its first fold is ready
     # one step per fold and seed; quiet when output is not a terminal (logs, CI)
     for seed, fold in tqdm(runs, desc="cv", unit="fold", disable=None):
         fold_cfg = fold_config(cfg, fold, seed)
         prepare(fold_cfg)
         for name in cfg.cv.models:
+            if name not in parents:
+                parents[name] = start_parent(cfg, fold_cfg, name)
             started = time.perf_counter()
-            info = train(fold_cfg, name)
+            info = train(fold_cfg, name, parent_run_id=parents[name])
             scores = evaluate(fold_cfg, name)
             test = scores["test"]
             wall[name] += time.perf_counter() - started
@@ -139,21 +142,24 @@ def cross_validate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     (out_dir / paths.DVC_METRICS_FILE).write_text(json.dumps(summaries, indent=2) + "\n")
     table = markdown_table(summaries, metric_names)
     (out_dir / "summary.md").write_text(table)
-    log_summary(cfg, summaries, out_dir)
+    for name, summary in summaries.items():
+        tracking.finish_parent_run(parents[name], numeric(summary), out_dir / "summary.md")
     print(table)
     return summaries
 
 
-def log_summary(cfg: DictConfig, summaries: dict[str, dict[str, Any]], out_dir: Path) -> None:
-    """One MLflow run per model holding the cross-validated figures, for side-by-side compare."""
-    tracking.setup_mlflow(cfg)
-    for name, summary in summaries.items():
-        with mlflow.start_run(run_name=f"cv-{name}"):
-            mlflow.set_tags({"model_name": name, "protocol": f"cv{cfg.cv.folds}",
-                             "git_commit": tracking.git_commit()})  # fmt: skip
-            tracking.log_params(cfg)
-            mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-            mlflow.log_artifact(str(out_dir / "summary.md"))
+def start_parent(cfg: DictConfig, first_fold: DictConfig, name: str) -> str:
+    """The run ``cv-<model>`` that nests the model's fold runs and holds their mean/std. Its
+    data tags are the first fold's but for the split: every fold splits the same data set."""
+    tags = {"model_name": name, "protocol": f"cv{cfg.cv.folds}",
+            **tracking.run_tags(first_fold, f"cv@{name}")}  # fmt: skip
+    del tags["split_sha256"]
+    return tracking.start_parent_run(cfg, f"cv-{name}", tags)
+
+
+def numeric(summary: dict[str, Any]) -> dict[str, float]:
+    """The defined numbers of a summary (an undefined mean is None, which MLflow cannot log)."""
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float))}
 
 
 def summary_metrics(cfg: DictConfig) -> list[str]:

@@ -428,6 +428,7 @@ def log_to_mlflow(
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(finite)
         mlflow.set_tags({k: val[k] for k in ("threshold_rule", "calibration", "tta")})
+        mlflow.set_tag("dvc_evaluate_stage", f"evaluate@{model_name}")
         mlflow.log_artifacts(str(out / "figures"), artifact_path="eval/figures")
         for name in (paths.VAL_METRICS_FILE, paths.TEST_METRICS_FILE):
             mlflow.log_artifact(str(out / name), artifact_path="eval")

@@ -4,9 +4,12 @@ param, metric and logged model."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,17 +18,23 @@ import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
+from mlflow.entities import Metric, Param
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig
 
 from pox_pipeline.config import flatten
+from pox_pipeline.data import MANIFEST_NAME
 from pox_pipeline.features import custom_objects
 from pox_pipeline.paths import run_info_file
 
 # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI itself, so only the value set before
 # this process configured MLflow is the user's choice (else the first config would stick).
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+# Set by `dvc exp run` for every stage it runs (dvc.env.DVC_EXP_NAME).
+DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
+# MLflow's own tag for a nested run: the UI folds children under their parent.
+PARENT_RUN_TAG = "mlflow.parentRunId"
 
 
 def setup_mlflow(cfg: DictConfig) -> str:
@@ -53,6 +62,31 @@ OUT_OF_FOLD_PROTOCOL = "cv_refit"
 FIXED_SPLIT_PROTOCOL = "fixed_split"
 
 
+def dataset_tags(cfg: DictConfig) -> dict[str, str]:
+    """Which data a run saw, read from the prepared manifest: the originals' folder (common to
+    every ``source``), ``dataset_sha256`` over each original's class and sha256 (the data set,
+    whatever its split or order) and ``split_sha256`` of the manifest itself (also groups and
+    splits), so two runs on different photos or splits never look alike in the UI."""
+    manifest = Path(cfg.paths.prepared_dir) / MANIFEST_NAME
+    with manifest.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    content = "\n".join(sorted(f"{row['class']},{row['sha256']}" for row in rows))
+    return {
+        "dataset": os.path.commonpath([Path(r["source"]).parent for r in rows]) if rows else "",
+        "dataset_sha256": hashlib.sha256(content.encode()).hexdigest(),
+        "split_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+    }
+
+
+def run_tags(cfg: DictConfig, stage: str) -> dict[str, str]:
+    """Tags every pipeline run carries to be compared across a team: the code (git commit),
+    the DVC stage, the data (:func:`dataset_tags`) and the `dvc exp` name when there is one."""
+    tags = {"git_commit": git_commit(), "dvc_stage": stage, **dataset_tags(cfg)}
+    if os.environ.get(DVC_EXP_NAME_ENV):
+        tags["dvc_exp"] = os.environ[DVC_EXP_NAME_ENV]
+    return tags
+
+
 def write_run_info(cfg: DictConfig, model_name: str, info: dict[str, Any]) -> Path:
     """Record which MLflow run trained a model, so evaluate and select log to the same run."""
     path = run_info_file(cfg, model_name)
@@ -65,16 +99,22 @@ def read_run_info(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     return json.loads(run_info_file(cfg, model_name).read_text())
 
 
+# Keras's per-epoch names get this prefix: its `val_auc` (uncalibrated, during training) would
+# otherwise share a key with evaluate's `val_auc`, and the latest step would win in the UI.
+EPOCH_METRIC_PREFIX = "epoch_"
+
+
 class MlflowEpochMetrics(keras.callbacks.Callback):
     """Every per-epoch metric Keras reports (loss, accuracy, auc, their val_ twins, the learning
-    rate) to the active MLflow run; step = epoch counted from 1 across training phases."""
+    rate) to the active MLflow run as ``epoch_<name>``; step = epoch counted from 1 across
+    training phases."""
 
     def __init__(self, first_step: int = 1) -> None:
         super().__init__()
         self.first_step = first_step
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        metrics = {EPOCH_METRIC_PREFIX + key: float(value) for key, value in (logs or {}).items()}
         mlflow.log_metrics(metrics, step=self.first_step + epoch)
 
 
@@ -112,11 +152,39 @@ def log_params(cfg: DictConfig) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_run(cfg: DictConfig, tags: dict[str, str], enabled: bool) -> Iterator[Any]:
-    """The stage's MLflow run (None on non-chief workers, which track nothing)."""
+def mlflow_run(
+    cfg: DictConfig, tags: dict[str, str], enabled: bool, parent_run_id: str | None = None
+) -> Iterator[Any]:
+    """The stage's MLflow run (None on non-chief workers, which track nothing), nested under
+    ``parent_run_id`` when given (a cross-validation fold)."""
     if not enabled:
         yield None
         return
     setup_mlflow(cfg)
-    with mlflow.start_run(run_name=f"train-{tags['model_name']}", tags=tags) as active:
+    with mlflow.start_run(
+        run_name=f"train-{tags['model_name']}", tags=tags, parent_run_id=parent_run_id
+    ) as active:
         yield active
+
+
+def start_parent_run(cfg: DictConfig, run_name: str, tags: dict[str, str]) -> str:
+    """A run left open for children logged from other code (the folds of a cross-validation);
+    :func:`finish_parent_run` closes it. Returns its id."""
+    setup_mlflow(cfg)
+    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment.experiment_id, tags=tags, run_name=run_name)
+    params = [Param(key, str(value)) for key, value in flatten(cfg).items()]
+    client.log_batch(run.info.run_id, params=params)  # sent in MLflow's batch-sized chunks
+    return run.info.run_id
+
+
+def finish_parent_run(run_id: str, metrics: dict[str, float], artifact: Path | None) -> None:
+    """Log the children's summary (mean/std) to the parent and mark it finished."""
+    client = mlflow.MlflowClient()
+    now_ms = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now_ms, 0) for key, value in metrics.items()]
+    client.log_batch(run_id, metrics=batch)
+    if artifact is not None:
+        client.log_artifact(run_id, str(artifact))
+    client.set_terminated(run_id)

@@ -430,7 +430,9 @@ def refit_epochs(fold_phases: list[list[dict[str, Any]]]) -> dict[str, int]:
     return epochs
 
 
-def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
+def train(
+    cfg: DictConfig, model_name: str, parent_run_id: str | None = None
+) -> dict[str, Any]:
     """Train ``cfg.model[model_name]``; returns what run.json records.
 
     ``train.refit.folds`` >= 2 (the default): patient-grouped k-fold over all non-test photos
@@ -438,7 +440,8 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     that one, and predicts its own fold: out-of-fold predictions for every photo, which
     ``evaluate`` calibrates and thresholds on and ``select`` compares on. The served model is
     then refitted on every non-test photo for the folds' median number of epochs.
-    ``train.refit.folds: 0``: fit on train, early-stop on val (one fixed split)."""
+    ``train.refit.folds: 0``: fit on train, early-stop on val (one fixed split).
+    ``parent_run_id``: the MLflow run this one nests under (a cross-validation's)."""
     started = time.perf_counter()
     cfg = OmegaConf.merge(cfg, {"model_name": model_name})  # what MLflow records
     strategy = make_strategy(cfg.train.strategy)  # first: multi-worker needs a fresh runtime
@@ -462,16 +465,15 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     tags = {
         "model_name": model_name,
         "architecture": model_cfg.architecture,
-        "git_commit": tracking.git_commit(),
-        "dvc_stage": f"train@{model_name}",
         "weights": weights_source(model_cfg),
         "protocol": tracking.OUT_OF_FOLD_PROTOCOL if refit else tracking.FIXED_SPLIT_PROTOCOL,
+        **tracking.run_tags(cfg, f"train@{model_name}"),
     }
     cache_root = Path(cfg.train.feature_cache.dir)
     cache_root.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(dir=cache_root, prefix=f"{model_name}-") as scratch,
-        tracking.mlflow_run(cfg, tags, enabled=chief) as active_run,
+        tracking.mlflow_run(cfg, tags, enabled=chief, parent_run_id=parent_run_id) as active_run,
     ):
         if split is not None:
             cache = build_feature_cache(
@@ -521,6 +523,8 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
                 )
                 fold_phases.append(phases_k)
                 log.info("%s fold %d/%d: %s", model_name, fold + 1, folds, phases_k)
+                if active_run is not None:
+                    log_fold(model_name, fold, phases_k, len(held_out))
             epochs = refit_epochs(fold_phases)
             phases, frame = fit(np.arange(len(images)), None, epochs, track=active_run is not None)
             cross_validation = {
@@ -561,6 +565,18 @@ def train(cfg: DictConfig, model_name: str) -> dict[str, Any]:
         info["wall_seconds"], cache_mode,
     )  # fmt: skip
     return info
+
+
+def log_fold(model_name: str, fold: int, phases: list[dict[str, Any]], held_out: int) -> None:
+    """One nested MLflow run per cross-validation fold of the refit protocol: its phases'
+    best epochs and monitor values, beside the parent train run in the UI."""
+    with mlflow.start_run(run_name=f"train-{model_name}-fold{fold}", nested=True,
+                          tags={"model_name": model_name, "cv_fold": str(fold)}):  # fmt: skip
+        mlflow.log_metric("held_out_images", held_out)
+        for record in phases:
+            if record["epochs"]:
+                mlflow.log_metrics({f"{record['phase']}_best_epoch": record["phase_best_epoch"],
+                                    f"{record['phase']}_best": record["best"]})  # fmt: skip
 
 
 def fit_phases(
