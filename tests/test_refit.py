@@ -143,15 +143,35 @@ def test_the_cheapest_eligible_model_wins(
         evaluated = paths.eval_dir(cfg, name)
         evaluated.mkdir(parents=True)
         (evaluated / paths.VAL_METRICS_FILE).write_text("{}")
-    cost = {"big": 30.0, "small": 8.0, "weak": 1.0}
-    measured: list[str] = []
+    cost = {"big": 30e9, "small": 8e9, "weak": 1e9}
+    counted: list[str] = []
     monkeypatch.setattr(select, "load_keras_model", lambda path: path.parent.name)
-    monkeypatch.setattr(select, "serving_latency_ms",
-                        lambda model, *_: measured.append(model) or cost[model])  # fmt: skip
+    monkeypatch.setattr(select, "flops_per_photo",
+                        lambda model, *_: counted.append(model) or cost[model])  # fmt: skip
     table = {"big": {"eligible": True}, "small": {"eligible": True}, "weak": {"eligible": False}}
     assert select.cheapest(table, cfg) == "small"
-    assert measured == ["big", "small"]  # the ineligible one is not even measured
-    assert table["small"]["latency_ms"] == 8.0 and "latency_ms" not in table["weak"]
+    assert counted == ["big", "small"]  # the ineligible one is not even counted
+    assert table["small"]["gflops"] == 8.0 and "gflops" not in table["weak"]
+
+
+def test_flops_count_the_models_work_and_its_tta_views() -> None:
+    """Deterministic, and a model that does more work per photo counts more."""
+    import keras
+
+    from pox_pipeline.inference import flops_per_photo
+
+    def conv_net(filters: int) -> keras.Model:
+        inputs = keras.Input((32, 32, 3))
+        x = keras.layers.Conv2D(filters, 3)(inputs)
+        outputs = keras.layers.Dense(1, name="output")(keras.layers.GlobalAveragePooling2D()(x))
+        return keras.Model(inputs, outputs)
+
+    small, big = conv_net(4), conv_net(16)
+    assert flops_per_photo(small, 32, "none") == flops_per_photo(small, 32, "none") > 0
+    assert flops_per_photo(big, 32, "none") > 3 * flops_per_photo(small, 32, "none")
+    assert flops_per_photo(small, 32, "flips") == pytest.approx(
+        4 * flops_per_photo(small, 32, "none"), rel=0.01
+    )
 
 
 METADATA = {

@@ -83,12 +83,28 @@ def median_call_ms(run: Callable[[np.ndarray], Any], batch: np.ndarray, repeats:
     return float(np.median(timings) * 1000)
 
 
-def serving_latency_ms(model: keras.Model, image_size: int, tta: str, repeats: int) -> float:
-    """Median milliseconds to answer one photo (its TTA views in one batch) through the
-    traced model: what a family costs to serve, measured."""
-    run = run_traced(traced(lambda batch: model(batch, training=False), image_size))
-    batch = np.concatenate(tta_views(np.zeros((1, image_size, image_size, 3), np.float32), tta))
-    return median_call_ms(run, batch, repeats)
+def flops_per_photo(model: keras.Model, image_size: int, tta: str) -> float:
+    """Floating-point operations to answer one photo (all its TTA views), counted by
+    TensorFlow's profiler on the frozen graph: what a family costs to serve, the same on every
+    machine (a measured latency would make ``select`` depend on the load of the moment)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    views = len(tta_views(np.zeros((1, 1, 1, 3), np.float32), tta))
+    spec = tf.TensorSpec([views, image_size, image_size, 3], tf.float32)
+    function = tf.function(lambda batch: model(batch, training=False))
+    frozen = convert_variables_to_constants_v2(function.get_concrete_function(spec))
+    profiler = tf.compat.v1.profiler
+    options = profiler.ProfileOptionBuilder(
+        profiler.ProfileOptionBuilder.float_operation()
+    ).with_empty_output().build()
+    with tf.Graph().as_default() as graph:
+        tf.graph_util.import_graph_def(frozen.graph.as_graph_def(), name="")
+        counted = profiler.profile(graph=graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op",
+                                   options=options)  # fmt: skip
+    return float(counted.total_float_ops)
 
 
 def traced(function: Callable[[Any], Any], image_size: int) -> Any:

@@ -369,13 +369,13 @@ def operating_point_rows(points: Sequence[Mapping[str, Any]]) -> list[list[str]]
 def selection_section(selection: Mapping[str, Any]) -> Section:
     """How the family was chosen: every candidate's cross-validated figure and the rule."""
     rows = [["model", f"{selection['metric']} (mean over folds)", "standard error",
-             "within 1 SE of the best", "ms per photo"]]  # fmt: skip
+             "within 1 SE of the best", "GFLOPs per photo"]]  # fmt: skip
     for name, row in selection["candidates"].items():
-        latency = row.get("latency_ms")
+        cost = row.get("gflops")
         rows.append([
             name, f"{row['mean']:.3f}", "n/a" if row.get("se") is None else f"{row['se']:.3f}",
             "yes" if row["eligible"] else "no",
-            "not measured" if latency is None else f"{latency:.1f}",
+            "not counted" if cost is None else f"{cost:.2f}",
         ])  # fmt: skip
     return Section("How this model was chosen", paragraphs=[selection["rule"]], table=rows)
 

@@ -5,10 +5,11 @@ The choice reads ``reports/eval/<name>/val_metrics.json`` and nothing else: the 
 predictions over every non-test photo (or the validation split on a fixed split), so the test
 split stays an unbiased estimate. The rule (:func:`one_standard_error_rule`): the best mean over
 the folds, and every family within one standard error of it counts as as good; of those, the
-cheapest to serve wins (median milliseconds per photo through the compiled model, measured
-here in one run). The winner's test metrics are read afterwards, only to ship with the model
-as metadata. Both the registry and the BentoML store are idempotent: re-running on unchanged
-inputs reuses the registered version and the saved BentoML model.
+cheapest to serve wins (floating-point operations per photo, counted on the model's graph: the
+same on every machine, so the choice repeats). The winner's test metrics are read afterwards,
+only to ship with the model as metadata. Both the registry and the BentoML store are
+idempotent: re-running on unchanged inputs reuses the registered version and the saved
+BentoML model.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from omegaconf import DictConfig
 from pox_pipeline import paths
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, NO_CALIBRATION
 from pox_pipeline.config import stage_entry
-from pox_pipeline.inference import NO_TTA, load_keras_model, serving_latency_ms
+from pox_pipeline.inference import NO_TTA, flops_per_photo, load_keras_model
 from pox_pipeline.publish import GuardPhotos, publish, without_nulls
 from pox_pipeline.tracking import git_commit, read_run_info, setup_mlflow
 
@@ -85,26 +86,25 @@ def one_standard_error_rule(
 
 
 def cheapest(table: dict[str, dict[str, Any]], cfg: DictConfig) -> str:
-    """The eligible candidate with the lowest measured latency per photo (the only one when a
-    single candidate is eligible; ties go to ``models`` order). Records ``latency_ms``."""
+    """The eligible candidate that costs the fewest floating-point operations per photo (the
+    only one when a single candidate is eligible; ties go to ``models`` order). Records
+    ``gflops`` per photo."""
     eligible = [name for name, row in table.items() if row["eligible"]]
     if len(eligible) == 1:
         return eligible[0]
     for name in eligible:
         model = load_keras_model(paths.model_file(cfg, name))
         tta = read_val_metrics(cfg, name).get("tta", NO_TTA)
-        table[name]["latency_ms"] = serving_latency_ms(
-            model, int(cfg.data.image_size), tta, int(cfg.select.latency_repeats)
-        )
-    return min(eligible, key=lambda name: (table[name]["latency_ms"], eligible.index(name)))
+        table[name]["gflops"] = flops_per_photo(model, int(cfg.data.image_size), tta) / 1e9
+    return min(eligible, key=lambda name: (table[name]["gflops"], eligible.index(name)))
 
 
 RULE_WORDS = (
     "Candidates are compared on {metric} over out-of-fold predictions (the mean over the "
     "patient-grouped folds of the non-test photos, with its standard error). Every candidate "
     "within one standard error of the best is as good on this evidence; of those, the "
-    "cheapest to serve (median milliseconds per photo through the compiled model, measured "
-    "at selection) is the champion."
+    "cheapest to serve (floating-point operations per photo, counted on the model's graph) "
+    "is the champion."
 )
 
 
