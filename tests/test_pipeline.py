@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dvc_helpers import run, stages_run
 from pox_pipeline.config import project_root, write_params
 
 PROJECT_ROOT = project_root()
@@ -43,17 +43,9 @@ COPIED = ["conf", "src", "dvc.yaml", ".dvcignore", ".gitignore"]
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
+    """``cmd`` with this interpreter's environment first on PATH (dvc, python)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
-    return output
-
-
-def _ran(output: str) -> set[str]:
-    return {
-        line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")
-    }
+    return run(cmd, cwd, env)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +68,7 @@ def project_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_dvc_repro_runs_every_stage_then_nothing(project_copy: Path) -> None:
     first = _run(["dvc", "repro"], project_copy)
-    assert _ran(first) == {
+    assert stages_run(first) == {
         "synthesize", "prepare", *(f"{stage}@{name}" for stage in ("train", "evaluate")
                                     for name in MODELS), "select",
     }  # fmt: skip
@@ -95,7 +87,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(project_copy: Path) -> None:
     assert champion == {"champion": selected["winner"], **compared[selected["winner"]]}
 
     second = _run(["dvc", "repro"], project_copy)
-    assert _ran(second) == set()
+    assert stages_run(second) == set()
     assert "up to date" in second.lower()
 
     # `dvc metrics show`: the compared figures of each model and the champion, nothing else,
@@ -121,4 +113,4 @@ def test_dvc_repro_runs_every_stage_then_nothing(project_copy: Path) -> None:
 def test_changing_a_cnn_param_reruns_only_cnn_stages(project_copy: Path) -> None:
     changed = [o.replace("model.cnn.epochs=1", "model.cnn.epochs=2") for o in TINY]
     output = _run(["dvc", "exp", "run", *(a for o in changed for a in ("-S", o))], project_copy)
-    assert _ran(output) == {"train@cnn", "evaluate@cnn", "select"}
+    assert stages_run(output) == {"train@cnn", "evaluate@cnn", "select"}

@@ -12,7 +12,6 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import requests
 import yaml
 
 from conftest import TEST_IMAGE_SIZE
+from dvc_helpers import run, stages_run
 from pox_pipeline import team_server
 from pox_pipeline.config import compose, project_root, write_params
 from serve_helpers import free_port
@@ -66,19 +66,6 @@ pytestmark = [
         ".ci/run installs it)",
     ),
 ]
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
-    return output
-
-
-def stages_run(output: str) -> set[str]:
-    return {
-        line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")
-    }
 
 
 @pytest.fixture(scope="module")
