@@ -121,7 +121,7 @@ def store_untrained_model(
     """Save an untrained model as ``pox-classifier`` in the (temporary) BentoML store, with a
     guard and a monitoring reference fitted on the synthetic photos (as publishing stores
     them), so that monitoring on vs off compares what a published champion serves."""
-    from pox_pipeline import monitor, ood
+    from pox_pipeline import drift, ood
     from pox_pipeline.inference import load_keras_model
     from pox_pipeline.models import build_model
 
@@ -146,7 +146,7 @@ def store_untrained_model(
     model.save(model_file)
     guard = ood.fit_guard(load_keras_model(model_file), arrays[:half], arrays[half:], settings)
     extra = {ood.OOD_FILE: guard.save(workdir / ood.OOD_FILE)}
-    files, _ = monitor.write_reference(model_file, metadata, arrays[:half], arrays[half:],
+    files, _ = drift.write_reference(model_file, metadata, arrays[:half], arrays[half:],
                                        cfg.serve, workdir, extra[ood.OOD_FILE])  # fmt: skip
     return str(store_keras_model("pox-classifier", model, None, metadata, {**extra, **files}).tag)
 

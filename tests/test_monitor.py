@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from pox_pipeline import monitor, non_skin
+from pox_pipeline import drift, monitor, non_skin
 from pox_pipeline.cli import main as pox
 from serve_helpers import (
     MODEL_NAME,
@@ -86,7 +86,7 @@ def report_of(served: dict, case: str) -> dict:
         {**_monitoring_defaults(), "log_path": served["root"] / "logs", "min_answers": 20}
     )
     start, end = served["windows"][case]
-    report = monitor.check(settings, MODEL_NAME, start, end)
+    report = drift.check(settings, MODEL_NAME, start, end)
     (model,) = report["models"]
     assert model["answers"] == len(served["answers"][case])
     return model
@@ -133,7 +133,7 @@ def test_records_hold_no_photo_and_no_file_name(served: dict) -> None:
     data = b"".join(p.read_bytes() for p in files)
     assert b"\x89PNG" not in data and b"iVBOR" not in data  # PNG bytes, raw or base64
     assert UPLOAD_NAME.encode() not in data
-    records = monitor.read_records(served["root"] / "logs", datetime.now() - timedelta(hours=1))
+    records = drift.read_records(served["root"] / "logs", datetime.now() - timedelta(hours=1))
     sent = sum(len(a) for a in served["answers"].values())
     assert len(records) == sent
     basis_columns = [c for c in records.columns if c.startswith("head_pc")]
@@ -223,10 +223,10 @@ def _record(message: str):
 
 
 def test_holm_adjusts_in_input_order() -> None:
-    assert np.allclose(monitor.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    assert np.allclose(drift.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
 
 
 def test_psi_is_zero_for_the_same_sample_and_large_for_a_shift() -> None:
     reference = np.random.default_rng(0).uniform(size=500)
-    assert monitor.psi(reference, reference, 10) == pytest.approx(0.0)
-    assert monitor.psi_level(monitor.psi(reference, reference * 0.5, 10)) == "major"
+    assert drift.psi(reference, reference, 10) == pytest.approx(0.0)
+    assert drift.psi_level(drift.psi(reference, reference * 0.5, 10)) == "major"

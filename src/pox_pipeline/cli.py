@@ -513,20 +513,20 @@ def monitor_command(
     answers")."""
     from datetime import datetime
 
-    from pox_pipeline import monitor
+    from pox_pipeline import drift, monitor
 
     params = load_params()
     settings = serve.ServeConfig.from_cfg(params.serve).monitoring
     if logs is not None:
         settings = replace(settings, log_path=logs)
     window = monitor.parse_since(since or settings.since)
-    report = monitor.check(settings, str(params.select.bentoml_model_name),
+    report = drift.check(settings, str(params.select.bentoml_model_name),
                            datetime.now() - window, min_answers=min_answers)  # fmt: skip
-    files = monitor.write_report(report, out or settings.report_dir)
-    click.echo(monitor.table(report))
+    files = drift.write_report(report, out or settings.report_dir)
+    click.echo(drift.table(report))
     click.echo(f"wrote {files[0]} and {files[1]}")
     if to_mlflow:
-        click.echo(f"MLflow run {monitor.log_to_mlflow(report, files, params)}")
+        click.echo(f"MLflow run {drift.log_to_mlflow(report, files, params)}")
     sys.exit(1 if report["drift"] else 0)
 
 

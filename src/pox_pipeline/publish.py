@@ -25,7 +25,7 @@ from bentoml.exceptions import NotFound
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from pox_pipeline import model_card, monitor, ood, paths
+from pox_pipeline import drift, model_card, ood, paths
 from pox_pipeline.data import load_split
 from pox_pipeline.inference import NO_TTA, load_keras_model, store_keras_model
 
@@ -150,7 +150,7 @@ def publish(
             extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
         if cfg.serve.monitoring.enabled:  # the reference `pox monitor` compares uploads with
             basis_photos, reference_photos = photos.monitoring_photos
-            files, metadata["monitoring"] = monitor.write_reference(
+            files, metadata["monitoring"] = drift.write_reference(
                 model_file, metadata, basis_photos, reference_photos, cfg.serve, Path(tmp),
                 extra_files.get(ood.OOD_FILE),
             )  # fmt: skip
