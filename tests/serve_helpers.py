@@ -60,7 +60,7 @@ def save_champion(
     publishing fits it: the first three quarters are its reference, the rest set the threshold.
     ``monitored`` also stores the monitoring basis and reference table, from the same photos.
     """
-    from pox_pipeline import monitor, ood
+    from pox_pipeline import drift, ood
     from pox_pipeline.config import compose
 
     model = model or tiny_model(image_size)
@@ -94,7 +94,7 @@ def save_champion(
                 model_file = Path(tmp) / "model.keras"
                 model.save(model_file)
                 serve_cfg = compose(tiny_guard_overrides()).serve
-                files, metadata["monitoring"] = monitor.write_reference(
+                files, metadata["monitoring"] = drift.write_reference(
                     model_file, metadata, photos[:split], photos[split:], serve_cfg, Path(tmp),
                     extra_files[ood.OOD_FILE],
                 )  # fmt: skip

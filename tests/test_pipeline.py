@@ -81,8 +81,12 @@ def test_dvc_repro_runs_every_stage_then_nothing(project_copy: Path) -> None:
         assert compared[name]["test"] == {m: test[m] for m in compared[name]["test"]}
     selected = json.loads((reports / "select.json").read_text())
     metric = selected["metric"]
-    best = max(c[metric] for c in selected["candidates"].values())
-    assert selected["value"] == best == compared[selected["winner"]]["val"][metric]
+    winner = selected["candidates"][selected["winner"]]
+    best = max(selected["candidates"].values(), key=lambda c: c["mean"])
+    # the one-SE rule: the winner is within one standard error of the best mean over folds
+    assert winner["eligible"] and selected["value"] == winner["mean"]
+    assert best["mean"] - winner["mean"] <= best["se"]
+    assert winner["pooled"] == compared[selected["winner"]]["val"][metric]
     champion = json.loads((reports / "champion.json").read_text())
     assert champion == {"champion": selected["winner"], **compared[selected["winner"]]}
 

@@ -29,8 +29,12 @@ PROJECT_ROOT = project_root()
 SMALL_CNN = "model.cnn.padding=same"  # 5 valid conv+pool blocks do not fit in 32 px
 RUN_JSON_KEYS = {
     "mlflow_run_id", "experiment_id", "model_name", "architecture", "weights", "epochs_run",
-    "best_epoch", "wall_seconds", "cpu_count", "feature_cache", "phases",
+    "best_epoch", "wall_seconds", "cpu_count", "feature_cache", "phases", "protocol",
+    "cross_validation",
 }  # fmt: skip
+# One fit on train, early-stopped on val: what these tests inspect (tests/test_refit.py covers
+# the default k-fold + refit protocol).
+FIXED_SPLIT = "train.refit.folds=0"
 
 
 QUIET = "train.verbose=0"
@@ -43,7 +47,7 @@ def test_class_weights_are_inverse_frequency() -> None:
 
 
 def test_cnn_run_writes_stage_outputs_and_tracks_everything(prepared_cfg, tmp_path: Path) -> None:
-    cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=2", "model.cnn.patience=5", QUIET)
+    cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=2", "model.cnn.patience=5", QUIET, FIXED_SPLIT)
     info = train.train(cfg, "cnn")
 
     model_dir = Path(cfg.paths.models_dir) / "cnn"
@@ -198,7 +202,7 @@ def test_mirrored_strategy_trains_on_cpu(prepared_cfg, fit_calls: list[dict]) ->
     so its weights are mirrored variables."""
     import tensorflow as tf
 
-    cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=1", "train.strategy=mirrored",
+    cfg = prepared_cfg(SMALL_CNN, FIXED_SPLIT, "model.cnn.epochs=1", "train.strategy=mirrored",
                        QUIET)  # fmt: skip
     info = train.train(cfg, "cnn")
     assert info["epochs_run"] == 1
@@ -315,7 +319,8 @@ def test_resnet_recipe_trains_with_every_option_on(
     """Strong augmentation, label smoothing, warm-up + cosine, mixup and a val_auc monitor,
     through the one training loop: each option is in the model that fit trained."""
     cfg = prepared_cfg(
-        "model.resnet.epochs=2", "model.resnet.patience=1", "model.resnet.mixup_alpha=0.2",
+        FIXED_SPLIT, "model.resnet.epochs=2", "model.resnet.patience=1",
+        "model.resnet.mixup_alpha=0.2",
         "model.resnet.lr_schedule.warmup_epochs=1", "model.resnet.augment.saturation=0.6",
         "model.resnet.augment.blur=0.3", "model.resnet.stage_filters=[8,16]",
         "model.resnet.blocks_per_stage=[1,1]", "model.resnet.label_smoothing=0.1",
@@ -368,7 +373,8 @@ def test_monitor_is_per_model(prepared_cfg, monkeypatch: pytest.MonkeyPatch) -> 
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(keras.callbacks.EarlyStopping, "__init__", spy)
-    cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=1", "model.cnn.monitor=val_auc", QUIET)
+    cfg = prepared_cfg(SMALL_CNN, "model.cnn.epochs=1", "model.cnn.monitor=val_auc", QUIET,
+                       FIXED_SPLIT)
     assert prepared_cfg().model.cnn.monitor == "val_loss"
     train.train(cfg, "cnn")
     assert seen == ["val_auc"]

@@ -412,7 +412,8 @@ class LiveMetrics:
             label = "none" if row["label"] is None else str(row["label"])
             inside = str(row["in_distribution"]).lower()
             self.answers.labels(endpoint=endpoint, label=label, in_distribution=inside).inc()
-            self.probability.observe(row["positive_probability"])
+            if row["positive_probability"] is not None:  # none for a refused photo
+                self.probability.observe(row["positive_probability"])
             if row["ood_score"] is not None:
                 self.guard_score.observe(row["ood_score"])
 
