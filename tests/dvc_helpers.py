@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 COMMAND_TIMEOUT_S = 900
@@ -23,3 +25,14 @@ def stages_run(output: str) -> set[str]:
     return {
         line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")
     }
+
+
+def copy_project(source: Path, names: Iterable[str], root: Path) -> Path:
+    """The project's files ``names`` (folders whole, without bytecode) copied into ``root``."""
+    for name in names:
+        src = source / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, root / name)
+    return root

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from dvc_helpers import run, stages_run
+from dvc_helpers import copy_project, run, stages_run
 from pox_pipeline.config import project_root, write_params
 
 PROJECT_ROOT = project_root()
@@ -51,12 +50,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def project_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("project")
-    for name in COPIED:
-        src = PROJECT_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, root / name)
+    copy_project(PROJECT_ROOT, COPIED, root)
     write_params(root / "params.yaml", overrides=TINY, conf_dir=root / "conf")
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)

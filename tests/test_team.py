@@ -22,7 +22,7 @@ import requests
 import yaml
 
 from conftest import TEST_IMAGE_SIZE
-from dvc_helpers import run, stages_run
+from dvc_helpers import copy_project, run, stages_run
 from pox_pipeline import team_server
 from pox_pipeline.config import compose, project_root, write_params
 from serve_helpers import free_port
@@ -126,12 +126,7 @@ def finished_run(pipeline_env: dict, tmp_path_factory: pytest.TempPathFactory) -
     """An author's project: `dvc exp run` of one small model logging to the team server,
     committed and `dvc push`ed to a local remote (as README "Working as a team" says)."""
     root = tmp_path_factory.mktemp("author")
-    for name in COPIED:
-        src = PROJECT_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, root / name)
+    copy_project(PROJECT_ROOT, COPIED, root)
     write_params(root / "params.yaml", overrides=TINY, conf_dir=root / "conf")
     remote = tmp_path_factory.mktemp("dvc-remote")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
