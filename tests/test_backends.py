@@ -13,7 +13,7 @@ from conftest import TEST_IMAGE_SIZE
 from pox_pipeline import model_card, ood, serve, tflite
 from pox_pipeline.config import compose
 from pox_pipeline.publish import BackendPhotos, measure_backends
-from serve_helpers import save_champion, skin_like_photos, tiny_model
+from serve_helpers import CLASSES, image_bytes, save_champion, skin_like_photos, tiny_model
 
 ALL = list(tflite.BACKENDS)
 
@@ -76,6 +76,32 @@ def test_the_service_runs_the_stored_bytes_and_never_converts(
         assert np.isfinite(predictor.outputs_with_ood_score(batch)[:, -1]).all()
     auto = serve.Predictor.from_stored(stored, tflite.AUTO)
     assert auto.backend == tflite.fastest(stored.info.metadata["backends"])
+
+
+def test_full_integer_bytes_are_integer_and_backends_compare_on_a_folder(
+    published_tag: str, tmp_path: Path
+) -> None:
+    stored = bentoml.models.get(published_tag)
+    full = (Path(stored.path) / tflite.file_name("tflite_full_int8")).read_bytes()
+    tensors = tflite_tensor_types(full)
+    # int8 inside; float32 only at the input and the two named outputs, around their
+    # (de)quantize ops
+    assert "INT8" in tensors and tensors.count("FLOAT32") <= 3
+    for cls in CLASSES:
+        (tmp_path / cls).mkdir()
+        for seed in range(3):
+            (tmp_path / cls / f"{seed}.png").write_bytes(image_bytes(seed=seed + 10 * len(cls)))
+    report = serve.compare_backends(stored, tmp_path, [".png"])
+    assert report["images"] == 6
+    assert report["max_abs_probability_difference"] < 0.05  # int8 weights, tiny drift
+    assert report["label_agreement"] >= 5 / 6
+    assert {"accuracy_tflite_fp32", "accuracy_tflite_int8"} <= set(report)
+
+
+def tflite_tensor_types(flatbuffer: bytes) -> list[str]:
+    """The element type of every tensor in a TFLite model."""
+    interpreter = tflite.Runner(flatbuffer)._interpreter
+    return [np.dtype(d["dtype"]).name.upper() for d in interpreter.get_tensor_details()]
 
 
 def test_a_backend_outside_the_tolerance_is_not_published(photos: np.ndarray) -> None:
