@@ -48,8 +48,10 @@ KERAS_MODULE = "bentoml.keras"  # the framework module of a model saved by bento
 # of the same backends (each backend's ms_per_photo).
 UNHASHED_METADATA = ("git_commit",)
 UNHASHED_BACKEND_FIGURES = ("ms_per_photo",)
-# Files saved with the model but rendered from its metadata: hashed through the metadata.
-UNHASHED_FILES = (model_card.MARKDOWN_FILE, model_card.HTML_FILE)
+# Files saved with the model but derived from what is hashed: the card (from the metadata) and
+# the monitoring reference (the guarded photos through serve.backend, whose `auto` choice
+# follows the unhashed timings: the same content re-published keeps the choice measured first).
+UNHASHED_FILES = (model_card.MARKDOWN_FILE, model_card.HTML_FILE, monitor.REFERENCE_FILE)
 
 
 @dataclass(frozen=True)
