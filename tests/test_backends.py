@@ -51,10 +51,10 @@ def test_publish_stores_each_backend_with_its_figures(published_tag: str) -> Non
     # the card names the backend that answers and lists every backend's figures
     served = tflite.fastest(backends)
     text = model_card.render("pox-classifier", stored.info.metadata)
-    assert "## Serving backends" in text and f"answers with **{served}**" in text
+    assert "## Serving backends" in text and f"answers with {served}." in text
     assert f"| {served} (served) | yes |" in text
     pinned = model_card.with_site_override(stored.info.metadata, None, "tflite_int8")
-    assert "answers with **tflite_int8**" in model_card.render("pox-classifier", pinned)
+    assert "answers with tflite_int8." in model_card.render("pox-classifier", pinned)
 
 
 def test_the_service_runs_the_stored_bytes_and_never_converts(

@@ -429,7 +429,7 @@ def backends_section(metadata: Mapping[str, Any]) -> Section:
         "them and moves no probability by more than "
         f"{_figure(check, 'max_probability_difference')}. Milliseconds per photo (its TTA "
         "views in one batch) were measured at publish; serve.backend: auto serves the fastest "
-        f"published. This card's service answers with **{served}**."
+        f"published. This card's service answers with {served}."
     )
     header = ["backend", "published", "label agreement", "max |dp|", "ms per photo", "MB",
               *(f"{m.replace('_', ' ')} ({split})" for split in ("evidence", "test")
