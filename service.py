@@ -119,11 +119,9 @@ class PoxModel:
     model = CHAMPION
 
     def __init__(self) -> None:
-        card = served_card(self.model)
         self.predictor = serve.Predictor.from_stored(
             self.model,
             SETTINGS.backend,
-            serve.calibration_inputs(SETTINGS, card),
             SETTINGS.tflite_threads,
             SETTINGS.ood.enabled,
             SETTINGS.monitoring.enabled,
@@ -187,7 +185,7 @@ class ModelCardPage:
         if self.page is None:
             stored = CHAMPION.resolve()
             metadata = model_card.with_site_override(
-                stored.info.metadata, SETTINGS.threshold_override
+                stored.info.metadata, SETTINGS.threshold_override, SETTINGS.backend
             )
             html = model_card.render(stored.tag.name, metadata, "html", self.ui_path)
             self.page = HTMLResponse(html)

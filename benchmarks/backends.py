@@ -1,11 +1,12 @@
-"""Serving backends side by side: Keras (compiled call) vs TFLite fp32, int8 weights
-(dynamic range) and full integer (int8 weights and activations).
+"""Serving backends side by side: Keras (compiled call) vs the TFLite conversions published
+with the model (fp32, int8 weights, full integer), run from their stored bytes.
 
 For one stored model and one folder of labelled photos (``<dir>/<class>/*``, e.g. the
 prepared test split), prints each backend's accuracy, its label agreement with Keras, the
 largest probability change, milliseconds per image and images per second at batch 1 and
-batch N, with the speed ratio against Keras measured in the same run. Full integer calibrates
-its activation ranges on other photos (``--calibration``, default the validation split).
+batch N, with the speed ratio against Keras measured in the same run. Publishing measured the
+same on the evidence and test photos (the model card's "Serving backends"); a backend that was
+not published cannot be run.
 
 examples:
   python benchmarks/backends.py                          # champion, datas/prepared/test
@@ -23,13 +24,7 @@ import numpy as np
 
 from pox_pipeline.config import project_root
 from pox_pipeline.inference import median_call_ms
-from pox_pipeline.serve import (
-    BACKENDS,
-    CALIBRATED_BACKENDS,
-    PHOTO_SUFFIXES,
-    Predictor,
-    folder_inputs,
-)
+from pox_pipeline.serve import PHOTO_SUFFIXES, Predictor, folder_inputs
 
 PROJECT_ROOT = project_root()
 
@@ -44,15 +39,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="model in the BentoML store (default: %(default)s)")
     parser.add_argument("--images", type=Path, default=PROJECT_ROOT / "datas/prepared/test",
                         help="folder of <class>/<photo> files (default: the prepared test split)")
-    parser.add_argument("--calibration", type=Path, default=PROJECT_ROOT / "datas/prepared/val",
-                        help="photos full-integer TFLite calibrates on "
-                             "(default: the validation split)")
-    parser.add_argument("--calibration-images", type=int, default=100,
-                        help="at most this many calibration photos (default: 100)")
     parser.add_argument("--threads", type=int, default=2,
                         help="TFLite interpreter threads (default: 2)")
-    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
-                        help="backends to measure (default: all; keras is always the reference)")
+    parser.add_argument("--backends", nargs="+",
+                        help="backends to measure (default: all published with the model; keras "
+                             "is always the reference)")
     parser.add_argument("--batch", type=int, default=32, help="large batch size (default: 32)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed repetitions, median reported (default: 5)")
@@ -71,14 +62,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     stored = bentoml.models.get(args.bento_tag)
     keras_predictor = Predictor.from_stored(stored)
     card = keras_predictor.card
-    calibration = None
-    if set(args.backends) & set(CALIBRATED_BACKENDS):
-        calibration = folder_inputs(
-            args.calibration, card, PHOTO_SUFFIXES, args.calibration_images
-        )[0]
     predictors = {"keras": keras_predictor} | {
-        backend: Predictor.from_stored(stored, backend, calibration, args.threads)
-        for backend in args.backends if backend != "keras"
+        backend: Predictor.from_stored(stored, backend, args.threads)
+        for backend in (args.backends or card.backend_files) if backend != "keras"
     }
     inputs, files = folder_inputs(args.images, card, PHOTO_SUFFIXES)
     truth = [p.parent.name for p in files]

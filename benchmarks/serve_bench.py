@@ -50,6 +50,7 @@ from PIL import Image
 from pox_pipeline.config import load_params, project_root
 from pox_pipeline.inference import store_keras_model
 from pox_pipeline.serve import BACKENDS
+from pox_pipeline.tflite import AUTO
 
 PROJECT_ROOT = project_root()
 
@@ -100,7 +101,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="seconds of unmeasured load before the runs (default: 3)")
     parser.add_argument("--servers", nargs="+", choices=list(SERVERS), default=list(SERVERS),
                         help="which servers to measure (default: all)")
-    parser.add_argument("--backend", choices=BACKENDS,
+    parser.add_argument("--backend", choices=(AUTO, *BACKENDS),
                         help="serve.backend of the BentoML servers (default: the params' own; "
                              "the naive server always calls the Keras model)")
     parser.add_argument("--images", type=Path,
@@ -147,7 +148,7 @@ def store_untrained_model(
     guard = ood.fit_guard(load_keras_model(model_file), arrays[:half], arrays[half:], settings)
     extra = {ood.OOD_FILE: guard.save(workdir / ood.OOD_FILE)}
     files, _ = drift.write_reference(model_file, metadata, arrays[:half], arrays[half:],
-                                       cfg.serve, workdir, extra[ood.OOD_FILE])  # fmt: skip
+                                     cfg.serve, workdir, extra)  # fmt: skip
     return str(store_keras_model("pox-classifier", model, None, metadata, {**extra, **files}).tag)
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,14 +53,19 @@ def save_champion(
     image_size: int = TEST_IMAGE_SIZE,
     guard_photos: np.ndarray | None = None,
     monitored: bool = False,
+    backends: Sequence[str] = (),
+    backend_overrides: Sequence[str] = (),
 ) -> str:
     """Save a model as ``pox-classifier`` with select.py's metadata keys; returns its tag.
 
     With ``guard_photos`` (N, S, S, 3), an out-of-distribution guard is stored too, as
     publishing fits it: the first three quarters are its reference, the rest set the threshold.
     ``monitored`` also stores the monitoring basis and reference table, from the same photos.
+    ``backends`` are converted and measured as publishing does (``backend_overrides``: more
+    ``serve.`` overrides), calibrated on the reference photos and scored on the others
+    (labelled alternately), and stored when they pass.
     """
-    from pox_pipeline import drift, ood
+    from pox_pipeline import drift, ood, publish
     from pox_pipeline.config import compose
 
     model = model or tiny_model(image_size)
@@ -83,6 +88,20 @@ def save_champion(
     }
     with tempfile.TemporaryDirectory() as tmp:
         extra_files = {}
+        if backends:
+            photos = guard_photos.astype(np.float32)
+            split = len(photos) * 3 // 4
+            labels = np.arange(len(photos) - split) % 2
+            cfg = compose([f"serve.publish_backends=[{','.join(backends)}]",
+                           *backend_overrides])  # fmt: skip
+            metadata["backends"], metadata["backend_check"], extra_files = (
+                publish.measure_backends(
+                    model, metadata,
+                    publish.BackendPhotos(photos[:split], (photos[split:], labels),
+                                          (photos[split:], labels)),
+                    cfg.serve, int(cfg.evaluate.ece_bins), Path(tmp),
+                )
+            )  # fmt: skip
         if guard_photos is not None:
             photos = guard_photos.astype(np.float32)
             split = len(photos) * 3 // 4
@@ -96,7 +115,7 @@ def save_champion(
                 serve_cfg = compose(tiny_guard_overrides()).serve
                 files, metadata["monitoring"] = drift.write_reference(
                     model_file, metadata, photos[:split], photos[split:], serve_cfg, Path(tmp),
-                    extra_files[ood.OOD_FILE],
+                    extra_files,
                 )  # fmt: skip
                 extra_files.update(files)
         return str(store_keras_model(MODEL_NAME, model, None, metadata, extra_files).tag)

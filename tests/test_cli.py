@@ -209,22 +209,28 @@ def test_a_missing_model_is_a_clear_error(project: dict) -> None:
     assert "no model 'no-such-model:latest'" in result.stderr
 
 
-def test_full_integer_tflite_is_calibrated_on_the_configured_photos(project: dict) -> None:
+def test_the_cli_serves_a_published_backend_from_its_stored_bytes(
+    project: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """serve.backend=tflite_full_int8 works from the command line as in the service: the
-    activation ranges come from serve.calibration_dir's photos."""
-    from pox_pipeline import serve
+    bytes published with the model run, and nothing is converted."""
+    import bentoml
+
+    from pox_pipeline import serve, tflite
     from pox_pipeline.config import load_params
 
+    tag = save_champion(guard_photos=skin_like_photos(24), backends=["tflite_full_int8"])
+    stored_bytes = (Path(bentoml.models.get(tag).path) / "tflite_full_int8.tflite").read_bytes()
+    monkeypatch.setattr(tflite, "convert", lambda *args: pytest.fail("the CLI converted"))
     params = load_params(write_serve_params(
         project["root"] / "int8.yaml", "serve.backend=tflite_full_int8",
-        f"serve.calibration_dir={project['folder']}",
     ))  # fmt: skip
     settings = serve.ServeConfig.from_cfg(params.serve)
-    predictor = cli.resolve_model(project["tag"], params).predictor(settings)
-    assert predictor.runner is not None and predictor.backend == "tflite_full_int8"
+    predictor = cli.resolve_model(tag, params).predictor(settings)
+    assert predictor.backend == "tflite_full_int8" and predictor.runner.flatbuffer == stored_bytes
     image = np.asarray(Image.open(project["folder"] / "skin_a.png").convert("RGB"), np.float32)
     [answer] = predictor.predict([image])
-    source = cli.resolve_model(project["tag"], params)
+    source = cli.resolve_model(tag, params)
     keras_settings = serve.ServeConfig.from_cfg({**params.serve, "backend": "keras"})
     keras_predictor = source.predictor(keras_settings)
     [expected] = keras_predictor.predict([image])

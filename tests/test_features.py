@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from pox_pipeline import inference, serve, train
+from pox_pipeline import ood, serve, tflite, train
 from pox_pipeline.features import LBP_BINS, ColourTextureFeatures, lbp_histogram, rgb_to_hsv
 from pox_pipeline.models import build_model, compile_model, frozen_split
 
@@ -131,9 +131,10 @@ def test_saved_model_loads_in_a_fresh_process(make_cfg, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def tflite_runner(model: keras.Model, image_size: int, backend: str) -> serve.TFLiteRunner:
-    plain = inference.traced(lambda batch: model(batch, training=False), image_size)
-    return serve.TFLiteRunner(plain, model.name, backend)
+def tflite_outputs(model: keras.Model, image_size: int, backend: str, images: np.ndarray):
+    """``model``'s outputs through its conversion to ``backend``, as publishing converts it."""
+    runner = tflite.Runner(tflite.converted(model, image_size, backend, None))
+    return runner(images)[ood.OUTPUTS]
 
 
 @pytest.mark.parametrize("backend", ["tflite_fp32", "tflite_int8"])
@@ -142,10 +143,10 @@ def test_colour_texture_converts_to_tflite(make_cfg, backend: str) -> None:
     cfg = make_cfg(SMALL)
     model = build_model(cfg.model.colour_texture, cfg.data)
     images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
-    runner = tflite_runner(model, 32, backend)
     np.testing.assert_allclose(
-        runner(images), np.asarray(model(images)), atol=0.02 if backend == "tflite_int8" else 1e-5
-    )
+        tflite_outputs(model, 32, backend, images), np.asarray(model(images)),
+        atol=0.02 if backend == "tflite_int8" else 1e-5,
+    )  # fmt: skip
 
 
 def test_an_antialiased_resize_is_a_clear_tflite_error(make_cfg) -> None:
@@ -153,7 +154,7 @@ def test_an_antialiased_resize_is_a_clear_tflite_error(make_cfg) -> None:
     cfg = make_cfg("model.colour_texture.input_size=24")
     model = build_model(cfg.model.colour_texture, cfg.data)
     with pytest.raises(ValueError, match="no ScaleAndTranslate op.*serve.backend=keras"):
-        tflite_runner(model, cfg.data.image_size, "tflite_fp32")
+        tflite.converted(model, cfg.data.image_size, "tflite_fp32", None)
 
 
 def test_a_model_without_conv_layers_is_explained_by_input_gradients() -> None:

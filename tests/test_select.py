@@ -126,6 +126,15 @@ def test_select_registers_saves_and_is_idempotent(
     logged = {a.path for a in MlflowClient().list_artifacts(first["mlflow_run_id"])}
     assert {"ood.npz", "model_card.md", "model_card.html"} <= logged
     assert "Not a diagnosis" in (Path(bento.path) / "model_card.md").read_text()
+    # serve.publish_backends, converted at publish and measured on the evidence and test photos
+    backends = bento.info.metadata["backends"]
+    assert list(backends) == ["keras", *cfg.serve.publish_backends]
+    for backend in cfg.serve.publish_backends:
+        assert (backends[backend]["file"] in served_files) == backends[backend]["published"]
+        assert {"evidence", "test", "label_agreement", "ms_per_photo"} <= set(backends[backend])
+    check = bento.info.metadata["backend_check"]
+    assert check["evidence_photos"] > 0 and check["test_photos"] > 0
+    assert "## Serving backends" in (Path(bento.path) / "model_card.md").read_text()
 
     # the registered champion and the BentoML model (saved by bentoml.keras) are the vgg16 model
     import keras

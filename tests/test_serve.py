@@ -8,7 +8,6 @@ import dataclasses
 import importlib
 import io
 import logging
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -247,70 +246,6 @@ def test_predictor_tta_is_the_mean_of_the_flips_in_one_call(
     assert [r["label"] for r in got] == [r["label"] for r in expected]
     for g, e in zip(got, expected, strict=False):
         assert g["probabilities"] == pytest.approx(e["probabilities"], rel=1e-5)
-
-
-def test_tflite_backends_agree_with_keras(
-    predictor: serve.Predictor, champion_tag: str, tmp_path: Path
-) -> None:
-
-    stored = bentoml.models.get(champion_tag)
-    batch = np.stack(
-        [preprocess.preprocess_bytes(image_bytes(seed=s), TEST_IMAGE_SIZE) for s in range(4)]
-    )
-    keras_out = predictor.outputs(batch)
-    keras_scored = predictor.outputs_with_ood_score(batch)
-    fp32 = serve.Predictor.from_stored(stored, "tflite_fp32")
-    fp32.model = None  # no Keras pass: answers and the guard's head features come from TFLite
-    np.testing.assert_allclose(fp32.outputs(batch), keras_out, atol=1e-5)
-    np.testing.assert_allclose(fp32.outputs(batch[:1]), keras_out[:1], atol=1e-5)  # resized input
-    assert predictor.guard is not None and np.isfinite(keras_scored[:, -1]).all()
-    np.testing.assert_allclose(fp32.outputs_with_ood_score(batch), keras_scored, rtol=1e-3)
-    for cls in CLASSES:
-        (tmp_path / cls).mkdir()
-        for seed in range(3):
-            (tmp_path / cls / f"{seed}.png").write_bytes(image_bytes(seed=seed + 10 * len(cls)))
-    report = serve.compare_backends(stored, tmp_path, [".png"])
-    assert report["images"] == 6
-    assert report["max_abs_probability_difference"] < 0.05  # int8 weights, tiny drift
-    assert report["label_agreement"] >= 5 / 6
-    assert {"accuracy_tflite_fp32", "accuracy_tflite_int8"} <= set(report)
-
-
-def test_full_integer_tflite_is_calibrated_on_photos(
-    predictor: serve.Predictor, champion_tag: str, tmp_path: Path
-) -> None:
-
-    stored = bentoml.models.get(champion_tag)
-    with pytest.raises(ValueError, match="calibration"):
-        serve.Predictor.from_stored(stored, "tflite_full_int8")
-    for cls in CLASSES:
-        for seed in range(6):
-            (tmp_path / cls).mkdir(exist_ok=True)
-            (tmp_path / cls / f"{seed}.png").write_bytes(image_bytes(seed=seed + 10 * len(cls)))
-    full_int8 = settings(tmp_path, backend="tflite_full_int8", calibration_dir=tmp_path,
-                         calibration_images=8)
-    calibration = serve.calibration_inputs(full_int8, predictor.card)
-    assert calibration.shape == (8, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3)
-    _, files = serve.folder_inputs(tmp_path, predictor.card, serve.PHOTO_SUFFIXES, 8)
-    assert {f.parent.name for f in files} == set(CLASSES)  # spread over the sorted list
-    full = serve.Predictor.from_stored(stored, "tflite_full_int8", calibration, tflite_threads=1)
-    tensors = tflite_tensor_types(full.runner.flatbuffer)
-    assert "INT8" in tensors and tensors.count("FLOAT32") <= 4  # in/out and their (de)quantize
-    batch = np.stack(
-        [preprocess.preprocess_bytes(image_bytes(seed=s), TEST_IMAGE_SIZE) for s in range(4)]
-    )
-    np.testing.assert_allclose(full.outputs(batch), predictor.outputs(batch), atol=0.02)
-    assert serve.calibration_inputs(settings(tmp_path), predictor.card) is None  # keras: none
-
-
-def tflite_tensor_types(flatbuffer: bytes) -> list[str]:
-    """The element type of every tensor in a TFLite model."""
-    import tensorflow as tf
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-        interpreter = tf.lite.Interpreter(model_content=flatbuffer)
-    return [np.dtype(d["dtype"]).name.upper() for d in interpreter.get_tensor_details()]
 
 
 # ---------------------------------------------------------------------------- Grad-CAM

@@ -76,11 +76,11 @@ class ModelSource:
         return self.card.with_threshold_override(settings.threshold_override)
 
     def predictor(self, settings: serve.ServeConfig) -> serve.Predictor:
-        """Built as the service builds it: backend, calibration photos, threads, guard."""
+        """Built as the service builds it: backend (its stored conversion), threads, guard."""
         card = self.served_card(settings)
         return serve.Predictor(
-            self.model_dir, card, settings.backend, serve.calibration_inputs(settings, card),
-            settings.tflite_threads, settings.ood.enabled,
+            self.model_dir, card, settings.backend, settings.tflite_threads,
+            settings.ood.enabled,
         )  # fmt: skip
 
 
@@ -289,7 +289,9 @@ def model_card_command(model_ref: str | None, out: str) -> None:
     source = resolve_model(model_ref, params)
     fmt = "html" if out.endswith(".html") else "md"
     settings = serve.ServeConfig.from_cfg(params.serve)
-    metadata = model_card.with_site_override(source.metadata, settings.threshold_override)
+    metadata = model_card.with_site_override(
+        source.metadata, settings.threshold_override, settings.backend
+    )
     text = model_card.render(source.name, metadata, fmt, str(params.serve.ui_path))
     if out == "-":
         click.echo(text)

@@ -47,10 +47,11 @@ def write_reference(
     val: np.ndarray,
     serve_cfg: Mapping[str, Any],
     out_dir: Path,
-    guard_file: Path | None,
+    served_files: Mapping[str, Path],
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """The PCA basis (training photos' head features) and the reference table (the validation
-    photos through the served path: ``serve.backend``, the model's TTA, its guard) in
+    photos through the served path: ``serve.backend``'s stored conversion, the model's TTA,
+    its guard; ``served_files``, name -> file, are what is stored beside the model) in
     ``out_dir``; returns name -> file, to store beside the model, and the metadata entry."""
     import shutil
 
@@ -69,11 +70,11 @@ def write_reference(
     with tempfile.TemporaryDirectory() as tmp:  # a model directory as the service reads it
         shutil.copyfile(model_file, Path(tmp) / paths.MODEL_FILE)
         shutil.copyfile(basis_file, Path(tmp) / BASIS_FILE)
-        if guard_file is not None:
-            shutil.copyfile(guard_file, Path(tmp) / ood.OOD_FILE)
+        for name, path in served_files.items():
+            shutil.copyfile(path, Path(tmp) / name)
         predictor = serve.Predictor(
-            Path(tmp), card, settings.backend, serve.calibration_inputs(settings, card),
-            settings.tflite_threads, settings.ood.enabled, monitoring=True,
+            Path(tmp), card, settings.backend, settings.tflite_threads, settings.ood.enabled,
+            monitoring=True,
         )  # fmt: skip
         size = settings.ood.batch_size
         parts = [predictor.outputs_with_monitoring(val[start : start + size])

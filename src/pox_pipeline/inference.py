@@ -115,11 +115,14 @@ def traced(function: Callable[[Any], Any], image_size: int) -> Any:
     return tf.function(function, input_signature=signature).get_concrete_function()
 
 
-def run_traced(function: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """A concrete function as a numpy call (how Keras serving and publishing run it)."""
+def run_traced(function: Any) -> Callable[[np.ndarray], Any]:
+    """A concrete function as a numpy call (how Keras serving and publishing run it): a tensor
+    (or a dict of them) out as numpy."""
     import tensorflow as tf
 
-    return lambda batch: function(tf.constant(batch, tf.float32)).numpy()
+    return lambda batch: tf.nest.map_structure(
+        lambda tensor: tensor.numpy(), function(tf.constant(batch, tf.float32))
+    )
 
 
 @contextmanager

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import DictConfig
 
-from pox_pipeline import monitor, ood
+from pox_pipeline import monitor, ood, tflite
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE, class_probabilities
 from pox_pipeline.inference import NO_TTA, TTA_MODES
 
@@ -67,6 +67,8 @@ KNOWN_LIMITS = [
 
 # The site's serve.threshold_override, recorded in the card a site renders (never stored)
 SITE_OVERRIDE = "site_threshold_override"
+SITE_BACKEND = "site_backend"  # the site's serve.backend, likewise
+BACKEND_METRICS = ("balanced_accuracy", "sensitivity", "specificity")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,10 @@ class ModelCard:
     evidence: str = "validation photos"
     # serve.threshold_override: a site's own threshold (pox validate) replacing the published
     published_threshold: float | None = None
+    # The TFLite backends converted and published with the model (backend -> file beside it),
+    # and what serve.backend=auto serves: the fastest published, measured at publish.
+    backend_files: Mapping[str, str] = field(default_factory=dict)
+    fastest_backend: str = tflite.KERAS
 
     @classmethod
     def from_metadata(cls, name: str, version: str, metadata: Mapping[str, Any]) -> ModelCard:
@@ -121,6 +127,8 @@ class ModelCard:
             val_sensitivity=_with_interval(metadata.get("val_metrics", {}), "sensitivity"),
             val_specificity=_with_interval(metadata.get("val_metrics", {}), "specificity"),
             evidence=evidence_words(metadata.get("val_metrics", {})),
+            backend_files=tflite.published(metadata.get("backends", {})),
+            fastest_backend=tflite.fastest(metadata.get("backends", {})),
         )
 
     def with_threshold_override(self, threshold: float | None) -> ModelCard:
@@ -380,11 +388,65 @@ def selection_section(selection: Mapping[str, Any]) -> Section:
     return Section("How this model was chosen", paragraphs=[selection["rule"]], table=rows)
 
 
-def with_site_override(metadata: Mapping[str, Any], threshold: float | None) -> dict[str, Any]:
-    """The metadata a site's card is rendered from: ``serve.threshold_override`` recorded."""
-    if threshold is None:
-        return dict(metadata)
-    return {**metadata, SITE_OVERRIDE: float(threshold)}
+def with_site_override(
+    metadata: Mapping[str, Any], threshold: float | None, backend: str | None = None
+) -> dict[str, Any]:
+    """The metadata a site's card is rendered from: ``serve.threshold_override`` and
+    ``serve.backend`` recorded."""
+    site = dict(metadata)
+    if threshold is not None:
+        site[SITE_OVERRIDE] = float(threshold)
+    if backend is not None:
+        site[SITE_BACKEND] = backend
+    return site
+
+
+def served_backend(metadata: Mapping[str, Any]) -> str:
+    """The backend that answers: the site's ``serve.backend``, ``auto`` (the default) being the
+    fastest published one."""
+    backend = str(metadata.get(SITE_BACKEND, tflite.AUTO))
+    return tflite.fastest(metadata.get("backends", {})) if backend == tflite.AUTO else backend
+
+
+def _figure(values: Mapping[str, Any], name: str, fmt: str = ".3f") -> str:
+    value = values.get(name)
+    return "n/a" if value is None else format(float(value), fmt)
+
+
+def backends_section(metadata: Mapping[str, Any]) -> Section:
+    """The backends converted at publish, how each was measured, and which one answers."""
+    check = metadata.get("backend_check", {})
+    served = served_backend(metadata)
+    words = (
+        "Each TFLite backend was converted once, at publish, from this Keras model and stored "
+        "beside it (the full-integer one calibrated on "
+        f"{check.get('calibration_photos', '?')} training photos); the service runs those "
+        "bytes. Each was scored, as Keras, on the "
+        f"{check.get('evidence_photos', '?')} photos the selection evidence came from and the "
+        f"{check.get('test_photos', '?')} test photos, at the operating threshold with the "
+        "temperature above. A backend is published only when, on the evidence photos, it "
+        f"gives Keras's label to at least {_percent(check.get('min_label_agreement'))} of "
+        "them and moves no probability by more than "
+        f"{_figure(check, 'max_probability_difference')}. Milliseconds per photo (its TTA "
+        "views in one batch) were measured at publish; serve.backend: auto serves the fastest "
+        f"published. This card's service answers with {served}."
+    )
+    header = ["backend", "published", "label agreement", "max |dp|", "ms per photo", "MB",
+              *(f"{m.replace('_', ' ')} ({split})" for split in ("evidence", "test")
+                for m in BACKEND_METRICS)]  # fmt: skip
+    rows = [header]
+    for name, row in metadata.get("backends", {}).items():
+        figures = [_figure(row.get(split, {}), metric)
+                   for split in ("evidence", "test") for metric in BACKEND_METRICS]  # fmt: skip
+        size = row.get("size_bytes")
+        rows.append([
+            name + (" (served)" if name == served else ""),
+            "yes" if row.get("published") else f"no{': ' + row['error'] if 'error' in row else ''}",
+            _figure(row, "label_agreement"), _figure(row, "max_abs_probability_difference", ".4f"),
+            _figure(row, "ms_per_photo", ".1f"), "-" if size is None else f"{size / 2**20:.2f}",
+            *figures,
+        ])  # fmt: skip
+    return Section("Serving backends", paragraphs=[words], table=rows)
 
 
 def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
@@ -515,6 +577,8 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
                 table=operating_point_rows(metadata["operating_points"]),
             )
         )
+    if metadata.get("backends"):
+        sections.append(backends_section(metadata))
     sections.append(Section("Out-of-distribution rule", paragraphs=[ood_rule(metadata)]))
     monitored = monitor.card_text(metadata.get("monitoring"))
     sections.append(Section("Monitoring", paragraphs=[monitored]))

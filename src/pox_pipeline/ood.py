@@ -53,6 +53,7 @@ REASON = "this does not look like a skin photo like those the model was trained 
 
 
 HEAD = "head"
+OUTPUTS = "outputs"  # outputs_with_head's other tensor: the model's answer
 IMAGE_STATISTICS = "image_statistics"
 FEATURE_SPACES = (HEAD, IMAGE_STATISTICS)
 
@@ -319,33 +320,33 @@ def head_layers(model: keras.Layer) -> list[keras.Layer]:
 
 
 def outputs_with_head(model: keras.Model, image_size: int) -> Any:
-    """A concrete function: the model's outputs with its head features appended, one
-    (N, outputs + head) tensor from one pass. One tensor, so that TFLite converts it too."""
+    """A concrete function: {OUTPUTS: the model's outputs, HEAD: its head features} from
+    one pass. Separate named tensors, so that TFLite converts both and
+    full-integer quantisation gives each its own scale."""
     import tensorflow as tf
 
     from pox_pipeline.inference import recorded_calls, traced
 
     heads = head_layers(model)
 
-    def joined(batch: Any) -> Any:
+    def both(batch: Any) -> Any:
         with recorded_calls(heads, "input") as recorded:
             outputs = model(batch, training=False)
         flat = [tf.reshape(tensor, [tf.shape(tensor)[0], -1]) for tensor in recorded]
-        return tf.concat([outputs, *flat], axis=-1)
+        return {OUTPUTS: outputs, HEAD: tf.concat(flat, axis=-1)}
 
-    return traced(joined, image_size)
+    return traced(both, image_size)
 
 
 @dataclass(frozen=True)
 class FeatureExtractor:
     """Model outputs and the guard's features of a float32 (N, S, S, 3) batch in [0, 255]."""
 
-    joined: Callable[[np.ndarray], np.ndarray]  # outputs_with_head, compiled for a backend
-    n_outputs: int
+    run: Callable[[np.ndarray], dict[str, np.ndarray]]  # outputs_with_head, run by a backend
     statistics: Callable[[np.ndarray], np.ndarray] | None  # image_statistics, when guarded
 
     def outputs(self, batch: np.ndarray) -> np.ndarray:
-        return self.joined(batch)[:, : self.n_outputs]
+        return self.run(batch)[OUTPUTS]
 
     def __call__(
         self, views: np.ndarray, n_views: int = 1
@@ -356,11 +357,11 @@ class FeatureExtractor:
         the images alone, as at fitting."""
         from pox_pipeline.inference import mean_over_views
 
-        joined = mean_over_views(self.joined(views), n_views)
-        features = {HEAD: joined[:, self.n_outputs :]}
+        answer = self.run(views)
+        features = {HEAD: mean_over_views(answer[HEAD], n_views)}
         if self.statistics is not None:
             features[IMAGE_STATISTICS] = self.statistics(views[: len(views) // n_views])
-        return joined[:, : self.n_outputs], features
+        return mean_over_views(answer[OUTPUTS], n_views), features
 
 
 def feature_extractor(
@@ -368,14 +369,15 @@ def feature_extractor(
     image_size: int,
     spaces: Sequence[str],
     statistics_size: int,
-    compile_joined: Callable[[Any], Callable[[np.ndarray], np.ndarray]] | None = None,
+    run_both: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
 ) -> FeatureExtractor:
     """The answer and the guard's features, each traced once.
 
-    ``compile_joined`` runs the traced outputs-with-head function: as traced (default), or
-    converted by the serving backend (TFLite), so a served answer and its head features come
-    from one pass of the model being served. The image statistics stay a TF function (their
-    antialiased resize has no TFLite op); they are the model-free half of the guard.
+    ``run_both`` answers for :func:`outputs_with_head`: by default the traced Keras function;
+    a TFLite backend's stored conversion of it when serving one, so a served answer and its
+    head features come from one pass of the model being served. The image statistics stay a
+    TF function (their antialiased resize has no TFLite op); they are the model-free half of
+    the guard.
     """
     import keras
 
@@ -387,8 +389,8 @@ def feature_extractor(
         resize = keras.layers.Resizing(statistics_size, statistics_size, antialias=True)
         describe = ColourTextureFeatures()
         statistics = run_traced(traced(lambda batch: describe(resize(batch)), image_size))
-    joined = (compile_joined or run_traced)(outputs_with_head(model, image_size))
-    return FeatureExtractor(joined, int(model.output_shape[-1]), statistics)
+    run = run_both or run_traced(outputs_with_head(model, image_size))
+    return FeatureExtractor(run, statistics)
 
 
 # ---------------------------------------------------------------------------- publishing

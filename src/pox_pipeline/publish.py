@@ -2,10 +2,12 @@
 
 ``select`` (the pipeline's champion) and ``ensemble`` (a fold ensemble) call :func:`publish`;
 nothing else writes into a stored model. A published model is the Keras model plus, beside it
-in its BentoML folder: the out-of-distribution guard (:data:`ood.OOD_FILE`), fitted through
-the serving path (same extractor, same TTA) on the photos the model's evidence came from, and
-the model card (Markdown + HTML) rendered from the metadata. The card and guard are also
-logged to the model's MLflow run.
+in its BentoML folder: its TFLite conversions (``serve.publish_backends``, each scored as
+Keras is and published only when it agrees with Keras within ``serve.backend_check``), the
+out-of-distribution guard (:data:`ood.OOD_FILE`), fitted through the serving path (same
+extractor, same TTA) on the photos the model's evidence came from, and the model card
+(Markdown + HTML) rendered from the metadata. The card and guard are also logged to the
+model's MLflow run.
 """
 
 from __future__ import annotations
@@ -23,21 +25,33 @@ import numpy as np
 import pandas as pd
 from bentoml.exceptions import NotFound
 from mlflow import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from pox_pipeline import drift, model_card, ood, paths
+from pox_pipeline import calibration, drift, evaluate, model_card, ood, paths, tflite
 from pox_pipeline.data import load_split
-from pox_pipeline.inference import NO_TTA, load_keras_model, store_keras_model
+from pox_pipeline.inference import (
+    NO_TTA,
+    load_keras_model,
+    mean_over_views,
+    median_call_ms,
+    run_traced,
+    store_keras_model,
+    tta_views,
+)
 
 if TYPE_CHECKING:
     import keras
 
 HASH_LABEL = "content_sha256"
 KERAS_MODULE = "bentoml.keras"  # the framework module of a model saved by bentoml.keras
-# Metadata left out of the content hash: a new commit alone is no new model.
+# Metadata left out of the content hash: a new commit alone is no new model, nor a new timing
+# of the same backends (each backend's ms_per_photo).
 UNHASHED_METADATA = ("git_commit",)
-# Files saved with the model but rendered from its metadata: hashed through the metadata.
-UNHASHED_FILES = (model_card.MARKDOWN_FILE, model_card.HTML_FILE)
+UNHASHED_BACKEND_FIGURES = ("ms_per_photo",)
+# Files saved with the model but derived from what is hashed: the card (from the metadata) and
+# the monitoring reference (the guarded photos through serve.backend, whose `auto` choice
+# follows the unhashed timings: the same content re-published keeps the choice measured first).
+UNHASHED_FILES = (model_card.MARKDOWN_FILE, model_card.HTML_FILE, drift.REFERENCE_FILE)
 
 
 @dataclass(frozen=True)
@@ -45,27 +59,39 @@ class GuardPhotos:
     """The photos a guard (and the monitoring reference) is fitted on. Out of fold: ``images``
     are every non-test photo (the reference) and ``folds`` their patient-grouped folds (the
     threshold comes from each photo's distance to the other folds). Fixed split: ``images``
-    are the reference (train) and ``held_out`` the photos that set the threshold (val)."""
+    are the reference (train) and ``held_out`` the photos that set the threshold (val).
+    ``labels`` and ``held_out_labels`` are their class indices (backends are scored on them)."""
 
     images: np.ndarray
+    labels: np.ndarray
     folds: np.ndarray | None = None
     held_out: np.ndarray | None = None
+    held_out_labels: np.ndarray | None = None
 
     @classmethod
     def of_model(cls, data_cfg: DictConfig, model_name: str | None) -> GuardPhotos:
         """The photos the model's evidence came from: its out-of-fold predictions' photos and
         folds (``models/<name>/oof.csv``) when it was refitted, else train and val."""
-        train, _, train_files = load_split(data_cfg, "train")
-        val, _, val_files = load_split(data_cfg, "val")
+        train, train_labels, train_files = load_split(data_cfg, "train")
+        val, val_labels, val_files = load_split(data_cfg, "val")
         oof = paths.oof_file(data_cfg, model_name) if model_name else None
         if oof is None or not oof.is_file():
-            return cls(train, held_out=val)
+            return cls(train, train_labels, held_out=val, held_out_labels=val_labels)
         frame = pd.read_csv(oof)
         prepared = Path(data_cfg.paths.prepared_dir)
         expected = [str(Path(f).relative_to(prepared)) for f in [*train_files, *val_files]]
         if list(frame["file"]) != expected:
             raise ValueError(f"{oof} does not list the prepared train + val photos: re-run train")
-        return cls(np.concatenate([train, val]), folds=frame["fold"].to_numpy(np.int64))
+        return cls(np.concatenate([train, val]), np.concatenate([train_labels, val_labels]),
+                   folds=frame["fold"].to_numpy(np.int64))  # fmt: skip
+
+    @property
+    def evidence(self) -> tuple[np.ndarray, np.ndarray]:
+        """The photos the selection evidence came from, with their labels: val on a fixed
+        split; every non-test photo after a refit (the served model trained on them all)."""
+        if self.held_out is None:
+            return self.images, self.labels
+        return self.held_out, self.held_out_labels
 
     @property
     def monitoring_photos(self) -> tuple[np.ndarray, np.ndarray]:
@@ -96,6 +122,11 @@ def content_hash(
         if name not in UNHASHED_FILES:
             digest.update(name.encode() + path.read_bytes())
     hashed = {k: v for k, v in metadata.items() if k not in UNHASHED_METADATA}
+    if "backends" in hashed:
+        hashed["backends"] = {
+            name: {k: v for k, v in row.items() if k not in UNHASHED_BACKEND_FIGURES}
+            for name, row in hashed["backends"].items()
+        }
     digest.update(json.dumps(hashed, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -127,6 +158,125 @@ def save_bentoml_model(
     return str(store_keras_model(name, model, labels, dict(metadata), extra_files).tag)
 
 
+def finite(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics storable as metadata: an undefined one (nan) is left out."""
+    return {k: v for k, v in values.items() if v is not None and not np.isnan(v)}
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One backend's answers on one set of photos, read as the service reads them."""
+
+    scores: evaluate.SplitScores
+    threshold: float | None
+
+    @classmethod
+    def of(
+        cls, run: Any, images: np.ndarray, labels: np.ndarray, metadata: Mapping[str, Any],
+        batch_size: int,
+    ) -> Scored:  # fmt: skip
+        """``run`` (Keras or TFLite: a batch -> {ood.OUTPUTS: ...}) over ``images``' TTA views,
+        calibrated with the metadata's temperature."""
+        tta = str(metadata.get("tta", NO_TTA))
+        parts = []
+        for start in range(0, len(images), batch_size):
+            views = tta_views(images[start : start + batch_size], tta)
+            parts.append(mean_over_views(run(np.concatenate(views))[ood.OUTPUTS], len(views)))
+        outputs = np.concatenate(parts).astype(np.float64)
+        positive = list(metadata["classes"]).index(metadata["positive_class"])
+        proba = calibration.class_probabilities(
+            outputs, float(metadata.get("temperature", calibration.IDENTITY_TEMPERATURE)), positive
+        )
+        scores = evaluate.SplitScores([], labels, proba, positive, binary=outputs.shape[1] == 1)
+        return cls(scores, metadata.get("threshold"))
+
+    def metrics(self, ece_bins: int) -> dict[str, Any]:
+        return finite(evaluate.split_metrics(self.scores, self.threshold, ece_bins))
+
+    def agreement(self, keras: Scored) -> dict[str, float]:
+        """Label agreement with Keras at the threshold, and the largest probability change."""
+        same = evaluate.predicted_indices(self.scores, self.threshold) == (
+            evaluate.predicted_indices(keras.scores, keras.threshold)
+        )
+        return {"label_agreement": float(same.mean()),
+                "max_abs_probability_difference":
+                    float(np.abs(self.scores.proba - keras.scores.proba).max())}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BackendPhotos:
+    """What converted backends are calibrated and scored on: training photos (model inputs)
+    for full-integer calibration; the selection evidence's photos and the test split, each
+    (images, labels)."""
+
+    calibration: np.ndarray
+    evidence: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+
+    @classmethod
+    def of(
+        cls, data_cfg: DictConfig, photos: GuardPhotos, calibration_images: int
+    ) -> BackendPhotos:
+        test_images, test_labels, _ = load_split(data_cfg, "test")
+        calibration = tflite.calibration_photos(photos.images, calibration_images)
+        return cls(calibration, photos.evidence, (test_images, test_labels))
+
+
+def measure_backends(
+    model: keras.Model,
+    metadata: Mapping[str, Any],
+    photos: BackendPhotos,
+    serve_cfg: DictConfig,
+    ece_bins: int,
+    out_dir: Path,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Path]]:
+    """Convert ``model`` to each of ``serve.publish_backends``; score Keras and each
+    conversion on the evidence and test photos (``evaluate``'s metrics at the metadata's
+    threshold and temperature) and for speed. Returns metadata["backends"] (Keras first), the
+    check's metadata and the files of the published backends (written under ``out_dir``)."""
+    check = tflite.BackendCheck(**OmegaConf.to_container(serve_cfg.backend_check, resolve=True))
+    size, threads = int(metadata["image_size"]), int(serve_cfg.tflite_threads)
+    sets = {"evidence": photos.evidence, "test": photos.test}
+    one_photo = np.concatenate(
+        tta_views(np.zeros((1, size, size, 3), np.float32), str(metadata.get("tta", NO_TTA)))
+    )
+
+    def measured(run: Any) -> tuple[dict[str, Scored], dict[str, Any]]:
+        scored = {name: Scored.of(run, images, labels, metadata, check.batch_size)
+                  for name, (images, labels) in sets.items() if len(images)}  # fmt: skip
+        row = {name: s.metrics(ece_bins) for name, s in scored.items()}
+        row["ms_per_photo"] = median_call_ms(run, one_photo, check.latency_repeats)
+        return scored, row
+
+    keras_scored, keras_row = measured(run_traced(ood.outputs_with_head(model, size)))
+    backends: dict[str, Any] = {tflite.KERAS: {"published": True, **keras_row}}
+    files = {}
+    for backend in serve_cfg.publish_backends:
+        try:
+            flatbuffer = tflite.converted(model, size, backend, photos.calibration)
+        except ValueError as err:  # an op TFLite lacks: recorded, not published
+            backends[backend] = {"published": False, "error": str(err)}
+            continue
+        scored, row = measured(tflite.Runner(flatbuffer, threads))
+        agreement = scored["evidence"].agreement(keras_scored["evidence"])
+        passed = check.passes(
+            agreement["label_agreement"], agreement["max_abs_probability_difference"]
+        )
+        backends[backend] = {"file": tflite.file_name(backend), "size_bytes": len(flatbuffer),
+                             "published": passed, **agreement, **row}  # fmt: skip
+        if passed:
+            files[tflite.file_name(backend)] = Path(out_dir) / tflite.file_name(backend)
+            files[tflite.file_name(backend)].write_bytes(flatbuffer)
+    check_metadata = {
+        "min_label_agreement": check.min_label_agreement,
+        "max_probability_difference": check.max_probability_difference,
+        "calibration_photos": len(photos.calibration),
+        "evidence_photos": len(photos.evidence[0]),
+        "test_photos": len(photos.test[0]),
+    }
+    return backends, check_metadata, files
+
+
 def publish(
     cfg: DictConfig,
     data_cfg: DictConfig,
@@ -135,14 +285,21 @@ def publish(
     run_id: str,
     guard_photos: GuardPhotos | None = None,
 ) -> str:
-    """Serve a model: fit its out-of-distribution guard (``serve.ood``) on ``guard_photos``
-    (default: ``data_cfg``'s train and val), write its model card, save all three to BentoML
-    and log the card and guard to its MLflow run. The one publish step of select and ensemble."""
+    """Serve a model: convert it to ``serve.publish_backends`` and measure them (the
+    full-integer one calibrated on ``guard_photos``' training photos), fit its
+    out-of-distribution guard (``serve.ood``) on ``guard_photos`` (default: ``data_cfg``'s
+    train and val), write its model card, save them all to BentoML and log the card and guard
+    to its MLflow run. The one publish step of select and ensemble."""
     metadata = {**metadata, **model_card.training_data_metadata(data_cfg)}
     model = load_keras_model(model_file)
     with tempfile.TemporaryDirectory() as tmp:
-        extra_files = {}
         photos = guard_photos or GuardPhotos.of_model(data_cfg, None)
+        backend_photos = BackendPhotos.of(
+            data_cfg, photos, int(cfg.serve.backend_check.calibration_images)
+        )
+        metadata["backends"], metadata["backend_check"], extra_files = measure_backends(
+            model, metadata, backend_photos, cfg.serve, int(cfg.evaluate.ece_bins), Path(tmp)
+        )
         if cfg.serve.ood.enabled:
             settings = ood.OODSettings.from_cfg(cfg.serve.ood)
             guard = photos.fit(model, settings, str(metadata.get("tta", NO_TTA)))
@@ -152,7 +309,7 @@ def publish(
             basis_photos, reference_photos = photos.monitoring_photos
             files, metadata["monitoring"] = drift.write_reference(
                 model_file, metadata, basis_photos, reference_photos, cfg.serve, Path(tmp),
-                extra_files.get(ood.OOD_FILE),
+                extra_files,
             )  # fmt: skip
             extra_files.update(files)
         metadata = without_nulls(metadata)

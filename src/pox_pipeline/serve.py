@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import secrets
 import threading
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pox_pipeline import monitor, ood, preprocess
+from pox_pipeline import monitor, ood, preprocess, tflite
 from pox_pipeline.inference import (
     load_stored_model,
     mean_over_views,
@@ -40,9 +38,7 @@ if TYPE_CHECKING:
     from bentoml import Model as StoredModel
 
 PARAMS_ENV = "POX_PARAMS"
-BACKENDS = ("keras", "tflite_fp32", "tflite_int8", "tflite_full_int8")
-# Backends whose conversion calibrates activation ranges on photos (serve.calibration_dir).
-CALIBRATED_BACKENDS = ("tflite_full_int8",)
+BACKENDS = (tflite.KERAS, *tflite.BACKENDS)
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # Grad-CAM colours: a perceptually ordered dark-blue -> cyan -> yellow -> red ramp ("jet"-like),
@@ -73,8 +69,8 @@ class ServeConfig:
     port: int
     backend: str
     tflite_threads: int
-    calibration_dir: Path
-    calibration_images: int
+    publish_backends: tuple[str, ...]
+    backend_check: tflite.BackendCheck
     max_upload_bytes: int
     max_pixels: int
     max_images_per_request: int
@@ -112,13 +108,19 @@ class ServeConfig:
             if isinstance(serve_cfg, DictConfig)
             else dict(serve_cfg)
         )
-        if values["backend"] not in BACKENDS:
-            raise ValueError(f"serve.backend={values['backend']!r}; choose one of {BACKENDS}")
+        if values["backend"] not in (tflite.AUTO, *BACKENDS):
+            raise ValueError(
+                f"serve.backend={values['backend']!r}; choose {tflite.AUTO} or one of {BACKENDS}"
+            )
+        unknown = set(values["publish_backends"]) - set(tflite.BACKENDS)
+        if unknown:
+            raise ValueError(f"serve.publish_backends: {sorted(unknown)} are no TFLite backends")
+        values["publish_backends"] = tuple(values["publish_backends"])
+        values["backend_check"] = tflite.BackendCheck(**values["backend_check"])
         values["heatmap"] = HeatmapConfig(**values["heatmap"])
         values["ood"] = ood.OODSettings.from_cfg(values["ood"])
         values["monitoring"] = monitor.MonitoringSettings.from_cfg(values["monitoring"])
         values["upload_dir"] = Path(values["upload_dir"])
-        values["calibration_dir"] = Path(values["calibration_dir"])
         return cls(**values)
 
     @classmethod
@@ -145,26 +147,29 @@ class Predictor:
         self,
         model_dir: Path,
         card: ModelCard,
-        backend: str = "keras",
-        calibration: np.ndarray | None = None,
+        backend: str = tflite.KERAS,
         tflite_threads: int | None = None,
         ood_enabled: bool = True,
         monitoring: bool = False,
     ) -> None:
+        backend = card.fastest_backend if backend == tflite.AUTO else backend
         if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}")
+            raise ValueError(f"backend={backend!r}; choose {tflite.AUTO} or one of {BACKENDS}")
+        if backend != tflite.KERAS and backend not in card.backend_files:
+            raise ValueError(
+                f"backend {backend!r} was not published with model {card.name}:{card.version} "
+                f"(published: {', '.join([tflite.KERAS, *card.backend_files])}; its model card "
+                "says why): choose one of those, or list it in serve.publish_backends and publish"
+            )
         self.card = card
         self.backend = backend
         self.model = load_stored_model(Path(model_dir))
-
-        def compiled(function: Any) -> Callable[[np.ndarray], np.ndarray]:
-            """A traced function of the model, run by this backend."""
-            if backend == "keras":
-                return run_traced(function)
-            self.runner = TFLiteRunner(
-                function, self.model.name, backend, calibration, tflite_threads
-            )
-            return self.runner
+        # The converted model, on TFLite backends: the bytes stored at publish, never converted.
+        self.runner = (
+            tflite.Runner((Path(model_dir) / card.backend_files[backend]).read_bytes(),
+                          tflite_threads)
+            if backend != tflite.KERAS else None
+        )  # fmt: skip
 
         guard_file = Path(model_dir) / ood.OOD_FILE
         self.guard = ood.GuardSet.load(guard_file) if ood_enabled and guard_file.is_file() else None
@@ -172,15 +177,15 @@ class Predictor:
         basis_file = Path(model_dir) / monitor.BASIS_FILE
         self.basis = monitor.Basis.load(basis_file) if monitoring and basis_file.is_file() else None
         spaces = list(ood.FEATURE_SPACES if self.basis else self.guard.guards if self.guard else [])
-        self.runner: TFLiteRunner | None = None  # the converted model, on TFLite backends
-        if not spaces:
+        if not spaces and self.runner is None:
             self._features = None
-            plain = traced(lambda batch: self.model(batch, training=False), card.image_size)
-            self._run = compiled(plain)
+            self._run = run_traced(
+                traced(lambda batch: self.model(batch, training=False), card.image_size)
+            )
         else:  # one pass gives the answer and the guard's head features
             self._features = ood.feature_extractor(
                 self.model, card.image_size, spaces,
-                self.guard.statistics_size if self.guard else card.image_size, compiled,
+                self.guard.statistics_size if self.guard else card.image_size, self.runner,
             )  # fmt: skip
             self._run = self._features.outputs
         self._gradcam_layer = last_conv2d(self.model)
@@ -192,14 +197,13 @@ class Predictor:
     def from_stored(
         cls,
         stored: StoredModel,
-        backend: str = "keras",
-        calibration: np.ndarray | None = None,
+        backend: str = tflite.KERAS,
         tflite_threads: int | None = None,
         ood_enabled: bool = True,
         monitoring: bool = False,
     ) -> Predictor:
-        return cls(Path(stored.path), ModelCard.from_stored(stored), backend, calibration,
-                   tflite_threads, ood_enabled, monitoring)  # fmt: skip
+        return cls(Path(stored.path), ModelCard.from_stored(stored), backend, tflite_threads,
+                   ood_enabled, monitoring)  # fmt: skip
 
     def _view_batch(self, batch: np.ndarray) -> tuple[np.ndarray, int]:
         """All the card's TTA views of all images as one contiguous batch, and the view count."""
@@ -258,62 +262,6 @@ class Predictor:
 def split_ood_score(scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:meth:`Predictor.outputs_with_ood_score` -> (model outputs, OOD scores)."""
     return scored[:, :-1], scored[:, -1]
-
-
-class TFLiteRunner:
-    """A traced function of a model (:func:`inference.traced`) converted to TFLite, run on CPU:
-    ``tflite_fp32``; ``tflite_int8``, int8 weights with float activations (dynamic range); or
-    ``tflite_full_int8``, int8 weights and activations, the activation ranges calibrated on
-    ``calibration`` (model inputs of real photos), float32 in and out."""
-
-    def __init__(
-        self,
-        function: Any,
-        name: str,
-        backend: str,
-        calibration: np.ndarray | None = None,
-        threads: int | None = None,
-    ) -> None:
-        import tensorflow as tf
-
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([function])
-        if backend != "tflite_fp32":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if backend in CALIBRATED_BACKENDS:
-            if calibration is None or not len(calibration):
-                raise ValueError(f"{backend} needs calibration photos (serve.calibration_dir)")
-            samples = np.asarray(calibration, np.float32)
-            converter.representative_dataset = lambda: ([image[None]] for image in samples)
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        try:
-            self.flatbuffer = converter.convert()
-        except Exception as err:  # noqa: BLE001 - the converter raises several error types
-            lacking = sorted(set(re.findall(r"'tf\.(\w+)' op is neither", str(err))))
-            raise ValueError(
-                f"model {name!r} cannot be converted to TFLite"
-                + (f" (TFLite has no {', '.join(lacking)} op)" if lacking else "")
-                + "; serve it with serve.backend=keras"
-            ) from None
-        with warnings.catch_warnings():
-            # Deprecated in favour of ai_edge_litert, which TensorFlow does not install.
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-            self._interpreter = tf.lite.Interpreter(
-                model_content=self.flatbuffer, num_threads=threads
-            )
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
-        self._batch_size = -1
-        self._lock = threading.Lock()  # an interpreter is not thread-safe
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        with self._lock:
-            if batch.shape[0] != self._batch_size:
-                self._interpreter.resize_tensor_input(self._input, list(batch.shape))
-                self._interpreter.allocate_tensors()
-                self._batch_size = batch.shape[0]
-            self._interpreter.set_tensor(self._input, batch)
-            self._interpreter.invoke()
-            return self._interpreter.get_tensor(self._output).copy()
 
 
 # ---------------------------------------------------------------------------- Grad-CAM
@@ -466,16 +414,6 @@ def folder_inputs(
         [preprocess.preprocess_file(p, card.image_size, card.resample) for p in files]
     )
     return inputs, files
-
-
-def calibration_inputs(settings: ServeConfig, card: ModelCard) -> np.ndarray | None:
-    """The photos a calibrated backend (full-integer TFLite) sets its activation ranges on:
-    up to ``serve.calibration_images`` from ``serve.calibration_dir``; None for the others."""
-    if settings.backend not in CALIBRATED_BACKENDS:
-        return None
-    return folder_inputs(
-        settings.calibration_dir, card, PHOTO_SUFFIXES, settings.calibration_images
-    )[0]
 
 
 def compare_backends(

@@ -1,0 +1,160 @@
+"""TFLite backends: converted once at publish (``publish``), run from the stored bytes when
+serving (``serve.Predictor``), never converted there.
+
+A converted model has one signature with two separate named outputs, ``ood.OUTPUTS`` (the
+model's answer) and ``ood.HEAD`` (the guard's head features): full-integer quantisation gives
+each tensor its own scale, so the probability is never quantised over the head features'
+range. TensorFlow is imported inside the functions, so the API process, which reads which
+backends a model has (:func:`published`), starts without it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pox_pipeline.ood import outputs_with_head
+
+if TYPE_CHECKING:
+    import keras
+
+KERAS = "keras"
+AUTO = "auto"  # serve.backend: the fastest backend published with the model
+BACKENDS = ("tflite_fp32", "tflite_int8", "tflite_full_int8")
+# Backends whose conversion calibrates activation ranges on photos (training photos, at publish).
+CALIBRATED_BACKENDS = ("tflite_full_int8",)
+
+
+@dataclass(frozen=True)
+class BackendCheck:
+    """``serve.backend_check``: how a converted backend is measured at publish, and how close
+    to Keras it must answer on the selection evidence to be published."""
+
+    calibration_images: int
+    min_label_agreement: float
+    max_probability_difference: float
+    latency_repeats: int
+    batch_size: int
+
+    def passes(self, label_agreement: float, max_probability_difference: float) -> bool:
+        return (
+            label_agreement >= self.min_label_agreement
+            and max_probability_difference <= self.max_probability_difference
+        )
+
+
+def file_name(backend: str) -> str:
+    """The converted model's file beside the Keras model in its BentoML folder."""
+    return f"{backend}.tflite"
+
+
+def published(backends: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """metadata["backends"] -> {published TFLite backend: its file}."""
+    return {name: row["file"] for name, row in backends.items()
+            if name != KERAS and row.get("published")}  # fmt: skip
+
+
+def fastest(backends: Mapping[str, Mapping[str, Any]]) -> str:
+    """What ``serve.backend: auto`` serves: of Keras and the published backends, the one with
+    the lowest median milliseconds per photo measured at publish (Keras when none was)."""
+    timed = {name: row["ms_per_photo"] for name, row in backends.items()
+             if (name == KERAS or row.get("published")) and "ms_per_photo" in row}  # fmt: skip
+    return min(timed, key=timed.__getitem__) if timed else KERAS
+
+
+def convert(
+    function: Any, model: keras.Model, backend: str, calibration: np.ndarray | None
+) -> bytes:
+    """A traced function of ``model`` (:func:`ood.outputs_with_head`) converted to ``backend``,
+    one signature whose outputs keep their names:
+    ``tflite_fp32``; ``tflite_int8``, int8 weights with float activations (dynamic range); or
+    ``tflite_full_int8``, int8 weights and activations, the activation ranges calibrated on
+    ``calibration`` (model inputs of training photos), float32 in and out."""
+    import tensorflow as tf
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; TFLite backends are {BACKENDS}")
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([named_frozen(function)], model)
+    if backend != "tflite_fp32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if backend in CALIBRATED_BACKENDS:
+        if calibration is None or not len(calibration):
+            raise ValueError(f"{backend} needs calibration photos")
+        samples = np.asarray(calibration, np.float32)
+        converter.representative_dataset = lambda: ([image[None]] for image in samples)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    try:
+        return converter.convert()
+    except Exception as err:  # noqa: BLE001 - the converter raises several error types
+        lacking = sorted(set(re.findall(r"'tf\.(\w+)' op is neither", str(err))))
+        raise ValueError(
+            f"model {model.name!r} cannot be converted to TFLite"
+            + (f" (TFLite has no {', '.join(lacking)} op)" if lacking else "")
+            + "; serve it with serve.backend=keras"
+        ) from None
+
+
+def named_frozen(function: Any) -> Any:
+    """``function`` with its variables folded into constants and its outputs' names kept.
+
+    The converter's signature path keeps Keras 3 variables as resource reads, which full-integer
+    calibration cannot run; freezing alone names the outputs ``output_0``, ``output_1``."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    frozen = convert_variables_to_constants_v2(function)
+
+    def named(batch: Any) -> Any:
+        return tf.nest.pack_sequence_as(function.structured_outputs,
+                                        tf.nest.flatten(frozen(batch)))  # fmt: skip
+
+    signature = list(function.structured_input_signature[0])
+    return tf.function(named, input_signature=signature).get_concrete_function()
+
+
+class Runner:
+    """Stored TFLite bytes run on CPU through their signature: a float32 (N, S, S, 3) batch ->
+    {``ood.OUTPUTS``: ..., ``ood.HEAD``: ...}."""
+
+    def __init__(self, flatbuffer: bytes, threads: int | None = None) -> None:
+        import tensorflow as tf
+
+        self.flatbuffer = flatbuffer
+        with warnings.catch_warnings():
+            # Deprecated in favour of ai_edge_litert, which TensorFlow does not install.
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+            # kept: its signature runner reads freed memory once the interpreter is collected
+            self._interpreter = tf.lite.Interpreter(
+                model_content=flatbuffer, num_threads=threads
+            )
+        [(key, signature)] = self._interpreter.get_signature_list().items()
+        [self._input] = signature["inputs"]
+        self._signature = self._interpreter.get_signature_runner(key)
+        self._lock = threading.Lock()  # an interpreter is not thread-safe
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:  # the runner resizes its input to the batch itself
+            answer = self._signature(**{self._input: np.asarray(batch, np.float32)})
+            return {name: tensor.copy() for name, tensor in answer.items()}
+
+
+def calibration_photos(images: np.ndarray, count: int) -> np.ndarray:
+    """At most ``count`` of ``images``, spread evenly over them (so over every class)."""
+    if len(images) <= count:
+        return images
+    return images[np.linspace(0, len(images) - 1, count).round().astype(int)]
+
+
+def converted(
+    model: keras.Model, image_size: int, backend: str, calibration: np.ndarray | None
+) -> bytes:
+    """``model``'s outputs and head features as ``backend``'s bytes."""
+    return convert(outputs_with_head(model, image_size), model, backend, calibration)

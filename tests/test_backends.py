@@ -1,0 +1,160 @@
+"""TFLite backends are converted once, at publish, scored like Keras, stored with their figures
+and published only within the tolerance; serving loads the stored bytes and never converts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import pytest
+
+from conftest import TEST_IMAGE_SIZE
+from pox_pipeline import model_card, ood, serve, tflite
+from pox_pipeline.config import compose
+from pox_pipeline.publish import BackendPhotos, measure_backends
+from serve_helpers import CLASSES, image_bytes, save_champion, skin_like_photos, tiny_model
+
+ALL = list(tflite.BACKENDS)
+
+
+@pytest.fixture(scope="module")
+def photos() -> np.ndarray:
+    return skin_like_photos(24)
+
+
+@pytest.fixture(scope="module")
+def published_tag(photos: np.ndarray) -> str:
+    """The tiny champion published with all three backends (the default tolerance)."""
+    return save_champion(guard_photos=photos, backends=ALL)
+
+
+def test_publish_stores_each_backend_with_its_figures(published_tag: str) -> None:
+    stored = bentoml.models.get(published_tag)
+    backends = stored.info.metadata["backends"]
+    assert list(backends) == [tflite.KERAS, *ALL]
+    for name in ALL:
+        row = backends[name]
+        assert row["published"], row  # the tiny model converts within the default tolerance
+        stored_bytes = (Path(stored.path) / row["file"]).read_bytes()
+        assert len(stored_bytes) == row["size_bytes"] > 0
+        assert row["label_agreement"] >= 0.95 and row["max_abs_probability_difference"] <= 0.1
+        assert {"balanced_accuracy", "sensitivity", "specificity"} <= set(row["evidence"])
+        assert row["ms_per_photo"] > 0 and "balanced_accuracy" in row["test"]
+    assert backends["tflite_fp32"]["max_abs_probability_difference"] < 1e-4
+    # the Keras row is measured on the same photos, so the rows compare like with like
+    assert backends[tflite.KERAS]["evidence"] == pytest.approx(
+        backends["tflite_fp32"]["evidence"], abs=1e-6
+    )
+    check = stored.info.metadata["backend_check"]
+    assert check["calibration_photos"] == 18 and check["evidence_photos"] == 6
+    # the card names the backend that answers and lists every backend's figures
+    served = tflite.fastest(backends)
+    text = model_card.render("pox-classifier", stored.info.metadata)
+    assert "## Serving backends" in text and f"answers with {served}." in text
+    assert f"| {served} (served) | yes |" in text
+    pinned = model_card.with_site_override(stored.info.metadata, None, "tflite_int8")
+    assert "answers with tflite_int8." in model_card.render("pox-classifier", pinned)
+
+
+def test_the_service_runs_the_stored_bytes_and_never_converts(
+    published_tag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_conversion(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("the service converted a model")
+
+    monkeypatch.setattr(tflite, "convert", no_conversion)
+    stored = bentoml.models.get(published_tag)
+    batch = skin_like_photos(4, seed=3)
+    keras_out = serve.Predictor.from_stored(stored).outputs(batch)
+    for backend in ALL:
+        predictor = serve.Predictor.from_stored(stored, backend, tflite_threads=1)
+        stored_bytes = (Path(stored.path) / tflite.file_name(backend)).read_bytes()
+        assert predictor.runner.flatbuffer == stored_bytes
+        predictor.model = None  # no Keras pass: answers and head features come from TFLite
+        np.testing.assert_allclose(predictor.outputs(batch), keras_out, atol=0.02)
+        assert np.isfinite(predictor.outputs_with_ood_score(batch)[:, -1]).all()
+    auto = serve.Predictor.from_stored(stored, tflite.AUTO)
+    assert auto.backend == tflite.fastest(stored.info.metadata["backends"])
+
+
+def test_full_integer_bytes_are_integer_and_backends_compare_on_a_folder(
+    published_tag: str, tmp_path: Path
+) -> None:
+    stored = bentoml.models.get(published_tag)
+    full = (Path(stored.path) / tflite.file_name("tflite_full_int8")).read_bytes()
+    tensors = tflite_tensor_types(full)
+    # int8 inside; float32 only at the input and the two named outputs, around their
+    # (de)quantize ops
+    assert "INT8" in tensors and tensors.count("FLOAT32") <= 3
+    for cls in CLASSES:
+        (tmp_path / cls).mkdir()
+        for seed in range(3):
+            (tmp_path / cls / f"{seed}.png").write_bytes(image_bytes(seed=seed + 10 * len(cls)))
+    report = serve.compare_backends(stored, tmp_path, [".png"])
+    assert report["images"] == 6
+    assert report["max_abs_probability_difference"] < 0.05  # int8 weights, tiny drift
+    assert report["label_agreement"] >= 5 / 6
+    assert {"accuracy_tflite_fp32", "accuracy_tflite_int8"} <= set(report)
+
+
+def tflite_tensor_types(flatbuffer: bytes) -> list[str]:
+    """The element type of every tensor in a TFLite model."""
+    interpreter = tflite.Runner(flatbuffer)._interpreter
+    return [np.dtype(d["dtype"]).name.upper() for d in interpreter.get_tensor_details()]
+
+
+def test_a_backend_outside_the_tolerance_is_not_published(photos: np.ndarray) -> None:
+    """fp32 is exact; full int8 rounds the probability by more than 1e-5: only fp32 ships,
+    and asking for full int8 at start-up is a clear error."""
+    tag = save_champion(
+        guard_photos=photos, backends=["tflite_fp32", "tflite_full_int8"],
+        backend_overrides=["serve.backend_check.max_probability_difference=1e-5"],
+    )  # fmt: skip
+    stored = bentoml.models.get(tag)
+    backends = stored.info.metadata["backends"]
+    assert backends["tflite_fp32"]["published"] and not backends["tflite_full_int8"]["published"]
+    assert backends["tflite_full_int8"]["max_abs_probability_difference"] > 1e-5
+    files = {path.name for path in Path(stored.path).iterdir()}
+    assert tflite.file_name("tflite_fp32") in files
+    assert tflite.file_name("tflite_full_int8") not in files
+    with pytest.raises(ValueError, match="'tflite_full_int8' was not published"):
+        serve.Predictor.from_stored(stored, "tflite_full_int8")
+    assert "| tflite_full_int8 | no |" in model_card.render("pox-classifier", stored.info.metadata)
+
+
+def loud_head_model():
+    """A tiny model whose head features reach the thousands while its probability stays
+    between 0.1 and 0.9: one shared int8 scale would round the probability to 0 or ~4."""
+    model = tiny_model(seed=1)
+    conv, output = model.get_layer("conv"), model.get_layer("output")
+    kernel, bias = conv.get_weights()
+    conv.set_weights([np.abs(kernel) * 3000, bias])
+    output.set_weights([np.full((4, 1), 1 / 8000, np.float32) * [[1], [-1], [1], [-1]],
+                        np.zeros(1, np.float32)])  # fmt: skip
+    return model
+
+
+def test_separate_outputs_keep_the_probabilitys_scale(photos: np.ndarray, tmp_path: Path) -> None:
+    model = loud_head_model()
+    probe = skin_like_photos(6, seed=5)
+    keras_outputs = ood.feature_extractor(model, TEST_IMAGE_SIZE, [ood.HEAD], TEST_IMAGE_SIZE)
+    expected, features = keras_outputs(probe)
+    assert np.ptp(features[ood.HEAD]) > 1000  # the head's range dwarfs the probability's
+    assert 0.1 < expected.min() and expected.max() < 0.9
+    runner = tflite.Runner(tflite.converted(model, TEST_IMAGE_SIZE, "tflite_full_int8", photos))
+    answer = runner(probe)
+    assert set(answer) == {ood.OUTPUTS, ood.HEAD}
+    np.testing.assert_allclose(answer[ood.OUTPUTS], expected, atol=0.01)
+    np.testing.assert_allclose(answer[ood.HEAD], features[ood.HEAD], rtol=0.05)
+    # and publishing measures the same thing: the full-integer backend passes the check
+    cfg = compose(["serve.publish_backends=[tflite_full_int8]"])
+    metadata = {"classes": ["Monkeypox", "Others"], "positive_class": "Monkeypox",
+                "threshold": 0.5, "image_size": TEST_IMAGE_SIZE}  # fmt: skip
+    labels = np.arange(len(probe)) % 2
+    backends, _, files = measure_backends(
+        model, metadata, BackendPhotos(photos, (probe, labels), (probe, labels)), cfg.serve,
+        int(cfg.evaluate.ece_bins), tmp_path,
+    )  # fmt: skip
+    assert backends["tflite_full_int8"]["published"], backends["tflite_full_int8"]
+    assert list(files) == [tflite.file_name("tflite_full_int8")]
