@@ -158,3 +158,21 @@ def test_separate_outputs_keep_the_probabilitys_scale(photos: np.ndarray, tmp_pa
     )  # fmt: skip
     assert backends["tflite_full_int8"]["published"], backends["tflite_full_int8"]
     assert list(files) == [tflite.file_name("tflite_full_int8")]
+
+
+def test_a_model_with_random_augmentation_converts_with_its_named_outputs() -> None:
+    """The ImageNet champions carry random flip/rotation layers (inactive when serving) whose
+    seed state cannot be saved: the conversion must still keep its one named signature."""
+    import keras
+
+    inputs = keras.Input((TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3), name="image")
+    augmented = keras.Sequential([keras.layers.RandomFlip(), keras.layers.RandomRotation(0.1)],
+                                 name="augmentation")(inputs)  # fmt: skip
+    model = keras.Model(inputs, tiny_model()(augmented), name="augmented")
+    batch = skin_like_photos(3)
+    runner = tflite.Runner(tflite.converted(model, TEST_IMAGE_SIZE, "tflite_fp32", None))
+    answer = runner(batch)
+    expected = ood.outputs_with_head(model, TEST_IMAGE_SIZE)(batch)
+    assert set(answer) == {ood.OUTPUTS, ood.HEAD}
+    for name in answer:
+        np.testing.assert_allclose(answer[name], np.asarray(expected[name]), atol=1e-5)

@@ -80,7 +80,13 @@ def convert(
 
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; TFLite backends are {BACKENDS}")
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([named_frozen(function)], model)
+    # A bare module as the trackable object: the converter saves it with the frozen function as
+    # its signature, which keeps the outputs' names. Saving the Keras model instead fails for a
+    # model with random augmentation layers (their seed state), and the converter then silently
+    # falls back to a flatbuffer without a signature.
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [named_frozen(function)], tf.Module()
+    )
     if backend != "tflite_fp32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if backend in CALIBRATED_BACKENDS:
@@ -135,7 +141,13 @@ class Runner:
             self._interpreter = tf.lite.Interpreter(
                 model_content=flatbuffer, num_threads=threads
             )
-        [(key, signature)] = self._interpreter.get_signature_list().items()
+        signatures = self._interpreter.get_signature_list()
+        if len(signatures) != 1:
+            raise ValueError(
+                f"the TFLite model has {len(signatures)} signatures, not one: re-publish it "
+                "(select or ensemble converts it with its named outputs)"
+            )
+        [(key, signature)] = signatures.items()
         [self._input] = signature["inputs"]
         self._signature = self._interpreter.get_signature_runner(key)
         self._lock = threading.Lock()  # an interpreter is not thread-safe
