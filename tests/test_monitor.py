@@ -233,3 +233,46 @@ def test_psi_is_zero_for_the_same_sample_and_large_for_a_shift() -> None:
     reference = np.random.default_rng(0).uniform(size=500)
     assert drift.psi(reference, reference, 10) == pytest.approx(0.0)
     assert drift.psi_level(drift.psi(reference, reference * 0.5, 10)) == "major"
+
+
+def test_a_refitted_models_reference_holds_its_out_of_fold_answers(tmp_path: Path) -> None:
+    """After a refit the served model trained on every reference photo, and each sits in its
+    guard's reference: its in-sample answers there would make new genuine photos look like
+    drift (seen on the MSLD champion: guard scores 'drifted' on its own test photos). The
+    table must hold the fold models' outputs and each photo's out-of-fold guard ratios."""
+    import pandas as pd
+
+    from pox_pipeline import ood
+    from pox_pipeline.config import compose
+    from pox_pipeline.inference import load_keras_model
+    from serve_helpers import CLASSES, tiny_guard_overrides, tiny_guard_settings, tiny_model
+
+    photos = skin_like_photos(24, seed=5).astype(np.float32)
+    folds = np.arange(len(photos)) % 3
+    model_file = tmp_path / "model.keras"
+    tiny_model().save(model_file)
+    guard, ratios = ood.fit_guard_out_of_fold(
+        load_keras_model(model_file), photos, folds, tiny_guard_settings(alpha=0.2), "none"
+    )
+    in_sample = guard.scores(ood.features_of(load_keras_model(model_file), photos,
+                                             tiny_guard_settings(), "none"))  # fmt: skip
+    assert (ratios.max(axis=1) > in_sample).all()  # own photo among its neighbours: too near
+    oof_outputs = np.linspace(0.05, 0.95, len(photos))[:, None]
+    metadata = {"classes": list(CLASSES), "positive_class": CLASSES[0], "threshold": 0.5,
+                "image_size": photos.shape[1], "resample": "bilinear", "tta": "none",
+                "registered_model_name": MODEL_NAME, "ood": guard.metadata()}  # fmt: skip
+    served = {ood.OOD_FILE: guard.save(tmp_path / ood.OOD_FILE)}
+    serve_cfg = compose(tiny_guard_overrides()).serve
+    held_out = drift.HeldOutScores(oof_outputs, ratios)
+    files, entry = drift.write_reference(model_file, metadata, photos, photos, serve_cfg,
+                                         tmp_path, served, held_out)  # fmt: skip
+    table = pd.read_csv(files[drift.REFERENCE_FILE])
+    assert entry["reference_answers"] == "out_of_fold"
+    inside = ratios.max(axis=1) <= 1
+    assert (table["in_distribution"].to_numpy() == inside).all()
+    np.testing.assert_allclose(table["guard_head"], ratios[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(table["ood_score"], ratios.max(axis=1), rtol=1e-6)
+    answered = table["positive_probability"].notna().to_numpy()
+    assert (answered == inside).all()  # a refused photo has no probability
+    np.testing.assert_allclose(table["positive_probability"][answered], oof_outputs[inside, 0],
+                               rtol=1e-6)  # fmt: skip

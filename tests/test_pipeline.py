@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import bentoml
 import pytest
 
 from dvc_helpers import copy_project, run, stages_run
@@ -83,6 +84,9 @@ def test_dvc_repro_runs_every_stage_then_nothing(project_copy: Path) -> None:
     assert winner["pooled"] == compared[selected["winner"]]["val"][metric]
     champion = json.loads((reports / "champion.json").read_text())
     assert champion == {"champion": selected["winner"], **compared[selected["winner"]]}
+    # refitted on every non-test photo: its monitoring reference holds out-of-fold answers
+    stored = bentoml.models.get(selected["bentoml_tag"]).info.metadata
+    assert stored["monitoring"]["reference_answers"] == "out_of_fold"
 
     second = _run(["dvc", "repro"], project_copy)
     assert stages_run(second) == set()

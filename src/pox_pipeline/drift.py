@@ -40,6 +40,30 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------- publishing
 
 
+@dataclasses.dataclass(frozen=True)
+class HeldOutScores:
+    """The reference's model answers when the served model trained on every reference photo
+    (a refit): its own answers there are in-sample (surer than on any upload, and each photo
+    sits in the guard's reference, so its guard distance is too small), and `pox monitor`
+    would call genuine new photos drift. ``outputs`` (N, C) are each photo's raw outputs from
+    the fold model that did not train on it, ``guard_ratios`` (N, spaces) its out-of-fold
+    distance / threshold per guard space (``ood.GuardSet.out_of_fold_ratios``)."""
+
+    outputs: np.ndarray
+    guard_ratios: np.ndarray
+
+    def replace_in(self, scored: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(outputs with the OOD score, monitored columns) of the served path, with the
+        model's outputs, the guard ratios and the OOD score (their largest) held out."""
+        ratios = np.asarray(self.guard_ratios, np.float64)
+        guarded = ~np.isnan(ratios).all(axis=1)
+        score = np.full(len(ratios), np.nan)
+        score[guarded] = np.nanmax(ratios[guarded], axis=1)
+        columns = columns.copy()
+        columns[:, : ratios.shape[1]] = ratios
+        return np.concatenate([np.asarray(self.outputs, np.float64), score[:, None]], 1), columns
+
+
 def write_reference(
     model_file: Path,
     metadata: Mapping[str, Any],
@@ -48,11 +72,13 @@ def write_reference(
     serve_cfg: Mapping[str, Any],
     out_dir: Path,
     served_files: Mapping[str, Path],
+    held_out: HeldOutScores | None = None,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """The PCA basis (training photos' head features) and the reference table (the validation
     photos through the served path: ``serve.backend``'s stored conversion, the model's TTA,
     its guard; ``served_files``, name -> file, are what is stored beside the model) in
-    ``out_dir``; returns name -> file, to store beside the model, and the metadata entry."""
+    ``out_dir``; returns name -> file, to store beside the model, and the metadata entry.
+    ``held_out``: the model's answers on ``val`` out of fold, when it trained on them."""
     import shutil
 
     from pox_pipeline import serve
@@ -80,6 +106,8 @@ def write_reference(
         parts = [predictor.outputs_with_monitoring(val[start : start + size])
                  for start in range(0, len(val), size)]  # fmt: skip
     scored, columns = split_columns(np.concatenate(parts), len(basis.columns))
+    if held_out is not None:
+        scored, columns = held_out.replace_in(scored, columns)
     answers = card.results(*serve.split_ood_score(scored))
     table = records(answers, columns, basis.columns, card.positive_class)
     reference_file = Path(out_dir) / REFERENCE_FILE
@@ -87,7 +115,8 @@ def write_reference(
     frame.to_csv(reference_file, index=False)
     files = {BASIS_FILE: basis_file, REFERENCE_FILE: reference_file}
     return files, {"columns": list(basis.columns), "components": len(basis.components),
-                   "reference_photos": len(frame)}  # fmt: skip
+                   "reference_photos": len(frame),
+                   "reference_answers": "out_of_fold" if held_out else "held_out"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- reading the logs

@@ -258,7 +258,13 @@ def card_text(monitoring: Mapping[str, Any] | None) -> str:
         f"space, {len(STATISTICS)} image statistics ({', '.join(STATISTICS)}) and "
         f"{monitoring['components']} principal components of the head features. `pox monitor` "
         f"compares them with the same numbers for the {monitoring['reference_photos']} "
-        "validation photos, stored with the model, and reports drift."
+        + (
+            "photos the model was refitted on, stored with the model (its answers and guard "
+            "scores there are out of fold: from the cross-validation model that did not train "
+            "on the photo), and reports drift."
+            if monitoring.get("reference_answers") == "out_of_fold"
+            else "validation photos, stored with the model, and reports drift."
+        )
     )
 
 

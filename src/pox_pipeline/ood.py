@@ -156,11 +156,19 @@ class Guard:
     ) -> Guard:
         """Reference = every photo; threshold from each photo's distance to a reference of
         the other folds' photos (patient-grouped folds: never its own patient's photos)."""
+        held_out = cls.out_of_fold_distances(features, folds, k)
+        return cls.of_reference(features, k).with_threshold(held_out, alpha)
+
+    @classmethod
+    def out_of_fold_distances(cls, features: np.ndarray, folds: np.ndarray, k: int) -> np.ndarray:
+        """Each photo's distance to a reference of the other folds' photos: what an upload of
+        a new patient's photo measures, where the photo's own distance to a reference that
+        holds it would be too small."""
         held_out = np.empty(len(features))
         for fold in np.unique(folds):
             inside = folds == fold
             held_out[inside] = cls.of_reference(features[~inside], k).distances(features[inside])
-        return cls.of_reference(features, k).with_threshold(held_out, alpha)
+        return held_out
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Mean distance (per feature) of each row to its k nearest reference photos."""
@@ -247,6 +255,18 @@ class GuardSet:
         """The share of genuine photos the guard may refuse: at most the sum of its spaces'
         effective alphas (a union bound)."""
         return float(sum(guard.effective_alpha for guard in self.guards.values()))
+
+    def out_of_fold_ratios(
+        self, features: Mapping[str, np.ndarray], folds: np.ndarray
+    ) -> np.ndarray:
+        """(N, len(FEATURE_SPACES)): each photo's out-of-fold distance / threshold per space
+        (nan for a space not guarded), as ``monitor.monitored_columns`` orders them."""
+        count = len(folds)
+        return np.stack([
+            Guard.out_of_fold_distances(features[space], folds, guard.k) / guard.threshold
+            if (guard := self.guards.get(space)) is not None else np.full(count, np.nan)
+            for space in FEATURE_SPACES
+        ], axis=1)  # fmt: skip
 
     def scores(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
         ratios = [guard.distances(features[space]) / guard.threshold
@@ -425,7 +445,10 @@ def fit_guard(
 
 def fit_guard_out_of_fold(
     model: keras.Model, images: np.ndarray, folds: np.ndarray, settings: OODSettings, tta: str
-) -> GuardSet:
+) -> tuple[GuardSet, np.ndarray]:
     """Reference = every non-test photo, thresholds from out-of-fold distances (``folds``:
-    the patient-grouped folds the model was cross-validated on)."""
-    return GuardSet.fit_out_of_fold(features_of(model, images, settings, tta), folds, settings)
+    the patient-grouped folds the model was cross-validated on); also returns each photo's
+    out-of-fold ratios (:meth:`GuardSet.out_of_fold_ratios`)."""
+    features = features_of(model, images, settings, tta)
+    guard = GuardSet.fit_out_of_fold(features, folds, settings)
+    return guard, guard.out_of_fold_ratios(features, folds)

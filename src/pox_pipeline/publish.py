@@ -60,13 +60,15 @@ class GuardPhotos:
     are every non-test photo (the reference) and ``folds`` their patient-grouped folds (the
     threshold comes from each photo's distance to the other folds). Fixed split: ``images``
     are the reference (train) and ``held_out`` the photos that set the threshold (val).
-    ``labels`` and ``held_out_labels`` are their class indices (backends are scored on them)."""
+    ``labels`` and ``held_out_labels`` are their class indices (backends are scored on them);
+    ``oof_outputs`` each photo's raw output from the fold model that did not train on it."""
 
     images: np.ndarray
     labels: np.ndarray
     folds: np.ndarray | None = None
     held_out: np.ndarray | None = None
     held_out_labels: np.ndarray | None = None
+    oof_outputs: np.ndarray | None = None
 
     @classmethod
     def of_model(cls, data_cfg: DictConfig, model_name: str | None) -> GuardPhotos:
@@ -82,8 +84,9 @@ class GuardPhotos:
         expected = [str(Path(f).relative_to(prepared)) for f in [*train_files, *val_files]]
         if list(frame["file"]) != expected:
             raise ValueError(f"{oof} does not list the prepared train + val photos: re-run train")
+        outputs = frame[[c for c in frame.columns if c.startswith("output_")]].to_numpy()
         return cls(np.concatenate([train, val]), np.concatenate([train_labels, val_labels]),
-                   folds=frame["fold"].to_numpy(np.int64))  # fmt: skip
+                   folds=frame["fold"].to_numpy(np.int64), oof_outputs=outputs)  # fmt: skip
 
     @property
     def evidence(self) -> tuple[np.ndarray, np.ndarray]:
@@ -96,15 +99,29 @@ class GuardPhotos:
     @property
     def monitoring_photos(self) -> tuple[np.ndarray, np.ndarray]:
         """(the PCA basis's photos, the reference table's photos) of the monitoring reference:
-        train and val on a fixed split; every non-test photo twice after a refit (no photo is
-        held out from the served model then, so its reference is in-sample)."""
+        train and val on a fixed split; every non-test photo twice after a refit (the model's
+        answers and guard scores in its table are then their out-of-fold ones:
+        :meth:`held_out_scores`)."""
         held_out = self.images if self.held_out is None else self.held_out
         return self.images, held_out
 
-    def fit(self, model: keras.Model, settings: ood.OODSettings, tta: str) -> ood.GuardSet:
+    def fit(
+        self, model: keras.Model, settings: ood.OODSettings, tta: str
+    ) -> tuple[ood.GuardSet, np.ndarray | None]:
+        """The guard, and after a refit each photo's out-of-fold guard ratios."""
         if self.folds is not None:
             return ood.fit_guard_out_of_fold(model, self.images, self.folds, settings, tta)
-        return ood.fit_guard(model, self.images, self.held_out, settings, tta)
+        return ood.fit_guard(model, self.images, self.held_out, settings, tta), None
+
+    def held_out_scores(self, guard_ratios: np.ndarray | None) -> drift.HeldOutScores | None:
+        """After a refit, the reference's out-of-fold answers (None on a fixed split, whose
+        reference photos are held out from the model already)."""
+        if self.oof_outputs is None:
+            return None
+        ratios = guard_ratios
+        if ratios is None:  # no guard: no ratio in any space
+            ratios = np.full((len(self.oof_outputs), len(ood.FEATURE_SPACES)), np.nan)
+        return drift.HeldOutScores(self.oof_outputs, ratios)
 
 
 def without_nulls(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -300,16 +317,17 @@ def publish(
         metadata["backends"], metadata["backend_check"], extra_files = measure_backends(
             model, metadata, backend_photos, cfg.serve, int(cfg.evaluate.ece_bins), Path(tmp)
         )
+        guard_ratios = None
         if cfg.serve.ood.enabled:
             settings = ood.OODSettings.from_cfg(cfg.serve.ood)
-            guard = photos.fit(model, settings, str(metadata.get("tta", NO_TTA)))
+            guard, guard_ratios = photos.fit(model, settings, str(metadata.get("tta", NO_TTA)))
             metadata["ood"] = guard.metadata()
             extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
         if cfg.serve.monitoring.enabled:  # the reference `pox monitor` compares uploads with
             basis_photos, reference_photos = photos.monitoring_photos
             files, metadata["monitoring"] = drift.write_reference(
                 model_file, metadata, basis_photos, reference_photos, cfg.serve, Path(tmp),
-                extra_files,
+                extra_files, photos.held_out_scores(guard_ratios),
             )  # fmt: skip
             extra_files.update(files)
         metadata = without_nulls(metadata)
