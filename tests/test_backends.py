@@ -176,3 +176,14 @@ def test_a_model_with_random_augmentation_converts_with_its_named_outputs() -> N
     assert set(answer) == {ood.OUTPUTS, ood.HEAD}
     for name in answer:
         np.testing.assert_allclose(answer[name], np.asarray(expected[name]), atol=1e-5)
+
+
+def test_the_card_says_a_refitted_models_evidence_figures_are_in_sample() -> None:
+    """After a refit the backends are scored on photos the model trained on: the card must not
+    let those figures read as performance."""
+    backends = {"keras": {"published": True, "evidence": {"balanced_accuracy": 0.9}}}
+    refitted = {"backends": backends, "val_metrics": {"evidence": "out_of_fold"}}
+    fixed = {"backends": backends, "val_metrics": {"evidence": "validation"}}
+    [words] = model_card.backends_section(refitted).paragraphs
+    assert "in-sample" in words and "test figures are the ones to read" in words
+    assert "in-sample" not in model_card.backends_section(fixed).paragraphs[0]

@@ -431,6 +431,12 @@ def backends_section(metadata: Mapping[str, Any]) -> Section:
         "views in one batch) were measured at publish; serve.backend: auto serves the fastest "
         f"published. This card's service answers with {served}."
     )
+    if metadata.get("val_metrics", {}).get("evidence") == "out_of_fold":
+        words += (
+            " This model was refitted on those evidence photos, so its figures there are "
+            "in-sample: they show only that each backend answers as Keras does; the test "
+            "figures are the ones to read."
+        )
     header = ["backend", "published", "label agreement", "max |dp|", "ms per photo", "MB",
               *(f"{m.replace('_', ' ')} ({split})" for split in ("evidence", "test")
                 for m in BACKEND_METRICS)]  # fmt: skip
