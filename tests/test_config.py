@@ -172,3 +172,16 @@ def test_a_stage_run_from_a_subfolder_reads_the_projects_params(tmp_path: Path) 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "out_dir: datas/synthetic" in result.stdout
+
+
+def test_the_params_command_helps_and_writes_where_told(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m pox_pipeline.config --help` explains itself (it used to crash in Hydra)."""
+    from pox_pipeline import config
+
+    with pytest.raises(SystemExit) as done:
+        config.main(["--help"])
+    assert done.value.code == 0 and "key=value" in capsys.readouterr().out
+    written = config.main(["--out", str(tmp_path / "p.yaml"), "data=msld"])
+    assert OmegaConf.load(written).data.raw_dir.endswith("msld")

@@ -176,7 +176,27 @@ def conf_entry(func: Callable[[DictConfig], Any]) -> Callable[[], Any]:
     return main
 
 
+def main(argv: Sequence[str] | None = None) -> Path:
+    """``python -m pox_pipeline.config [key=value ...]``: recompose params.yaml."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pox_pipeline.config",
+        description=f"Compose {CONF_DIR_NAME}/ into {PARAMS_FILE}, as `dvc exp run -S` does "
+        "(DVC's own Hydra composition), so that `dvc repro` runs with it.",
+        epilog="examples: data=msld | 'models=[cnn,efficientnet_lite0]' | "
+        "serve.threshold_override=0.25 | train.refit.folds=0",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="Hydra overrides: a config group (data=msld) or any key")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"write here instead of the project's {PARAMS_FILE}")  # fmt: skip
+    args = parser.parse_args(argv)
+    written = write_params(args.out, overrides=args.overrides)
+    print(f"composed {CONF_DIR_NAME}/ -> {written}"
+          + (f" with {args.overrides}" if args.overrides else ""))  # fmt: skip
+    return written
+
+
 if __name__ == "__main__":
-    overrides = sys.argv[1:]
-    written = write_params(overrides=overrides)
-    print(f"composed {CONF_DIR_NAME}/ -> {written}" + (f" with {overrides}" if overrides else ""))
+    main()
