@@ -97,3 +97,24 @@ def test_dvc_declares_no_metrics_that_dvc_repro_does_not_write() -> None:
 
     with Repo(str(project_root())) as repo:
         assert not any(repo.index._metrics.values())  # no top-level `metrics:`
+
+
+def test_a_crashed_cross_validation_closes_its_parent_run_as_failed(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left RUNNING, the MLflow UI shows a crashed cross-validation as still going."""
+    from pox_pipeline import train
+
+    cfg = make_cfg("cv.folds=2", "cv.models=[cnn]", f"cv.out_dir={tmp_path}/cv",
+                   f"cv.work_dir={tmp_path}/cv-work")  # fmt: skip
+    synthesize(cfg)
+
+    def crash(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("out of memory in fold 0")
+
+    monkeypatch.setattr(train, "train", crash)
+    with pytest.raises(RuntimeError, match="fold 0"):
+        cross_validate(cfg)
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    [parent] = mlflow.search_runs(experiment_names=[cfg.mlflow.experiment], output_format="list")
+    assert parent.info.run_name == "cv-cnn" and parent.info.status == "FAILED"

@@ -100,15 +100,44 @@ def markdown_table(summaries: dict[str, dict[str, Any]], metric_names: list[str]
 
 def cross_validate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Run every fold x seed x model; return {model: summary} and write the summary files."""
-    from pox_pipeline.data import prepare
-    from pox_pipeline.evaluate import evaluate
-    from pox_pipeline.train import train
-
     metric_names = list(cfg.cv.metrics)
     per_model: dict[str, list[dict[str, Any]]] = {name: [] for name in cfg.cv.models}
     wall: dict[str, float] = {name: 0.0 for name in cfg.cv.models}
     runs = fold_runs(cfg)
     parents: dict[str, str] = {}  # model -> its parent run, opened once its first fold is ready
+    with tracking.parent_runs_closed_on_failure(parents):
+        run_folds(cfg, runs, parents, per_model, wall)
+
+    out_dir = Path(cfg.cv.out_dir)
+    summaries = {
+        name: {**summarise(runs, summary_metrics(cfg)), "wall_seconds": round(wall[name], 1)}
+        for name, runs in per_model.items()
+    }
+    result = {"folds": cfg.cv.folds, "seeds": list(cfg.cv.seeds), "summaries": summaries,
+              "runs": per_model}  # fmt: skip
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    # Scalars only, per model: `dvc metrics show reports/cv/metrics.json` (or `dvc metrics
+    # diff ... <file>`) shows it; dvc.yaml does not list it, since `dvc repro` never writes it.
+    (out_dir / paths.DVC_METRICS_FILE).write_text(json.dumps(summaries, indent=2) + "\n")
+    table = markdown_table(summaries, metric_names)
+    (out_dir / "summary.md").write_text(table)
+    for name, summary in summaries.items():
+        tracking.finish_parent_run(parents[name], numeric(summary), out_dir / "summary.md")
+    print(table)
+    return summaries
+
+
+def run_folds(
+    cfg: DictConfig, runs: list[tuple[int, int]], parents: dict[str, str],
+    per_model: dict[str, list[dict[str, Any]]], wall: dict[str, float],
+) -> None:  # fmt: skip
+    """Train and evaluate every model on every (seed, fold), filling ``per_model`` and
+    ``wall``; each model's parent run is opened in ``parents`` once its first fold is ready."""
+    from pox_pipeline.data import prepare
+    from pox_pipeline.evaluate import evaluate
+    from pox_pipeline.train import train
+
+    metric_names = list(cfg.cv.metrics)
     # one step per fold and seed; quiet when output is not a terminal (logs, CI)
     for seed, fold in tqdm(runs, desc="cv", unit="fold", disable=None):
         fold_cfg = fold_config(cfg, fold, seed)
@@ -129,23 +158,6 @@ def cross_validate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
                 + f" (validation {cfg.cv.objective} {scores['val'].get(cfg.cv.objective)})"
             )
 
-    out_dir = Path(cfg.cv.out_dir)
-    summaries = {
-        name: {**summarise(runs, summary_metrics(cfg)), "wall_seconds": round(wall[name], 1)}
-        for name, runs in per_model.items()
-    }
-    result = {"folds": cfg.cv.folds, "seeds": list(cfg.cv.seeds), "summaries": summaries,
-              "runs": per_model}  # fmt: skip
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    # Scalars only, per model: `dvc metrics show reports/cv/metrics.json` (or `dvc metrics
-    # diff ... <file>`) shows it; dvc.yaml does not list it, since `dvc repro` never writes it.
-    (out_dir / paths.DVC_METRICS_FILE).write_text(json.dumps(summaries, indent=2) + "\n")
-    table = markdown_table(summaries, metric_names)
-    (out_dir / "summary.md").write_text(table)
-    for name, summary in summaries.items():
-        tracking.finish_parent_run(parents[name], numeric(summary), out_dir / "summary.md")
-    print(table)
-    return summaries
 
 
 def start_parent(cfg: DictConfig, first_fold: DictConfig, name: str) -> str:

@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,20 @@ def start_parent_run(cfg: DictConfig, run_name: str, tags: dict[str, str]) -> st
     params = [Param(key, str(value)) for key, value in flatten(cfg).items()]
     client.log_batch(run.info.run_id, params=params)  # sent in MLflow's batch-sized chunks
     return run.info.run_id
+
+
+@contextlib.contextmanager
+def parent_runs_closed_on_failure(parents: Mapping[str, str]) -> Iterator[None]:
+    """Mark the open parent runs (name -> run id) FAILED, or KILLED on Ctrl-C, when the block
+    raises: left RUNNING, the MLflow UI shows a crashed cross-validation as still going."""
+    try:
+        yield
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        client = mlflow.MlflowClient()
+        for run_id in parents.values():
+            client.set_terminated(run_id, status=status)
+        raise
 
 
 def finish_parent_run(run_id: str, metrics: dict[str, float], artifact: Path | None) -> None:
