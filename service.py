@@ -88,7 +88,10 @@ class Answer(BaseModel):
 class ExplainedAnswer(Answer):
     """The ``/predict`` answer plus the Grad-CAM heatmap over the photo."""
 
-    heatmap_png_base64: str = Field(description="the photo with the heatmap blended in, as PNG")
+    heatmap_png_base64: str | None = Field(
+        description="the photo with the heatmap blended in, as PNG; null when in_distribution "
+        "is false (a map of what drove a score the service does not give explains nothing)"
+    )
 
 
 # BentoML's client to a dependency replaces its HTTP session after `max_requests` calls (100 by
@@ -308,8 +311,10 @@ class PoxClassifier:
         answers, cam = await asyncio.gather(
             self._answers(array[None], "explain"), self._call_model("gradcam", image=array)
         )
-        png = await asyncio.to_thread(serve.render_heatmap, photo, cam, self.settings.heatmap)
         result = answers[0]
+        if not result["in_distribution"]:  # no label, no probabilities: nothing to explain
+            return ExplainedAnswer(**result, heatmap_png_base64=None)
+        png = await asyncio.to_thread(serve.render_heatmap, photo, cam, self.settings.heatmap)
         return ExplainedAnswer(**result, heatmap_png_base64=base64.b64encode(png).decode("ascii"))
 
 

@@ -227,3 +227,4 @@ def test_images_that_are_not_skin_get_no_label_through_both_processes(guarded: S
         assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
     explained = guarded.post("/explain", uploads["flat-blue"]).json()
     assert explained["label"] is None and explained["ood"]["score"] > 1
+    assert explained["heatmap_png_base64"] is None  # nothing to explain

@@ -76,7 +76,10 @@ function showResult(result) {
   $("model-info").textContent =
     `Model ${model.name}:${model.version}` +
     (result.threshold !== null ? ` · decision threshold ${percent(result.threshold)}` : "");
-  $("heatmap").src = `data:image/png;base64,${result.heatmap_png_base64}`;
+  // null for an image the guard refused
+  if (result.heatmap_png_base64) {
+    $("heatmap").src = `data:image/png;base64,${result.heatmap_png_base64}`;
+  }
   $("result").hidden = false;
   $("status").textContent = "Done.";
 }
