@@ -82,7 +82,8 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
             report = json.loads((out / "drift.json").read_text())
             [model] = [m for m in report["models"] if m["model_version"] == version]
             assert model["answers"] == len(photos), (case, result.output)
-            print(result.output)  # -s shows each table            found[case] = model
+            print(result.output)  # -s shows each table
+            found[case] = model
     return found
 
 
