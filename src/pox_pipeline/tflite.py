@@ -80,7 +80,11 @@ def convert(
 
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; TFLite backends are {BACKENDS}")
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([named_frozen(function)], model)
+    # A bare module carries the frozen signature: saving the Keras model itself fails for some
+    # models (EfficientNet-Lite), and the converter then silently drops the signature.
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [named_frozen(function)], tf.Module()
+    )
     if backend != "tflite_fp32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if backend in CALIBRATED_BACKENDS:
