@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -84,7 +84,7 @@ PHONE_PHOTOS = 4
 PHONE_QUALITY = 90
 EXIF_ORIENTATION = 0x0112
 MODEL_BATCH = 8  # the model-only rate: TFLite fp32 batches of this many photos
-MODEL_SECONDS = 5.0  # of back-to-back model-only batches per measurement
+MODEL_SECONDS = 20.0  # of model-only batches, the measured runs taking turns
 # The goals of issue 18, printed beside the measured ratios.
 GOALS = {"served / model-only": 0.5, "p99 ms small": 250, "phone / small": 0.6,
          "p99 ms phone": 500, "monitoring on / off": 0.95, "guard / backbone": 0.10}  # fmt: skip
@@ -257,14 +257,20 @@ class ModelOnly:
         return self.guard_ms / self.backbone_ms
 
 
-def images_per_s(run: object, batch: np.ndarray) -> float:
-    """Back-to-back ``run(batch)`` for MODEL_SECONDS (after one untimed call)."""
-    run(batch)
-    calls, started = 0, time.perf_counter()
+def median_ms_per_image(runs: dict[str, Callable[[np.ndarray], object]],
+                        batch: np.ndarray) -> dict[str, float]:  # fmt: skip
+    """Each run's median milliseconds per image over MODEL_SECONDS of calls, the runs taking
+    turns call by call, so that a moment of load elsewhere on the machine hits all alike."""
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run(batch)  # untimed: allocation, first-call costs
+    started = time.perf_counter()
     while time.perf_counter() - started < MODEL_SECONDS:
-        run(batch)
-        calls += 1
-    return calls * len(batch) / (time.perf_counter() - started)
+        for name, run in runs.items():
+            began = time.perf_counter()
+            run(batch)
+            timings[name].append((time.perf_counter() - began) * 1000 / len(batch))
+    return {name: float(np.median(values)) for name, values in timings.items()}
 
 
 def measure_model_only(tag: str, cfg: DictConfig) -> ModelOnly:
@@ -277,24 +283,27 @@ def measure_model_only(tag: str, cfg: DictConfig) -> ModelOnly:
 
     stored = bentoml.models.get(tag)
     size = int(stored.info.metadata["image_size"])
-    settings = ServeConfig.from_cfg(cfg.serve)
+    threads = ServeConfig.from_cfg(cfg.serve).tflite_threads
     cores = len(os.sched_getaffinity(0))
     model = load_stored_model(Path(stored.path))
     bare = tflite.converted(model, size, "tflite_fp32", None)  # no image statistics
     guarded = (Path(stored.path) / tflite.file_name("tflite_fp32")).read_bytes()
     batch = np.random.default_rng(2).uniform(0, 255, (MODEL_BATCH, size, size, 3))
     batch = batch.astype(np.float32)
-    rate = images_per_s(tflite.Runner(bare, cores, [MODEL_BATCH]), batch)
-    served = images_per_s(tflite.Runner(bare, settings.tflite_threads, [MODEL_BATCH]), batch)
-    with_statistics = images_per_s(tflite.Runner(guarded, cores, [MODEL_BATCH]), batch)
     guard = ood.GuardSet.load(Path(stored.path) / ood.OOD_FILE)
-    runner = tflite.Runner(guarded, cores, [MODEL_BATCH])
-    features = ood.feature_extractor(model, size, guard.guards, guard.statistics_size,
-                                     runner)(batch)[1]  # fmt: skip
-    search = images_per_s(lambda _: guard.scores(features), batch)
-    statistics_ms = max(0.0, 1000 / with_statistics - 1000 / rate)
-    return ModelOnly(rate, served, settings.tflite_threads, 1000 / rate,
-                     statistics_ms + 1000 / search, statistics_ms, 1000 / search)  # fmt: skip
+    extract = ood.feature_extractor(model, size, tuple(guard.guards), guard.statistics_size,
+                                    tflite.Runner(guarded, cores, [MODEL_BATCH]))  # fmt: skip
+    features = extract(batch)[1]
+    ms = median_ms_per_image({
+        "model": tflite.Runner(bare, cores, [MODEL_BATCH]),
+        "model, served threads": tflite.Runner(bare, threads, [MODEL_BATCH]),
+        "with statistics": extract.run,
+        "search": lambda _: guard.scores(features),
+    }, batch)  # fmt: skip
+    statistics_ms = max(0.0, ms["with statistics"] - ms["model"])
+    return ModelOnly(1000 / ms["model"], 1000 / ms["model, served threads"], threads,
+                     ms["model"], statistics_ms + ms["search"], statistics_ms,
+                     ms["search"])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- servers
