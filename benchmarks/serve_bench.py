@@ -198,6 +198,12 @@ def store_untrained_model(
     return str(store_keras_model("pox-classifier", model, None, metadata, {**extra, **files}).tag)
 
 
+def model_metadata(tag: str) -> dict:
+    import bentoml
+
+    return dict(bentoml.models.get(tag).info.metadata)
+
+
 def small_photos(folder: Path | None, size: int) -> list[bytes]:
     """The small request bodies: the folder's photos, or synthetic JPEGs of the model's size."""
     if folder is not None:
@@ -546,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{os.cpu_count()} CPUs, load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} before the run on "
               f"{platform.node()}", flush=True)
+        fp32 = model_metadata(tag).get("backends", {}).get("tflite_fp32", {})
+        if "max_abs_probability_difference" in fp32:
+            print(f"tflite_fp32 against Keras at publish: largest probability difference "
+                  f"{fp32['max_abs_probability_difference']:.2e}", flush=True)
         makers = {"small": lambda: small_photos(args.images, args.image_size),
                   "phone": phone_photos}  # fmt: skip
         payloads = {kind: makers[kind]() for kind in args.kinds}
