@@ -128,6 +128,7 @@ class PoxModel:
             SETTINGS.tflite_threads,
             SETTINGS.ood.enabled,
             SETTINGS.monitoring.enabled,
+            SETTINGS.batch_sizes,
         )
 
     @bentoml.api(
@@ -262,11 +263,9 @@ class PoxClassifier:
 
     async def _answers(self, batch: np.ndarray, endpoint: str) -> list[dict]:
         """The answers for a batch of model inputs, each recorded by the monitor."""
-        # Model inputs are whole numbers in [0, 255] (a resized 8-bit photo): uint8 carries
-        # them exactly in a quarter of the bytes between the two processes.
-        scored, columns = self.monitor.split(
-            await self._call_model("infer", images=batch.astype(np.uint8))
-        )
+        # uint8 model inputs (serve.load_upload): exactly the photo's values in a quarter of
+        # float32's bytes between the two processes; the model process converts them.
+        scored, columns = self.monitor.split(await self._call_model("infer", images=batch))
         answers = self.card.results(*serve.split_ood_score(scored))
         self.monitor.record(endpoint, answers, columns)
         return answers

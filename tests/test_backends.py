@@ -100,7 +100,7 @@ def test_full_integer_bytes_are_integer_and_backends_compare_on_a_folder(
 
 def tflite_tensor_types(flatbuffer: bytes) -> list[str]:
     """The element type of every tensor in a TFLite model."""
-    interpreter = tflite.Runner(flatbuffer)._interpreter
+    [interpreter] = tflite.Runner(flatbuffer)._interpreters.values()
     return [np.dtype(d["dtype"]).name.upper() for d in interpreter.get_tensor_details()]
 
 
@@ -172,7 +172,7 @@ def test_a_model_with_random_augmentation_converts_with_its_named_outputs() -> N
     batch = skin_like_photos(3)
     runner = tflite.Runner(tflite.converted(model, TEST_IMAGE_SIZE, "tflite_fp32", None))
     answer = runner(batch)
-    expected = ood.outputs_with_head(model, TEST_IMAGE_SIZE)(batch)
+    expected = ood.outputs_with_head(model, TEST_IMAGE_SIZE, None)(batch)
     assert set(answer) == {ood.OUTPUTS, ood.HEAD}
     for name in answer:
         np.testing.assert_allclose(answer[name], np.asarray(expected[name]), atol=1e-5)
@@ -187,3 +187,56 @@ def test_the_card_says_a_refitted_models_evidence_figures_are_in_sample() -> Non
     [words] = model_card.backends_section(refitted).paragraphs
     assert "in-sample" in words and "test figures are the ones to read" in words
     assert "in-sample" not in model_card.backends_section(fixed).paragraphs[0]
+
+
+def test_the_guard_inside_the_converted_pass_gives_the_keras_guards_scores(
+    published_tag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp32 and int8-weight conversions carry the image statistics in their one pass (no TF
+    function computes them when served) and score like the Keras guard; full int8 cannot
+    carry them and gets them from the TF function."""
+    stored = bentoml.models.get(published_tag)
+    batch = np.concatenate([skin_like_photos(5, seed=4), np.full((1, 32, 32, 3), 255.0)])
+    keras_scores = serve.Predictor.from_stored(stored).outputs_with_ood_score(batch)[:, -1]
+    assert keras_scores[-1] > max(1.0, keras_scores[:-1].max())  # the flat photo is out
+    full = serve.Predictor.from_stored(stored, "tflite_full_int8", tflite_threads=1)
+    assert ood.IMAGE_STATISTICS not in full.runner.output_names
+    assert full._features.statistics is not None
+
+    def no_tf_statistics(*args: object, **kwargs: object) -> None:
+        raise AssertionError("image statistics computed outside the converted pass")
+
+    monkeypatch.setattr(ood, "image_statistics", no_tf_statistics)
+    for backend in ("tflite_fp32", "tflite_int8"):
+        predictor = serve.Predictor.from_stored(stored, backend, tflite_threads=1)
+        assert ood.IMAGE_STATISTICS in predictor.runner.output_names
+        scores = predictor.outputs_with_ood_score(batch)[:, -1]
+        np.testing.assert_allclose(scores, keras_scores, rtol=0.02)
+
+
+def test_batch_plan_uses_only_the_fixed_sizes() -> None:
+    assert tflite.batch_plan(13, [1, 2, 4, 8]) == [(8, 8), (4, 4), (1, 1)]
+    assert tflite.batch_plan(32, [8, 4]) == [(8, 8)] * 4
+    assert tflite.batch_plan(5, [4, 8]) == [(4, 4), (4, 1)]  # the last call padded
+    assert tflite.batch_plan(0, [1]) == []
+
+
+def test_the_runner_runs_fixed_sizes_and_never_reallocates(published_tag: str) -> None:
+    """Every batch size runs on interpreters of the configured sizes, whose input shapes never
+    change after start-up; the answers are those of one photo at a time."""
+    stored = bentoml.models.get(published_tag)
+    flatbuffer = (Path(stored.path) / tflite.file_name("tflite_fp32")).read_bytes()
+    runner = tflite.Runner(flatbuffer, 1, batch_sizes=(2, 4))
+    shapes = {size: tuple(i.get_input_details()[0]["shape"])
+              for size, i in runner._interpreters.items()}  # fmt: skip
+    assert shapes == {size: (size, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3) for size in (2, 4)}
+    photos = skin_like_photos(7, seed=6)
+    single = tflite.Runner(flatbuffer, 1)
+    expected = np.concatenate([single(photo[None])[ood.OUTPUTS] for photo in photos])
+    for count in (1, 3, 7):
+        answer = runner(photos[:count])
+        assert {name: len(t) for name, t in answer.items()} == dict.fromkeys(answer, count)
+        np.testing.assert_allclose(answer[ood.OUTPUTS], expected[:count], rtol=1e-5, atol=1e-6)
+    after = {size: tuple(i.get_input_details()[0]["shape"])
+             for size, i in runner._interpreters.items()}  # fmt: skip
+    assert after == shapes

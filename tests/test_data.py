@@ -430,3 +430,56 @@ def test_msld_split_is_patient_independent_and_balanced(
         share = sum(r["class"] == "Monkeypox" for r in in_split) / len(in_split)
         assert abs(share - overall) < 0.1, (split, share, overall)
         assert abs(len(in_split) / len(rows) - cfg.data.split[split]) < 0.05
+
+
+def _phone_jpeg(size: tuple[int, int] = (1200, 900), orientation: int = 6) -> bytes:
+    """A large JPEG with an EXIF orientation, as phones write them (at a test's size)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _jpeg_bytes(_texture(4242, size), quality=90, exif=exif.tobytes())
+
+
+def test_a_jpeg_is_shrunk_as_it_is_decoded_and_turned_upright() -> None:
+    """DCT scaling: the smallest 1/2, 1/4, 1/8 scale whose sides cover the model's input."""
+    from pox_pipeline.preprocess import decode_image
+
+    full = decode_image(_phone_jpeg())
+    assert full.size == (900, 1200)  # orientation 6: a portrait photo
+    drafted = decode_image(_phone_jpeg(), draft=200)
+    assert drafted.size == (225, 300) and drafted.mode == "RGB"  # 1/4 (1/8 would be 113 px)
+    assert decode_image(_phone_jpeg(), draft=100).size == (113, 150)  # 1/8, rounded up
+    assert decode_image(_phone_jpeg(), draft=1000).size == (900, 1200)  # no scale covers it
+
+
+def test_the_served_input_of_a_photo_is_the_prepared_one(
+    make_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """prepare and the service decode a photo the same way (a phone JPEG shrunk as decoded,
+    EXIF orientation applied), so the model trains on exactly the pixels it is served."""
+    from types import SimpleNamespace
+
+    from pox_pipeline import serve
+
+    raw = tmp_path / "raw"
+    for label, offset in (("Monkeypox", 0), ("Others", 10_000)):
+        (raw / label).mkdir(parents=True)
+        for patient in range(1, 7):
+            for shot in (1, 2):
+                _texture(offset + 100 * patient + shot).save(
+                    raw / label / f"P{offset + patient:05d}_{shot:02d}.png"
+                )
+    phone = _phone_jpeg()
+    (raw / "Monkeypox" / "X01_01.jpg").write_bytes(phone)
+    cfg = make_cfg(f"data.raw_dir={raw}")
+    prepare(cfg)
+    [row] = [r for r in _manifest(cfg) if r["source"].endswith("X01_01.jpg")]
+    size = cfg.data.image_size
+    prepared = preprocess_file(Path(cfg.paths.prepared_dir) / row["file"], size,
+                               cfg.data.resample)  # fmt: skip
+    upload = tmp_path / "upload"
+    upload.write_bytes(phone)
+    settings = serve.ServeConfig.from_cfg(cfg.serve)
+    card = SimpleNamespace(image_size=size, resample=cfg.data.resample)
+    _, served = serve.load_upload(upload, settings, card)
+    assert served.dtype == np.uint8 and served.shape == (size, size, 3)
+    np.testing.assert_array_equal(served.astype(np.float32), prepared)

@@ -3,7 +3,6 @@ family, and its verdict in the service's answers."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -163,16 +162,17 @@ def test_an_ensemble_gives_every_members_features() -> None:
     np.testing.assert_allclose(features, np.hstack(singles), rtol=1e-5)
 
 
-def test_image_statistics_are_the_colour_texture_features_of_the_resized_photo() -> None:
+def test_image_statistics_are_the_colour_texture_features_of_the_pooled_photo() -> None:
     import keras
 
     from pox_pipeline.features import ColourTextureFeatures
 
     images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     got = ood.features_of(tiny_model(), images, tiny_guard_settings(statistics_size=16), "none")
-    resized = keras.layers.Resizing(16, 16, antialias=True)(images)
-    expected = np.asarray(ColourTextureFeatures()(resized))
+    pooled = keras.layers.AveragePooling2D(2)(images)
+    expected = np.asarray(ColourTextureFeatures()(pooled))
     np.testing.assert_allclose(got["image_statistics"], expected, rtol=1e-4, atol=1e-5)
+    assert ood.statistics_pool(224, 32) == 7 and ood.statistics_pool(32, 64) == 1
 
 
 def test_predictor_answers_carry_the_verdict(tmp_path: Path) -> None:
@@ -203,27 +203,33 @@ def test_predictor_answers_carry_the_verdict(tmp_path: Path) -> None:
     assert off.guard is None and np.isnan(off.outputs_with_ood_score(flat[None])[0, -1])
 
 
-def test_test_time_views_average_the_model_side_and_describe_each_photo_once() -> None:
-    """With TTA the outputs and head features are the means over the views; the image
-    statistics are those of the photos themselves (as fitted), computed once, not per view."""
+def test_test_time_views_average_every_feature_space() -> None:
+    """With TTA the outputs, head features and image statistics are the means over the views,
+    all from the one pass (the statistics of a flipped photo are the photo's own)."""
     from pox_pipeline.inference import tta_views
 
     images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     extract = ood.feature_extractor(tiny_model(), 32, ood.FEATURE_SPACES, 16)
-    described: list[int] = []
-    statistics = extract.statistics
-    extract = dataclasses.replace(
-        extract, statistics=lambda batch: described.append(len(batch)) or statistics(batch)
-    )
     views = tta_views(images, "flips")
     outputs, features = extract(np.concatenate(views), n_views=len(views))
     per_view = [extract(view) for view in views]
     np.testing.assert_allclose(outputs, np.mean([o for o, _ in per_view], axis=0), rtol=1e-5)
-    np.testing.assert_allclose(
-        features["head"], np.mean([f["head"] for _, f in per_view], axis=0), rtol=1e-5
-    )
-    np.testing.assert_allclose(features["image_statistics"], per_view[0][1]["image_statistics"])
-    assert described[0] == len(images)  # the flipped copies were not described
+    for space in ood.FEATURE_SPACES:
+        np.testing.assert_allclose(
+            features[space], np.mean([f[space] for _, f in per_view], axis=0), rtol=1e-5
+        )
+    np.testing.assert_allclose(features["image_statistics"],
+                               per_view[0][1]["image_statistics"], atol=1e-5)  # fmt: skip
+
+
+def test_an_old_guard_on_resized_statistics_is_refused(tmp_path: Path) -> None:
+    """Thresholds fitted on other statistics would measure in another space: re-publish."""
+    path = ood.GuardSet.fit(*two_spaces(), tiny_guard_settings()).save(tmp_path / "ood.npz")
+    with np.load(path) as stored:
+        arrays = {key: stored[key] for key in stored.files if key != "statistics_method"}
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="publish the model again"):
+        ood.GuardSet.load(path)
 
 
 def test_the_guard_is_fitted_on_the_features_the_service_computes_under_tta() -> None:

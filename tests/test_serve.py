@@ -371,9 +371,9 @@ def test_read_upload_refuses_by_size_and_deletes_the_temporary_file(tmp_path: Pa
 
 def test_uploads_are_not_stored_unless_asked(tmp_path: Path) -> None:
     data = image_bytes(fmt="JPEG")
-    serve.decode_upload(data, settings(tmp_path))
+    serve.decode_upload(data, settings(tmp_path), TEST_IMAGE_SIZE)
     assert not (tmp_path / "uploads").exists()
-    serve.decode_upload(data, settings(tmp_path, store_uploads=True))
+    serve.decode_upload(data, settings(tmp_path, store_uploads=True), TEST_IMAGE_SIZE)
     (stored,) = (tmp_path / "uploads").iterdir()
     assert stored.read_bytes() == data
     assert stored.suffix == ".jpeg" and stored.name[:8].isdigit()  # UTC timestamp first

@@ -80,7 +80,7 @@ class ModelSource:
         card = self.served_card(settings)
         return serve.Predictor(
             self.model_dir, card, settings.backend, settings.tflite_threads,
-            settings.ood.enabled,
+            settings.ood.enabled, batch_sizes=settings.batch_sizes,
         )  # fmt: skip
 
 
@@ -147,8 +147,9 @@ def expand(arguments: Sequence[str], extensions: Sequence[str]) -> Iterator[Path
             yield path
 
 
-def read_photo(path: Path, settings: serve.ServeConfig) -> Any:
-    """A file -> upright RGB photo within the service's limits, or ImageError with why."""
+def read_photo(path: Path, settings: serve.ServeConfig, image_size: int) -> Any:
+    """A file -> upright RGB photo within the service's limits, decoded as the service decodes
+    an upload for a model of ``image_size``, or ImageError with why."""
     from pox_pipeline import preprocess
 
     try:
@@ -156,7 +157,7 @@ def read_photo(path: Path, settings: serve.ServeConfig) -> Any:
     except OSError as err:
         raise ImageError(f"cannot be read ({err.strerror or err})") from None
     return preprocess.decode_image(
-        data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels
+        data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels, draft=image_size
     )
 
 
@@ -231,7 +232,7 @@ def predict(files: tuple[str, ...], model_ref: str | None, as_json: bool) -> Non
             readable, inputs = [], []
             for path in paths[start : start + batch_size]:
                 try:
-                    photo = read_photo(path, settings)
+                    photo = read_photo(path, settings, source.card.image_size)
                 except ImageError as error:
                     failed += 1
                     report_error(path, error, as_json)
@@ -261,12 +262,13 @@ def explain(file: Path, out: Path, model_ref: str | None, as_json: bool) -> None
     """
     params = load_params()
     settings = serve.ServeConfig.from_cfg(params.serve)
+    source = resolve_model(model_ref, params)
     try:
-        photo = read_photo(file, settings)
+        photo = read_photo(file, settings, source.card.image_size)
     except ImageError as error:
         report_error(file, error, as_json)
         sys.exit(1)
-    predictor = resolve_model(model_ref, params).predictor(settings)
+    predictor = source.predictor(settings)
     result, png = predictor.explain(photo, settings.heatmap)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(png)
@@ -340,8 +342,8 @@ def validate(
 
         def to_input(path: Path) -> Any:
             progress.update(1)
-            return preprocess.to_model_input(read_photo(path, settings), card.image_size,
-                                             card.resample)  # fmt: skip
+            photo = read_photo(path, settings, card.image_size)
+            return preprocess.to_model_input(photo, card.image_size, card.resample)
 
         try:
             readable, scored, unreadable = site.score_photos(

@@ -160,7 +160,7 @@ def read_images(
     ):
         try:
             raw = path.read_bytes()
-            image = decode_image(raw)
+            image = decode_image(raw, draft=data.image_size)  # as serving decodes uploads
         except (ImageError, OSError) as err:
             dropped.append({"file": str(path), "reason": str(err)})
             continue

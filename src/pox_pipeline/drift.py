@@ -100,7 +100,7 @@ def write_reference(
             shutil.copyfile(path, Path(tmp) / name)
         predictor = serve.Predictor(
             Path(tmp), card, settings.backend, settings.tflite_threads, settings.ood.enabled,
-            monitoring=True,
+            monitoring=True, batch_sizes=settings.batch_sizes,
         )  # fmt: skip
         size = settings.ood.batch_size
         parts = [predictor.outputs_with_monitoring(val[start : start + size])

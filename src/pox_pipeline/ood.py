@@ -24,6 +24,9 @@ ratio over the spaces: above 1 it is out of distribution.
 Fitted when a model is published (``select``, ``ensemble``) and stored beside it in the
 BentoML model directory (:data:`OOD_FILE`); serving needs numpy only, plus the feature
 extractor built on the model it already runs (Keras, or the same pass converted to TFLite).
+The image statistics are taken of the photo average-pooled by ``image_size // statistics_size``
+(:func:`image_statistics`), inside the same traced function as the model's answer, so a TFLite
+backend computes them in its one converted pass (an antialiased resize has no TFLite op).
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ HEAD = "head"
 OUTPUTS = "outputs"  # outputs_with_head's other tensor: the model's answer
 IMAGE_STATISTICS = "image_statistics"
 FEATURE_SPACES = (HEAD, IMAGE_STATISTICS)
+# How image_statistics shrink the photo, stored with the guard: a guard fitted on other
+# statistics (an antialiased resize, before) would measure its thresholds in another space.
+STATISTICS_METHOD = "average_pool"
 
 
 @dataclass(frozen=True)
@@ -279,11 +285,13 @@ class GuardSet:
             "rule": "out of distribution when the distance in any space exceeds its threshold",
             "stated_false_refusal_rate": self.stated_rate,
             "statistics_size": self.statistics_size,
+            "statistics_method": STATISTICS_METHOD,
             "spaces": {space: guard.metadata() for space, guard in self.guards.items()},
         }
 
     def save(self, path: Path) -> Path:
-        arrays: dict[str, Any] = {"statistics_size": self.statistics_size}
+        arrays: dict[str, Any] = {"statistics_size": self.statistics_size,
+                                  "statistics_method": STATISTICS_METHOD}  # fmt: skip
         for space, guard in self.guards.items():
             arrays.update({f"{space}.{key}": value for key, value in guard.arrays().items()})
         np.savez(path, **arrays)
@@ -298,6 +306,13 @@ class GuardSet:
                                           for key in stored.files if key.startswith(f"{space}.")})
                 for space in spaces
             }  # fmt: skip
+            method = str(stored["statistics_method"]) if "statistics_method" in stored else None
+            if IMAGE_STATISTICS in guards and method != STATISTICS_METHOD:
+                raise ValueError(
+                    f"the guard in {path} was fitted on image statistics of a resized photo, not "
+                    f"the {STATISTICS_METHOD} ones this version computes: publish the model "
+                    "again (`dvc repro select`)"
+                )
             return cls(guards, int(stored["statistics_size"]))
 
 
@@ -339,23 +354,49 @@ def head_layers(model: keras.Layer) -> list[keras.Layer]:
     return found
 
 
-def outputs_with_head(model: keras.Model, image_size: int) -> Any:
-    """A concrete function: {OUTPUTS: the model's outputs, HEAD: its head features} from
-    one pass. Separate named tensors, so that TFLite converts both and
-    full-integer quantisation gives each its own scale."""
+def statistics_pool(image_size: int, statistics_size: int) -> int:
+    """The average-pooling factor that shrinks a model input towards ``statistics_size``
+    pixels a side (``image_size // statistics_size``, at least 1)."""
+    return max(1, image_size // statistics_size)
+
+
+def image_statistics(image_size: int, statistics_size: int) -> Callable[[Any], Any]:
+    """A batch in [0, 255] -> its colour and texture statistics
+    (:class:`~pox_pipeline.features.ColourTextureFeatures`) of the photo average-pooled by
+    :func:`statistics_pool`: plain TFLite ops, and few enough pixels to cost a fraction of
+    the model's pass."""
+    import keras
+
+    from pox_pipeline.features import ColourTextureFeatures
+
+    pool = statistics_pool(image_size, statistics_size)
+    describe = ColourTextureFeatures()
+    if pool == 1:
+        return describe
+    shrink = keras.layers.AveragePooling2D(pool)
+    return lambda batch: describe(shrink(batch))
+
+
+def outputs_with_head(model: keras.Model, image_size: int, statistics_size: int | None) -> Any:
+    """A concrete function: {OUTPUTS: the model's outputs, HEAD: its head features} and, unless
+    ``statistics_size`` is None, {IMAGE_STATISTICS: :func:`image_statistics`}, from one pass.
+    Separate named tensors, so that TFLite converts them all and full-integer quantisation
+    gives each its own scale."""
     import tensorflow as tf
 
     from pox_pipeline.inference import recorded_calls, traced
 
     heads = head_layers(model)
+    statistics = None if statistics_size is None else image_statistics(image_size, statistics_size)
 
-    def both(batch: Any) -> Any:
+    def answer(batch: Any) -> Any:
         with recorded_calls(heads, "input") as recorded:
             outputs = model(batch, training=False)
         flat = [tf.reshape(tensor, [tf.shape(tensor)[0], -1]) for tensor in recorded]
-        return {OUTPUTS: outputs, HEAD: tf.concat(flat, axis=-1)}
+        both = {OUTPUTS: outputs, HEAD: tf.concat(flat, axis=-1)}
+        return both if statistics is None else {**both, IMAGE_STATISTICS: statistics(batch)}
 
-    return traced(both, image_size)
+    return traced(answer, image_size)
 
 
 @dataclass(frozen=True)
@@ -363,24 +404,30 @@ class FeatureExtractor:
     """Model outputs and the guard's features of a float32 (N, S, S, 3) batch in [0, 255]."""
 
     run: Callable[[np.ndarray], dict[str, np.ndarray]]  # outputs_with_head, run by a backend
-    statistics: Callable[[np.ndarray], np.ndarray] | None  # image_statistics, when guarded
+    spaces: tuple[str, ...]
+    # image_statistics for a run converted without them (full-integer TFLite); else None
+    statistics: Callable[[np.ndarray], np.ndarray] | None = None
 
     def outputs(self, batch: np.ndarray) -> np.ndarray:
         return self.run(batch)[OUTPUTS]
 
+    def answer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every tensor of the pass: outputs, head features and (when wanted) statistics."""
+        answer = self.run(batch)
+        if IMAGE_STATISTICS in self.spaces and IMAGE_STATISTICS not in answer:
+            answer = {**answer, IMAGE_STATISTICS: self.statistics(batch)}
+        return answer
+
     def __call__(
         self, views: np.ndarray, n_views: int = 1
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """``views``: the images' TTA views, view-major (:func:`inference.tta_views`), the first
-        view the images themselves. Outputs and head features are averaged over the views; the
-        image statistics (colour, texture, edges: the same for a flipped photo) are taken of
-        the images alone, as at fitting."""
+        """``views``: the images' TTA views, view-major (:func:`inference.tta_views`). Outputs
+        and every feature space are averaged over the views (the statistics of a flipped photo
+        are its own: the mean is theirs), as at fitting."""
         from pox_pipeline.inference import mean_over_views
 
-        answer = self.run(views)
-        features = {HEAD: mean_over_views(answer[HEAD], n_views)}
-        if self.statistics is not None:
-            features[IMAGE_STATISTICS] = self.statistics(views[: len(views) // n_views])
+        answer = self.answer(views)
+        features = {space: mean_over_views(answer[space], n_views) for space in self.spaces}
         return mean_over_views(answer[OUTPUTS], n_views), features
 
 
@@ -389,28 +436,27 @@ def feature_extractor(
     image_size: int,
     spaces: Sequence[str],
     statistics_size: int,
-    run_both: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
+    runner: Any = None,
 ) -> FeatureExtractor:
-    """The answer and the guard's features, each traced once.
+    """The answer and the guard's features from one traced pass.
 
-    ``run_both`` answers for :func:`outputs_with_head`: by default the traced Keras function;
-    a TFLite backend's stored conversion of it when serving one, so a served answer and its
-    head features come from one pass of the model being served. The image statistics stay a
-    TF function (their antialiased resize has no TFLite op); they are the model-free half of
-    the guard.
+    ``runner`` (a :class:`tflite.Runner`) answers for :func:`outputs_with_head` when serving a
+    TFLite backend: the stored conversion, the image statistics inside it, so a served answer
+    and all its features come from one pass of the model being served. A conversion without
+    the statistics (full-integer quantisation cannot carry them) gets them from a TF function.
     """
-    import keras
-
-    from pox_pipeline.features import ColourTextureFeatures
     from pox_pipeline.inference import run_traced, traced
 
+    spaces = tuple(spaces)
+    wanted = statistics_size if IMAGE_STATISTICS in spaces else None
+    if runner is None:
+        return FeatureExtractor(
+            run_traced(outputs_with_head(model, image_size, wanted)), spaces
+        )
     statistics = None
-    if IMAGE_STATISTICS in spaces:
-        resize = keras.layers.Resizing(statistics_size, statistics_size, antialias=True)
-        describe = ColourTextureFeatures()
-        statistics = run_traced(traced(lambda batch: describe(resize(batch)), image_size))
-    run = run_both or run_traced(outputs_with_head(model, image_size))
-    return FeatureExtractor(run, statistics)
+    if wanted is not None and IMAGE_STATISTICS not in runner.output_names:
+        statistics = run_traced(traced(image_statistics(image_size, wanted), image_size))
+    return FeatureExtractor(runner, spaces, statistics)
 
 
 # ---------------------------------------------------------------------------- publishing

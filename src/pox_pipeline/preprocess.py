@@ -1,9 +1,12 @@
 """The one preprocessing path shared by prepare, training, evaluation and serving.
 
 Decoding is strict (any failure becomes an :class:`ImageError` with a readable reason) and
-normalises every colour mode and EXIF orientation to upright 8-bit RGB. Scaling to [0, 1]
-lives inside the models (a Rescaling layer), so the tensor handed to a model is always the
-resized RGB image as float32 in [0, 255], whoever calls this.
+normalises every colour mode and EXIF orientation to upright 8-bit RGB. A JPEG is shrunk as it
+is decoded (DCT scaling, ``Image.draft``) to the smallest size at least the model's input, so
+a 12-megapixel phone photo never exists at full size; prepare and serving both decode this way
+(``decode_image(..., draft=image_size)``), so training and serving see the same pixels. Scaling to
+[0, 1] lives inside the models (a Rescaling layer), so the tensor handed to a model is always
+the resized RGB image, uint8 between processes and float32 in [0, 255] in the model.
 """
 
 from __future__ import annotations
@@ -41,8 +44,12 @@ def decode_image(
     max_bytes: int | None = None,
     max_pixels: int | None = None,
     allow_animated: bool = False,
+    draft: int | None = None,
 ) -> Image.Image:
-    """Decode image bytes into an upright RGB image, or raise :class:`ImageError`."""
+    """Decode image bytes into an upright RGB image, or raise :class:`ImageError`.
+
+    ``draft``: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose sides are
+    both at least this many pixels; other formats decode at full size."""
     if not data:
         raise ImageError("the file is empty (0 bytes)")
     if max_bytes is not None and len(data) > max_bytes:
@@ -61,6 +68,8 @@ def decode_image(
                 raise ImageError(
                     f"animated {image.format} images are not supported; send a single photo"
                 )
+            if draft is not None and image.format == "JPEG":
+                image.draft("RGB", (draft, draft))
             image.load()
     except ImageError:
         raise
@@ -79,9 +88,10 @@ def load_image(path: str | Path, **limits: int | bool | None) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply EXIF orientation and convert any mode (palette, RGBA, CMYK, 16-bit...) to RGB."""
+    """Apply EXIF orientation (in place) and convert any mode (palette, RGBA, CMYK, 16-bit...)
+    to RGB; an RGB image is returned as it is, not copied."""
     try:
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # a broken EXIF block must not cost the photo
         pass
     if image.mode in HIGH_BIT_MODES:
@@ -93,7 +103,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def resize(image: Image.Image, image_size: int, resample: str = "bilinear") -> Image.Image:
@@ -104,14 +114,21 @@ def resize(image: Image.Image, image_size: int, resample: str = "bilinear") -> I
     return image if image.size == size else image.resize(size, RESAMPLE[resample])
 
 
+def model_pixels(image: Image.Image, image_size: int, resample: str = "bilinear") -> np.ndarray:
+    """RGB image -> uint8 array (image_size, image_size, 3): the model input as the API process
+    hands it to the model process (a quarter of float32's bytes, exactly the same values)."""
+    return np.asarray(resize(image, image_size, resample))
+
+
 def to_model_input(image: Image.Image, image_size: int, resample: str = "bilinear") -> np.ndarray:
     """RGB image -> float32 array (image_size, image_size, 3) in [0, 255]: what models take."""
-    return np.asarray(resize(image, image_size, resample), dtype=np.float32)
+    return model_pixels(image, image_size, resample).astype(np.float32)
 
 
 def preprocess_file(path: str | Path, image_size: int, resample: str = "bilinear") -> np.ndarray:
-    """File -> model input; the path used by training and evaluation."""
-    return to_model_input(load_image(path), image_size, resample)
+    """File -> model input; the path used by training and evaluation (a prepared photo is
+    already at the model's size; an original JPEG is shrunk as it is decoded, as served)."""
+    return to_model_input(load_image(path, draft=image_size), image_size, resample)
 
 
 def preprocess_bytes(
@@ -122,6 +139,6 @@ def preprocess_bytes(
     max_bytes: int | None = None,
     max_pixels: int | None = None,
 ) -> np.ndarray:
-    """Upload bytes -> model input; the path used by serving."""
-    image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    """Upload bytes -> float32 model input (:func:`decode_image` shrinking JPEGs to the input)."""
+    image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, draft=image_size)
     return to_model_input(image, image_size, resample)

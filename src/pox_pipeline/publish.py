@@ -34,7 +34,6 @@ from pox_pipeline.inference import (
     load_keras_model,
     mean_over_views,
     median_call_ms,
-    run_traced,
     store_keras_model,
     tta_views,
 )
@@ -252,7 +251,15 @@ def measure_backends(
     threshold and temperature) and for speed. Returns metadata["backends"] (Keras first), the
     check's metadata and the files of the published backends (written under ``out_dir``)."""
     check = tflite.BackendCheck(**OmegaConf.to_container(serve_cfg.backend_check, resolve=True))
-    size, threads = int(metadata["image_size"]), int(serve_cfg.tflite_threads)
+    size = int(metadata["image_size"])
+    threads = tflite.thread_count(serve_cfg.tflite_threads, int(serve_cfg.api_workers))
+    batch_sizes = list(serve_cfg.batch_sizes)
+    settings = ood.OODSettings.from_cfg(serve_cfg.ood)
+    # The image statistics go into the converted pass whenever the service will compute them
+    # (the guard, or monitoring), and every backend is timed with them, as it serves.
+    guarded = serve_cfg.ood.enabled or serve_cfg.monitoring.enabled
+    spaces = settings.features if guarded else (ood.HEAD,)
+    statistics_size = settings.statistics_size if ood.IMAGE_STATISTICS in spaces else None
     sets = {"evidence": photos.evidence, "test": photos.test}
     one_photo = np.concatenate(
         tta_views(np.zeros((1, size, size, 3), np.float32), str(metadata.get("tta", NO_TTA)))
@@ -265,16 +272,20 @@ def measure_backends(
         row["ms_per_photo"] = median_call_ms(run, one_photo, check.latency_repeats)
         return scored, row
 
-    keras_scored, keras_row = measured(run_traced(ood.outputs_with_head(model, size)))
+    def answering(runner: tflite.Runner | None = None) -> Any:
+        return ood.feature_extractor(model, size, spaces, settings.statistics_size, runner).answer
+
+    keras_scored, keras_row = measured(answering())
     backends: dict[str, Any] = {tflite.KERAS: {"published": True, **keras_row}}
     files = {}
     for backend in serve_cfg.publish_backends:
         try:
-            flatbuffer = tflite.converted(model, size, backend, photos.calibration)
+            flatbuffer = tflite.converted(model, size, backend, photos.calibration,
+                                          statistics_size)  # fmt: skip
         except ValueError as err:  # an op TFLite lacks: recorded, not published
             backends[backend] = {"published": False, "error": str(err)}
             continue
-        scored, row = measured(tflite.Runner(flatbuffer, threads))
+        scored, row = measured(answering(tflite.Runner(flatbuffer, threads, batch_sizes)))
         agreement = scored["evidence"].agreement(keras_scored["evidence"])
         passed = check.passes(
             agreement["label_agreement"], agreement["max_abs_probability_difference"]

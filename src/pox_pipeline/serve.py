@@ -68,7 +68,8 @@ class ServeConfig:
     host: str
     port: int
     backend: str
-    tflite_threads: int
+    tflite_threads: int  # resolved from `auto` (tflite.thread_count)
+    batch_sizes: tuple[int, ...]
     publish_backends: tuple[str, ...]
     backend_check: tflite.BackendCheck
     max_upload_bytes: int
@@ -116,6 +117,11 @@ class ServeConfig:
         if unknown:
             raise ValueError(f"serve.publish_backends: {sorted(unknown)} are no TFLite backends")
         values["publish_backends"] = tuple(values["publish_backends"])
+        values["tflite_threads"] = tflite.thread_count(values["tflite_threads"],
+                                                       values["api_workers"])  # fmt: skip
+        values["batch_sizes"] = tuple(int(size) for size in values["batch_sizes"])
+        if not values["batch_sizes"] or min(values["batch_sizes"]) < 1:
+            raise ValueError(f"serve.batch_sizes={list(values['batch_sizes'])}: sizes >= 1")
         values["backend_check"] = tflite.BackendCheck(**values["backend_check"])
         values["heatmap"] = HeatmapConfig(**values["heatmap"])
         values["ood"] = ood.OODSettings.from_cfg(values["ood"])
@@ -151,6 +157,7 @@ class Predictor:
         tflite_threads: int | None = None,
         ood_enabled: bool = True,
         monitoring: bool = False,
+        batch_sizes: Sequence[int] = (1,),
     ) -> None:
         backend = card.fastest_backend if backend == tflite.AUTO else backend
         if backend not in BACKENDS:
@@ -167,7 +174,7 @@ class Predictor:
         # The converted model, on TFLite backends: the bytes stored at publish, never converted.
         self.runner = (
             tflite.Runner((Path(model_dir) / card.backend_files[backend]).read_bytes(),
-                          tflite_threads)
+                          tflite_threads, batch_sizes)
             if backend != tflite.KERAS else None
         )  # fmt: skip
 
@@ -201,9 +208,10 @@ class Predictor:
         tflite_threads: int | None = None,
         ood_enabled: bool = True,
         monitoring: bool = False,
+        batch_sizes: Sequence[int] = (1,),
     ) -> Predictor:
         return cls(Path(stored.path), ModelCard.from_stored(stored), backend, tflite_threads,
-                   ood_enabled, monitoring)  # fmt: skip
+                   ood_enabled, monitoring, batch_sizes)  # fmt: skip
 
     def _view_batch(self, batch: np.ndarray) -> tuple[np.ndarray, int]:
         """All the card's TTA views of all images as one contiguous batch, and the view count."""
@@ -247,6 +255,7 @@ class Predictor:
     def gradcam(self, image: np.ndarray) -> np.ndarray:
         """Grad-CAM of the positive-class score at the last Conv2D, in [0, 1] (conv resolution);
         for a model without one (``colour_texture``), the input-gradient saliency instead."""
+        image = np.asarray(image, np.float32)  # the API process sends uint8
         if self._gradcam_layer is None:
             return input_saliency(self.model, image, self.card.positive_index)
         with self._gradcam_lock:  # the layer hook is process-wide state
@@ -359,11 +368,14 @@ def read_upload(path: Path, max_bytes: int) -> bytes:
         path.unlink(missing_ok=True)
 
 
-def decode_upload(data: bytes, settings: ServeConfig) -> Image.Image:
-    """Upload bytes -> upright RGB photo within the limits, or :class:`ImageError`."""
+def decode_upload(data: bytes, settings: ServeConfig, image_size: int) -> Image.Image:
+    """Upload bytes -> upright RGB photo within the limits, a JPEG shrunk as it is decoded to
+    the smallest size that covers ``image_size`` (as prepare decodes training photos), or
+    :class:`ImageError`."""
     photo = preprocess.decode_image(
-        data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels
-    )
+        data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
+        draft=image_size,
+    )  # fmt: skip
     if settings.store_uploads:
         store_upload(data, settings.upload_dir)
     return photo
@@ -386,9 +398,10 @@ def store_upload(data: bytes, upload_dir: Path, now: datetime | None = None) -> 
 def load_upload(
     path: Path, settings: ServeConfig, card: ModelCard
 ) -> tuple[Image.Image, np.ndarray]:
-    """An uploaded file -> (photo, model input); raises :class:`ImageError` with the reason."""
-    photo = decode_upload(read_upload(path, settings.max_upload_bytes), settings)
-    return photo, preprocess.to_model_input(photo, card.image_size, card.resample)
+    """An uploaded file -> (photo, uint8 model input: what the model process takes, never a
+    float32 copy here); raises :class:`ImageError` with the reason."""
+    photo = decode_upload(read_upload(path, settings.max_upload_bytes), settings, card.image_size)
+    return photo, preprocess.model_pixels(photo, card.image_size, card.resample)
 
 
 def http_status(error: ImageError) -> int:

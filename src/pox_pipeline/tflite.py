@@ -1,19 +1,23 @@
 """TFLite backends: converted once at publish (``publish``), run from the stored bytes when
 serving (``serve.Predictor``), never converted there.
 
-A converted model has one signature with two separate named outputs, ``ood.OUTPUTS`` (the
-model's answer) and ``ood.HEAD`` (the guard's head features): full-integer quantisation gives
-each tensor its own scale, so the probability is never quantised over the head features'
-range. TensorFlow is imported inside the functions, so the API process, which reads which
+A converted model has one signature with separate named outputs, ``ood.OUTPUTS`` (the
+model's answer), ``ood.HEAD`` (the guard's head features) and ``ood.IMAGE_STATISTICS`` (the
+guard's image statistics, on backends whose activations stay float): full-integer quantisation
+gives each tensor its own scale, so the probability is never quantised over the head features'
+range. A :class:`Runner` runs batches of a few fixed sizes only, one interpreter each, so no
+interpreter ever re-allocates its tensors for a new batch size. TensorFlow is imported inside
+the functions, so the API process, which reads which
 backends a model has (:func:`published`), starts without it.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +32,32 @@ KERAS = "keras"
 AUTO = "auto"  # serve.backend: the fastest backend published with the model
 BACKENDS = ("tflite_fp32", "tflite_int8", "tflite_full_int8")
 # Backends whose conversion calibrates activation ranges on photos (training photos, at publish).
+# Their integer kernels cannot compute the image statistics (int8 division by a quantised zero
+# fails at run time), so those are converted without them.
 CALIBRATED_BACKENDS = ("tflite_full_int8",)
+AUTO_THREADS = "auto"  # serve.tflite_threads: the cores left beside the API workers
+
+
+def thread_count(setting: int | str, api_workers: int) -> int:
+    """``serve.tflite_threads``: a count, or ``auto``: the cores this process may run on less
+    one per API worker (which decodes uploads meanwhile), at least 1."""
+    if setting != AUTO_THREADS:
+        return int(setting)
+    return max(1, len(os.sched_getaffinity(0)) - api_workers)
+
+
+def batch_plan(count: int, sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """How a batch of ``count`` rows runs on interpreters of fixed ``sizes``: (size, rows) per
+    call, the largest size that the remaining rows fill first; rows < size only when fewer rows
+    remain than the smallest size (those calls are padded)."""
+    ordered = sorted(set(sizes))
+    plan = []
+    while count > 0:
+        filled = [size for size in ordered if size <= count]
+        size = filled[-1] if filled else ordered[0]
+        plan.append((size, min(size, count)))
+        count -= size
+    return plan
 
 
 @dataclass(frozen=True)
@@ -128,20 +157,17 @@ def named_frozen(function: Any) -> Any:
 
 class Runner:
     """Stored TFLite bytes run on CPU through their signature: a float32 (N, S, S, 3) batch ->
-    {``ood.OUTPUTS``: ..., ``ood.HEAD``: ...}."""
+    {output name: array}, in calls of ``batch_sizes`` rows only (:func:`batch_plan`), each on
+    an interpreter allocated once for that size."""
 
-    def __init__(self, flatbuffer: bytes, threads: int | None = None) -> None:
-        import tensorflow as tf
-
+    def __init__(
+        self, flatbuffer: bytes, threads: int | None = None, batch_sizes: Sequence[int] = (1,)
+    ) -> None:
         self.flatbuffer = flatbuffer
-        with warnings.catch_warnings():
-            # Deprecated in favour of ai_edge_litert, which TensorFlow does not install.
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-            # kept: its signature runner reads freed memory once the interpreter is collected
-            self._interpreter = tf.lite.Interpreter(
-                model_content=flatbuffer, num_threads=threads
-            )
-        signatures = self._interpreter.get_signature_list()
+        self.batch_sizes = tuple(sorted(set(batch_sizes)))
+        # kept: a signature runner reads freed memory once its interpreter is collected
+        self._interpreters = {size: self._interpreter(threads) for size in self.batch_sizes}
+        signatures = self._interpreters[self.batch_sizes[0]].get_signature_list()
         if len(signatures) != 1:
             raise ValueError(
                 f"the TFLite model has {len(signatures)} signatures, not one: re-publish it "
@@ -149,13 +175,40 @@ class Runner:
             )
         [(key, signature)] = signatures.items()
         [self._input] = signature["inputs"]
-        self._signature = self._interpreter.get_signature_runner(key)
+        self.output_names = tuple(signature["outputs"])
+        self._signatures = {size: interpreter.get_signature_runner(key)
+                            for size, interpreter in self._interpreters.items()}  # fmt: skip
+        details = self._signatures[self.batch_sizes[0]].get_input_details()[self._input]
+        self.image_shape = tuple(int(d) for d in details["shape_signature"][1:])
+        for size in self.batch_sizes:  # allocate each once, now, not on a request
+            self._run(size, np.zeros((size, *self.image_shape), np.float32))
         self._lock = threading.Lock()  # an interpreter is not thread-safe
 
+    def _interpreter(self, threads: int | None) -> Any:
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            # Deprecated in favour of ai_edge_litert, which TensorFlow does not install.
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+            return tf.lite.Interpreter(model_content=self.flatbuffer, num_threads=threads)
+
+    def _run(self, size: int, batch: np.ndarray) -> dict[str, np.ndarray]:
+        answer = self._signatures[size](**{self._input: batch})
+        return {name: tensor.copy() for name, tensor in answer.items()}
+
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        with self._lock:  # the runner resizes its input to the batch itself
-            answer = self._signature(**{self._input: np.asarray(batch, np.float32)})
-            return {name: tensor.copy() for name, tensor in answer.items()}
+        batch = np.asarray(batch, np.float32)
+        parts, start = [], 0
+        with self._lock:
+            for size, rows in batch_plan(len(batch), self.batch_sizes):
+                chunk = batch[start : start + rows]
+                if rows < size:
+                    chunk = np.concatenate([chunk, np.zeros((size - rows, *chunk.shape[1:]),
+                                                            np.float32)])  # fmt: skip
+                answer = self._run(size, chunk)
+                parts.append({name: tensor[:rows] for name, tensor in answer.items()})
+                start += rows
+        return {name: np.concatenate([part[name] for part in parts]) for name in self.output_names}
 
 
 def calibration_photos(images: np.ndarray, count: int) -> np.ndarray:
@@ -166,7 +219,15 @@ def calibration_photos(images: np.ndarray, count: int) -> np.ndarray:
 
 
 def converted(
-    model: keras.Model, image_size: int, backend: str, calibration: np.ndarray | None
+    model: keras.Model,
+    image_size: int,
+    backend: str,
+    calibration: np.ndarray | None,
+    statistics_size: int | None = None,
 ) -> bytes:
-    """``model``'s outputs and head features as ``backend``'s bytes."""
-    return convert(outputs_with_head(model, image_size), model, backend, calibration)
+    """``model``'s outputs and head features, and the image statistics at ``statistics_size``
+    (None: none; never on a calibrated backend), as ``backend``'s bytes."""
+    if backend in CALIBRATED_BACKENDS:
+        statistics_size = None
+    function = outputs_with_head(model, image_size, statistics_size)
+    return convert(function, model, backend, calibration)
