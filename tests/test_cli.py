@@ -142,7 +142,7 @@ def test_explain_writes_the_services_overlay(project: dict) -> None:
     assert coloured_pixels(out.read_bytes()) > 0
     # ... where the model's Grad-CAM of this photo puts it, as the service renders it
     predictor = serve.Predictor.from_stored(stored)
-    cam = predictor.gradcam(preprocess.to_model_input(photo, predictor.card.image_size))
+    cam = predictor.gradcam(preprocess.to_model_input(photo, predictor.policy.image_size))
     expected = Image.open(io.BytesIO(serve.render_heatmap(photo, cam, heatmap)))
     assert np.abs(np.asarray(expected, np.float32) - overlay).max() <= 1
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from pox_pipeline import ood, serve
 from pox_pipeline.models import FACTORIES, build_model
+from pox_pipeline.policy import verdict
 from serve_helpers import save_champion, skin_like_photos, tiny_guard_settings, tiny_model
 
 rng = np.random.default_rng(0)
@@ -107,12 +108,12 @@ def test_settings_are_checked() -> None:
 
 
 def test_verdict_says_why_and_never_pretends_a_check_ran() -> None:
-    out = ood.verdict(1.5)
+    out = verdict(1.5)
     assert out["in_distribution"] is False and "skin photo" in out["ood_reason"]
     assert "1.5 times" in out["ood_reason"]
-    assert ood.verdict(0.5) == {"in_distribution": True, "ood": {"checked": True, "score": 0.5}}
-    assert ood.verdict(float("nan"))["ood"] == {"checked": False}
-    assert ood.verdict(None)["ood"] == {"checked": False}
+    assert verdict(0.5) == {"in_distribution": True, "ood": {"checked": True, "score": 0.5}}
+    assert verdict(float("nan"))["ood"] == {"checked": False}
+    assert verdict(None)["ood"] == {"checked": False}
 
 
 def test_the_non_skin_set_has_every_kind_as_rgb_photos() -> None:

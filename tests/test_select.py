@@ -186,7 +186,7 @@ def test_select_ships_the_temperature_and_tta_of_the_winner(candidates: DictConf
     """The served model computes what evaluate computed: same T, same TTA, same threshold."""
     import bentoml
 
-    from pox_pipeline.model_card import ModelCard
+    from pox_pipeline.policy import DecisionPolicy
 
     cfg = candidates
     calibrated = {**json.loads(_val(0.90, 0.3)), "calibration": "temperature",
@@ -200,7 +200,7 @@ def test_select_ships_the_temperature_and_tta_of_the_winner(candidates: DictConf
     assert stored.info.metadata["temperature"] == 1.7
     assert stored.info.metadata["tta"] == "flips"
     assert stored.info.metadata["calibration"] == "temperature"
-    card = ModelCard.from_stored(stored)
+    card = DecisionPolicy.from_stored(stored)
     assert (card.temperature, card.tta, card.threshold) == (1.7, "flips", 0.3)
     version = MlflowClient().get_model_version(
         cfg.select.registered_model_name, str(result["registered_model_version"])

@@ -37,7 +37,7 @@ from pox_pipeline import ood
 
 if TYPE_CHECKING:
 
-    from pox_pipeline.model_card import ModelCard
+    from pox_pipeline.policy import DecisionPolicy
 
 MONITOR_NAME = "pox_answers"  # one bentoml.monitor per process (its loggers are global)
 BASIS_FILE = "monitoring_basis.npz"  # beside the model, like ood.npz
@@ -340,13 +340,13 @@ class ServiceMonitor:
     the array through and records nothing."""
 
     def __init__(
-        self, settings: MonitoringSettings, model_dir: Path | None, card: ModelCard | None
+        self, settings: MonitoringSettings, model_dir: Path | None, policy: DecisionPolicy | None
     ) -> None:
         basis_file = None if model_dir is None else Path(model_dir) / BASIS_FILE
         self.enabled = bool(settings.enabled and basis_file is not None and basis_file.is_file())
         self.settings = settings
         self.columns: tuple[str, ...] = Basis.load(basis_file).columns if self.enabled else ()
-        self.card = card
+        self.policy = policy
         self.metrics = LiveMetrics(settings) if self.enabled else None
         self._options: dict[str, str] = {}
         if self.enabled:
@@ -368,7 +368,7 @@ class ServiceMonitor:
             return
         import bentoml
 
-        rows = records(answers, columns, self.columns, self.card.positive_class)
+        rows = records(answers, columns, self.columns, self.policy.positive_class)
         with bentoml.monitor(MONITOR_NAME, monitor_class="default",
                              monitor_options=self._options) as mon:  # fmt: skip
             mon.log_batch([endpoint] * len(rows), "endpoint", "feature", "categorical")

@@ -49,7 +49,6 @@ METHOD = "knn"
 # mean spread instead: such a unit lighting up is a strong sign of an unfamiliar input, and
 # must not divide by zero.
 MIN_SCALE_RATIO = 0.1
-REASON = "this does not look like a skin photo like those the model was trained on"
 
 
 HEAD = "head"
@@ -299,27 +298,6 @@ class GuardSet:
                 for space in spaces
             }  # fmt: skip
             return cls(guards, int(stored["statistics_size"]))
-
-
-def verdict(score: float | None) -> dict[str, Any]:
-    """The answer's OOD fields: ``in_distribution`` and, when false, ``ood_reason``.
-
-    ``score`` None (or nan) means the check did not run (no guard stored with the model, or
-    ``serve.ood.enabled: false``): the answer says so instead of pretending it passed.
-    """
-    if score is None or np.isnan(score):
-        return {"in_distribution": True, "ood": {"checked": False}}
-    inside = bool(score <= 1.0)
-    answer: dict[str, Any] = {
-        "in_distribution": inside,
-        "ood": {"checked": True, "score": float(score)},
-    }
-    if not inside:
-        answer["ood_reason"] = (
-            f"{REASON} (its distance to the training photos is {score:.1f} times the limit "
-            "that held-out genuine photos stay under)"
-        )
-    return answer
 
 
 # ---------------------------------------------------------------------------- features (Keras)
