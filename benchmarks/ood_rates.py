@@ -56,12 +56,13 @@ def flagged(predictor: Predictor, photos: list[Image.Image]) -> dict[str, np.nda
         [split_ood_score(predictor.outputs_with_ood_score(inputs[i : i + BATCH]))[1]
          for i in tqdm(range(0, len(inputs), BATCH), desc="photos", disable=None, leave=False)]
     )  # fmt: skip
-    settings = ood.OODSettings(enabled=True, features=tuple(guard.guards),
+    spaces = tuple(dict.fromkeys(ood.space_of(key) for key in guard.guards))
+    settings = ood.OODSettings(enabled=True, features=spaces,
                                statistics_size=guard.statistics_size, k=1, alpha=0.01,
                                batch_size=BATCH)  # fmt: skip
     features = ood.features_of(predictor.model, inputs, settings, policy.tta)
-    alone = {space: part.distances(features[space]) > part.threshold
-             for space, part in guard.guards.items()}  # fmt: skip
+    alone = {key: part.ratios(features[ood.space_of(key)]) > 1.0
+             for key, part in guard.guards.items()}  # fmt: skip
     return {**alone, SERVED: served > 1.0}
 
 

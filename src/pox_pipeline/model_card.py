@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pox_pipeline import monitor, tflite
+from pox_pipeline import monitor, ood, tflite
 from pox_pipeline.policy import DecisionPolicy, evidence_words, with_interval
 
 MARKDOWN_FILE = "model_card.md"  # inside the BentoML model directory and the MLflow run
@@ -381,6 +381,13 @@ SPACE_NAMES = {
 }
 
 
+def space_words(key: str) -> str:
+    """A guard's space in words; an ensemble member's head guard names its member."""
+    space = ood.space_of(key)
+    words = SPACE_NAMES.get(space, space)
+    return words if key == space else f"{words} (ensemble {key.split(ood.MEMBER_SEPARATOR)[1]})"
+
+
 def ood_rule(metadata: Mapping[str, Any]) -> str:
     guard = metadata.get("ood")
     if not guard:
@@ -389,15 +396,17 @@ def ood_rule(metadata: Mapping[str, Any]) -> str:
             "every upload gets a label, whatever it shows."
         )
     spaces = [
-        f"{SPACE_NAMES.get(space, space)} ({part['feature_dims']} numbers, threshold "
-        f"{part['threshold']:.3f}, set on {part['calibration_photos']} held-out photos for a "
-        f"false-refusal rate of at most {part['effective_alpha']:.2%})"
-        for space, part in guard["spaces"].items()
+        f"{space_words(key)} ({part['feature_dims']} numbers against "
+        f"{part['reference_photos']} training photos; threshold {part['threshold']:.3f}, set "
+        f"on {part['calibration_photos']} held-out photos "
+        f"({part.get('calibration_source', 'held-out photos')}) for a false-refusal rate of "
+        f"at most {part['effective_alpha']:.2%})"
+        for key, part in guard["spaces"].items()
     ]
     first = next(iter(guard["spaces"].values()))
     rate = float(guard["stated_false_refusal_rate"])
     return (
-        f"Each upload is compared with the {first['reference_photos']} training photos in "
+        f"Each upload is compared with the training photos in "
         f"{len(spaces)} way(s): " + "; ".join(spaces) + ". In each, features are standardised "
         f"and the mean distance to the {first['k']} nearest training photos is compared with "
         "the threshold. Above it in any, the answer says the photo does not look like a skin "

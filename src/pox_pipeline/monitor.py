@@ -201,15 +201,14 @@ def monitored_columns(
     distance / threshold (nan when that space is not guarded), the named statistics and the
     head components. ``features`` has both spaces (:data:`ood.FEATURE_SPACES`)."""
     count = len(features[ood.HEAD])
-    ratios = [
-        guard.guards[space].distances(features[space]) / guard.guards[space].threshold
-        if guard is not None and space in guard.guards
-        else np.full(count, np.nan)
-        for space in ood.FEATURE_SPACES
-    ]
+    ratios = (
+        guard.space_ratios(features)
+        if guard is not None
+        else np.full((count, len(ood.FEATURE_SPACES)), np.nan)
+    )
     return np.concatenate(
         [
-            np.stack(ratios, axis=1),
+            ratios,
             named_statistics(features[ood.IMAGE_STATISTICS]),
             basis.project(features[ood.HEAD]),
         ],

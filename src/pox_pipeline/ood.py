@@ -49,12 +49,25 @@ METHOD = "knn"
 # mean spread instead: such a unit lighting up is a strong sign of an unfamiliar input, and
 # must not divide by zero.
 MIN_SCALE_RATIO = 0.1
+OUT_OF_FOLD_SOURCE = "every non-test photo, each against the other folds' photos"
 
 
 HEAD = "head"
 OUTPUTS = "outputs"  # outputs_with_head's other tensor: the model's answer
 IMAGE_STATISTICS = "image_statistics"
 FEATURE_SPACES = (HEAD, IMAGE_STATISTICS)
+# An ensemble member's head guard is keyed "head/member_<i>": it reads that member's columns
+# of the head space.
+MEMBER_SEPARATOR = "/"
+
+
+def space_of(key: str) -> str:
+    """The feature space a guard reads (``head/member_1`` reads the head space)."""
+    return key.split(MEMBER_SEPARATOR)[0]
+
+
+def member_key(index: int) -> str:
+    return f"{HEAD}{MEMBER_SEPARATOR}member_{index}"
 
 
 @dataclass(frozen=True)
@@ -108,7 +121,9 @@ def conformal_rank(n: int, alpha: float) -> tuple[int, float]:
 @dataclass(frozen=True)
 class Guard:
     """The fitted rule: reference features (standardised), their scaling, k and the threshold
-    (with the alpha it was asked for, the effective alpha it states, and its evidence)."""
+    (with the alpha it was asked for, the effective alpha it states, and its evidence: how
+    many held-out photos and which). ``columns``: the [start, stop) slice of its space's
+    features it reads (an ensemble member's share of the head space); None: all of them."""
 
     mean: np.ndarray
     scale: np.ndarray
@@ -118,6 +133,8 @@ class Guard:
     alpha: float = math.nan
     effective_alpha: float = math.nan
     calibration_photos: int = 0
+    calibration_source: str = "held-out photos"
+    columns: tuple[int, int] | None = None
 
     @classmethod
     def of_reference(cls, features: np.ndarray, k: int) -> Guard:
@@ -132,22 +149,26 @@ class Guard:
         scale = np.maximum(spread, floor)
         return cls(mean, scale, (reference - mean) / scale, k)
 
-    def with_threshold(self, held_out_distances: np.ndarray, alpha: float) -> Guard:
+    def with_threshold(
+        self, held_out_distances: np.ndarray, alpha: float, source: str = "held-out photos"
+    ) -> Guard:
         """The conformal threshold of held-out photos' distances (photos outside the reference
-        they were measured against, like an upload)."""
+        they were measured against, like an upload); ``source`` says which photos they are."""
         ordered = np.sort(np.asarray(held_out_distances, np.float64))
         rank, effective = conformal_rank(len(ordered), alpha)
         return replace(self, threshold=float(ordered[rank - 1]), alpha=alpha,
-                       effective_alpha=effective, calibration_photos=len(ordered))  # fmt: skip
+                       effective_alpha=effective, calibration_photos=len(ordered),
+                       calibration_source=source)  # fmt: skip
 
     @classmethod
     def fit(
-        cls, train_features: np.ndarray, val_features: np.ndarray, k: int, alpha: float
-    ) -> Guard:
-        """Fixed split: reference = the training photos; threshold from the validation
-        photos' distances to them."""
+        cls, train_features: np.ndarray, val_features: np.ndarray, k: int, alpha: float,
+        source: str = "validation photos",
+    ) -> Guard:  # fmt: skip
+        """Fixed split: reference = the training photos; threshold from the held-out
+        (validation) photos' distances to them."""
         unfitted = cls.of_reference(train_features, k)
-        return unfitted.with_threshold(unfitted.distances(val_features), alpha)
+        return unfitted.with_threshold(unfitted.distances(val_features), alpha, source)
 
     @classmethod
     def fit_out_of_fold(
@@ -156,7 +177,7 @@ class Guard:
         """Reference = every photo; threshold from each photo's distance to a reference of
         the other folds' photos (patient-grouped folds: never its own patient's photos)."""
         held_out = cls.out_of_fold_distances(features, folds, k)
-        return cls.of_reference(features, k).with_threshold(held_out, alpha)
+        return cls.of_reference(features, k).with_threshold(held_out, alpha, OUT_OF_FOLD_SOURCE)
 
     @classmethod
     def out_of_fold_distances(cls, features: np.ndarray, folds: np.ndarray, k: int) -> np.ndarray:
@@ -168,6 +189,11 @@ class Guard:
             inside = folds == fold
             held_out[inside] = cls.of_reference(features[~inside], k).distances(features[inside])
         return held_out
+
+    def ratios(self, space_features: np.ndarray) -> np.ndarray:
+        """Distance / threshold of each row of its space's features (its columns only)."""
+        own = space_features if self.columns is None else space_features[:, slice(*self.columns)]
+        return self.distances(own) / self.threshold
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Mean distance (per feature) of each row to its k nearest reference photos."""
@@ -181,6 +207,7 @@ class Guard:
         return nearest.mean(axis=1) / np.sqrt(z.shape[1])
 
     def metadata(self) -> dict[str, Any]:
+        columns = {} if self.columns is None else {"columns": list(self.columns)}
         return {
             "method": METHOD,
             "feature_dims": int(self.reference.shape[1]),
@@ -189,7 +216,9 @@ class Guard:
             "alpha": self.alpha,
             "effective_alpha": self.effective_alpha,
             "calibration_photos": self.calibration_photos,
+            "calibration_source": self.calibration_source,
             "threshold": self.threshold,
+            **columns,
         }
 
     def arrays(self) -> dict[str, Any]:
@@ -202,10 +231,13 @@ class Guard:
             "alpha": self.alpha,
             "effective_alpha": self.effective_alpha,
             "calibration_photos": self.calibration_photos,
+            "calibration_source": self.calibration_source,
+            "columns": np.asarray(self.columns or (), np.int64),
         }
 
     @classmethod
     def from_arrays(cls, stored: Mapping[str, Any]) -> Guard:
+        columns = stored.get("columns", ())  # a guard saved before ensembles had member slices
         return cls(
             mean=np.asarray(stored["mean"]),
             scale=np.asarray(stored["scale"]),
@@ -215,7 +247,21 @@ class Guard:
             alpha=float(stored["alpha"]),
             effective_alpha=float(stored["effective_alpha"]),
             calibration_photos=int(stored["calibration_photos"]),
+            calibration_source=str(stored.get("calibration_source", "held-out photos")),
+            columns=tuple(int(c) for c in columns) if len(columns) else None,
         )
+
+
+@dataclass(frozen=True)
+class MemberFeatures:
+    """One ensemble member's head features (its ``columns`` of the head space) of the photos
+    it trained on (``reference``) and of photos it never trained on (``held_out``, described
+    by ``source``)."""
+
+    reference: np.ndarray
+    held_out: np.ndarray
+    source: str
+    columns: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -249,6 +295,29 @@ class GuardSet:
                   for space in settings.features}  # fmt: skip
         return cls(guards, settings.statistics_size)
 
+    @classmethod
+    def fit_members(
+        cls,
+        members: Sequence[MemberFeatures],
+        statistics: tuple[np.ndarray, np.ndarray] | None,
+        settings: OODSettings,
+    ) -> GuardSet:
+        """An ensemble: one head guard per member (``head/member_<i>``, reading its columns of
+        the head space), its reference the member's training photos and its threshold from
+        photos that member never trained on; ``statistics`` (model-free: any held-out photos
+        will do) is (reference, held-out) image statistics, when that space is guarded."""
+        count = len(members) * (HEAD in settings.features) + (statistics is not None)
+        alpha = settings.alpha / count
+        guards = {}
+        if HEAD in settings.features:
+            for index, member in enumerate(members):
+                guard = Guard.fit(member.reference, member.held_out, settings.k, alpha,
+                                  member.source)  # fmt: skip
+                guards[member_key(index)] = replace(guard, columns=member.columns)
+        if statistics is not None:
+            guards[IMAGE_STATISTICS] = Guard.fit(*statistics, settings.k, alpha)
+        return cls(guards, settings.statistics_size)
+
     @property
     def stated_rate(self) -> float:
         """The share of genuine photos the guard may refuse: at most the sum of its spaces'
@@ -267,9 +336,19 @@ class GuardSet:
             for space in FEATURE_SPACES
         ], axis=1)  # fmt: skip
 
+    def space_ratios(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """(N, len(FEATURE_SPACES)): each photo's distance / threshold per space, the largest
+        over an ensemble's member guards (nan for a space not guarded)."""
+        count = len(features[HEAD])
+        columns = []
+        for space in FEATURE_SPACES:
+            ratios = [guard.ratios(features[space]) for key, guard in self.guards.items()
+                      if space_of(key) == space]  # fmt: skip
+            columns.append(np.max(ratios, axis=0) if ratios else np.full(count, np.nan))
+        return np.stack(columns, axis=1)
+
     def scores(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
-        ratios = [guard.distances(features[space]) / guard.threshold
-                  for space, guard in self.guards.items()]  # fmt: skip
+        ratios = [guard.ratios(features[space_of(key)]) for key, guard in self.guards.items()]
         return np.max(ratios, axis=0)
 
     def metadata(self) -> dict[str, Any]:
@@ -430,3 +509,38 @@ def fit_guard_out_of_fold(
     features = features_of(model, images, settings, tta)
     guard = GuardSet.fit_out_of_fold(features, folds, settings)
     return guard, guard.out_of_fold_ratios(features, folds)
+
+
+def head_widths(model: keras.Model) -> list[int]:
+    """How many head features each :func:`head_layers` layer reads (one per ensemble member,
+    in member order): the widths of the head space's consecutive column blocks."""
+    return [int(layer.kernel.shape[0]) for layer in head_layers(model)]
+
+
+def fit_member_guards(
+    model: keras.Model,
+    members: Sequence[tuple[np.ndarray, np.ndarray, str]],
+    settings: OODSettings,
+    tta: str,
+) -> GuardSet:
+    """An ensemble's guard (:meth:`GuardSet.fit_members`). ``members``: per member, in member
+    order, (the photos it trained on, photos it never trained on, which those are), model
+    inputs. Each member's head features are read through the whole ensemble, as the service
+    reads them; the model-free image statistics from the first member's photos."""
+    bounds = np.cumsum([0, *head_widths(model)])
+    if len(bounds) - 1 != len(members):
+        raise ValueError(f"{len(members)} members' photos for {len(bounds) - 1} head layers")
+    guard_heads = HEAD in settings.features
+    fitted, statistics = [], None
+    for index, (reference, held_out, source) in enumerate(members):
+        if index and not guard_heads:
+            break
+        spaces = replace(settings, features=settings.features if index == 0 else (HEAD,))
+        ref, held = (features_of(model, photos, spaces, tta) for photos in (reference, held_out))
+        if guard_heads:
+            columns = (int(bounds[index]), int(bounds[index + 1]))
+            own = slice(*columns)
+            fitted.append(MemberFeatures(ref[HEAD][:, own], held[HEAD][:, own], source, columns))
+        if IMAGE_STATISTICS in spaces.features:
+            statistics = (ref[IMAGE_STATISTICS], held[IMAGE_STATISTICS])
+    return GuardSet.fit_members(fitted, statistics, settings)

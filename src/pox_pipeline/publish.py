@@ -55,13 +55,25 @@ UNHASHED_FILES = (model_card.MARKDOWN_FILE, model_card.HTML_FILE, drift.REFERENC
 
 
 @dataclass(frozen=True)
+class MemberPhotos:
+    """One ensemble member's guard photos: those it trained on (the reference) and photos it
+    never trained on (the threshold's), which ``source`` names (model inputs)."""
+
+    trained_on: np.ndarray
+    held_out: np.ndarray
+    source: str
+
+
+@dataclass(frozen=True)
 class GuardPhotos:
     """The photos a guard (and the monitoring reference) is fitted on. Out of fold: ``images``
     are every non-test photo (the reference) and ``folds`` their patient-grouped folds (the
     threshold comes from each photo's distance to the other folds). Fixed split: ``images``
     are the reference (train) and ``held_out`` the photos that set the threshold (val).
     ``labels`` and ``held_out_labels`` are their class indices (backends are scored on them);
-    ``oof_outputs`` each photo's raw output from the fold model that did not train on it."""
+    ``oof_outputs`` each photo's raw output from the fold model that did not train on it.
+    An ensemble's guard is fitted on ``members`` instead (one per member, in member order):
+    the other photos then serve the backends and the monitoring reference only."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -69,6 +81,7 @@ class GuardPhotos:
     held_out: np.ndarray | None = None
     held_out_labels: np.ndarray | None = None
     oof_outputs: np.ndarray | None = None
+    members: tuple[MemberPhotos, ...] = ()
 
     @classmethod
     def of_model(cls, data_cfg: DictConfig, model_name: str | None) -> GuardPhotos:
@@ -109,6 +122,9 @@ class GuardPhotos:
         self, model: keras.Model, settings: ood.OODSettings, tta: str
     ) -> tuple[ood.GuardSet, np.ndarray | None]:
         """The guard, and after a refit each photo's out-of-fold guard ratios."""
+        if self.members:
+            photos = [(m.trained_on, m.held_out, m.source) for m in self.members]
+            return ood.fit_member_guards(model, photos, settings, tta), None
         if self.folds is not None:
             return ood.fit_guard_out_of_fold(model, self.images, self.folds, settings, tta)
         return ood.fit_guard(model, self.images, self.held_out, settings, tta), None
