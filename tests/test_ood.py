@@ -167,7 +167,7 @@ def test_an_ensemble_gives_every_members_features() -> None:
 def test_image_statistics_are_the_colour_texture_features_of_the_resized_photo() -> None:
     import keras
 
-    from pox_pipeline.features import ColourTextureFeatures
+    from pox_pipeline.colour_texture import ColourTextureFeatures
 
     images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     got = ood.features_of(tiny_model(), images, tiny_guard_settings(statistics_size=16), "none")

@@ -160,7 +160,7 @@ def load_keras_model(path: Path) -> keras.Model:
     layers registered first."""
     import keras
 
-    from pox_pipeline import features  # noqa: F401 - registers ColourTextureFeatures
+    from pox_pipeline import colour_texture  # noqa: F401 - registers ColourTextureFeatures
 
     return keras.saving.load_model(path, compile=False)
 
@@ -186,7 +186,7 @@ def store_keras_model(
     import bentoml
     import cloudpickle
 
-    from pox_pipeline.features import custom_objects
+    from pox_pipeline.colour_texture import custom_objects
 
     objects = custom_objects(model)
     modules = {sys.modules[cls.__module__] for cls in objects.values()}

@@ -118,7 +118,7 @@ def statistic_indices() -> dict[str, tuple[int, ...] | tuple[str, int, int]]:
     the guard's): moments (mean, std per channel), quantiles, colour histograms, LBP
     histograms per radius, the gradient histogram. Edge energy needs the whole gradient
     histogram: ``("gradient", first, bins)``."""
-    from pox_pipeline.features import COLOUR_CHANNELS, LBP_BINS, ColourTextureFeatures
+    from pox_pipeline.colour_texture import COLOUR_CHANNELS, LBP_BINS, ColourTextureFeatures
 
     layer = ColourTextureFeatures()
     moments = 0
@@ -146,7 +146,7 @@ def statistic_indices() -> dict[str, tuple[int, ...] | tuple[str, int, int]]:
 def named_statistics(image_statistics: np.ndarray) -> np.ndarray:
     """(N, 213) colour/texture features -> (N, len(STATISTICS)) named statistics. Edge
     energy is the mean grey-level gradient magnitude read off its histogram (bin centres)."""
-    from pox_pipeline.features import ColourTextureFeatures
+    from pox_pipeline.colour_texture import ColourTextureFeatures
 
     values = np.asarray(image_statistics, np.float64)
     indices = statistic_indices()

@@ -7,7 +7,7 @@ measures how far an image lies from the training photos in up to two feature spa
 - ``head``: the space the model's decision is made in, the input of its final Dense
   ``output`` layer (the penultimate features; for an ensemble, every member's, side by side);
 - ``image_statistics``: how the photo looks, whatever the model: the colour, texture and edge
-  statistics of :class:`~pox_pipeline.features.ColourTextureFeatures`. A network trained from
+  statistics of :class:`~pox_pipeline.colour_texture.ColourTextureFeatures`. A network trained from
   scratch on a couple of hundred photos maps a cat or random noise close to its lesions; the
   statistics do not (benchmarks/ood_rates.py measures both).
 
@@ -385,7 +385,7 @@ class GuardSet:
 def head_layers(model: keras.Layer) -> list[keras.Layer]:
     """Every final Dense ``output`` layer, searching nested sub-models in layer order (one per
     model; one per member in an ensemble)."""
-    from pox_pipeline.features import walk_layers
+    from pox_pipeline.colour_texture import walk_layers
 
     found = [
         layer for layer in walk_layers(model)
@@ -458,7 +458,7 @@ def feature_extractor(
     """
     import keras
 
-    from pox_pipeline.features import ColourTextureFeatures
+    from pox_pipeline.colour_texture import ColourTextureFeatures
     from pox_pipeline.inference import run_traced, traced
 
     statistics = None
