@@ -24,8 +24,9 @@ from keras.src.applications.vgg16 import WEIGHTS_PATH_NO_TOP as VGG16_NOTOP_URL
 from omegaconf import DictConfig
 
 from pox_pipeline import efficientnet_lite as lite
-from pox_pipeline.colour_texture import ColourTextureFeatures, walk_layers
+from pox_pipeline.colour_texture import ColourTextureFeatures
 from pox_pipeline.efficientnet_lite import WeightsUnavailableError
+from pox_pipeline.inference import walk_layers
 from pox_pipeline.torch_legacy import read_state_dict
 
 # Keras' own cache name and published md5 for the ImageNet VGG16 conv base (no top).

@@ -385,7 +385,7 @@ class GuardSet:
 def head_layers(model: keras.Layer) -> list[keras.Layer]:
     """Every final Dense ``output`` layer, searching nested sub-models in layer order (one per
     model; one per member in an ensemble)."""
-    from pox_pipeline.colour_texture import walk_layers
+    from pox_pipeline.inference import walk_layers
 
     found = [
         layer for layer in walk_layers(model)

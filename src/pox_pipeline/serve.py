@@ -272,7 +272,7 @@ def last_conv2d(model: keras.Layer) -> keras.layers.Conv2D | None:
     None for a model without one."""
     import keras
 
-    from pox_pipeline.colour_texture import walk_layers
+    from pox_pipeline.inference import walk_layers
 
     convs = [layer for layer in walk_layers(model) if isinstance(layer, keras.layers.Conv2D)]
     return convs[-1] if convs else None

@@ -23,9 +23,9 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig
 
-from pox_pipeline.colour_texture import custom_objects
 from pox_pipeline.config import flatten
 from pox_pipeline.data import MANIFEST_NAME
+from pox_pipeline.inference import custom_objects
 from pox_pipeline.paths import run_info_file
 
 # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI itself, so only the value set before
