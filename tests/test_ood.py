@@ -98,11 +98,11 @@ def test_the_score_is_the_worst_space_relative_to_its_threshold(tmp_path: Path) 
 
 
 def test_settings_are_checked() -> None:
-    base = {"enabled": True, "features": ["head"], "statistics_size": 64, "k": 5,
+    base = {"enabled": True, "spaces": ["head"], "statistics_size": 64, "k": 5,
             "alpha": 0.01, "batch_size": 8}  # fmt: skip
-    assert ood.OODSettings.from_cfg(base).features == ("head",)
+    assert ood.OODSettings.from_cfg(base).spaces == ("head",)
     for change, words in ({"alpha": 0}, "alpha"), ({"alpha": 1}, "alpha"), ({"k": 0}, "k must"), (
-        {"features": ["pixels"]}, "features"), ({"features": []}, "features"):  # fmt: skip
+        {"spaces": ["pixels"]}, "spaces"), ({"spaces": []}, "spaces"):  # fmt: skip
         with pytest.raises(ValueError, match=words):
             ood.OODSettings.from_cfg({**base, **change})
 
@@ -158,7 +158,7 @@ def test_an_ensemble_gives_every_members_features() -> None:
     members = [tiny_model(seed=0), tiny_model(seed=1)]
     ensemble = build_ensemble(members, 32, "pair")
     images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
-    settings = tiny_guard_settings(features=["head"])
+    settings = tiny_guard_settings(spaces=["head"])
     features = ood.features_of(ensemble, images, settings, "none")["head"]
     singles = [ood.features_of(m, images, settings, "none")["head"] for m in members]
     np.testing.assert_allclose(features, np.hstack(singles), rtol=1e-5)
@@ -235,7 +235,7 @@ def test_the_guard_is_fitted_on_the_features_the_service_computes_under_tta() ->
     model, images = tiny_model(), skin_like_photos(4)
     settings = tiny_guard_settings()
     fitted = ood.features_of(model, images, settings, "flips")
-    extract = ood.feature_extractor(model, 32, settings.features, settings.statistics_size)
+    extract = ood.feature_extractor(model, 32, settings.spaces, settings.statistics_size)
     views = tta_views(images, "flips")
     served = extract(np.concatenate(views), len(views))[1]
     np.testing.assert_allclose(fitted["head"], served["head"], rtol=1e-5)

@@ -118,7 +118,7 @@ def test_select_registers_saves_and_is_idempotent(
     assert bento.info.metadata["temperature"] == 1.0 and bento.info.metadata["tta"] == "none"
     # the out-of-distribution guard and the model card travel with the model and its run
     spaces = bento.info.metadata["ood"]["spaces"]
-    assert set(spaces) == {"head", "image_statistics"}  # serve.ood.features
+    assert set(spaces) == {"head", "image_statistics"}  # serve.ood.spaces
     assert all(part["reference_photos"] > 0 and part["threshold"] > 0 for part in spaces.values())
     assert bento.info.metadata["split"]["group_pattern"] == cfg.data.group_pattern
     served_files = {path.name for path in Path(bento.path).iterdir()}

@@ -86,7 +86,7 @@ def write_reference(
     from pox_pipeline.policy import DecisionPolicy
 
     settings = serve.ServeConfig.from_cfg(serve_cfg)
-    head_only = dataclasses.replace(settings.ood, features=(ood.HEAD,))
+    head_only = dataclasses.replace(settings.ood, spaces=(ood.HEAD,))
     head = ood.features_of(load_keras_model(model_file), np.asarray(train, np.float32),
                            head_only, str(metadata.get("tta", NO_TTA)))[ood.HEAD]  # fmt: skip
     basis = Basis.fit(head, settings.monitoring.components)

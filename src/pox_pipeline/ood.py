@@ -2,7 +2,7 @@
 
 A classifier answers every input with one of its classes, a cat photo included. The guard
 measures how far an image lies from the training photos in up to two feature spaces
-(``serve.ood.features``):
+(``serve.ood.spaces``):
 
 - ``head``: the space the model's decision is made in, the input of its final Dense
   ``output`` layer (the penultimate features; for an ensemble, every member's, side by side);
@@ -75,7 +75,7 @@ class OODSettings:
     """``serve.ood``: the off switch (serving) and how the guard is fitted (publishing)."""
 
     enabled: bool
-    features: tuple[str, ...]
+    spaces: tuple[str, ...]
     statistics_size: int
     k: int
     alpha: float  # the stated false-refusal rate of genuine photos, shared over the spaces
@@ -84,12 +84,12 @@ class OODSettings:
     @classmethod
     def from_cfg(cls, ood_cfg: Mapping[str, Any]) -> OODSettings:
         values = dict(ood_cfg)
-        values["features"] = tuple(str(name) for name in values["features"])
+        values["spaces"] = tuple(str(name) for name in values["spaces"])
         settings = cls(**values)
-        unknown = set(settings.features) - set(FEATURE_SPACES)
-        if unknown or not settings.features:
+        unknown = set(settings.spaces) - set(FEATURE_SPACES)
+        if unknown or not settings.spaces:
             raise ValueError(
-                f"serve.ood.features={list(settings.features)}; choose from {FEATURE_SPACES}"
+                f"serve.ood.spaces={list(settings.spaces)}; choose from {FEATURE_SPACES}"
             )
         if settings.k < 1:
             raise ValueError(f"serve.ood.k must be at least 1, got {settings.k}")
@@ -280,9 +280,9 @@ class GuardSet:
         settings: OODSettings,
     ) -> GuardSet:
         """Fixed split: the validation photos set each space's threshold."""
-        alpha = settings.alpha / len(settings.features)
+        alpha = settings.alpha / len(settings.spaces)
         guards = {space: Guard.fit(train[space], val[space], settings.k, alpha)
-                  for space in settings.features}  # fmt: skip
+                  for space in settings.spaces}  # fmt: skip
         return cls(guards, settings.statistics_size)
 
     @classmethod
@@ -290,9 +290,9 @@ class GuardSet:
         cls, features: Mapping[str, np.ndarray], folds: np.ndarray, settings: OODSettings
     ) -> GuardSet:
         """Every photo is the reference; out-of-fold distances set each space's threshold."""
-        alpha = settings.alpha / len(settings.features)
+        alpha = settings.alpha / len(settings.spaces)
         guards = {space: Guard.fit_out_of_fold(features[space], folds, settings.k, alpha)
-                  for space in settings.features}  # fmt: skip
+                  for space in settings.spaces}  # fmt: skip
         return cls(guards, settings.statistics_size)
 
     @classmethod
@@ -306,10 +306,10 @@ class GuardSet:
         the head space), its reference the member's training photos and its threshold from
         photos that member never trained on; ``statistics`` (model-free: any held-out photos
         will do) is (reference, held-out) image statistics, when that space is guarded."""
-        count = len(members) * (HEAD in settings.features) + (statistics is not None)
+        count = len(members) * (HEAD in settings.spaces) + (statistics is not None)
         alpha = settings.alpha / count
         guards = {}
-        if HEAD in settings.features:
+        if HEAD in settings.spaces:
             for index, member in enumerate(members):
                 guard = Guard.fit(member.reference, member.held_out, settings.k, alpha,
                                   member.source)  # fmt: skip
@@ -482,12 +482,12 @@ def features_of(
 
     if not len(images):
         raise ValueError("no images to compute features of")
-    extract = feature_extractor(model, images.shape[1], settings.features, settings.statistics_size)
+    extract = feature_extractor(model, images.shape[1], settings.spaces, settings.statistics_size)
     parts = []
     for start in range(0, len(images), settings.batch_size):
         views = tta_views(images[start : start + settings.batch_size], tta)
         parts.append(extract(np.concatenate(views), len(views))[1])
-    return {space: np.concatenate([part[space] for part in parts]) for space in settings.features}
+    return {space: np.concatenate([part[space] for part in parts]) for space in settings.spaces}
 
 
 def fit_guard(
@@ -530,17 +530,17 @@ def fit_member_guards(
     bounds = np.cumsum([0, *head_widths(model)])
     if len(bounds) - 1 != len(members):
         raise ValueError(f"{len(members)} members' photos for {len(bounds) - 1} head layers")
-    guard_heads = HEAD in settings.features
+    guard_heads = HEAD in settings.spaces
     fitted, statistics = [], None
     for index, (reference, held_out, source) in enumerate(members):
         if index and not guard_heads:
             break
-        spaces = replace(settings, features=settings.features if index == 0 else (HEAD,))
-        ref, held = (features_of(model, photos, spaces, tta) for photos in (reference, held_out))
+        wanted = replace(settings, spaces=settings.spaces if index == 0 else (HEAD,))
+        ref, held = (features_of(model, photos, wanted, tta) for photos in (reference, held_out))
         if guard_heads:
             columns = (int(bounds[index]), int(bounds[index + 1]))
             own = slice(*columns)
             fitted.append(MemberFeatures(ref[HEAD][:, own], held[HEAD][:, own], source, columns))
-        if IMAGE_STATISTICS in spaces.features:
+        if IMAGE_STATISTICS in wanted.spaces:
             statistics = (ref[IMAGE_STATISTICS], held[IMAGE_STATISTICS])
     return GuardSet.fit_members(fitted, statistics, settings)
