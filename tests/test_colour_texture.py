@@ -106,7 +106,7 @@ def test_colour_texture_trains_through_the_one_loop(prepared_cfg) -> None:
     cfg = prepared_cfg(SMALL, "model.colour_texture.epochs=3", "train.verbose=0")
     info = train.train(cfg, "colour_texture")
     assert info["architecture"] == "colour_texture" and info["epochs_run"] == 3
-    assert info["feature_cache"] == "memory"
+    assert info["embedding_cache"] == "memory"
     assert (Path(cfg.paths.models_dir) / "colour_texture" / "model.keras").is_file()
 
 
