@@ -120,15 +120,20 @@ def resolve_model(reference: str | None, params: Any) -> ModelSource:
 
 
 def pipeline_model(model_dir: Path, params: Any) -> ModelSource:
-    """A trained model not yet published: its metadata from params.yaml and
-    ``reports/eval/<name>/val_metrics.json``; no out-of-distribution guard is fitted."""
+    """A trained model not yet published: the metadata ``select`` would publish, from
+    params.yaml, ``reports/eval/<name>/`` and the folder's run.json (when there is one); no
+    out-of-distribution guard is fitted and no backend converted."""
     from pox_pipeline import select
+    from pox_pipeline.publish import with_training_data
 
     name = model_dir.name
     metadata = select.model_metadata(
         params, name, select.read_val_metrics(params, name), select.read_test_metrics(params, name)
     )
-    return ModelSource(model_dir, name, "unpublished", metadata)
+    run_info = model_dir / paths.RUN_INFO_FILE
+    if run_info.is_file():
+        metadata.update(select.provenance(json.loads(run_info.read_text())))
+    return ModelSource(model_dir, name, "unpublished", with_training_data(params, metadata))
 
 
 # ---------------------------------------------------------------------------- files

@@ -140,6 +140,12 @@ class GuardPhotos:
         return drift.HeldOutScores(self.oof_outputs, ratios)
 
 
+def with_training_data(data_cfg: DictConfig, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``metadata`` with the training data and split the model came from: what every
+    published model ships with, and what the CLI says of a model not yet published."""
+    return {**metadata, **model_card.training_data_metadata(data_cfg)}
+
+
 def without_nulls(values: Mapping[str, Any]) -> dict[str, Any]:
     """BentoML metadata takes no None: undefined metrics are left out."""
     return {k: v for k, v in values.items() if v is not None}
@@ -323,7 +329,7 @@ def publish(
     out-of-distribution guard (``serve.ood``) on ``guard_photos`` (default: ``data_cfg``'s
     train and val), write its model card, save them all to BentoML and log the card and guard
     to its MLflow run. The one publish step of select and ensemble."""
-    metadata = {**metadata, **model_card.training_data_metadata(data_cfg)}
+    metadata = with_training_data(data_cfg, metadata)
     model = load_keras_model(model_file)
     with tempfile.TemporaryDirectory() as tmp:
         photos = guard_photos or GuardPhotos.of_model(data_cfg, None)
