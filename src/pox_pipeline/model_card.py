@@ -399,7 +399,7 @@ def ood_rule(metadata: Mapping[str, Any]) -> str:
         f"{space_words(key)} ({part['feature_dims']} numbers against "
         f"{part['reference_photos']} training photos; threshold {part['threshold']:.3f}, set "
         f"on {part['calibration_photos']} held-out photos "
-        f"({part.get('calibration_source', 'held-out photos')}) for a false-refusal rate of "
+        f"({part.get('calibration_source', ood.HELD_OUT_SOURCE)}) for a false-refusal rate of "
         f"at most {part['effective_alpha']:.2%})"
         for key, part in guard["spaces"].items()
     ]

@@ -5,7 +5,8 @@ measures how far an image lies from the training photos in up to two feature spa
 (``serve.ood.spaces``):
 
 - ``head``: the space the model's decision is made in, the input of its final Dense
-  ``output`` layer (the penultimate features; for an ensemble, every member's, side by side);
+  ``output`` layer (the penultimate features; for an ensemble, every member's, side by side,
+  each member guarded on its own columns: ``head/member_<i>``);
 - ``image_statistics``: how the photo looks, whatever the model: the colour, texture and edge
   statistics of :class:`~pox_pipeline.colour_texture.ColourTextureFeatures`. A network trained from
   scratch on a couple of hundred photos maps a cat or random noise close to its lesions; the
@@ -15,7 +16,8 @@ In each space every feature is standardised with the training split's mean and s
 an image's distance is the mean Euclidean distance (per feature, i.e. divided by sqrt(dims))
 to its ``k`` nearest reference photos. The space's threshold is a split-conformal quantile of
 held-out distances: each non-test photo's distance to a reference of the other folds' photos
-(out of fold; the validation photos' distance to the training photos on a fixed split). For
+(out of fold; the validation photos' distance to the training photos on a fixed split; for
+an ensemble member, the distance of photos it never trained on to its training photos). For
 a new genuine photo exchangeable with those, the chance of exceeding the threshold is at
 most the space's effective alpha (``serve.ood.alpha`` shared over the spaces), which the
 metadata and the model card state. An image's score is its largest distance / threshold
@@ -49,6 +51,9 @@ METHOD = "knn"
 # mean spread instead: such a unit lighting up is a strong sign of an unfamiliar input, and
 # must not divide by zero.
 MIN_SCALE_RATIO = 0.1
+# Which photos set a limit, as the metadata and the card say it (guards saved before it was
+# recorded read as the generic one).
+HELD_OUT_SOURCE = "held-out photos"
 OUT_OF_FOLD_SOURCE = "every non-test photo, each against the other folds' photos"
 
 
@@ -133,7 +138,7 @@ class Guard:
     alpha: float = math.nan
     effective_alpha: float = math.nan
     calibration_photos: int = 0
-    calibration_source: str = "held-out photos"
+    calibration_source: str = HELD_OUT_SOURCE
     columns: tuple[int, int] | None = None
 
     @classmethod
@@ -150,7 +155,7 @@ class Guard:
         return cls(mean, scale, (reference - mean) / scale, k)
 
     def with_threshold(
-        self, held_out_distances: np.ndarray, alpha: float, source: str = "held-out photos"
+        self, held_out_distances: np.ndarray, alpha: float, source: str = HELD_OUT_SOURCE
     ) -> Guard:
         """The conformal threshold of held-out photos' distances (photos outside the reference
         they were measured against, like an upload); ``source`` says which photos they are."""
@@ -247,7 +252,7 @@ class Guard:
             alpha=float(stored["alpha"]),
             effective_alpha=float(stored["effective_alpha"]),
             calibration_photos=int(stored["calibration_photos"]),
-            calibration_source=str(stored.get("calibration_source", "held-out photos")),
+            calibration_source=str(stored.get("calibration_source", HELD_OUT_SOURCE)),
             columns=tuple(int(c) for c in columns) if len(columns) else None,
         )
 
