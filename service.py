@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 from pox_pipeline import model_card, monitor, serve  # noqa: E402
+from pox_pipeline.policy import DecisionPolicy  # noqa: E402
 from pox_pipeline.preprocess import ImageError  # noqa: E402
 
 SETTINGS = serve.ServeConfig.load()
@@ -40,9 +41,10 @@ STATIC_DIR = Path(serve.__file__).parent / "static"
 logger = logging.getLogger("bentoml.service")
 
 
-def served_card(stored: bentoml.Model) -> model_card.ModelCard:
-    """The champion's card with this site's ``serve.threshold_override`` (if any) applied."""
-    return model_card.ModelCard.from_stored(stored).with_threshold_override(
+def served_policy(stored: bentoml.Model) -> DecisionPolicy:
+    """The champion's decision policy with this site's ``serve.threshold_override`` (if any)
+    applied."""
+    return DecisionPolicy.from_stored(stored).with_threshold_override(
         SETTINGS.threshold_override
     )
 
@@ -220,9 +222,9 @@ class PoxClassifier:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self.card = served_card(CHAMPION.resolve())
+        self.policy = served_policy(CHAMPION.resolve())
         self.monitor = monitor.ServiceMonitor(
-            SETTINGS.monitoring, Path(CHAMPION.resolve().path), self.card
+            SETTINGS.monitoring, Path(CHAMPION.resolve().path), self.policy
         )
 
     def __metrics__(self, exposition: str) -> str:
@@ -235,7 +237,7 @@ class PoxClassifier:
 
     async def _load(self, upload: Path) -> tuple[Image.Image, np.ndarray]:
         """Decode off the event loop; raises ImageError with a reason for the client."""
-        return await asyncio.to_thread(serve.load_upload, upload, self.settings, self.card)
+        return await asyncio.to_thread(serve.load_upload, upload, self.settings, self.policy)
 
     async def _call_model(self, api: str, **inputs: np.ndarray) -> np.ndarray:
         """Call the model service: a call lost with its connection is re-sent (inference has
@@ -266,7 +268,7 @@ class PoxClassifier:
         # uint8 model inputs (serve.load_upload): exactly the photo's values in a quarter of
         # float32's bytes between the two processes; the model process converts them.
         scored, columns = self.monitor.split(await self._call_model("infer", images=batch))
-        answers = self.card.results(*serve.split_ood_score(scored))
+        answers = self.policy.results(*serve.split_ood_score(scored))
         self.monitor.record(endpoint, answers, columns)
         return answers
 

@@ -61,19 +61,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     stored = bentoml.models.get(args.bento_tag)
     keras_predictor = Predictor.from_stored(stored)
-    card = keras_predictor.card
+    policy = keras_predictor.policy
     predictors = {"keras": keras_predictor} | {
         backend: Predictor.from_stored(stored, backend, args.threads)
-        for backend in (args.backends or card.backend_files) if backend != "keras"
+        for backend in (args.backends or policy.backend_files) if backend != "keras"
     }
-    inputs, files = folder_inputs(args.images, card, PHOTO_SUFFIXES)
+    inputs, files = folder_inputs(args.images, policy, PHOTO_SUFFIXES)
     truth = [p.parent.name for p in files]
     large = inputs[np.arange(args.batch) % len(inputs)]
-    answers = {b: card.results(p.outputs(inputs)) for b, p in predictors.items()}
+    answers = {b: policy.results(p.outputs(inputs)) for b, p in predictors.items()}
     reference = answers["keras"]
 
     print(f"model {stored.tag} ({stored.info.metadata.get('architecture')}, "
-          f"{card.image_size} px), {len(inputs)} photos from {args.images}, "
+          f"{policy.image_size} px), {len(inputs)} photos from {args.images}, "
           f"{os.cpu_count()} CPU cores")  # fmt: skip
     header = (f"{'backend':<17} {'accuracy':>8} {'agree':>6} {'max |dp|':>8} "
               f"{'ms/img b1':>10} {'img/s b1':>9} {'ms/img b' + str(args.batch):>11} "

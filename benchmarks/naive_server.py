@@ -14,7 +14,8 @@ from pathlib import Path
 
 from flask import Flask, jsonify, request
 
-from pox_pipeline import inference, preprocess, serve
+from pox_pipeline import inference, preprocess
+from pox_pipeline.policy import DecisionPolicy
 
 
 def create_app(bento_tag: str) -> Flask:
@@ -22,7 +23,7 @@ def create_app(bento_tag: str) -> Flask:
     import bentoml
 
     stored = bentoml.models.get(bento_tag)
-    card = serve.ModelCard.from_stored(stored)
+    policy = DecisionPolicy.from_stored(stored)
     model = inference.load_stored_model(Path(stored.path))
     app = Flask(__name__)
 
@@ -34,12 +35,12 @@ def create_app(bento_tag: str) -> Flask:
     def predict():
         try:
             image = preprocess.preprocess_bytes(
-                request.files["image"].read(), card.image_size, card.resample
+                request.files["image"].read(), policy.image_size, policy.resample
             )
         except (KeyError, preprocess.ImageError) as error:
             return jsonify({"error": str(error)}), 400
         outputs = model.predict(image[None], verbose=0)
-        return jsonify(card.results(outputs)[0])
+        return jsonify(policy.results(outputs)[0])
 
     return app
 

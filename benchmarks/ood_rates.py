@@ -48,20 +48,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def flagged(predictor: Predictor, photos: list[Image.Image]) -> dict[str, np.ndarray]:
     """Per photo, whether each feature space alone flags it, and the served rule (any space),
     through the service's own preprocessing and Predictor, in batches of 32."""
-    card, guard = predictor.card, predictor.guard
+    policy, guard = predictor.policy, predictor.guard
     inputs = np.stack(
-        [preprocess.to_model_input(p, card.image_size, card.resample) for p in photos]
+        [preprocess.to_model_input(p, policy.image_size, policy.resample) for p in photos]
     )
     served = np.concatenate(
         [split_ood_score(predictor.outputs_with_ood_score(inputs[i : i + BATCH]))[1]
          for i in tqdm(range(0, len(inputs), BATCH), desc="photos", disable=None, leave=False)]
     )  # fmt: skip
-    settings = ood.OODSettings(enabled=True, features=tuple(guard.guards),
+    spaces = tuple(dict.fromkeys(ood.space_of(key) for key in guard.guards))
+    settings = ood.OODSettings(enabled=True, spaces=spaces,
                                statistics_size=guard.statistics_size, k=1, alpha=0.01,
                                batch_size=BATCH)  # fmt: skip
-    features = ood.features_of(predictor.model, inputs, settings, card.tta)
-    alone = {space: part.distances(features[space]) > part.threshold
-             for space, part in guard.guards.items()}  # fmt: skip
+    features = ood.features_of(predictor.model, inputs, settings, policy.tta)
+    alone = {key: part.ratios(features[ood.space_of(key)]) > 1.0
+             for key, part in guard.guards.items()}  # fmt: skip
     return {**alone, SERVED: served > 1.0}
 
 

@@ -48,7 +48,7 @@ def ways(
     """Name -> batch statistics: the antialiased resize before, the pooled thumbnails now."""
     import keras
 
-    from pox_pipeline.features import ColourTextureFeatures
+    from pox_pipeline.colour_texture import ColourTextureFeatures
     from pox_pipeline.inference import run_traced, traced
 
     describe = ColourTextureFeatures()
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prepare(cfg)
         splits = {split: load_split(cfg, split)[0] for split in ("train", "val", "test")}
     size, settings = int(cfg.data.image_size), cfg.serve.ood
-    alpha = float(settings.alpha) / len(settings.features)
+    alpha = float(settings.alpha) / len(settings.spaces)
     others: dict[str, list[np.ndarray]] = defaultdict(list)
     for kind, _, image in non_skin.images():
         others[kind].append(preprocess.to_model_input(image, size, cfg.data.resample))

@@ -1,5 +1,5 @@
 """Seconds per training epoch of VGG16: plain ``model.fit`` through the frozen layers vs the
-frozen-feature cache used by ``pox_pipeline.train`` (cache build timed separately).
+embedding cache used by ``pox_pipeline.train`` (cache build timed separately).
 
 Same random images, same model config (params.yaml + the options below), for each freeze
 setting. Epoch 1 includes graph tracing, so with --epochs >= 2 it is left out of s/epoch.
@@ -21,7 +21,7 @@ import numpy as np
 
 from pox_pipeline.config import load_params, project_root
 from pox_pipeline.models import build_model, compile_model, frozen_split
-from pox_pipeline.train import build_feature_cache, cached_dataset, image_dataset
+from pox_pipeline.train import build_embedding_cache, cached_dataset, image_dataset
 
 PROJECT_ROOT = project_root()
 
@@ -61,13 +61,13 @@ def time_cached(
     keras.utils.set_random_seed(cfg.seed)
     split = frozen_split(build_model(cfg.model.vgg16, cfg.data))
     compile_model(split.trainable, cfg.model.vgg16, 2)
-    cache = build_feature_cache(
+    cache = build_embedding_cache(
         split,
         images,
         images[:0],
         views=cfg.model.vgg16.augment.cached_copies,
         batch_size=cfg.model.vgg16.batch_size,
-        max_memory_mb=cfg.train.feature_cache.max_memory_mb,
+        max_memory_mb=cfg.train.embedding_cache.max_memory_mb,
         directory=cache_dir,
     )
     data = cached_dataset(cache.train, labels, None, cfg.model.vgg16.batch_size, cfg.seed)

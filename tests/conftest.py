@@ -58,7 +58,7 @@ def tmp_overrides(root: Path) -> list[str]:
         f"paths.reports_dir={root}/reports",
         f"synthetic.out_dir={root}/datas/synthetic",
         f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
-        f"train.feature_cache.dir={root}/.cache/features",
+        f"train.embedding_cache.dir={root}/.cache/embeddings",
         f"data.image_size={TEST_IMAGE_SIZE}",
         f"synthetic.image_size={TEST_IMAGE_SIZE * 2}",
         "synthetic.patients_per_class=8",

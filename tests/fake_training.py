@@ -67,7 +67,7 @@ def fake_trained_model(cfg: DictConfig, model_name: str, n_classes: int = 2, see
             "best_epoch": 0,
             "wall_seconds": 0.0,
             "cpu_count": 1,
-            "feature_cache": False,
+            "embedding_cache": False,
         },
     )
     return model

@@ -131,7 +131,7 @@ def tiny_guard_settings(**changes: object):
     """``serve.ood`` for the tiny test models: both feature spaces, small k, at 32 px."""
     from pox_pipeline import ood
 
-    values = {"enabled": True, "features": ood.FEATURE_SPACES, "statistics_size": TEST_IMAGE_SIZE,
+    values = {"enabled": True, "spaces": ood.FEATURE_SPACES, "statistics_size": TEST_IMAGE_SIZE,
               "k": 3, "alpha": 0.01, "batch_size": 32, **changes}  # fmt: skip
     return ood.OODSettings(**values)
 

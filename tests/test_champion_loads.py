@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pox_pipeline import inference, paths, publish, select, train
-from pox_pipeline.features import custom_objects
+from pox_pipeline.inference import custom_objects
 from pox_pipeline.tracking import setup_mlflow
 
 # Runs in the fresh interpreter: pox_pipeline is blocked before anything else is imported.

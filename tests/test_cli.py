@@ -142,7 +142,7 @@ def test_explain_writes_the_services_overlay(project: dict) -> None:
     assert coloured_pixels(out.read_bytes()) > 0
     # ... where the model's Grad-CAM of this photo puts it, as the service renders it
     predictor = serve.Predictor.from_stored(stored)
-    cam = predictor.gradcam(preprocess.to_model_input(photo, predictor.card.image_size))
+    cam = predictor.gradcam(preprocess.to_model_input(photo, predictor.policy.image_size))
     expected = Image.open(io.BytesIO(serve.render_heatmap(photo, cam, heatmap)))
     assert np.abs(np.asarray(expected, np.float32) - overlay).max() <= 1
 
@@ -177,6 +177,36 @@ def test_doctor_reports_each_need_with_its_fix(project: dict) -> None:
     outside = pox(project, "doctor")
     assert "MISSING project (dvc.yaml)" in outside.stdout
     assert "fix: run pox inside the project" in outside.stdout and outside.returncode == 1
+
+
+def test_an_unpublished_model_says_what_select_would_publish(make_cfg, tmp_path: Path) -> None:
+    """--model models/<name>: the same metadata select builds (architecture and initial
+    weights from the folder's run.json, calibration, the training data and split), so its card
+    differs from the published one only by what publishing adds (guard, backends, registry)."""
+    from pox_pipeline import model_card
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "README.md").write_text("Lesion photos of 12 patients, CC BY 4.0.")
+    cfg = make_cfg(f"data.raw_dir={raw}")
+    model_dir = tmp_path / "models" / "cnn"
+    model_dir.mkdir(parents=True)
+    (model_dir / "run.json").write_text(json.dumps({"architecture": "cnn: 3 conv blocks",
+                                                    "weights": None}))  # fmt: skip
+    eval_dir = Path(cfg.paths.reports_dir) / "eval" / "cnn"
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "val_metrics.json").write_text(json.dumps(
+        {"threshold": 0.4, "threshold_rule": "fixed", "calibration": "temperature",
+         "temperature": 1.3, "tta": "flips"}))  # fmt: skip
+
+    metadata = cli.pipeline_model(model_dir, cfg).metadata
+    assert (metadata["architecture"], metadata["weights"]) == ("cnn: 3 conv blocks", "none")
+    assert (metadata["calibration"], metadata["temperature"]) == ("temperature", 1.3)
+    assert metadata["training_data"] == {"source": str(raw),
+                                         "notes": "Lesion photos of 12 patients, CC BY 4.0."}
+    assert metadata["split"]["group_pattern"] == cfg.data.group_pattern
+    card = model_card.render("cnn", metadata)
+    assert "| architecture | cnn: 3 conv blocks |" in card and "CC BY 4.0" in card
 
 
 def test_a_trained_unpublished_model_folder_answers_unchecked(project: dict) -> None:

@@ -91,9 +91,9 @@ def test_dvc_yaml_deps_and_params_follow_the_code(package: Package) -> None:
 
 
 def test_the_closure_follows_imports_through_modules(package: Package) -> None:
-    """train runs features.py only through models.py; evaluate reads the bootstrap settings
+    """train runs colour_texture.py only through models.py; evaluate reads the bootstrap settings
     only inside a helper it calls with the whole config."""
-    assert "pox_pipeline.features" in package.import_closure("pox_pipeline.train")
+    assert "pox_pipeline.colour_texture" in package.import_closure("pox_pipeline.train")
     assert "pox_pipeline.train" not in package.import_closure("pox_pipeline.evaluate")
     reads = package.config_reads("pox_pipeline.evaluate")
     assert ("evaluate", "bootstrap", "samples") in reads
@@ -138,7 +138,7 @@ def test_a_missing_module_or_key_is_reported(project_copy: Path, package: Packag
 
 # one module per kind of reach (each `dvc status` takes seconds): imported through another
 # module by three stages, by one stage only, by the last stage, by two, by the first
-TOUCHED = ("features.py", "models.py", "select.py", "calibration.py", "synthetic.py")
+TOUCHED = ("colour_texture.py", "models.py", "select.py", "calibration.py", "synthetic.py")
 
 
 def test_touching_a_module_changes_exactly_the_stages_that_import_it(
@@ -186,7 +186,7 @@ def test_touching_a_module_changes_exactly_the_stages_that_import_it(
                 package.import_closure(ENTRY.search(stage.cmd).group(1))
             }  # fmt: skip
             assert changed == importers, relative
-            if module.name == "features.py":  # colour_texture's features: train and evaluate
+            if module.name == "colour_texture.py":  # colour_texture's features: train and evaluate
                 assert {"train@colour_texture", "evaluate@colour_texture"} <= changed
             if module.name == "models.py":
                 assert {name.split("@")[0] for name in changed} == {"train"}

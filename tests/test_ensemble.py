@@ -14,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
+from conftest import TEST_IMAGE_SIZE
 from pox_pipeline.calibration import temperature_scale
 from pox_pipeline.cv import cross_validate
 from pox_pipeline.data import load_split
@@ -134,6 +135,14 @@ def test_fold_ensemble_is_the_served_champion(
     assert stored.info.metadata["model_name"] == "cnn-ensemble"
     assert stored.info.metadata["temperature"] == 1.0  # in the weights, not applied twice
     assert "test_metrics" not in stored.info.metadata  # no held-out test for an ensemble
+    # its guard: one head guard per member, each limit set on that member's own test fold
+    spaces = stored.info.metadata["ood"]["spaces"]
+    assert set(spaces) == {"head/member_0", "head/member_1", "image_statistics"}
+    for fold in (0, 1):
+        held_out = spaces[f"head/member_{fold}"]
+        assert held_out["calibration_source"] == f"seed 42 fold {fold}'s test photos"
+        test_photos = load_split(fold_config(cfg, fold, 42), "test")[0]
+        assert held_out["calibration_photos"] == len(test_photos)
     # the labels at the ensemble's threshold (the guard's verdicts are the guard tests' concern)
     predictor = Predictor.from_stored(stored, ood_enabled=False)
     results = predictor.predict(list(images[:3]))
@@ -234,3 +243,46 @@ def test_no_held_out_figure_when_seeds_redraw_the_folds(
     held_out = held_out_ensembles(fixed, members, models, "x")
     assert [(f["fold"], f["members"]) for f in held_out["folds"]] == [(0, 2), (1, 2)]
     assert scored == [2, 2]  # each fold's two seed models, scored together
+
+
+def test_each_members_guard_limit_comes_from_photos_it_never_trained_on(tmp_path: Path) -> None:
+    """A two-fold ensemble: member 0 trained on photos A, member 1 on photos B, each holding
+    out the other's. With k = 1 a photo's distance to a reference holding it is 0, so a limit
+    set on photos the member trained on (member 1 measured on B, as when every member took
+    member 0's held-out photos) would be 0; each member's limit is the conformal rank of its
+    own held-out photos' distances to its own training photos, in its own head columns."""
+    from pox_pipeline import model_card, ood
+    from pox_pipeline.ensemble import build_ensemble
+    from pox_pipeline.publish import GuardPhotos, MemberPhotos
+    from serve_helpers import skin_like_photos, tiny_guard_settings, tiny_model
+
+    ensemble = build_ensemble([tiny_model(seed=0), tiny_model(seed=1)], TEST_IMAGE_SIZE, "ens")
+    a, b = skin_like_photos(12, seed=1), skin_like_photos(12, seed=2)
+    settings = tiny_guard_settings(k=1, alpha=0.3)
+    members = (MemberPhotos(a, b, "fold 0's test photos"),
+               MemberPhotos(b, a, "fold 1's test photos"))  # fmt: skip
+    guard, _ = GuardPhotos(a, np.zeros(len(a)), members=members).fit(ensemble, settings, "none")
+
+    assert list(guard.guards) == ["head/member_0", "head/member_1", "image_statistics"]
+    heads = ood.features_of(ensemble, np.concatenate([a, b]), settings, "none")[ood.HEAD]
+    alpha = 0.3 / 3  # shared over the three guards
+    for index, (trained_on, held_out) in enumerate([(slice(0, 12), slice(12, 24)),
+                                                     (slice(12, 24), slice(0, 12))]):  # fmt: skip
+        member = guard.guards[f"head/member_{index}"]
+        own = slice(*member.columns)
+        expected = ood.Guard.fit(heads[trained_on, own], heads[held_out, own], 1, alpha)
+        assert member.columns == (4 * index, 4 * index + 4)  # each tiny member reads 4 features
+        assert member.threshold == pytest.approx(expected.threshold, rel=1e-5)
+        assert member.threshold > 1e-3  # never measured against a reference holding the photo
+        assert member.calibration_source == f"fold {index}'s test photos"
+        assert member.reference.shape[0] == 12 and member.calibration_photos == 12
+    # served as stored: an upload's score is its worst ratio over the members and the statistics
+    loaded = ood.GuardSet.load(guard.save(tmp_path / ood.OOD_FILE))
+    probe = ood.features_of(ensemble, skin_like_photos(3, seed=3), settings, "none")
+    ratios = [g.distances(probe[ood.space_of(key)][:, slice(*(g.columns or (0, None)))])
+              / g.threshold for key, g in guard.guards.items()]  # fmt: skip
+    np.testing.assert_allclose(loaded.scores(probe), np.max(ratios, axis=0), rtol=1e-5)
+    assert loaded.metadata() == guard.metadata()
+    # and the card says which photos set each member's limit
+    rule = model_card.ood_rule({"ood": guard.metadata()})
+    assert "(ensemble member_1)" in rule and "(fold 1's test photos)" in rule

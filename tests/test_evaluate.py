@@ -203,8 +203,9 @@ def test_calibrated_tta_evaluation_is_what_the_service_computes(
 ) -> None:
     """Temperature and TTA from val_metrics.json, as select ships them, make the serving
     Predictor reproduce predictions.csv: same probabilities, same decisions."""
-    from pox_pipeline import model_card, serve
+    from pox_pipeline import serve
     from pox_pipeline.data import load_split
+    from pox_pipeline.policy import DecisionPolicy
     from serve_helpers import tiny_model
 
     cfg = prepared_cfg(
@@ -228,7 +229,7 @@ def test_calibrated_tta_evaluation_is_what_the_service_computes(
         "resample": cfg.data.resample,
         **{k: val[k] for k in ("threshold", "temperature", "tta")},
     }
-    card = model_card.ModelCard.from_metadata("pox-classifier", "v1", metadata)
+    card = DecisionPolicy.from_metadata("pox-classifier", "v1", metadata)
     predictor = serve.Predictor(model_dir, card)
     images, _, _ = load_split(cfg, "test")
     results = predictor.predict(list(images))

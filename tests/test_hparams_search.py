@@ -76,7 +76,7 @@ def test_search_space_names_existing_knobs_of_its_one_model(name: str) -> None:
 @pytest.mark.parametrize("name", SEARCHES)
 def test_every_trial_writes_its_own_folders(name: str) -> None:
     cfg = compose_search(name)
-    for key in ("cv.out_dir", "cv.work_dir", "train.feature_cache.dir"):
+    for key in ("cv.out_dir", "cv.work_dir", "train.embedding_cache.dir"):
         parent, leaf = key.rsplit(".", 1)
         value = OmegaConf.to_container(OmegaConf.select(cfg, parent), resolve=False)[leaf]
         assert value.startswith("${hydra:runtime.output_dir}/"), key

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from pox_pipeline import ood, serve
 from pox_pipeline.models import FACTORIES, build_model
+from pox_pipeline.policy import verdict
 from serve_helpers import save_champion, skin_like_photos, tiny_guard_settings, tiny_model
 
 rng = np.random.default_rng(0)
@@ -96,22 +97,22 @@ def test_the_score_is_the_worst_space_relative_to_its_threshold(tmp_path: Path) 
 
 
 def test_settings_are_checked() -> None:
-    base = {"enabled": True, "features": ["head"], "statistics_size": 64, "k": 5,
+    base = {"enabled": True, "spaces": ["head"], "statistics_size": 64, "k": 5,
             "alpha": 0.01, "batch_size": 8}  # fmt: skip
-    assert ood.OODSettings.from_cfg(base).features == ("head",)
+    assert ood.OODSettings.from_cfg(base).spaces == ("head",)
     for change, words in ({"alpha": 0}, "alpha"), ({"alpha": 1}, "alpha"), ({"k": 0}, "k must"), (
-        {"features": ["pixels"]}, "features"), ({"features": []}, "features"):  # fmt: skip
+        {"spaces": ["pixels"]}, "spaces"), ({"spaces": []}, "spaces"):  # fmt: skip
         with pytest.raises(ValueError, match=words):
             ood.OODSettings.from_cfg({**base, **change})
 
 
 def test_verdict_says_why_and_never_pretends_a_check_ran() -> None:
-    out = ood.verdict(1.5)
+    out = verdict(1.5)
     assert out["in_distribution"] is False and "skin photo" in out["ood_reason"]
     assert "1.5 times" in out["ood_reason"]
-    assert ood.verdict(0.5) == {"in_distribution": True, "ood": {"checked": True, "score": 0.5}}
-    assert ood.verdict(float("nan"))["ood"] == {"checked": False}
-    assert ood.verdict(None)["ood"] == {"checked": False}
+    assert verdict(0.5) == {"in_distribution": True, "ood": {"checked": True, "score": 0.5}}
+    assert verdict(float("nan"))["ood"] == {"checked": False}
+    assert verdict(None)["ood"] == {"checked": False}
 
 
 def test_the_non_skin_set_has_every_kind_as_rgb_photos() -> None:
@@ -156,7 +157,7 @@ def test_an_ensemble_gives_every_members_features() -> None:
     members = [tiny_model(seed=0), tiny_model(seed=1)]
     ensemble = build_ensemble(members, 32, "pair")
     images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
-    settings = tiny_guard_settings(features=["head"])
+    settings = tiny_guard_settings(spaces=["head"])
     features = ood.features_of(ensemble, images, settings, "none")["head"]
     singles = [ood.features_of(m, images, settings, "none")["head"] for m in members]
     np.testing.assert_allclose(features, np.hstack(singles), rtol=1e-5)
@@ -165,7 +166,7 @@ def test_an_ensemble_gives_every_members_features() -> None:
 def test_image_statistics_are_the_colour_texture_features_of_the_pooled_photo() -> None:
     import keras
 
-    from pox_pipeline.features import ColourTextureFeatures
+    from pox_pipeline.colour_texture import ColourTextureFeatures
 
     images = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     got = ood.features_of(tiny_model(), images, tiny_guard_settings(statistics_size=16), "none")
@@ -240,7 +241,7 @@ def test_the_guard_is_fitted_on_the_features_the_service_computes_under_tta() ->
     model, images = tiny_model(), skin_like_photos(4)
     settings = tiny_guard_settings()
     fitted = ood.features_of(model, images, settings, "flips")
-    extract = ood.feature_extractor(model, 32, settings.features, settings.statistics_size)
+    extract = ood.feature_extractor(model, 32, settings.spaces, settings.statistics_size)
     views = tta_views(images, "flips")
     served = extract(np.concatenate(views), len(views))[1]
     np.testing.assert_allclose(fitted["head"], served["head"], rtol=1e-5)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from pox_pipeline import evaluate, model_card, paths, select, train
 from pox_pipeline.data import group_folds, load_split, split_groups_of
+from pox_pipeline.policy import DecisionPolicy
 from pox_pipeline.tracking import OUT_OF_FOLD_PROTOCOL, read_run_info
 
 FOLDS = 3
@@ -184,7 +185,7 @@ METADATA = {
 
 
 def test_the_answer_states_the_promised_rates_with_their_intervals() -> None:
-    card = model_card.ModelCard.from_metadata("pox", "v1", METADATA)
+    card = DecisionPolicy.from_metadata("pox", "v1", METADATA)
     trade = card.threshold_trade()
     assert "182 out-of-fold predictions" in trade
     assert "90% (95% interval 84%-95%)" in trade and "40% (95% interval 30%-50%)" in trade
@@ -193,7 +194,7 @@ def test_the_answer_states_the_promised_rates_with_their_intervals() -> None:
 
 
 def test_a_site_threshold_override_changes_the_decision_and_says_so() -> None:
-    card = model_card.ModelCard.from_metadata("pox", "v1", METADATA)
+    card = DecisionPolicy.from_metadata("pox", "v1", METADATA)
     site = card.with_threshold_override(0.5)
     (answer,) = site.results(np.array([[0.3]]))
     assert answer["label"] == "Others" and answer["threshold"] == 0.5

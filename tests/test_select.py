@@ -118,7 +118,7 @@ def test_select_registers_saves_and_is_idempotent(
     assert bento.info.metadata["temperature"] == 1.0 and bento.info.metadata["tta"] == "none"
     # the out-of-distribution guard and the model card travel with the model and its run
     spaces = bento.info.metadata["ood"]["spaces"]
-    assert set(spaces) == {"head", "image_statistics"}  # serve.ood.features
+    assert set(spaces) == {"head", "image_statistics"}  # serve.ood.spaces
     assert all(part["reference_photos"] > 0 and part["threshold"] > 0 for part in spaces.values())
     assert bento.info.metadata["split"]["group_pattern"] == cfg.data.group_pattern
     served_files = {path.name for path in Path(bento.path).iterdir()}
@@ -186,7 +186,7 @@ def test_select_ships_the_temperature_and_tta_of_the_winner(candidates: DictConf
     """The served model computes what evaluate computed: same T, same TTA, same threshold."""
     import bentoml
 
-    from pox_pipeline.model_card import ModelCard
+    from pox_pipeline.policy import DecisionPolicy
 
     cfg = candidates
     calibrated = {**json.loads(_val(0.90, 0.3)), "calibration": "temperature",
@@ -200,7 +200,7 @@ def test_select_ships_the_temperature_and_tta_of_the_winner(candidates: DictConf
     assert stored.info.metadata["temperature"] == 1.7
     assert stored.info.metadata["tta"] == "flips"
     assert stored.info.metadata["calibration"] == "temperature"
-    card = ModelCard.from_stored(stored)
+    card = DecisionPolicy.from_stored(stored)
     assert (card.temperature, card.tta, card.threshold) == (1.7, "flips", 0.3)
     version = MlflowClient().get_model_version(
         cfg.select.registered_model_name, str(result["registered_model_version"])

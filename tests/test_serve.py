@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_IMAGE_SIZE
-from pox_pipeline import inference, model_card, preprocess, serve
+from pox_pipeline import inference, preprocess, serve
 from pox_pipeline.config import compose, project_root
+from pox_pipeline.policy import DecisionPolicy
 from pox_pipeline.preprocess import ImageError, ImageTooLarge
 from serve_helpers import (
     CLASSES,
@@ -56,7 +57,7 @@ def unchecked(champion_tag: str) -> serve.Predictor:
 
 def card(
     classes: tuple[str, ...] = CLASSES, threshold: float | None = THRESHOLD, **extra: object
-) -> model_card.ModelCard:
+) -> DecisionPolicy:
     metadata = {
         "classes": list(classes),
         "positive_class": classes[0],
@@ -66,7 +67,7 @@ def card(
         "mlflow_run_id": "run",
         **extra,
     }
-    return model_card.ModelCard.from_metadata("pox-classifier", "v1", metadata)
+    return DecisionPolicy.from_metadata("pox-classifier", "v1", metadata)
 
 
 # ---------------------------------------------------------------------------- settings, card
@@ -134,7 +135,7 @@ def test_an_image_the_guard_rejects_gets_no_label_and_no_probabilities(
 
 def test_card_rejects_inconsistent_metadata() -> None:
     with pytest.raises(ValueError, match="positive_class"):
-        model_card.ModelCard.from_metadata(
+        DecisionPolicy.from_metadata(
             "m",
             "v",
             {
@@ -220,7 +221,7 @@ def test_predictor_tta_is_the_mean_of_the_flips_in_one_call(
 
     stored = bentoml.models.get(champion_tag)
     flips = serve.Predictor(
-        Path(stored.path), dataclasses.replace(predictor.card, tta="flips", temperature=1.5),
+        Path(stored.path), dataclasses.replace(predictor.policy, tta="flips", temperature=1.5),
         ood_enabled=False,
     )
     batch = np.stack(
@@ -241,7 +242,7 @@ def test_predictor_tta_is_the_mean_of_the_flips_in_one_call(
     np.testing.assert_allclose(outputs, manual, rtol=1e-5, atol=1e-6)
     assert not np.allclose(outputs, predictor.outputs(batch), rtol=1e-4, atol=1e-6)
     # predict = the card's calibrated reading of the averaged outputs
-    expected = flips.card.results(manual)
+    expected = flips.policy.results(manual)
     got = flips.predict(list(batch))
     assert [r["label"] for r in got] == [r["label"] for r in expected]
     for g, e in zip(got, expected, strict=False):

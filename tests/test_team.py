@@ -158,7 +158,7 @@ def cv_summaries(server: dict[str, str], tmp_path_factory: pytest.TempPathFactor
     cfg = compose([
         *TINY, f"paths.prepared_dir={root}/prepared", f"synthetic.out_dir={root}/synthetic",
         f"paths.models_dir={root}/models", f"paths.reports_dir={root}/reports",
-        f"train.feature_cache.dir={root}/cache", f"mlflow.tracking_uri={server['url']}",
+        f"train.embedding_cache.dir={root}/cache", f"mlflow.tracking_uri={server['url']}",
         "cv.folds=2", f"cv.models=[{MODEL}]", f"cv.out_dir={root}/cv",
         f"cv.work_dir={root}/cv-work",
     ])  # fmt: skip

@@ -1,4 +1,4 @@
-"""The training stage: outputs and MLflow tracking, the frozen-feature cache (same model as
+"""The training stage: outputs and MLflow tracking, the embedding cache (same model as
 training without it), strategies, and the missing-weights message."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ PROJECT_ROOT = project_root()
 SMALL_CNN = "model.cnn.padding=same"  # 5 valid conv+pool blocks do not fit in 32 px
 RUN_JSON_KEYS = {
     "mlflow_run_id", "experiment_id", "model_name", "architecture", "weights", "epochs_run",
-    "best_epoch", "wall_seconds", "cpu_count", "feature_cache", "phases", "protocol",
+    "best_epoch", "wall_seconds", "cpu_count", "embedding_cache", "phases", "protocol",
     "cross_validation",
 }  # fmt: skip
 # One fit on train, early-stopped on val: what these tests inspect (tests/test_refit.py covers
@@ -54,7 +54,7 @@ def test_cnn_run_writes_stage_outputs_and_tracks_everything(prepared_cfg, tmp_pa
     assert json.loads((model_dir / "run.json").read_text()) == info
     assert set(info) == RUN_JSON_KEYS
     assert info["epochs_run"] == 2 and 1 <= info["best_epoch"] <= 2
-    assert (info["weights"], info["feature_cache"]) == ("random", "nothing_frozen")
+    assert (info["weights"], info["embedding_cache"]) == ("random", "nothing_frozen")
 
     report_dir = Path(cfg.paths.reports_dir) / "train" / "cnn"
     history = pd.read_csv(report_dir / "history.csv")
@@ -94,15 +94,15 @@ def _predict(path: Path, images: np.ndarray) -> np.ndarray:
     return keras.models.load_model(path).predict(images, verbose=0)
 
 
-def test_training_on_the_feature_cache_gives_the_same_model(prepared_cfg, tmp_path: Path) -> None:
+def test_training_on_the_embedding_cache_gives_the_same_model(prepared_cfg, tmp_path: Path) -> None:
     """Fitting the trainable rest on cached frozen outputs = fitting the whole model."""
     common = ["model.vgg16.epochs=2", "model.vgg16.learning_rate=0.001", QUIET]
     cached_cfg = prepared_cfg(*common, f"paths.models_dir={tmp_path}/cached")
     plain_cfg = prepared_cfg(*common, f"paths.models_dir={tmp_path}/plain",
-                             "train.feature_cache.enabled=false")  # fmt: skip
+                             "train.embedding_cache.enabled=false")  # fmt: skip
     cached_info = train.train(cached_cfg, "vgg16")
-    assert cached_info["feature_cache"] == "memory"
-    assert train.train(plain_cfg, "vgg16")["feature_cache"] == "disabled"
+    assert cached_info["embedding_cache"] == "memory"
+    assert train.train(plain_cfg, "vgg16")["embedding_cache"] == "disabled"
 
     images, _, _ = load_split(cached_cfg, "val")
     cached_path = tmp_path / "cached" / "vgg16" / "model.keras"
@@ -139,7 +139,7 @@ def test_disk_cache_holds_float16_augmented_views(split_model, tmp_path: Path) -
     rng = np.random.default_rng(0)
     train_images = rng.uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)
     val_images = rng.uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
-    cache = train.build_feature_cache(
+    cache = train.build_embedding_cache(
         split, train_images, val_images, views=3, batch_size=4, max_memory_mb=0,
         directory=tmp_path / "cache",
     )  # fmt: skip
@@ -165,7 +165,7 @@ def test_disk_cache_holds_float16_augmented_views(split_model, tmp_path: Path) -
 def test_memory_cache_equals_the_frozen_prefix(split_model, tmp_path: Path) -> None:
     _, model, split = split_model
     images = np.random.default_rng(1).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
-    cache = train.build_feature_cache(
+    cache = train.build_embedding_cache(
         split, images, images, views=2, batch_size=2, max_memory_mb=64, directory=tmp_path
     )
     assert cache.mode == "memory" and cache.train.dtype == np.float32

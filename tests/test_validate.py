@@ -61,7 +61,7 @@ def served_probabilities(site: dict, files: list[Path]) -> tuple[np.ndarray, np.
     predictor = serve.Predictor.from_stored(bentoml.models.get(site["tag"]))
     inputs = np.stack([preprocess.preprocess_file(f, 32) for f in files])
     scored = predictor.outputs_with_ood_score(inputs)
-    return predictor.card.class_probabilities(scored[:, :-1])[:, 0], scored[:, -1]
+    return predictor.policy.class_probabilities(scored[:, :-1])[:, 0], scored[:, -1]
 
 
 def test_validate_reports_the_site_figures_and_recommends_a_threshold(site: dict) -> None:

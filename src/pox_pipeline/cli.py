@@ -27,6 +27,7 @@ from typing import Any
 import click
 
 from pox_pipeline import model_card, paths, serve
+from pox_pipeline.policy import DecisionPolicy
 from pox_pipeline.preprocess import ImageError
 
 GLOB_CHARACTERS = set("*?[")
@@ -68,18 +69,18 @@ class ModelSource:
     metadata: dict[str, Any]
 
     @property
-    def card(self) -> model_card.ModelCard:
-        return model_card.ModelCard.from_metadata(self.name, self.version, self.metadata)
+    def policy(self) -> DecisionPolicy:
+        return DecisionPolicy.from_metadata(self.name, self.version, self.metadata)
 
-    def served_card(self, settings: serve.ServeConfig) -> model_card.ModelCard:
-        """The card as the service serves it (``serve.threshold_override`` applied)."""
-        return self.card.with_threshold_override(settings.threshold_override)
+    def served_policy(self, settings: serve.ServeConfig) -> DecisionPolicy:
+        """The policy as the service serves it (``serve.threshold_override`` applied)."""
+        return self.policy.with_threshold_override(settings.threshold_override)
 
     def predictor(self, settings: serve.ServeConfig) -> serve.Predictor:
         """Built as the service builds it: backend (its stored conversion), threads, guard."""
-        card = self.served_card(settings)
+        policy = self.served_policy(settings)
         return serve.Predictor(
-            self.model_dir, card, settings.backend, settings.tflite_threads,
+            self.model_dir, policy, settings.backend, settings.tflite_threads,
             settings.ood.enabled, batch_sizes=settings.batch_sizes,
         )  # fmt: skip
 
@@ -119,15 +120,20 @@ def resolve_model(reference: str | None, params: Any) -> ModelSource:
 
 
 def pipeline_model(model_dir: Path, params: Any) -> ModelSource:
-    """A trained model not yet published: its metadata from params.yaml and
-    ``reports/eval/<name>/val_metrics.json``; no out-of-distribution guard is fitted."""
+    """A trained model not yet published: the metadata ``select`` would publish, from
+    params.yaml, ``reports/eval/<name>/`` and the folder's run.json (when there is one); no
+    out-of-distribution guard is fitted and no backend converted."""
     from pox_pipeline import select
+    from pox_pipeline.publish import with_training_data
 
     name = model_dir.name
     metadata = select.model_metadata(
         params, name, select.read_val_metrics(params, name), select.read_test_metrics(params, name)
     )
-    return ModelSource(model_dir, name, "unpublished", metadata)
+    run_info = model_dir / paths.RUN_INFO_FILE
+    if run_info.is_file():
+        metadata.update(select.provenance(json.loads(run_info.read_text())))
+    return ModelSource(model_dir, name, "unpublished", with_training_data(params, metadata))
 
 
 # ---------------------------------------------------------------------------- files
@@ -232,14 +238,14 @@ def predict(files: tuple[str, ...], model_ref: str | None, as_json: bool) -> Non
             readable, inputs = [], []
             for path in paths[start : start + batch_size]:
                 try:
-                    photo = read_photo(path, settings, source.card.image_size)
+                    photo = read_photo(path, settings, source.policy.image_size)
                 except ImageError as error:
                     failed += 1
                     report_error(path, error, as_json)
                     continue
                 readable.append(path)
-                inputs.append(preprocess.to_model_input(photo, source.card.image_size,
-                                                        source.card.resample))  # fmt: skip
+                inputs.append(preprocess.to_model_input(photo, source.policy.image_size,
+                                                        source.policy.resample))  # fmt: skip
             for path, result in zip(readable, predictor.predict(inputs), strict=True):
                 emit(path, result, as_json)
             progress.update(min(batch_size, len(paths) - start))
@@ -264,7 +270,7 @@ def explain(file: Path, out: Path, model_ref: str | None, as_json: bool) -> None
     settings = serve.ServeConfig.from_cfg(params.serve)
     source = resolve_model(model_ref, params)
     try:
-        photo = read_photo(file, settings, source.card.image_size)
+        photo = read_photo(file, settings, source.policy.image_size)
     except ImageError as error:
         report_error(file, error, as_json)
         sys.exit(1)
@@ -331,10 +337,10 @@ def validate(
     params = load_params()
     settings = serve.ServeConfig.from_cfg(params.serve)
     source = resolve_model(model_ref, params)
-    card = source.served_card(settings)
+    policy = source.served_policy(settings)
     target = float(sensitivity_target or params.evaluate.threshold.sensitivity_target)
     try:
-        photos = site.labelled_photos(folder, card.classes, params.data.image_extensions)
+        photos = site.labelled_photos(folder, policy.classes, params.data.image_extensions)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     predictor = source.predictor(settings)
@@ -342,8 +348,8 @@ def validate(
 
         def to_input(path: Path) -> Any:
             progress.update(1)
-            photo = read_photo(path, settings, card.image_size)
-            return preprocess.to_model_input(photo, card.image_size, card.resample)
+            photo = read_photo(path, settings, policy.image_size)
+            return preprocess.to_model_input(photo, policy.image_size, policy.resample)
 
         try:
             readable, scored, unreadable = site.score_photos(
@@ -354,7 +360,7 @@ def validate(
     for bad in unreadable:
         click.echo(f"{bad['file']}: error: {bad['error']}", err=True)
     try:
-        report = site.validate(params, card, readable, scored, target)
+        report = site.validate(params, policy, readable, scored, target)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     report["unreadable"] = unreadable

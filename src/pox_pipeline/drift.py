@@ -83,15 +83,15 @@ def write_reference(
 
     from pox_pipeline import serve
     from pox_pipeline.inference import NO_TTA, load_keras_model
-    from pox_pipeline.model_card import ModelCard
+    from pox_pipeline.policy import DecisionPolicy
 
     settings = serve.ServeConfig.from_cfg(serve_cfg)
-    head_only = dataclasses.replace(settings.ood, features=(ood.HEAD,))
+    head_only = dataclasses.replace(settings.ood, spaces=(ood.HEAD,))
     head = ood.features_of(load_keras_model(model_file), np.asarray(train, np.float32),
                            head_only, str(metadata.get("tta", NO_TTA)))[ood.HEAD]  # fmt: skip
     basis = Basis.fit(head, settings.monitoring.components)
     basis_file = basis.save(Path(out_dir) / BASIS_FILE)
-    card = ModelCard.from_metadata(str(metadata.get("registered_model_name", "model")),
+    policy = DecisionPolicy.from_metadata(str(metadata.get("registered_model_name", "model")),
                                    "reference", metadata)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:  # a model directory as the service reads it
         shutil.copyfile(model_file, Path(tmp) / paths.MODEL_FILE)
@@ -99,7 +99,7 @@ def write_reference(
         for name, path in served_files.items():
             shutil.copyfile(path, Path(tmp) / name)
         predictor = serve.Predictor(
-            Path(tmp), card, settings.backend, settings.tflite_threads, settings.ood.enabled,
+            Path(tmp), policy, settings.backend, settings.tflite_threads, settings.ood.enabled,
             monitoring=True, batch_sizes=settings.batch_sizes,
         )  # fmt: skip
         size = settings.ood.batch_size
@@ -108,8 +108,8 @@ def write_reference(
     scored, columns = split_columns(np.concatenate(parts), len(basis.columns))
     if held_out is not None:
         scored, columns = held_out.replace_in(scored, columns)
-    answers = card.results(*serve.split_ood_score(scored))
-    table = records(answers, columns, basis.columns, card.positive_class)
+    answers = policy.results(*serve.split_ood_score(scored))
+    table = records(answers, columns, basis.columns, policy.positive_class)
     reference_file = Path(out_dir) / REFERENCE_FILE
     frame = _frame(table).drop(columns=["model_version"])
     frame.to_csv(reference_file, index=False)

@@ -26,7 +26,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from pox_pipeline.features import walk_layers
+from pox_pipeline.inference import walk_layers
 from pox_pipeline.torch_legacy import read_state_dict
 
 BN_EPSILON = 1e-3

@@ -18,6 +18,7 @@ test metrics of its recipe, labelled as such.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pox_pipeline import publish as publishing
 from pox_pipeline.calibration import IDENTITY_TEMPERATURE
 from pox_pipeline.config import conf_entry
 from pox_pipeline.cv import fold_config, fold_runs, mean_std, summarise
+from pox_pipeline.data import load_split
 from pox_pipeline.inference import load_keras_model
 
 AUTO = "auto"
@@ -173,6 +175,20 @@ def held_out_ensembles(
     return {"folds": per_fold, **summarise(per_fold, list(cfg.cv.metrics))}
 
 
+def member_photos(cfg: DictConfig, members: list[Member]) -> tuple[publishing.MemberPhotos, ...]:
+    """Each member's guard photos: its training split (the reference) and photos it never
+    trained on (the threshold): its own fold's test photos in a fold ensemble (every other
+    member trained on them), the validation photos on one split (no member trained on them)."""
+    held_out = "test" if cfg.cv.folds >= 2 else "val"
+    photos = []
+    for member in members:
+        fold_cfg = fold_config(cfg, member.fold, member.seed)
+        trained_on, held = (load_split(fold_cfg, split)[0] for split in ("train", held_out))
+        source = f"seed {member.seed} fold {member.fold}'s {held_out} photos"
+        photos.append(publishing.MemberPhotos(trained_on, held, source))
+    return tuple(photos)
+
+
 def publish(
     cfg: DictConfig, family: str, members: list[Member], model: keras.Model, report: dict[str, Any]
 ) -> dict[str, Any]:
@@ -211,11 +227,14 @@ def publish(
         "val_metrics": publishing.without_nulls(report["val_metrics"]),
         "cv_test_metrics": publishing.without_nulls(report["cv_test_metrics"]),
     }
-    # the guard's reference photos: the first member's training split (any fold's photos are
-    # skin photos of the same data set; every member saw most of them)
+    # the backends and the monitoring reference: the first member's split (skin photos of the
+    # same data set); the guard: each member's own photos
     data_cfg = fold_config(cfg, members[0].fold, members[0].seed)
+    photos = dataclasses.replace(
+        publishing.GuardPhotos.of_model(data_cfg, None), members=member_photos(cfg, members)
+    )
     bento_tag = publishing.publish(
-        cfg, data_cfg, Path(report["model_file"]), metadata, run.info.run_id
+        cfg, data_cfg, Path(report["model_file"]), metadata, run.info.run_id, photos
     )
     return {"mlflow_run_id": run.info.run_id, "registered_model_version": int(version.version),
             "alias": cfg.select.alias, "bentoml_tag": bento_tag}  # fmt: skip

@@ -155,12 +155,36 @@ def recorded_calls(layers: Sequence[keras.Layer], record: str) -> Iterator[list[
             del layer.call  # the class's method shows through again
 
 
+def walk_layers(layer: keras.Layer) -> Iterator[keras.Layer]:
+    """A layer and, depth first, every layer nested in it (sub-models of a chain, a VGG16
+    base, ensemble members): the one way this package searches a model's layers."""
+    yield layer
+    for sub in getattr(layer, "layers", None) or ():
+        yield from walk_layers(sub)
+
+
+def custom_objects(model: keras.Layer) -> dict[str, type]:
+    """Registered name -> class of every layer in the model (nested models included) that is
+    not Keras's own, such as colour_texture's ``ColourTextureFeatures``.
+
+    Keras 3 rebuilds such a layer only from its registered class, so a saved model that holds
+    one loads only where that class is imported or handed over as a custom object.
+    """
+    import keras
+
+    return {
+        keras.saving.get_registered_name(type(layer)): type(layer)
+        for layer in walk_layers(model)
+        if not type(layer).__module__.startswith("keras.")
+    }
+
+
 def load_keras_model(path: Path) -> keras.Model:
     """A saved ``.keras`` model (file or unzipped directory), uncompiled; this project's custom
     layers registered first."""
     import keras
 
-    from pox_pipeline import features  # noqa: F401 - registers ColourTextureFeatures
+    from pox_pipeline import colour_texture  # noqa: F401 - registers ColourTextureFeatures
 
     return keras.saving.load_model(path, compile=False)
 
@@ -185,8 +209,6 @@ def store_keras_model(
     ``extra_files`` (name -> file: the guard, the model card) are copied beside it."""
     import bentoml
     import cloudpickle
-
-    from pox_pipeline.features import custom_objects
 
     objects = custom_objects(model)
     modules = {sys.modules[cls.__module__] for cls in objects.values()}

@@ -1,5 +1,6 @@
-"""The model card of a published model, from its BentoML metadata: :class:`ModelCard` turns
-the model's outputs into answers (serving, the CLI), and the rendered card documents it.
+"""The model card of a published model, rendered from its BentoML metadata: what the model
+is, how it was chosen and measured, and the decision policy (:mod:`pox_pipeline.policy`) in
+words. It only renders; answers come from :class:`policy.DecisionPolicy`.
 
 ``select`` and ``ensemble`` write it beside the model (so it ships in the Bento) and log it to
 the model's MLflow run; the service shows it at ``/model-card``; ``pox model-card`` writes it.
@@ -10,19 +11,14 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig
 
 from pox_pipeline import monitor, ood, tflite
-from pox_pipeline.calibration import IDENTITY_TEMPERATURE, class_probabilities
-from pox_pipeline.inference import NO_TTA, TTA_MODES
-
-if TYPE_CHECKING:
-    from bentoml import Model as StoredModel
+from pox_pipeline.policy import DecisionPolicy, evidence_words, with_interval
 
 MARKDOWN_FILE = "model_card.md"  # inside the BentoML model directory and the MLflow run
 HTML_FILE = "model_card.html"
@@ -69,213 +65,6 @@ KNOWN_LIMITS = [
 SITE_OVERRIDE = "site_threshold_override"
 SITE_BACKEND = "site_backend"  # the site's serve.backend, likewise
 BACKEND_METRICS = ("balanced_accuracy", "sensitivity", "specificity")
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What the served model means, from its BentoML metadata; needs no TensorFlow."""
-
-    name: str
-    version: str
-    classes: tuple[str, ...]
-    positive_class: str
-    threshold: float | None
-    image_size: int
-    resample: str
-    mlflow_run_id: str | None
-    temperature: float = IDENTITY_TEMPERATURE
-    tta: str = NO_TTA
-    # What the threshold trades on the evidence it was set on (plain-words explanations):
-    # sensitivity and specificity with their bootstrap intervals (low, value, high).
-    val_sensitivity: tuple[float, float, float] | None = None
-    val_specificity: tuple[float, float, float] | None = None
-    evidence: str = "validation photos"
-    # serve.threshold_override: a site's own threshold (pox validate) replacing the published
-    published_threshold: float | None = None
-    # The TFLite backends converted and published with the model (backend -> file beside it),
-    # and what serve.backend=auto serves: the fastest published, measured at publish.
-    backend_files: Mapping[str, str] = field(default_factory=dict)
-    fastest_backend: str = tflite.KERAS
-
-    @classmethod
-    def from_metadata(cls, name: str, version: str, metadata: Mapping[str, Any]) -> ModelCard:
-        classes = tuple(metadata["classes"])
-        positive = metadata["positive_class"]
-        if positive not in classes:
-            raise ValueError(f"positive_class {positive!r} is not one of the classes {classes}")
-        threshold = metadata.get("threshold")
-        if len(classes) == 2 and threshold is None:
-            raise ValueError("a binary model needs a decision threshold in its metadata")
-        # Models saved before calibration / TTA existed carry neither: T = 1, no TTA.
-        temperature = float(metadata.get("temperature", IDENTITY_TEMPERATURE))
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        tta = str(metadata.get("tta", NO_TTA))
-        if tta not in TTA_MODES:
-            raise ValueError(f"tta={tta!r} in the metadata; known: {TTA_MODES}")
-        return cls(
-            name=name,
-            version=version,
-            classes=classes,
-            positive_class=positive,
-            threshold=None if threshold is None else float(threshold),
-            image_size=int(metadata["image_size"]),
-            resample=str(metadata["resample"]),
-            mlflow_run_id=metadata.get("mlflow_run_id"),
-            temperature=temperature,
-            tta=tta,
-            val_sensitivity=_with_interval(metadata.get("val_metrics", {}), "sensitivity"),
-            val_specificity=_with_interval(metadata.get("val_metrics", {}), "specificity"),
-            evidence=evidence_words(metadata.get("val_metrics", {})),
-            backend_files=tflite.published(metadata.get("backends", {})),
-            fastest_backend=tflite.fastest(metadata.get("backends", {})),
-        )
-
-    def with_threshold_override(self, threshold: float | None) -> ModelCard:
-        """The card a site serves with ``serve.threshold_override`` (None: as published)."""
-        if threshold is None:
-            return self
-        if not self.is_binary:
-            raise ValueError("serve.threshold_override applies to binary models only")
-        if not 0 < threshold < 1:
-            raise ValueError(f"serve.threshold_override must be in (0, 1), got {threshold}")
-        return replace(self, threshold=float(threshold), published_threshold=self.threshold)
-
-    @classmethod
-    def from_stored(cls, stored: StoredModel) -> ModelCard:
-        return cls.from_metadata(stored.tag.name, str(stored.tag.version), stored.info.metadata)
-
-    @property
-    def is_binary(self) -> bool:
-        return len(self.classes) == 2
-
-    @property
-    def positive_index(self) -> int:
-        """Which output unit scores the positive class: the single sigmoid, or its softmax slot."""
-        return 0 if self.is_binary else self.classes.index(self.positive_class)
-
-    def class_probabilities(self, outputs: np.ndarray) -> np.ndarray:
-        """Model outputs -> (N, len(classes)) calibrated probabilities in ``classes`` order,
-        with the model's temperature applied as evaluate applied it before choosing the
-        threshold: the probability shown is the one the threshold was set on."""
-        return class_probabilities(
-            outputs, self.temperature, self.classes.index(self.positive_class)
-        )
-
-    def result(self, probabilities: np.ndarray, ood_score: float | None = None) -> dict[str, Any]:
-        """One image's answer: binary = positive iff P(positive) >= threshold, else argmax;
-        with the OOD guard's verdict on ``ood_score`` and the decision in plain words.
-
-        An image the guard rejects gets no label and no probabilities (null): the model's
-        scores for a picture unlike every training photo would name a disease for nothing,
-        and a client reading ``label``, or ranking by a probability, would act on them."""
-        guard = ood.verdict(ood_score)
-        label = scores = None
-        if guard["in_distribution"]:
-            if self.is_binary:
-                positive = probabilities[self.classes.index(self.positive_class)]
-                negative = next(c for c in self.classes if c != self.positive_class)
-                label = self.positive_class if positive >= self.threshold else negative
-            else:
-                label = self.classes[int(np.argmax(probabilities))]
-            scores = {c: float(p) for c, p in zip(self.classes, probabilities, strict=True)}
-        answer = {
-            "label": label,
-            "probability": None if scores is None else scores[label],
-            "threshold": self.threshold,
-            "probabilities": scores,
-            "model": {
-                "name": self.name,
-                "version": self.version,
-                "mlflow_run_id": self.mlflow_run_id,
-            },
-            **guard,
-        }
-        answer["explanation"] = self.plain_words(answer)
-        return answer
-
-    def results(
-        self, outputs: np.ndarray, ood_scores: np.ndarray | None = None
-    ) -> list[dict[str, Any]]:
-        """Answers for model outputs and (optionally) the OOD scores of the same images."""
-        rows = self.class_probabilities(outputs)
-        ood_scores = [None] * len(rows) if ood_scores is None else ood_scores
-        return [self.result(row, score) for row, score in zip(rows, ood_scores, strict=True)]
-
-    def threshold_trade(self) -> str:
-        """What the threshold buys and costs on the photos it was set on, in plain words."""
-        if self.threshold is None:
-            return "The model names the class it scores highest."
-        if self.published_threshold is not None:
-            return (
-                f"This site serves its own screening threshold of {self.threshold:.0%} "
-                "(serve.threshold_override) instead of the published "
-                f"{self.published_threshold:.0%}."
-            )
-        if self.val_sensitivity is None or self.val_specificity is None:
-            return f"The screening threshold is {self.threshold:.0%}."
-        negative = next(c for c in self.classes if c != self.positive_class)
-        return (
-            f"On {self.evidence}, the screening threshold of {self.threshold:.0%} caught "
-            f"{_rate(self.val_sensitivity)} of {self.positive_class} cases, at the cost of false "
-            f"alarms on {_rate(self.val_specificity, complement=True)} of {negative} photos."
-        )
-
-    def plain_words(self, answer: Mapping[str, Any]) -> str:
-        """Why this label, for a person: a probability below 50% can still be flagged."""
-        if not answer["in_distribution"]:
-            return (
-                f"No label and no probabilities: {answer['ood_reason']}, so the model's scores "
-                "for it would mean nothing. Please upload a clear, close photo of the skin lesion."
-            )
-        if self.threshold is None:
-            return (
-                f"{answer['label']} scored highest ({answer['probability']:.0%}). "
-                + self.threshold_trade()
-            )
-        score = answer["probabilities"][self.positive_class]
-        if answer["label"] == self.positive_class:
-            verdict = (
-                f"Flagged for a clinician: {self.positive_class} scored {score:.0%}, at or above "
-                f"the screening threshold of {self.threshold:.0%}."
-            )
-        else:
-            verdict = (
-                f"Not flagged: {self.positive_class} scored {score:.0%}, below the screening "
-                f"threshold of {self.threshold:.0%}."
-            )
-        return f"{verdict} {self.threshold_trade()} This is not a diagnosis."
-
-
-def _with_interval(values: Mapping[str, Any], name: str) -> tuple[float, float, float] | None:
-    """(low, value, high) of a metric and its bootstrap interval; the value thrice when the
-    interval was not computed."""
-    if values.get(name) is None:
-        return None
-    value = float(values[name])
-    low, high = values.get(f"{name}_ci_low"), values.get(f"{name}_ci_high")
-    return (value, value, value) if low is None or high is None else (low, value, high)
-
-
-def _rate(rate: tuple[float, float, float], complement: bool = False) -> str:
-    """"90% (95% interval 84-95%)"; ``complement``: of 1 - rate (false alarms from specificity)."""
-    low, value, high = (1 - rate[2], 1 - rate[1], 1 - rate[0]) if complement else rate
-    if low == high:
-        return f"{value:.0%}"
-    return f"{value:.0%} (95% interval {low:.0%}-{high:.0%})"
-
-
-def evidence_words(val_metrics: Mapping[str, Any]) -> str:
-    """What the threshold, the calibration and the choice were set on."""
-    n = val_metrics.get("n_val")
-    if n is None:
-        return "the validation photos"
-    if val_metrics.get("evidence") == "out_of_fold":
-        return (
-            f"{n} out-of-fold predictions (every non-test photo, each scored by a model that "
-            "did not train on its patient)"
-        )
-    return f"{n} validation photos"
 
 
 # ---------------------------------------------------------------------------- at publish time
@@ -355,7 +144,7 @@ def cv_rows(values: Mapping[str, Any]) -> list[list[str]]:
 
 
 def _interval(values: Mapping[str, Any], name: str) -> str:
-    rate = _with_interval(values, name)
+    rate = with_interval(values, name)
     return "n/a" if rate is None else f"{rate[1]:.3f} [{rate[0]:.3f}, {rate[2]:.3f}]"
 
 
@@ -457,7 +246,7 @@ def backends_section(metadata: Mapping[str, Any]) -> Section:
 
 def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
     """The card's content; ``name`` is the registered model name."""
-    card = ModelCard.from_metadata(name, "", metadata).with_threshold_override(
+    policy = DecisionPolicy.from_metadata(name, "", metadata).with_threshold_override(
         metadata.get(SITE_OVERRIDE)
     )
     version = metadata.get("mlflow_model_version", "?")
@@ -475,16 +264,16 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
                 ["initial weights", str(metadata.get("weights", "?"))],
                 [
                     "classes",
-                    ", ".join(card.classes) + f" (positive: {card.positive_class})",
+                    ", ".join(policy.classes) + f" (positive: {policy.positive_class})",
                 ],
-                ["input", f"RGB photo resized to {card.image_size}x{card.image_size}"],
+                ["input", f"RGB photo resized to {policy.image_size}x{policy.image_size}"],
                 ["MLflow run", str(metadata.get("mlflow_run_id", "?"))],
                 ["git commit", str(metadata.get("git_commit", "?"))],
             ],
         ),
         Section(
             "Intended use",
-            bullets=[item.format(classes=" or ".join(card.classes)) for item in INTENDED_USE],
+            bullets=[item.format(classes=" or ".join(policy.classes)) for item in INTENDED_USE],
         ),
     ]
     data = metadata.get("training_data", {})
@@ -556,12 +345,12 @@ def card_sections(name: str, metadata: Mapping[str, Any]) -> list[Section]:
             "Operating threshold",
             paragraphs=[
                 (
-                    f"Threshold {_percent(card.threshold)} on P({card.positive_class}), rule "
+                    f"Threshold {_percent(policy.threshold)} on P({policy.positive_class}), rule "
                     f"{metadata.get('threshold_rule', 'n/a')}; probabilities calibrated "
                     f"({metadata.get('calibration', 'none')}, temperature "
                     f"{float(metadata.get('temperature', 1.0)):.3f})."
                 ),
-                card.threshold_trade(),
+                policy.threshold_trade(),
                 (
                     "A photo scoring above the threshold is flagged for a clinician even when its "
                     "probability is below 50%: the threshold is set low on purpose, to miss few "
@@ -598,6 +387,13 @@ SPACE_NAMES = {
 }
 
 
+def space_words(key: str) -> str:
+    """A guard's space in words; an ensemble member's head guard names its member."""
+    space = ood.space_of(key)
+    words = SPACE_NAMES.get(space, space)
+    return words if key == space else f"{words} (ensemble {key.split(ood.MEMBER_SEPARATOR)[1]})"
+
+
 def ood_rule(metadata: Mapping[str, Any]) -> str:
     guard = metadata.get("ood")
     if not guard:
@@ -606,15 +402,17 @@ def ood_rule(metadata: Mapping[str, Any]) -> str:
             "every upload gets a label, whatever it shows."
         )
     spaces = [
-        f"{SPACE_NAMES.get(space, space)} ({part['feature_dims']} numbers, threshold "
-        f"{part['threshold']:.3f}, set on {part['calibration_photos']} held-out photos for a "
-        f"false-refusal rate of at most {part['effective_alpha']:.2%})"
-        for space, part in guard["spaces"].items()
+        f"{space_words(key)} ({part['feature_dims']} numbers against "
+        f"{part['reference_photos']} training photos; threshold {part['threshold']:.3f}, set "
+        f"on {part['calibration_photos']} held-out photos "
+        f"({part.get('calibration_source', ood.HELD_OUT_SOURCE)}) for a false-refusal rate of "
+        f"at most {part['effective_alpha']:.2%})"
+        for key, part in guard["spaces"].items()
     ]
     first = next(iter(guard["spaces"].values()))
     rate = float(guard["stated_false_refusal_rate"])
     return (
-        f"Each upload is compared with the {first['reference_photos']} training photos in "
+        f"Each upload is compared with the training photos in "
         f"{len(spaces)} way(s): " + "; ".join(spaces) + ". In each, features are standardised "
         f"and the mean distance to the {first['k']} nearest training photos is compared with "
         "the threshold. Above it in any, the answer says the photo does not look like a skin "

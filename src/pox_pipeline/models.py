@@ -24,8 +24,9 @@ from keras.src.applications.vgg16 import WEIGHTS_PATH_NO_TOP as VGG16_NOTOP_URL
 from omegaconf import DictConfig
 
 from pox_pipeline import efficientnet_lite as lite
+from pox_pipeline.colour_texture import ColourTextureFeatures
 from pox_pipeline.efficientnet_lite import WeightsUnavailableError
-from pox_pipeline.features import ColourTextureFeatures, walk_layers
+from pox_pipeline.inference import walk_layers
 from pox_pipeline.torch_legacy import read_state_dict
 
 # Keras' own cache name and published md5 for the ImageNet VGG16 conv base (no top).
@@ -427,7 +428,7 @@ def resnet(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Mo
 
 def colour_texture(model_cfg: DictConfig, image_size: int, num_classes: int) -> keras.Model:
     """A regularised linear classifier on fixed colour and texture statistics
-    (:class:`~pox_pipeline.features.ColourTextureFeatures`): a few hundred inputs instead of a
+    (:class:`~pox_pipeline.colour_texture.ColourTextureFeatures`): a few hundred inputs instead of a
     million weights, for data sets of a few hundred photos. Built as augmentation -> frozen
     (resize + statistics, nothing to train, so training computes them once per image and view)
     -> trainable (a BatchNorm without scale or shift that standardises each statistic, dropout,

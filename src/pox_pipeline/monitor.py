@@ -37,7 +37,7 @@ from pox_pipeline import ood
 
 if TYPE_CHECKING:
 
-    from pox_pipeline.model_card import ModelCard
+    from pox_pipeline.policy import DecisionPolicy
 
 MONITOR_NAME = "pox_answers"  # one bentoml.monitor per process (its loggers are global)
 BASIS_FILE = "monitoring_basis.npz"  # beside the model, like ood.npz
@@ -118,7 +118,7 @@ def statistic_indices() -> dict[str, tuple[int, ...] | tuple[str, int, int]]:
     the guard's): moments (mean, std per channel), quantiles, colour histograms, LBP
     histograms per radius, the gradient histogram. Edge energy needs the whole gradient
     histogram: ``("gradient", first, bins)``."""
-    from pox_pipeline.features import COLOUR_CHANNELS, LBP_BINS, ColourTextureFeatures
+    from pox_pipeline.colour_texture import COLOUR_CHANNELS, LBP_BINS, ColourTextureFeatures
 
     layer = ColourTextureFeatures()
     moments = 0
@@ -146,7 +146,7 @@ def statistic_indices() -> dict[str, tuple[int, ...] | tuple[str, int, int]]:
 def named_statistics(image_statistics: np.ndarray) -> np.ndarray:
     """(N, 213) colour/texture features -> (N, len(STATISTICS)) named statistics. Edge
     energy is the mean grey-level gradient magnitude read off its histogram (bin centres)."""
-    from pox_pipeline.features import ColourTextureFeatures
+    from pox_pipeline.colour_texture import ColourTextureFeatures
 
     values = np.asarray(image_statistics, np.float64)
     indices = statistic_indices()
@@ -201,15 +201,14 @@ def monitored_columns(
     distance / threshold (nan when that space is not guarded), the named statistics and the
     head components. ``features`` has both spaces (:data:`ood.FEATURE_SPACES`)."""
     count = len(features[ood.HEAD])
-    ratios = [
-        guard.guards[space].distances(features[space]) / guard.guards[space].threshold
-        if guard is not None and space in guard.guards
-        else np.full(count, np.nan)
-        for space in ood.FEATURE_SPACES
-    ]
+    ratios = (
+        guard.space_ratios(features)
+        if guard is not None
+        else np.full((count, len(ood.FEATURE_SPACES)), np.nan)
+    )
     return np.concatenate(
         [
-            np.stack(ratios, axis=1),
+            ratios,
             named_statistics(features[ood.IMAGE_STATISTICS]),
             basis.project(features[ood.HEAD]),
         ],
@@ -340,13 +339,13 @@ class ServiceMonitor:
     the array through and records nothing."""
 
     def __init__(
-        self, settings: MonitoringSettings, model_dir: Path | None, card: ModelCard | None
+        self, settings: MonitoringSettings, model_dir: Path | None, policy: DecisionPolicy | None
     ) -> None:
         basis_file = None if model_dir is None else Path(model_dir) / BASIS_FILE
         self.enabled = bool(settings.enabled and basis_file is not None and basis_file.is_file())
         self.settings = settings
         self.columns: tuple[str, ...] = Basis.load(basis_file).columns if self.enabled else ()
-        self.card = card
+        self.policy = policy
         self.metrics = LiveMetrics(settings) if self.enabled else None
         self._options: dict[str, str] = {}
         if self.enabled:
@@ -368,7 +367,7 @@ class ServiceMonitor:
             return
         import bentoml
 
-        rows = records(answers, columns, self.columns, self.card.positive_class)
+        rows = records(answers, columns, self.columns, self.policy.positive_class)
         with bentoml.monitor(MONITOR_NAME, monitor_class="default",
                              monitor_options=self._options) as mon:  # fmt: skip
             mon.log_batch([endpoint] * len(rows), "endpoint", "feature", "categorical")

@@ -2,12 +2,13 @@
 
 A classifier answers every input with one of its classes, a cat photo included. The guard
 measures how far an image lies from the training photos in up to two feature spaces
-(``serve.ood.features``):
+(``serve.ood.spaces``):
 
 - ``head``: the space the model's decision is made in, the input of its final Dense
-  ``output`` layer (the penultimate features; for an ensemble, every member's, side by side);
+  ``output`` layer (the penultimate features; for an ensemble, every member's, side by side,
+  each member guarded on its own columns: ``head/member_<i>``);
 - ``image_statistics``: how the photo looks, whatever the model: the colour, texture and edge
-  statistics of :class:`~pox_pipeline.features.ColourTextureFeatures`. A network trained from
+  statistics of :class:`~pox_pipeline.colour_texture.ColourTextureFeatures`. A network trained from
   scratch on a couple of hundred photos maps a cat or random noise close to its lesions; the
   statistics do not (benchmarks/ood_rates.py measures both).
 
@@ -15,7 +16,8 @@ In each space every feature is standardised with the training split's mean and s
 an image's distance is the mean Euclidean distance (per feature, i.e. divided by sqrt(dims))
 to its ``k`` nearest reference photos. The space's threshold is a split-conformal quantile of
 held-out distances: each non-test photo's distance to a reference of the other folds' photos
-(out of fold; the validation photos' distance to the training photos on a fixed split). For
+(out of fold; the validation photos' distance to the training photos on a fixed split; for
+an ensemble member, the distance of photos it never trained on to its training photos). For
 a new genuine photo exchangeable with those, the chance of exceeding the threshold is at
 most the space's effective alpha (``serve.ood.alpha`` shared over the spaces), which the
 metadata and the model card state. An image's score is its largest distance / threshold
@@ -52,7 +54,10 @@ METHOD = "knn"
 # mean spread instead: such a unit lighting up is a strong sign of an unfamiliar input, and
 # must not divide by zero.
 MIN_SCALE_RATIO = 0.1
-REASON = "this does not look like a skin photo like those the model was trained on"
+# Which photos set a limit, as the metadata and the card say it (guards saved before it was
+# recorded read as the generic one).
+HELD_OUT_SOURCE = "held-out photos"
+OUT_OF_FOLD_SOURCE = "every non-test photo, each against the other folds' photos"
 
 
 HEAD = "head"
@@ -63,13 +68,26 @@ FEATURE_SPACES = (HEAD, IMAGE_STATISTICS)
 # statistics (an antialiased resize, before) would measure its thresholds in another space.
 STATISTICS_METHOD = "average_pool"
 
+# An ensemble member's head guard is keyed "head/member_<i>": it reads that member's columns
+# of the head space.
+MEMBER_SEPARATOR = "/"
+
+
+def space_of(key: str) -> str:
+    """The feature space a guard reads (``head/member_1`` reads the head space)."""
+    return key.split(MEMBER_SEPARATOR)[0]
+
+
+def member_key(index: int) -> str:
+    return f"{HEAD}{MEMBER_SEPARATOR}member_{index}"
+
 
 @dataclass(frozen=True)
 class OODSettings:
     """``serve.ood``: the off switch (serving) and how the guard is fitted (publishing)."""
 
     enabled: bool
-    features: tuple[str, ...]
+    spaces: tuple[str, ...]
     statistics_size: int
     k: int
     alpha: float  # the stated false-refusal rate of genuine photos, shared over the spaces
@@ -78,12 +96,12 @@ class OODSettings:
     @classmethod
     def from_cfg(cls, ood_cfg: Mapping[str, Any]) -> OODSettings:
         values = dict(ood_cfg)
-        values["features"] = tuple(str(name) for name in values["features"])
+        values["spaces"] = tuple(str(name) for name in values["spaces"])
         settings = cls(**values)
-        unknown = set(settings.features) - set(FEATURE_SPACES)
-        if unknown or not settings.features:
+        unknown = set(settings.spaces) - set(FEATURE_SPACES)
+        if unknown or not settings.spaces:
             raise ValueError(
-                f"serve.ood.features={list(settings.features)}; choose from {FEATURE_SPACES}"
+                f"serve.ood.spaces={list(settings.spaces)}; choose from {FEATURE_SPACES}"
             )
         if settings.k < 1:
             raise ValueError(f"serve.ood.k must be at least 1, got {settings.k}")
@@ -115,7 +133,9 @@ def conformal_rank(n: int, alpha: float) -> tuple[int, float]:
 @dataclass(frozen=True)
 class Guard:
     """The fitted rule: reference features (standardised), their scaling, k and the threshold
-    (with the alpha it was asked for, the effective alpha it states, and its evidence)."""
+    (with the alpha it was asked for, the effective alpha it states, and its evidence: how
+    many held-out photos and which). ``columns``: the [start, stop) slice of its space's
+    features it reads (an ensemble member's share of the head space); None: all of them."""
 
     mean: np.ndarray
     scale: np.ndarray
@@ -125,6 +145,8 @@ class Guard:
     alpha: float = math.nan
     effective_alpha: float = math.nan
     calibration_photos: int = 0
+    calibration_source: str = HELD_OUT_SOURCE
+    columns: tuple[int, int] | None = None
 
     @classmethod
     def of_reference(cls, features: np.ndarray, k: int) -> Guard:
@@ -139,22 +161,26 @@ class Guard:
         scale = np.maximum(spread, floor)
         return cls(mean, scale, (reference - mean) / scale, k)
 
-    def with_threshold(self, held_out_distances: np.ndarray, alpha: float) -> Guard:
+    def with_threshold(
+        self, held_out_distances: np.ndarray, alpha: float, source: str = HELD_OUT_SOURCE
+    ) -> Guard:
         """The conformal threshold of held-out photos' distances (photos outside the reference
-        they were measured against, like an upload)."""
+        they were measured against, like an upload); ``source`` says which photos they are."""
         ordered = np.sort(np.asarray(held_out_distances, np.float64))
         rank, effective = conformal_rank(len(ordered), alpha)
         return replace(self, threshold=float(ordered[rank - 1]), alpha=alpha,
-                       effective_alpha=effective, calibration_photos=len(ordered))  # fmt: skip
+                       effective_alpha=effective, calibration_photos=len(ordered),
+                       calibration_source=source)  # fmt: skip
 
     @classmethod
     def fit(
-        cls, train_features: np.ndarray, val_features: np.ndarray, k: int, alpha: float
-    ) -> Guard:
-        """Fixed split: reference = the training photos; threshold from the validation
-        photos' distances to them."""
+        cls, train_features: np.ndarray, val_features: np.ndarray, k: int, alpha: float,
+        source: str = "validation photos",
+    ) -> Guard:  # fmt: skip
+        """Fixed split: reference = the training photos; threshold from the held-out
+        (validation) photos' distances to them."""
         unfitted = cls.of_reference(train_features, k)
-        return unfitted.with_threshold(unfitted.distances(val_features), alpha)
+        return unfitted.with_threshold(unfitted.distances(val_features), alpha, source)
 
     @classmethod
     def fit_out_of_fold(
@@ -163,7 +189,7 @@ class Guard:
         """Reference = every photo; threshold from each photo's distance to a reference of
         the other folds' photos (patient-grouped folds: never its own patient's photos)."""
         held_out = cls.out_of_fold_distances(features, folds, k)
-        return cls.of_reference(features, k).with_threshold(held_out, alpha)
+        return cls.of_reference(features, k).with_threshold(held_out, alpha, OUT_OF_FOLD_SOURCE)
 
     @classmethod
     def out_of_fold_distances(cls, features: np.ndarray, folds: np.ndarray, k: int) -> np.ndarray:
@@ -175,6 +201,11 @@ class Guard:
             inside = folds == fold
             held_out[inside] = cls.of_reference(features[~inside], k).distances(features[inside])
         return held_out
+
+    def ratios(self, space_features: np.ndarray) -> np.ndarray:
+        """Distance / threshold of each row of its space's features (its columns only)."""
+        own = space_features if self.columns is None else space_features[:, slice(*self.columns)]
+        return self.distances(own) / self.threshold
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Mean distance (per feature) of each row to its k nearest reference photos."""
@@ -188,6 +219,7 @@ class Guard:
         return nearest.mean(axis=1) / np.sqrt(z.shape[1])
 
     def metadata(self) -> dict[str, Any]:
+        columns = {} if self.columns is None else {"columns": list(self.columns)}
         return {
             "method": METHOD,
             "feature_dims": int(self.reference.shape[1]),
@@ -196,7 +228,9 @@ class Guard:
             "alpha": self.alpha,
             "effective_alpha": self.effective_alpha,
             "calibration_photos": self.calibration_photos,
+            "calibration_source": self.calibration_source,
             "threshold": self.threshold,
+            **columns,
         }
 
     def arrays(self) -> dict[str, Any]:
@@ -209,10 +243,13 @@ class Guard:
             "alpha": self.alpha,
             "effective_alpha": self.effective_alpha,
             "calibration_photos": self.calibration_photos,
+            "calibration_source": self.calibration_source,
+            "columns": np.asarray(self.columns or (), np.int64),
         }
 
     @classmethod
     def from_arrays(cls, stored: Mapping[str, Any]) -> Guard:
+        columns = stored.get("columns", ())  # a guard saved before ensembles had member slices
         return cls(
             mean=np.asarray(stored["mean"]),
             scale=np.asarray(stored["scale"]),
@@ -222,7 +259,21 @@ class Guard:
             alpha=float(stored["alpha"]),
             effective_alpha=float(stored["effective_alpha"]),
             calibration_photos=int(stored["calibration_photos"]),
+            calibration_source=str(stored.get("calibration_source", HELD_OUT_SOURCE)),
+            columns=tuple(int(c) for c in columns) if len(columns) else None,
         )
+
+
+@dataclass(frozen=True)
+class MemberFeatures:
+    """One ensemble member's head features (its ``columns`` of the head space) of the photos
+    it trained on (``reference``) and of photos it never trained on (``held_out``, described
+    by ``source``)."""
+
+    reference: np.ndarray
+    held_out: np.ndarray
+    source: str
+    columns: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -241,9 +292,9 @@ class GuardSet:
         settings: OODSettings,
     ) -> GuardSet:
         """Fixed split: the validation photos set each space's threshold."""
-        alpha = settings.alpha / len(settings.features)
+        alpha = settings.alpha / len(settings.spaces)
         guards = {space: Guard.fit(train[space], val[space], settings.k, alpha)
-                  for space in settings.features}  # fmt: skip
+                  for space in settings.spaces}  # fmt: skip
         return cls(guards, settings.statistics_size)
 
     @classmethod
@@ -251,9 +302,32 @@ class GuardSet:
         cls, features: Mapping[str, np.ndarray], folds: np.ndarray, settings: OODSettings
     ) -> GuardSet:
         """Every photo is the reference; out-of-fold distances set each space's threshold."""
-        alpha = settings.alpha / len(settings.features)
+        alpha = settings.alpha / len(settings.spaces)
         guards = {space: Guard.fit_out_of_fold(features[space], folds, settings.k, alpha)
-                  for space in settings.features}  # fmt: skip
+                  for space in settings.spaces}  # fmt: skip
+        return cls(guards, settings.statistics_size)
+
+    @classmethod
+    def fit_members(
+        cls,
+        members: Sequence[MemberFeatures],
+        statistics: tuple[np.ndarray, np.ndarray] | None,
+        settings: OODSettings,
+    ) -> GuardSet:
+        """An ensemble: one head guard per member (``head/member_<i>``, reading its columns of
+        the head space), its reference the member's training photos and its threshold from
+        photos that member never trained on; ``statistics`` (model-free: any held-out photos
+        will do) is (reference, held-out) image statistics, when that space is guarded."""
+        count = len(members) * (HEAD in settings.spaces) + (statistics is not None)
+        alpha = settings.alpha / count
+        guards = {}
+        if HEAD in settings.spaces:
+            for index, member in enumerate(members):
+                guard = Guard.fit(member.reference, member.held_out, settings.k, alpha,
+                                  member.source)  # fmt: skip
+                guards[member_key(index)] = replace(guard, columns=member.columns)
+        if statistics is not None:
+            guards[IMAGE_STATISTICS] = Guard.fit(*statistics, settings.k, alpha)
         return cls(guards, settings.statistics_size)
 
     @property
@@ -274,9 +348,19 @@ class GuardSet:
             for space in FEATURE_SPACES
         ], axis=1)  # fmt: skip
 
+    def space_ratios(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """(N, len(FEATURE_SPACES)): each photo's distance / threshold per space, the largest
+        over an ensemble's member guards (nan for a space not guarded)."""
+        count = len(features[HEAD])
+        columns = []
+        for space in FEATURE_SPACES:
+            ratios = [guard.ratios(features[space]) for key, guard in self.guards.items()
+                      if space_of(key) == space]  # fmt: skip
+            columns.append(np.max(ratios, axis=0) if ratios else np.full(count, np.nan))
+        return np.stack(columns, axis=1)
+
     def scores(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
-        ratios = [guard.distances(features[space]) / guard.threshold
-                  for space, guard in self.guards.items()]  # fmt: skip
+        ratios = [guard.ratios(features[space_of(key)]) for key, guard in self.guards.items()]
         return np.max(ratios, axis=0)
 
     def metadata(self) -> dict[str, Any]:
@@ -316,34 +400,13 @@ class GuardSet:
             return cls(guards, int(stored["statistics_size"]))
 
 
-def verdict(score: float | None) -> dict[str, Any]:
-    """The answer's OOD fields: ``in_distribution`` and, when false, ``ood_reason``.
-
-    ``score`` None (or nan) means the check did not run (no guard stored with the model, or
-    ``serve.ood.enabled: false``): the answer says so instead of pretending it passed.
-    """
-    if score is None or np.isnan(score):
-        return {"in_distribution": True, "ood": {"checked": False}}
-    inside = bool(score <= 1.0)
-    answer: dict[str, Any] = {
-        "in_distribution": inside,
-        "ood": {"checked": True, "score": float(score)},
-    }
-    if not inside:
-        answer["ood_reason"] = (
-            f"{REASON} (its distance to the training photos is {score:.1f} times the limit "
-            "that held-out genuine photos stay under)"
-        )
-    return answer
-
-
 # ---------------------------------------------------------------------------- features (Keras)
 
 
 def head_layers(model: keras.Layer) -> list[keras.Layer]:
     """Every final Dense ``output`` layer, searching nested sub-models in layer order (one per
     model; one per member in an ensemble)."""
-    from pox_pipeline.features import walk_layers
+    from pox_pipeline.inference import walk_layers
 
     found = [
         layer for layer in walk_layers(model)
@@ -362,12 +425,12 @@ def statistics_pool(image_size: int, statistics_size: int) -> int:
 
 def image_statistics(image_size: int, statistics_size: int) -> Callable[[Any], Any]:
     """A batch in [0, 255] -> its colour and texture statistics
-    (:class:`~pox_pipeline.features.ColourTextureFeatures`) of the photo average-pooled by
+    (:class:`~pox_pipeline.colour_texture.ColourTextureFeatures`) of the photo average-pooled by
     :func:`statistics_pool`: plain TFLite ops, and few enough pixels to cost a fraction of
     the model's pass."""
     import keras
 
-    from pox_pipeline.features import ColourTextureFeatures
+    from pox_pipeline.colour_texture import ColourTextureFeatures
 
     pool = statistics_pool(image_size, statistics_size)
     describe = ColourTextureFeatures()
@@ -471,12 +534,12 @@ def features_of(
 
     if not len(images):
         raise ValueError("no images to compute features of")
-    extract = feature_extractor(model, images.shape[1], settings.features, settings.statistics_size)
+    extract = feature_extractor(model, images.shape[1], settings.spaces, settings.statistics_size)
     parts = []
     for start in range(0, len(images), settings.batch_size):
         views = tta_views(images[start : start + settings.batch_size], tta)
         parts.append(extract(np.concatenate(views), len(views))[1])
-    return {space: np.concatenate([part[space] for part in parts]) for space in settings.features}
+    return {space: np.concatenate([part[space] for part in parts]) for space in settings.spaces}
 
 
 def fit_guard(
@@ -498,3 +561,38 @@ def fit_guard_out_of_fold(
     features = features_of(model, images, settings, tta)
     guard = GuardSet.fit_out_of_fold(features, folds, settings)
     return guard, guard.out_of_fold_ratios(features, folds)
+
+
+def head_widths(model: keras.Model) -> list[int]:
+    """How many head features each :func:`head_layers` layer reads (one per ensemble member,
+    in member order): the widths of the head space's consecutive column blocks."""
+    return [int(layer.kernel.shape[0]) for layer in head_layers(model)]
+
+
+def fit_member_guards(
+    model: keras.Model,
+    members: Sequence[tuple[np.ndarray, np.ndarray, str]],
+    settings: OODSettings,
+    tta: str,
+) -> GuardSet:
+    """An ensemble's guard (:meth:`GuardSet.fit_members`). ``members``: per member, in member
+    order, (the photos it trained on, photos it never trained on, which those are), model
+    inputs. Each member's head features are read through the whole ensemble, as the service
+    reads them; the model-free image statistics from the first member's photos."""
+    bounds = np.cumsum([0, *head_widths(model)])
+    if len(bounds) - 1 != len(members):
+        raise ValueError(f"{len(members)} members' photos for {len(bounds) - 1} head layers")
+    guard_heads = HEAD in settings.spaces
+    fitted, statistics = [], None
+    for index, (reference, held_out, source) in enumerate(members):
+        if index and not guard_heads:
+            break
+        wanted = replace(settings, spaces=settings.spaces if index == 0 else (HEAD,))
+        ref, held = (features_of(model, photos, wanted, tta) for photos in (reference, held_out))
+        if guard_heads:
+            columns = (int(bounds[index]), int(bounds[index + 1]))
+            own = slice(*columns)
+            fitted.append(MemberFeatures(ref[HEAD][:, own], held[HEAD][:, own], source, columns))
+        if IMAGE_STATISTICS in wanted.spaces:
+            statistics = (ref[IMAGE_STATISTICS], held[IMAGE_STATISTICS])
+    return GuardSet.fit_members(fitted, statistics, settings)

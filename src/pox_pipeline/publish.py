@@ -54,13 +54,25 @@ UNHASHED_FILES = (model_card.MARKDOWN_FILE, model_card.HTML_FILE, drift.REFERENC
 
 
 @dataclass(frozen=True)
+class MemberPhotos:
+    """One ensemble member's guard photos: those it trained on (the reference) and photos it
+    never trained on (the threshold's), which ``source`` names (model inputs)."""
+
+    trained_on: np.ndarray
+    held_out: np.ndarray
+    source: str
+
+
+@dataclass(frozen=True)
 class GuardPhotos:
     """The photos a guard (and the monitoring reference) is fitted on. Out of fold: ``images``
     are every non-test photo (the reference) and ``folds`` their patient-grouped folds (the
     threshold comes from each photo's distance to the other folds). Fixed split: ``images``
     are the reference (train) and ``held_out`` the photos that set the threshold (val).
     ``labels`` and ``held_out_labels`` are their class indices (backends are scored on them);
-    ``oof_outputs`` each photo's raw output from the fold model that did not train on it."""
+    ``oof_outputs`` each photo's raw output from the fold model that did not train on it.
+    An ensemble's guard is fitted on ``members`` instead (one per member, in member order):
+    the other photos then serve the backends and the monitoring reference only."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -68,6 +80,7 @@ class GuardPhotos:
     held_out: np.ndarray | None = None
     held_out_labels: np.ndarray | None = None
     oof_outputs: np.ndarray | None = None
+    members: tuple[MemberPhotos, ...] = ()
 
     @classmethod
     def of_model(cls, data_cfg: DictConfig, model_name: str | None) -> GuardPhotos:
@@ -108,6 +121,9 @@ class GuardPhotos:
         self, model: keras.Model, settings: ood.OODSettings, tta: str
     ) -> tuple[ood.GuardSet, np.ndarray | None]:
         """The guard, and after a refit each photo's out-of-fold guard ratios."""
+        if self.members:
+            photos = [(m.trained_on, m.held_out, m.source) for m in self.members]
+            return ood.fit_member_guards(model, photos, settings, tta), None
         if self.folds is not None:
             return ood.fit_guard_out_of_fold(model, self.images, self.folds, settings, tta)
         return ood.fit_guard(model, self.images, self.held_out, settings, tta), None
@@ -121,6 +137,12 @@ class GuardPhotos:
         if ratios is None:  # no guard: no ratio in any space
             ratios = np.full((len(self.oof_outputs), len(ood.FEATURE_SPACES)), np.nan)
         return drift.HeldOutScores(self.oof_outputs, ratios)
+
+
+def with_training_data(data_cfg: DictConfig, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``metadata`` with the training data and split the model came from: what every
+    published model ships with, and what the CLI says of a model not yet published."""
+    return {**metadata, **model_card.training_data_metadata(data_cfg)}
 
 
 def without_nulls(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -258,7 +280,7 @@ def measure_backends(
     # The image statistics go into the converted pass whenever the service will compute them
     # (the guard, or monitoring), and every backend is timed with them, as it serves.
     guarded = serve_cfg.ood.enabled or serve_cfg.monitoring.enabled
-    spaces = settings.features if guarded else (ood.HEAD,)
+    spaces = settings.spaces if guarded else (ood.HEAD,)
     statistics_size = settings.statistics_size if ood.IMAGE_STATISTICS in spaces else None
     sets = {"evidence": photos.evidence, "test": photos.test}
     one_photo = np.concatenate(
@@ -318,7 +340,7 @@ def publish(
     out-of-distribution guard (``serve.ood``) on ``guard_photos`` (default: ``data_cfg``'s
     train and val), write its model card, save them all to BentoML and log the card and guard
     to its MLflow run. The one publish step of select and ensemble."""
-    metadata = {**metadata, **model_card.training_data_metadata(data_cfg)}
+    metadata = with_training_data(data_cfg, metadata)
     model = load_keras_model(model_file)
     with tempfile.TemporaryDirectory() as tmp:
         photos = guard_photos or GuardPhotos.of_model(data_cfg, None)

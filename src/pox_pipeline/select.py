@@ -135,6 +135,11 @@ def data_metadata(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def provenance(run_info: Mapping[str, Any]) -> dict[str, Any]:
+    """What a trained model is and started from, from its run.json."""
+    return {"architecture": run_info["architecture"], "weights": run_info["weights"] or "none"}
+
+
 def register_champion(
     cfg: DictConfig, run_id: str, tags: Mapping[str, Any]
 ) -> ModelVersion:
@@ -186,8 +191,7 @@ def select(cfg: DictConfig) -> dict[str, Any]:
     )
     metadata = {
         **model_metadata(cfg, winner, chosen, test_metrics),
-        "architecture": run_info["architecture"],
-        "weights": run_info["weights"] or "none",
+        **provenance(run_info),
         "mlflow_run_id": run_id,
         "mlflow_model_version": int(version.version),
         "registered_model_name": cfg.select.registered_model_name,

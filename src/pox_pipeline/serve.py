@@ -1,4 +1,4 @@
-"""Serving core, free of HTTP: settings, model card, predictor, Grad-CAM and upload handling.
+"""Serving core, free of HTTP: settings, predictor, Grad-CAM and upload handling.
 
 ``service.py`` wraps these in BentoML; tests and scripts call them directly. TensorFlow is
 imported inside the functions that run the model, so the API process (which only decodes
@@ -30,7 +30,7 @@ from pox_pipeline.inference import (
     traced,
     tta_views,
 )
-from pox_pipeline.model_card import ModelCard
+from pox_pipeline.policy import DecisionPolicy
 from pox_pipeline.preprocess import ImageError, ImageTooLarge
 
 if TYPE_CHECKING:
@@ -152,28 +152,28 @@ class Predictor:
     def __init__(
         self,
         model_dir: Path,
-        card: ModelCard,
+        policy: DecisionPolicy,
         backend: str = tflite.KERAS,
         tflite_threads: int | None = None,
         ood_enabled: bool = True,
         monitoring: bool = False,
         batch_sizes: Sequence[int] = (1,),
     ) -> None:
-        backend = card.fastest_backend if backend == tflite.AUTO else backend
+        backend = policy.fastest_backend if backend == tflite.AUTO else backend
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose {tflite.AUTO} or one of {BACKENDS}")
-        if backend != tflite.KERAS and backend not in card.backend_files:
+        if backend != tflite.KERAS and backend not in policy.backend_files:
             raise ValueError(
-                f"backend {backend!r} was not published with model {card.name}:{card.version} "
-                f"(published: {', '.join([tflite.KERAS, *card.backend_files])}; its model card "
+                f"backend {backend!r} was not published with model {policy.name}:{policy.version} "
+                f"(published: {', '.join([tflite.KERAS, *policy.backend_files])}; its model card "
                 "says why): choose one of those, or list it in serve.publish_backends and publish"
             )
-        self.card = card
+        self.policy = policy
         self.backend = backend
         self.model = load_stored_model(Path(model_dir))
         # The converted model, on TFLite backends: the bytes stored at publish, never converted.
         self.runner = (
-            tflite.Runner((Path(model_dir) / card.backend_files[backend]).read_bytes(),
+            tflite.Runner((Path(model_dir) / policy.backend_files[backend]).read_bytes(),
                           tflite_threads, batch_sizes)
             if backend != tflite.KERAS else None
         )  # fmt: skip
@@ -187,18 +187,18 @@ class Predictor:
         if not spaces and self.runner is None:
             self._features = None
             self._run = run_traced(
-                traced(lambda batch: self.model(batch, training=False), card.image_size)
+                traced(lambda batch: self.model(batch, training=False), policy.image_size)
             )
         else:  # one pass gives the answer and the guard's head features
             self._features = ood.feature_extractor(
-                self.model, card.image_size, spaces,
-                self.guard.statistics_size if self.guard else card.image_size, self.runner,
+                self.model, policy.image_size, spaces,
+                self.guard.statistics_size if self.guard else policy.image_size, self.runner,
             )  # fmt: skip
             self._run = self._features.outputs
         self._gradcam_layer = last_conv2d(self.model)
         self._gradcam_lock = threading.Lock()
         # Trace / allocate now so that the first request is not the slow one.
-        self.outputs(np.zeros((1, card.image_size, card.image_size, 3), np.float32))
+        self.outputs(np.zeros((1, policy.image_size, policy.image_size, 3), np.float32))
 
     @classmethod
     def from_stored(
@@ -210,18 +210,18 @@ class Predictor:
         monitoring: bool = False,
         batch_sizes: Sequence[int] = (1,),
     ) -> Predictor:
-        return cls(Path(stored.path), ModelCard.from_stored(stored), backend, tflite_threads,
+        return cls(Path(stored.path), DecisionPolicy.from_stored(stored), backend, tflite_threads,
                    ood_enabled, monitoring, batch_sizes)  # fmt: skip
 
     def _view_batch(self, batch: np.ndarray) -> tuple[np.ndarray, int]:
-        """All the card's TTA views of all images as one contiguous batch, and the view count."""
-        views = tta_views(np.asarray(batch, dtype=np.float32), self.card.tta)
+        """All the policy's TTA views of all images as one contiguous batch, and the view count."""
+        views = tta_views(np.asarray(batch, dtype=np.float32), self.policy.tta)
         inputs = views[0] if len(views) == 1 else np.concatenate(views)  # no copy without TTA
         return np.ascontiguousarray(inputs), len(views)
 
     def outputs(self, batch: np.ndarray) -> np.ndarray:
         """Model outputs for a float32 (N, S, S, 3) batch in [0, 255], averaged over the
-        card's TTA views: all views of all images go through the model as one batch."""
+        policy's TTA views: all views of all images go through the model as one batch."""
         inputs, n_views = self._view_batch(batch)
         return mean_over_views(self._run(inputs), n_views)
 
@@ -250,20 +250,20 @@ class Predictor:
         """Model inputs (``preprocess.to_model_input``) -> one result dict per image, in order."""
         if not images:
             return []
-        return self.card.results(*split_ood_score(self.outputs_with_ood_score(np.stack(images))))
+        return self.policy.results(*split_ood_score(self.outputs_with_ood_score(np.stack(images))))
 
     def gradcam(self, image: np.ndarray) -> np.ndarray:
         """Grad-CAM of the positive-class score at the last Conv2D, in [0, 1] (conv resolution);
         for a model without one (``colour_texture``), the input-gradient saliency instead."""
         image = np.asarray(image, np.float32)  # the API process sends uint8
         if self._gradcam_layer is None:
-            return input_saliency(self.model, image, self.card.positive_index)
+            return input_saliency(self.model, image, self.policy.positive_index)
         with self._gradcam_lock:  # the layer hook is process-wide state
-            return gradcam(self.model, self._gradcam_layer, image, self.card.positive_index)
+            return gradcam(self.model, self._gradcam_layer, image, self.policy.positive_index)
 
     def explain(self, photo: Image.Image, heatmap: HeatmapConfig) -> tuple[dict[str, Any], bytes]:
         """Prediction for a decoded photo and its Grad-CAM overlay as PNG bytes."""
-        image = preprocess.to_model_input(photo, self.card.image_size, self.card.resample)
+        image = preprocess.to_model_input(photo, self.policy.image_size, self.policy.resample)
         result = self.predict([image])[0]
         return result, render_heatmap(photo, self.gradcam(image), heatmap)
 
@@ -281,7 +281,7 @@ def last_conv2d(model: keras.Layer) -> keras.layers.Conv2D | None:
     None for a model without one."""
     import keras
 
-    from pox_pipeline.features import walk_layers
+    from pox_pipeline.inference import walk_layers
 
     convs = [layer for layer in walk_layers(model) if isinstance(layer, keras.layers.Conv2D)]
     return convs[-1] if convs else None
@@ -396,12 +396,12 @@ def store_upload(data: bytes, upload_dir: Path, now: datetime | None = None) -> 
 
 
 def load_upload(
-    path: Path, settings: ServeConfig, card: ModelCard
+    path: Path, settings: ServeConfig, policy: DecisionPolicy
 ) -> tuple[Image.Image, np.ndarray]:
     """An uploaded file -> (photo, uint8 model input: what the model process takes, never a
     float32 copy here); raises :class:`ImageError` with the reason."""
-    photo = decode_upload(read_upload(path, settings.max_upload_bytes), settings, card.image_size)
-    return photo, preprocess.model_pixels(photo, card.image_size, card.resample)
+    photo = decode_upload(read_upload(path, settings.max_upload_bytes), settings, policy.image_size)
+    return photo, preprocess.model_pixels(photo, policy.image_size, policy.resample)
 
 
 def http_status(error: ImageError) -> int:
@@ -413,7 +413,7 @@ def http_status(error: ImageError) -> int:
 
 
 def folder_inputs(
-    folder: Path, card: ModelCard, extensions: Sequence[str], limit: int | None = None
+    folder: Path, policy: DecisionPolicy, extensions: Sequence[str], limit: int | None = None
 ) -> tuple[np.ndarray, list[Path]]:
     """Model inputs of the photos under ``folder`` (any depth, in path order), and their files;
     at most ``limit``, spread evenly over the sorted list (so over every class folder)."""
@@ -424,7 +424,7 @@ def folder_inputs(
     if limit is not None and len(files) > limit:
         files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
     inputs = np.stack(
-        [preprocess.preprocess_file(p, card.image_size, card.resample) for p in files]
+        [preprocess.preprocess_file(p, policy.image_size, policy.resample) for p in files]
     )
     return inputs, files
 
@@ -441,15 +441,15 @@ def compare_backends(
     Reports label agreement and probability differences; when images sit in class folders
     (``<dir>/<class>/x.jpg``) also both accuracies, so the cost of quantization is visible.
     """
-    card = ModelCard.from_stored(stored)
-    inputs, files = folder_inputs(image_dir, card, extensions)
+    policy = DecisionPolicy.from_stored(stored)
+    inputs, files = folder_inputs(image_dir, policy, extensions)
     answers = {}
     for backend in (baseline, candidate):
         predictor = Predictor.from_stored(stored, backend)
-        answers[backend] = card.results(predictor.outputs(inputs))
+        answers[backend] = policy.results(predictor.outputs(inputs))
     base, cand = answers[baseline], answers[candidate]
     positive = [
-        (b["probabilities"][card.positive_class], c["probabilities"][card.positive_class])
+        (b["probabilities"][policy.positive_class], c["probabilities"][policy.positive_class])
         for b, c in zip(base, cand, strict=True)
     ]
     difference = np.abs(np.subtract(*zip(*positive, strict=True)))
@@ -464,7 +464,7 @@ def compare_backends(
         "max_abs_probability_difference": float(difference.max()),
     }
     truth = [p.parent.name for p in files]
-    if set(truth) <= set(card.classes):
+    if set(truth) <= set(policy.classes):
         for backend, results in answers.items():
             report[f"accuracy_{backend}"] = float(
                 np.mean([r["label"] == t for r, t in zip(results, truth, strict=True)])

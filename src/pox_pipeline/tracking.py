@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from pox_pipeline.config import flatten
 from pox_pipeline.data import MANIFEST_NAME
-from pox_pipeline.features import custom_objects
+from pox_pipeline.inference import custom_objects
 from pox_pipeline.paths import run_info_file
 
 # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI itself, so only the value set before

@@ -194,27 +194,27 @@ def mixup(
     return tf.data.Dataset.zip(seeds, dataset).map(lambda s, b: blend(s, b))
 
 
-# ---------------------------------------------------------------------------- feature cache
+# ---------------------------------------------------------------------------- embedding cache
 
 
 @dataclass
-class FeatureCache:
+class EmbeddingCache:
     """Frozen-prefix outputs: ``train`` is (views, n, ...), ``val`` is (1, n, ...)."""
 
     train: np.ndarray
     val: np.ndarray
-    # "memory" (float32 arrays) or "disk" (float16 memmaps); run.json's feature_cache also
-    # says "disabled" (train.feature_cache.enabled: false) or "nothing_frozen" (no prefix).
+    # "memory" (float32 arrays) or "disk" (float16 memmaps); run.json's embedding_cache also
+    # says "disabled" (train.embedding_cache.enabled: false) or "nothing_frozen" (no prefix).
     mode: str
     build_seconds: float
 
 
-def feature_cache_bytes(split: FrozenSplit, n_images: int) -> int:
+def embedding_cache_bytes(split: FrozenSplit, n_images: int) -> int:
     """Size of ``n_images`` frozen outputs as float32."""
     return n_images * math.prod(split.frozen.output_shape[1:]) * np.dtype(np.float32).itemsize
 
 
-def build_feature_cache(
+def build_embedding_cache(
     split: FrozenSplit,
     train_images: np.ndarray,
     val_images: np.ndarray,
@@ -222,14 +222,14 @@ def build_feature_cache(
     batch_size: int,
     max_memory_mb: float,
     directory: Path,
-) -> FeatureCache:
+) -> EmbeddingCache:
     """Run the frozen prefix once per image (``views`` augmented copies of each training image
     when the model augments); float32 in memory, or float16 memmaps in ``directory`` when the
     float32 cache would exceed ``max_memory_mb``."""
     started = time.perf_counter()
     augment = split.augmentation is not None
     views = views if augment else 1
-    total = feature_cache_bytes(split, views * len(train_images) + len(val_images))
+    total = embedding_cache_bytes(split, views * len(train_images) + len(val_images))
     on_disk = total > max_memory_mb * 2**20
     shape = split.frozen.output_shape[1:]
 
@@ -259,18 +259,18 @@ def build_feature_cache(
     train = allocate("train", views, len(train_images))
     val = allocate("val", 1, len(val_images))
     total_images = views * len(train_images) + len(val_images)
-    with tqdm(total=total_images, desc="feature cache", unit="img", disable=None) as progress:
+    with tqdm(total=total_images, desc="embedding cache", unit="img", disable=None) as progress:
         fill(train, train_images, augment, progress)
         fill(val, val_images, False, progress)
     mode = "disk" if on_disk else "memory"
     seconds = time.perf_counter() - started
     log.info(
-        "feature cache: %s, %d train x %d view(s) + %d val of shape %s (%.1f MB as float32), "
+        "embedding cache: %s, %d train x %d view(s) + %d val of shape %s (%.1f MB as float32), "
         "built in %.1f s%s",
         mode, len(train_images), views, len(val_images), tuple(shape), total / 2**20, seconds,
         f" under {directory}" if on_disk else "",
     )  # fmt: skip
-    return FeatureCache(train, val, mode, seconds)
+    return EmbeddingCache(train, val, mode, seconds)
 
 
 def cached_dataset(
@@ -452,7 +452,7 @@ def train(
 
     with strategy.scope():
         model = build_model(model_cfg, cfg.data)  # first: missing weights fail before the data
-        split = frozen_split(model) if cfg.train.feature_cache.enabled else None
+        split = frozen_split(model) if cfg.train.embedding_cache.enabled else None
         fit_model = split.trainable if split is not None else model
     initial_weights = fit_model.get_weights()
 
@@ -469,32 +469,32 @@ def train(
         "protocol": tracking.OUT_OF_FOLD_PROTOCOL if refit else tracking.FIXED_SPLIT_PROTOCOL,
         **tracking.run_tags(cfg, f"train@{model_name}"),
     }
-    cache_root = Path(cfg.train.feature_cache.dir)
+    cache_root = Path(cfg.train.embedding_cache.dir)
     cache_root.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(dir=cache_root, prefix=f"{model_name}-") as scratch,
         tracking.mlflow_run(cfg, tags, enabled=chief, parent_run_id=parent_run_id) as active_run,
     ):
         if split is not None:
-            cache = build_feature_cache(
+            cache = build_embedding_cache(
                 split,
                 images,
                 images,
                 views=model_cfg.augment.cached_copies,
                 batch_size=model_cfg.batch_size,
-                max_memory_mb=cfg.train.feature_cache.max_memory_mb,
+                max_memory_mb=cfg.train.embedding_cache.max_memory_mb,
                 directory=Path(scratch),
             )
             cache_mode, cache_seconds = cache.mode, cache.build_seconds
             pool = Pool(images, labels, files, cache.train, cache.val, cached=True)
         else:
-            cache_mode = "nothing_frozen" if cfg.train.feature_cache.enabled else "disabled"
+            cache_mode = "nothing_frozen" if cfg.train.embedding_cache.enabled else "disabled"
             cache_seconds = 0.0
             pool = Pool(images, labels, files, images, images, cached=False)
         if active_run is not None:
             tracking.log_params(cfg)
-            mlflow.set_tag("feature_cache", cache_mode)
-            mlflow.log_metric("feature_cache_build_seconds", cache_seconds)
+            mlflow.set_tag("embedding_cache", cache_mode)
+            mlflow.log_metric("embedding_cache_build_seconds", cache_seconds)
 
         def fit(
             fit_index: np.ndarray, stop_index: np.ndarray | None,
@@ -552,7 +552,7 @@ def train(
             "cross_validation": cross_validation,
             "wall_seconds": round(time.perf_counter() - started, 2),
             "cpu_count": os.cpu_count(),
-            "feature_cache": cache_mode,
+            "embedding_cache": cache_mode,
         }
         if chief:
             if oof_outputs is not None:
@@ -560,7 +560,7 @@ def train(
             _write_outputs(cfg, model_name, model, frame, info, started)
 
     log.info(
-        "%s: %s, %d epoch(s), best epoch %d, %.1f s wall, feature cache %s",
+        "%s: %s, %d epoch(s), best epoch %d, %.1f s wall, embedding cache %s",
         model_name, info["protocol"], info["epochs_run"], info["best_epoch"],
         info["wall_seconds"], cache_mode,
     )  # fmt: skip

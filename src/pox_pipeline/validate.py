@@ -34,7 +34,7 @@ from pox_pipeline.evaluate import (
     rates_with_ci,
     with_ci,
 )
-from pox_pipeline.model_card import ModelCard
+from pox_pipeline.policy import DecisionPolicy
 from pox_pipeline.preprocess import ImageError
 
 REPORT_JSON = "validation.json"
@@ -101,7 +101,7 @@ def score_photos(
 
 def validate(
     cfg: DictConfig,
-    card: ModelCard,
+    policy: DecisionPolicy,
     photos: list[LabelledPhoto],
     scored: np.ndarray,
     sensitivity_target: float,
@@ -111,26 +111,26 @@ def validate(
     outputs, ood_scores = scored[:, :-1], scored[:, -1]
     refused = ~np.isnan(ood_scores) & (ood_scores > 1.0)
     labels = np.array([photo.label for photo in photos])
-    proba = card.class_probabilities(outputs)
-    positive_index = card.classes.index(card.positive_class)
+    proba = policy.class_probabilities(outputs)
+    positive_index = policy.classes.index(policy.positive_class)
     accepted = SplitScores([str(p.path) for p, r in zip(photos, refused, strict=True) if not r],
                            labels[~refused], proba[~refused], positive_index,
-                           binary=card.is_binary)  # fmt: skip
+                           binary=policy.is_binary)  # fmt: skip
     report: dict[str, Any] = {
-        "model": f"{card.name}:{card.version}",
+        "model": f"{policy.name}:{policy.version}",
         "photos": len(photos),
         "refused": int(refused.sum()),
         "refused_share": float(refused.mean()),
         "refused_by_class": {
-            name: int(refused[labels == index].sum()) for index, name in enumerate(card.classes)
+            name: int(refused[labels == index].sum()) for index, name in enumerate(policy.classes)
         },
-        "threshold": card.threshold,
-        "threshold_source": "override" if card.published_threshold is not None else "published",
+        "threshold": policy.threshold,
+        "threshold_source": "override" if policy.published_threshold is not None else "published",
     }
     if len(accepted.labels) == 0:
         raise ValueError("the guard refused every photo: nothing to validate")
-    report["at_served_threshold"] = with_ci(accepted, card.threshold, cfg)
-    if card.is_binary and len(np.unique(accepted.targets)) == 2:
+    report["at_served_threshold"] = with_ci(accepted, policy.threshold, cfg)
+    if policy.is_binary and len(np.unique(accepted.targets)) == 2:
         threshold = metrics.threshold_for_sensitivity(
             accepted.targets, accepted.positive_score, sensitivity_target
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import keras
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from pox_pipeline import ood, serve, tflite, train
-from pox_pipeline.features import LBP_BINS, ColourTextureFeatures, lbp_histogram, rgb_to_hsv
+from pox_pipeline.colour_texture import LBP_BINS, ColourTextureFeatures, lbp_histogram, rgb_to_hsv
 from pox_pipeline.models import build_model, compile_model, frozen_split
 
 SMALL = "model.colour_texture.input_size=null"  # the statistics at the test's 32 px
@@ -105,7 +106,7 @@ def test_colour_texture_trains_through_the_one_loop(prepared_cfg) -> None:
     cfg = prepared_cfg(SMALL, "model.colour_texture.epochs=3", "train.verbose=0")
     info = train.train(cfg, "colour_texture")
     assert info["architecture"] == "colour_texture" and info["epochs_run"] == 3
-    assert info["feature_cache"] == "memory"
+    assert info["embedding_cache"] == "memory"
     assert (Path(cfg.paths.models_dir) / "colour_texture" / "model.keras").is_file()
 
 
@@ -129,6 +130,31 @@ def test_saved_model_loads_in_a_fresh_process(make_cfg, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_model_saved_when_the_layer_lived_in_features_py_still_loads(tmp_path: Path) -> None:
+    """Saved ``.keras`` files name the layer's module, ``pox_pipeline.features`` before it
+    became ``colour_texture``; they load through the registered name, which did not change."""
+    from pox_pipeline import inference
+
+    inputs = keras.Input((32, 32, 3))
+    statistics = ColourTextureFeatures()(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="output")(statistics))
+    model.save(tmp_path / "new.keras")
+    with (
+        zipfile.ZipFile(tmp_path / "new.keras") as new,
+        zipfile.ZipFile(tmp_path / "old.keras", "w") as old,
+    ):
+        for item in new.infolist():
+            data = new.read(item)
+            if item.filename == "config.json":
+                assert b'"registered_name": "pox_pipeline>ColourTextureFeatures"' in data
+                data = data.replace(b'"pox_pipeline.colour_texture"', b'"pox_pipeline.features"')
+                assert b'"pox_pipeline.features"' in data
+            old.writestr(item, data)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    loaded = inference.load_keras_model(tmp_path / "old.keras")
+    np.testing.assert_allclose(np.asarray(loaded(images)), np.asarray(model(images)), rtol=1e-5)
 
 
 def tflite_outputs(model: keras.Model, image_size: int, backend: str, images: np.ndarray):

@@ -9,7 +9,7 @@ layer is registered with Keras; import this module before ``keras.saving.load_mo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -156,25 +156,3 @@ def lbp_histogram(grey: Any, radius: int) -> Any:
     code = ops.where(changes <= 2, ones, float(LBP_BINS - 1))
     code = ops.reshape(code, (-1, math.prod(code.shape[1:])))
     return ops.stack([ops.mean(ops.cast(code == k, "float32"), -1) for k in range(LBP_BINS)], -1)
-
-
-def walk_layers(layer: keras.Layer) -> Iterator[keras.Layer]:
-    """A layer and, depth first, every layer nested in it (sub-models of a chain, a VGG16
-    base, ensemble members): the one way this package searches a model's layers."""
-    yield layer
-    for sub in getattr(layer, "layers", None) or ():
-        yield from walk_layers(sub)
-
-
-def custom_objects(model: keras.Layer) -> dict[str, type]:
-    """Registered name -> class of every layer in the model (nested models included) that is
-    not Keras's own, such as colour_texture's ``ColourTextureFeatures``.
-
-    Keras 3 rebuilds such a layer only from its registered class, so a saved model that holds
-    one loads only where that class is imported or handed over as a custom object.
-    """
-    return {
-        keras.saving.get_registered_name(type(layer)): type(layer)
-        for layer in walk_layers(model)
-        if not type(layer).__module__.startswith("keras.")
-    }
