@@ -63,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     keras_predictor = Predictor.from_stored(stored)
     policy = keras_predictor.policy
     predictors = {"keras": keras_predictor} | {
-        backend: Predictor.from_stored(stored, backend, args.threads)
+        backend: Predictor.from_stored(stored, backend, args.threads,
+                                       batch_sizes=(1, args.batch))  # the two timed sizes
         for backend in (args.backends or policy.backend_files) if backend != "keras"
     }
     inputs, files = folder_inputs(args.images, policy, PHOTO_SUFFIXES)

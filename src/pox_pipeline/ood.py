@@ -433,10 +433,13 @@ def image_statistics(image_size: int, statistics_size: int) -> Callable[[Any], A
     from pox_pipeline.colour_texture import ColourTextureFeatures
 
     pool = statistics_pool(image_size, statistics_size)
-    describe = ColourTextureFeatures()
+    # Fixed names: Keras numbers unnamed layers per process, and the numbers would end up in
+    # the converted tensors' names, so the same model would convert to other bytes (and be
+    # published again) on a second conversion.
+    describe = ColourTextureFeatures(name=IMAGE_STATISTICS)
     if pool == 1:
         return describe
-    shrink = keras.layers.AveragePooling2D(pool)
+    shrink = keras.layers.AveragePooling2D(pool, name=f"{IMAGE_STATISTICS}_pool")
     return lambda batch: describe(shrink(batch))
 
 

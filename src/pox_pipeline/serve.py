@@ -157,7 +157,7 @@ class Predictor:
         tflite_threads: int | None = None,
         ood_enabled: bool = True,
         monitoring: bool = False,
-        batch_sizes: Sequence[int] = (1,),
+        batch_sizes: Sequence[int] | None = None,
     ) -> None:
         backend = policy.fastest_backend if backend == tflite.AUTO else backend
         if backend not in BACKENDS:
@@ -208,7 +208,7 @@ class Predictor:
         tflite_threads: int | None = None,
         ood_enabled: bool = True,
         monitoring: bool = False,
-        batch_sizes: Sequence[int] = (1,),
+        batch_sizes: Sequence[int] | None = None,
     ) -> Predictor:
         return cls(Path(stored.path), DecisionPolicy.from_stored(stored), backend, tflite_threads,
                    ood_enabled, monitoring, batch_sizes)  # fmt: skip

@@ -157,17 +157,21 @@ def named_frozen(function: Any) -> Any:
 
 class Runner:
     """Stored TFLite bytes run on CPU through their signature: a float32 (N, S, S, 3) batch ->
-    {output name: array}, in calls of ``batch_sizes`` rows only (:func:`batch_plan`), each on
-    an interpreter allocated once for that size."""
+    {output name: array}. With ``batch_sizes`` (the service's), in calls of those sizes only
+    (:func:`batch_plan`), each on an interpreter allocated once for its size; without, whole
+    batches on one interpreter, which re-allocates whenever the batch size changes (offline
+    scoring)."""
 
     def __init__(
-        self, flatbuffer: bytes, threads: int | None = None, batch_sizes: Sequence[int] = (1,)
-    ) -> None:
+        self, flatbuffer: bytes, threads: int | None = None,
+        batch_sizes: Sequence[int] | None = None,
+    ) -> None:  # fmt: skip
         self.flatbuffer = flatbuffer
-        self.batch_sizes = tuple(sorted(set(batch_sizes)))
+        self.batch_sizes = tuple(sorted(set(batch_sizes))) if batch_sizes else None
         # kept: a signature runner reads freed memory once its interpreter is collected
-        self._interpreters = {size: self._interpreter(threads) for size in self.batch_sizes}
-        signatures = self._interpreters[self.batch_sizes[0]].get_signature_list()
+        self._interpreters = {size: self._interpreter(threads)
+                              for size in self.batch_sizes or (None,)}  # fmt: skip
+        signatures = next(iter(self._interpreters.values())).get_signature_list()
         if len(signatures) != 1:
             raise ValueError(
                 f"the TFLite model has {len(signatures)} signatures, not one: re-publish it "
@@ -178,10 +182,10 @@ class Runner:
         self.output_names = tuple(signature["outputs"])
         self._signatures = {size: interpreter.get_signature_runner(key)
                             for size, interpreter in self._interpreters.items()}  # fmt: skip
-        details = self._signatures[self.batch_sizes[0]].get_input_details()[self._input]
-        self.image_shape = tuple(int(d) for d in details["shape_signature"][1:])
-        for size in self.batch_sizes:  # allocate each once, now, not on a request
-            self._run(size, np.zeros((size, *self.image_shape), np.float32))
+        for size in self.batch_sizes or ():  # allocate each once, now, not on a request
+            details = self._signatures[size].get_input_details()[self._input]
+            shape = tuple(int(d) for d in details["shape_signature"][1:])
+            self._run(size, np.zeros((size, *shape), np.float32))
         self._lock = threading.Lock()  # an interpreter is not thread-safe
 
     def _interpreter(self, threads: int | None) -> Any:
@@ -192,7 +196,7 @@ class Runner:
             warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
             return tf.lite.Interpreter(model_content=self.flatbuffer, num_threads=threads)
 
-    def _run(self, size: int, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, size: int | None, batch: np.ndarray) -> dict[str, np.ndarray]:
         answer = self._signatures[size](**{self._input: batch})
         return {name: tensor.copy() for name, tensor in answer.items()}
 
@@ -200,9 +204,11 @@ class Runner:
         batch = np.asarray(batch, np.float32)
         parts, start = [], 0
         with self._lock:
-            for size, rows in batch_plan(len(batch), self.batch_sizes):
+            plan = (batch_plan(len(batch), self.batch_sizes) if self.batch_sizes
+                    else [(None, len(batch))])  # fmt: skip
+            for size, rows in plan:
                 chunk = batch[start : start + rows]
-                if rows < size:
+                if size is not None and rows < size:
                     chunk = np.concatenate([chunk, np.zeros((size - rows, *chunk.shape[1:]),
                                                             np.float32)])  # fmt: skip
                 answer = self._run(size, chunk)
