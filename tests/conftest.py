@@ -34,11 +34,11 @@ def shared_required() -> bool:
     return os.environ.get(REQUIRE_SHARED_ENV) == "1" or os.environ.get("CI", "").lower() == "true"
 
 
-# Files with these marks hold the suite's longest fixtures (an image build that mostly waits on
-# the network, servers, real-data training): they run first, so that under `make test`'s
-# `-n 2 --dist loadfile` the other worker's files fill the time around them, instead of one long
+# Files with these marks take the suite's longest (an image build that mostly waits on the
+# network, servers, real-data training, the pipeline): they run first, so that under `make
+# test`'s `-n 2 --dist loadfile` shorter files fill the time around them, instead of one long
 # file running alone at the end. Whole files move, so module-scoped fixtures are built once.
-LONG_FIRST = ("container", "team", "msld")
+LONG_FIRST = ("container", "team", "msld", "long")
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselection: only the tests that will run
