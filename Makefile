@@ -29,9 +29,13 @@ lint: install
 	ruff check .
 
 ## test: the linter, then the test suite (real-data tests run when ../shared exists and skip
-## without it, except in CI (CI=true) where they fail; `-m slow` and `-m soak` are opt-in)
+## without it, except in CI (CI=true) where they fail; `-m slow` and `-m soak` are opt-in), on
+## TEST_WORKERS processes, each file whole on one (its module fixtures are built once), the
+## long files first (tests/conftest.py): the image build's network waits overlap other files
+TEST_WORKERS ?= 2
 test: lint
-	python -m pytest -m "not slow and not soak" --durations=20
+	python -m pytest -m "not slow and not soak" --durations=20 \
+		-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 ## soak: 8 clients x 60 s, three times, on the real server (about 4 minutes; nothing else running)
 soak: install

@@ -34,8 +34,30 @@ def shared_required() -> bool:
     return os.environ.get(REQUIRE_SHARED_ENV) == "1" or os.environ.get("CI", "").lower() == "true"
 
 
+# Files with these marks take the suite's longest (an image build that mostly waits on the
+# network, servers, real-data training, the pipeline): they run first, so that under `make
+# test`'s `-n 2 --dist loadfile` shorter files fill the time around them, instead of one long
+# file running alone at the end. Whole files move, so module-scoped fixtures are built once.
+LONG_FIRST = ("container", "team", "msld", "long")
+
+
 @pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselection: only the tests that will run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    long_files_first(items)
+    require_or_skip_msld(items)
+
+
+def long_files_first(items: list[pytest.Item]) -> None:
+    """Reorder ``items`` in place, file by file: those with a ``LONG_FIRST`` mark first, in its
+    order; otherwise (and within a file) the collection order stays."""
+    rank: dict[Path, int] = {}
+    for item in items:
+        marks = [LONG_FIRST.index(m.name) for m in item.iter_markers() if m.name in LONG_FIRST]
+        rank[item.path] = min([rank.get(item.path, len(LONG_FIRST)), *marks])
+    items.sort(key=lambda item: rank[item.path])  # stable
+
+
+def require_or_skip_msld(items: list[pytest.Item]) -> None:
     needing = [item for item in items if item.get_closest_marker("msld")]
     if not needing or MSLD_DIR.is_dir():
         return

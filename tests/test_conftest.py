@@ -58,3 +58,31 @@ def test_missing_real_data_fails_the_run_in_ci(
     result = _pytest(project_without_shared, **env)
     assert result.returncode != 0
     assert "1 selected tests need them" in result.stderr
+
+
+def test_files_with_long_fixtures_are_collected_first_whole(project_without_shared: Path) -> None:
+    """`make test` hands whole files to two workers in collection order: the container's and
+    the team server's files first, each file's tests together and in their own order."""
+    tests = project_without_shared / "tests"
+    (tests / "test_a_plain.py").write_text("def test_one():\n    pass\n")
+    (tests / "test_b_team.py").write_text(
+        "import pytest\n\npytestmark = pytest.mark.team\n\n\ndef test_team():\n    pass\n"
+    )
+    (tests / "test_c_mixed.py").write_text(
+        "import pytest\n\n\ndef test_first():\n    pass\n\n\n"
+        "@pytest.mark.container\ndef test_image():\n    pass\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+         "tests"],
+        cwd=project_without_shared, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    collected = [line for line in result.stdout.splitlines() if "::" in line]
+    assert collected == [
+        "tests/test_c_mixed.py::test_first",
+        "tests/test_c_mixed.py::test_image",
+        "tests/test_b_team.py::test_team",
+        "tests/test_real_data.py::test_needs_the_real_images",
+        "tests/test_a_plain.py::test_one",
+    ]

@@ -32,6 +32,8 @@ from pox_pipeline.models import (
 )
 from pox_pipeline.torch_legacy import LEGACY_MAGIC, LegacyFormatError, read_state_dict
 
+pytestmark = pytest.mark.long  # minutes in all: `make test` starts this file early
+
 INSTALLED = [name for name, v in lite.VARIANTS.items() if importlib.util.find_spec(v.module)]
 # ImageNet classes a correct port must rank in its top 3 for scikit-image's sample photos.
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from pox_pipeline.config import project_root
 from pox_pipeline.cv import objective, summarise
 
+pytestmark = pytest.mark.long  # minutes in all: `make test` starts this file early
+
 PROJECT_ROOT = project_root()
 CONF_DIR = PROJECT_ROOT / "conf"
 

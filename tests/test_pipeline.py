@@ -15,6 +15,8 @@ import pytest
 from dvc_helpers import copy_project, run, stages_run
 from pox_pipeline.config import project_root, write_params
 
+pytestmark = pytest.mark.long  # minutes in all: `make test` starts this file early
+
 PROJECT_ROOT = project_root()
 
 # Three of the five families (the tutorial CNN, the statistics model, the ImageNet champion's
@@ -38,6 +40,7 @@ TINY = [
     "model.efficientnet_lite.augment.cached_copies=1",
     "model.efficientnet_lite.variant=lite0",
     "evaluate.bootstrap.samples=50",
+    "train.refit.folds=3",  # the k-fold + refit protocol at its smallest: 4 fits a model, not 6
 ]
 COPIED = ["conf", "src", "dvc.yaml", ".dvcignore", ".gitignore"]
 

@@ -45,6 +45,7 @@ TINY = [
     f"synthetic.image_size={TEST_IMAGE_SIZE * 2}",
     "synthetic.patients_per_class=6",
     "evaluate.bootstrap.samples=20",
+    "train.refit.folds=3",  # the k-fold + refit protocol at its smallest: 4 fits, not 6
 ]
 WAIT_S = 60
 UI_WAIT_S = 120  # MLflow's single-page UI on a busy 2-core machine

@@ -24,6 +24,8 @@ from pox_pipeline.config import project_root
 from pox_pipeline.data import load_split
 from pox_pipeline.models import build_model, compile_model, frozen_split
 
+pytestmark = pytest.mark.long  # minutes in all: `make test` starts this file early
+
 PROJECT_ROOT = project_root()
 
 SMALL_CNN = "model.cnn.padding=same"  # 5 valid conv+pool blocks do not fit in 32 px
@@ -95,8 +97,11 @@ def _predict(path: Path, images: np.ndarray) -> np.ndarray:
 
 
 def test_training_on_the_embedding_cache_gives_the_same_model(prepared_cfg, tmp_path: Path) -> None:
-    """Fitting the trainable rest on cached frozen outputs = fitting the whole model."""
-    common = ["model.vgg16.epochs=2", "model.vgg16.learning_rate=0.001", QUIET]
+    """Fitting the trainable rest on cached frozen outputs = fitting the whole model, through
+    the k-fold protocol's fold and refit selections of the cache (3 folds, the fewest that
+    leave a fold to train on: 4 fits, not 6)."""
+    common = ["model.vgg16.epochs=2", "model.vgg16.learning_rate=0.001", QUIET,
+              "train.refit.folds=3"]  # fmt: skip
     cached_cfg = prepared_cfg(*common, f"paths.models_dir={tmp_path}/cached")
     plain_cfg = prepared_cfg(*common, f"paths.models_dir={tmp_path}/plain",
                              "train.embedding_cache.enabled=false")  # fmt: skip
