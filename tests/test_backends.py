@@ -240,3 +240,21 @@ def test_the_runner_runs_fixed_sizes_and_never_reallocates(published_tag: str) -
     after = {size: tuple(i.get_input_details()[0]["shape"])
              for size, i in runner._interpreters.items()}  # fmt: skip
     assert after == shapes
+
+
+def test_a_backend_that_converts_but_cannot_run_is_recorded_not_published(
+    photos: np.ndarray,
+) -> None:
+    """colour_texture's statistics divide: full-integer TFLite converts them, then its int8
+    division fails on the first batch. Publishing must record that, not crash `select` (the
+    pipeline's champion on the synthetic data is colour_texture)."""
+    from pox_pipeline.models import build_model
+
+    cfg = compose([f"data.image_size={TEST_IMAGE_SIZE}", "model.colour_texture.input_size=null"])
+    model = build_model(cfg.model.colour_texture, cfg.data)
+    tag = save_champion(model, guard_photos=photos,
+                        backends=["tflite_fp32", "tflite_full_int8"])  # fmt: skip
+    backends = bentoml.models.get(tag).info.metadata["backends"]
+    assert backends["tflite_fp32"]["published"]
+    failed = backends["tflite_full_int8"]
+    assert not failed["published"] and failed["error"].startswith("fails when run:")

@@ -307,7 +307,11 @@ def measure_backends(
         except ValueError as err:  # an op TFLite lacks: recorded, not published
             backends[backend] = {"published": False, "error": str(err)}
             continue
-        scored, row = measured(answering(tflite.Runner(flatbuffer, threads, batch_sizes)))
+        try:
+            scored, row = measured(answering(tflite.Runner(flatbuffer, threads, batch_sizes)))
+        except RuntimeError as err:  # converted, but the interpreter cannot run it
+            backends[backend] = {"published": False, "error": f"fails when run: {err}"}
+            continue
         agreement = scored["evidence"].agreement(keras_scored["evidence"])
         passed = check.passes(
             agreement["label_agreement"], agreement["max_abs_probability_difference"]
