@@ -208,3 +208,14 @@ def test_a_site_threshold_override_changes_the_decision_and_says_so() -> None:
 
 def test_the_card_says_the_guards_rate_in_words() -> None:
     assert model_card.stated_rate_in_words(0.011).startswith("About 1 in 91 genuine")
+
+
+@pytest.mark.parametrize("folds", [1, 2])
+def test_too_few_refit_folds_are_refused_with_the_reason(
+    prepared_cfg: Callable[..., DictConfig], folds: int
+) -> None:
+    """2 folds leave each fold's model nothing to train on (the other fold early-stops it):
+    the old error was Keras's "Sample weights must contain at least one non-zero number"."""
+    cfg = prepared_cfg(f"train.refit.folds={folds}")
+    with pytest.raises(ValueError, match="at least 3"):
+        train.train(cfg, "colour_texture")

@@ -435,7 +435,7 @@ def train(
 ) -> dict[str, Any]:
     """Train ``cfg.model[model_name]``; returns what run.json records.
 
-    ``train.refit.folds`` >= 2 (the default): patient-grouped k-fold over all non-test photos
+    ``train.refit.folds`` >= 3 (the default 5): patient-grouped k-fold over all non-test photos
     (train + val). Each fold's model is fitted on the other folds but one, early-stopped on
     that one, and predicts its own fold: out-of-fold predictions for every photo, which
     ``evaluate`` calibrates and thresholds on and ``select`` compares on. The served model is
@@ -443,12 +443,19 @@ def train(
     ``train.refit.folds: 0``: fit on train, early-stop on val (one fixed split).
     ``parent_run_id``: the MLflow run this one nests under (a cross-validation's)."""
     started = time.perf_counter()
+    folds = int(cfg.train.refit.folds)
+    if folds in (1, 2):
+        raise ValueError(
+            f"train.refit.folds={folds}: use 0 (one fixed split) or at least 3 (each fold's "
+            "model trains on the other folds but the one it early-stops on, which fewer folds "
+            "leave empty)"
+        )
     cfg = OmegaConf.merge(cfg, {"model_name": model_name})  # what MLflow records
     strategy = make_strategy(cfg.train.strategy)  # first: multi-worker needs a fresh runtime
     chief = is_chief(strategy)
     seed_everything(cfg)
     model_cfg = cfg.model[model_name]
-    refit = int(cfg.train.refit.folds) >= 2
+    refit = folds >= 3
 
     with strategy.scope():
         model = build_model(model_cfg, cfg.data)  # first: missing weights fail before the data
@@ -508,7 +515,6 @@ def train(
         if refit:
             fold_of = fold_plan(cfg, pool, [*split_groups_of(cfg, "train"),
                                             *split_groups_of(cfg, "val")])  # fmt: skip
-            folds = int(cfg.train.refit.folds)
             oof_outputs = np.zeros((len(images), int(model.output_shape[-1])))
             fold_phases: list[list[dict[str, Any]]] = []
             for fold in tqdm(range(folds), desc=f"{model_name} folds", unit="fold", disable=None):
