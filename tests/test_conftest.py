@@ -37,10 +37,10 @@ def project_without_shared(tmp_path: Path) -> Path:
     return root
 
 
-def _pytest(root: Path, **env: str) -> subprocess.CompletedProcess:
+def _pytest(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in ("CI", "POX_REQUIRE_SHARED")}
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests"],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args, "tests"],
         cwd=root, env={**clean, **env}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
@@ -72,11 +72,7 @@ def test_files_with_long_fixtures_are_collected_first_whole(project_without_shar
         "import pytest\n\n\ndef test_first():\n    pass\n\n\n"
         "@pytest.mark.container\ndef test_image():\n    pass\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
-         "tests"],
-        cwd=project_without_shared, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = _pytest(project_without_shared, "--collect-only", "-q")
     assert result.returncode == 0, result.stdout + result.stderr
     collected = [line for line in result.stdout.splitlines() if "::" in line]
     assert collected == [
