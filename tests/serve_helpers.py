@@ -92,8 +92,9 @@ def save_champion(
             photos = guard_photos.astype(np.float32)
             split = len(photos) * 3 // 4
             labels = np.arange(len(photos) - split) % 2
+            # the guard's settings, so the conversion's statistics are the guard's
             cfg = compose([f"serve.publish_backends=[{','.join(backends)}]",
-                           *backend_overrides])  # fmt: skip
+                           *tiny_guard_overrides(), *backend_overrides])  # fmt: skip
             metadata["backends"], metadata["backend_check"], extra_files = (
                 publish.measure_backends(
                     model, metadata,

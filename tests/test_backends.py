@@ -3,6 +3,7 @@ and published only within the tolerance; serving loads the stored bytes and neve
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import bentoml
@@ -219,6 +220,24 @@ def test_batch_plan_uses_only_the_fixed_sizes() -> None:
     assert tflite.batch_plan(32, [8, 4]) == [(8, 8)] * 4
     assert tflite.batch_plan(5, [4, 8]) == [(4, 4), (4, 1)]  # the last call padded
     assert tflite.batch_plan(0, [1]) == []
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [
+    ("200000 100000\n", 2),  # docker run --cpus 2
+    ("150000 100000\n", 2),  # 1.5 CPUs: two threads, the second one part-time
+    ("50000 100000\n", 1),
+    ("max 100000\n", None),  # no quota: every core in the affinity mask
+    (None, None),  # no cgroup v2 file
+])  # fmt: skip
+def test_auto_threads_follow_the_cgroup_cpu_quota(
+    cpu_max: str | None, expected: int | None, tmp_path: Path
+) -> None:
+    cores = len(os.sched_getaffinity(0))
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    assert tflite.thread_count("auto", str(path)) == min(cores, expected or cores)
+    assert tflite.thread_count(3, str(path)) == 3
 
 
 def test_the_runner_runs_fixed_sizes_and_never_reallocates(published_tag: str) -> None:

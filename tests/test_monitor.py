@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import bentoml
 import numpy as np
 import pytest
 import requests
@@ -276,3 +277,22 @@ def test_a_refitted_models_reference_holds_its_out_of_fold_answers(tmp_path: Pat
     assert (answered == inside).all()  # a refused photo has no probability
     np.testing.assert_allclose(table["positive_probability"][answered], oof_outputs[inside, 0],
                                rtol=1e-6)  # fmt: skip
+
+
+def test_the_monitored_pass_answers_and_scores_as_the_guarded_pass() -> None:
+    """The OOD score of a monitored batch comes from the guard ratios it records (each
+    neighbour search runs once): the same score and answer as without monitoring, and the
+    largest of the recorded per-space ratios."""
+    from pox_pipeline import serve
+
+    photos = skin_like_photos(40)
+    stored = bentoml.models.get(save_champion(guard_photos=photos, monitored=True))
+    batch = np.concatenate([photos[-5:], np.zeros_like(photos[:1])])  # a black square is out
+    plain = serve.Predictor.from_stored(stored).outputs_with_ood_score(batch)
+    monitored = serve.Predictor.from_stored(stored, monitoring=True).outputs_with_monitoring(batch)
+    np.testing.assert_allclose(monitored[:, : plain.shape[1]], plain, rtol=1e-6)
+    _, columns = monitor.split_columns(monitored, len(monitor.Basis.load(
+        Path(stored.path) / monitor.BASIS_FILE).columns))  # fmt: skip
+    ratios = columns[:, : len(monitor.GUARD_COLUMNS)]
+    np.testing.assert_allclose(ratios.max(axis=1), plain[:, -1], rtol=1e-6)
+    assert plain[-1, -1] > 1  # the check covers an image the guard refuses

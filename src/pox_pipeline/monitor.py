@@ -21,6 +21,7 @@ Three parts, one home:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging.handlers
 import math
@@ -113,6 +114,7 @@ def parse_since(text: str) -> timedelta:
 # ---------------------------------------------------------------------------- the columns
 
 
+@functools.cache  # read on every served batch; building the layer costs more than the batch
 def statistic_indices() -> dict[str, tuple[int, ...] | tuple[str, int, int]]:
     """Where each named statistic sits in ColourTextureFeatures' output (its default layout,
     the guard's): moments (mean, std per channel), quantiles, colour histograms, LBP
@@ -146,8 +148,6 @@ def statistic_indices() -> dict[str, tuple[int, ...] | tuple[str, int, int]]:
 def named_statistics(image_statistics: np.ndarray) -> np.ndarray:
     """(N, 213) colour/texture features -> (N, len(STATISTICS)) named statistics. Edge
     energy is the mean grey-level gradient magnitude read off its histogram (bin centres)."""
-    from pox_pipeline.colour_texture import ColourTextureFeatures
-
     values = np.asarray(image_statistics, np.float64)
     indices = statistic_indices()
     columns = []
@@ -155,12 +155,21 @@ def named_statistics(image_statistics: np.ndarray) -> np.ndarray:
         where = indices[name]
         if where[0] == "gradient":
             _, first, bins = where
-            width = ColourTextureFeatures().gradient_range / bins
-            centres = (np.arange(bins) + 0.5) * width
-            columns.append(values[:, first : first + bins] @ centres)
+            columns.append(values[:, first : first + bins] @ gradient_bin_centres(bins))
         else:
             columns.append(values[:, where[0]])
     return np.stack(columns, axis=1)
+
+
+@functools.cache
+def gradient_bin_centres(bins: int) -> np.ndarray:
+    """The grey-level gradient magnitude at the centre of each of ColourTextureFeatures'
+    gradient histogram bins."""
+    from pox_pipeline.colour_texture import ColourTextureFeatures
+
+    centres = (np.arange(bins) + 0.5) * (ColourTextureFeatures().gradient_range / bins)
+    centres.flags.writeable = False  # cached: shared by every call
+    return centres
 
 
 @dataclass(frozen=True)
@@ -195,25 +204,27 @@ class Basis:
 
 
 def monitored_columns(
-    features: Mapping[str, np.ndarray], guard: ood.GuardSet | None, basis: Basis
+    guard_ratios: np.ndarray, features: Mapping[str, np.ndarray], basis: Basis
 ) -> np.ndarray:
     """The model process's share of a record, (N, len(basis.columns)): each guard space's
-    distance / threshold (nan when that space is not guarded), the named statistics and the
-    head components. ``features`` has both spaces (:data:`ood.FEATURE_SPACES`)."""
-    count = len(features[ood.HEAD])
-    ratios = (
-        guard.space_ratios(features)
-        if guard is not None
-        else np.full((count, len(ood.FEATURE_SPACES)), np.nan)
-    )
+    distance / threshold (``guard_ratios``, :func:`guard_ratios`), the named statistics and
+    the head components. ``features`` has both spaces (:data:`ood.FEATURE_SPACES`)."""
     return np.concatenate(
         [
-            ratios,
+            guard_ratios,
             named_statistics(features[ood.IMAGE_STATISTICS]),
             basis.project(features[ood.HEAD]),
         ],
         axis=1,
     )
+
+
+def guard_ratios(features: Mapping[str, np.ndarray], guard: ood.GuardSet | None) -> np.ndarray:
+    """(N, len(FEATURE_SPACES)): distance / threshold per space (nan for a space not guarded,
+    or for every space without a guard); the OOD score is their largest."""
+    if guard is None:
+        return np.full((len(features[ood.HEAD]), len(ood.FEATURE_SPACES)), np.nan)
+    return guard.space_ratios(features)
 
 
 def records(

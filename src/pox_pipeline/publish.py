@@ -274,7 +274,7 @@ def measure_backends(
     check's metadata and the files of the published backends (written under ``out_dir``)."""
     check = tflite.BackendCheck(**OmegaConf.to_container(serve_cfg.backend_check, resolve=True))
     size = int(metadata["image_size"])
-    threads = tflite.thread_count(serve_cfg.tflite_threads, int(serve_cfg.api_workers))
+    threads = tflite.thread_count(serve_cfg.tflite_threads)
     batch_sizes = list(serve_cfg.batch_sizes)
     settings = ood.OODSettings.from_cfg(serve_cfg.ood)
     # The image statistics go into the converted pass whenever the service will compute them

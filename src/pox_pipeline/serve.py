@@ -117,8 +117,7 @@ class ServeConfig:
         if unknown:
             raise ValueError(f"serve.publish_backends: {sorted(unknown)} are no TFLite backends")
         values["publish_backends"] = tuple(values["publish_backends"])
-        values["tflite_threads"] = tflite.thread_count(values["tflite_threads"],
-                                                       values["api_workers"])  # fmt: skip
+        values["tflite_threads"] = tflite.thread_count(values["tflite_threads"])
         values["batch_sizes"] = tuple(int(size) for size in values["batch_sizes"])
         if not values["batch_sizes"] or min(values["batch_sizes"]) < 1:
             raise ValueError(f"serve.batch_sizes={list(values['batch_sizes'])}: sizes >= 1")
@@ -242,8 +241,9 @@ class Predictor:
         if self.basis is None:
             return self.outputs_with_ood_score(batch)
         model_outputs, features = self._features(*self._view_batch(batch))
-        scores = self.guard.scores(features) if self.guard else np.full(len(model_outputs), np.nan)
-        columns = monitor.monitored_columns(features, self.guard, self.basis)
+        ratios = monitor.guard_ratios(features, self.guard)  # each neighbour search runs once
+        scores = np.fmax.reduce(ratios, axis=1)  # nan only without a guard
+        columns = monitor.monitored_columns(ratios, features, self.basis)
         return np.concatenate([model_outputs, scores[:, None], columns], axis=1)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:

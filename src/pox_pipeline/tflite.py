@@ -13,12 +13,14 @@ backends a model has (:func:`published`), starts without it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,15 +37,32 @@ BACKENDS = ("tflite_fp32", "tflite_int8", "tflite_full_int8")
 # Their integer kernels cannot compute the image statistics (int8 division by a quantised zero
 # fails at run time), so those are converted without them.
 CALIBRATED_BACKENDS = ("tflite_full_int8",)
-AUTO_THREADS = "auto"  # serve.tflite_threads: the cores left beside the API workers
+AUTO_THREADS = "auto"  # serve.tflite_threads: every core this process may use
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" or "max <period>"
 
 
-def thread_count(setting: int | str, api_workers: int) -> int:
-    """``serve.tflite_threads``: a count, or ``auto``: the cores this process may run on less
-    one per API worker (which decodes uploads meanwhile), at least 1."""
+def thread_count(setting: int | str, cpu_max: str = CGROUP_CPU_MAX) -> int:
+    """``serve.tflite_threads``: a count, or ``auto``: the cores this process may run on
+    (:func:`usable_cores`). Measured on 2 cores (README, Serving): 2 threads answered 24% more
+    224-px uploads than 1 and the same phone uploads; the API process is idle while a batch
+    runs more often than the second interpreter thread waits for it."""
     if setting != AUTO_THREADS:
         return int(setting)
-    return max(1, len(os.sched_getaffinity(0)) - api_workers)
+    return usable_cores(cpu_max)
+
+
+def usable_cores(cpu_max: str = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may run on, capped by its cgroup's CPU quota (``docker run
+    --cpus 2`` or a Kubernetes limit leaves the host's cores visible to the affinity mask, and a
+    thread per host core would then fight over two cores' worth of time)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
 def batch_plan(count: int, sizes: Sequence[int]) -> list[tuple[int, int]]:
