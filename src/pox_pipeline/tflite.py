@@ -43,9 +43,8 @@ CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" or "m
 
 def thread_count(setting: int | str, cpu_max: str = CGROUP_CPU_MAX) -> int:
     """``serve.tflite_threads``: a count, or ``auto``: the cores this process may run on
-    (:func:`usable_cores`). Measured on 2 cores (README, Serving): 2 threads answered 24% more
-    224-px uploads than 1 and the same phone uploads; the API process is idle while a batch
-    runs more often than the second interpreter thread waits for it."""
+    (:func:`usable_cores`). Measured on 2 idle cores (README, Serving): 2 threads answered 24%
+    more 224-px uploads than 1, and as many phone uploads, beside the API process."""
     if setting != AUTO_THREADS:
         return int(setting)
     return usable_cores(cpu_max)
