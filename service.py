@@ -113,7 +113,7 @@ DROPPED_CONNECTION = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
 
 @bentoml.service(
     name="pox-model",
-    workers=1,
+    workers=SETTINGS.model_workers,
     threads=SETTINGS.model_threads,
     traffic={"timeout": SETTINGS.timeout_s},
     runner_connection=ONE_SESSION,

@@ -6,16 +6,19 @@ One run measures, on this machine:
    images/s (all cores, and the threads the service gives it), and the guard's cost per image
    (the stored conversion, image statistics inside, minus the one without; plus its k-nearest
    search) as a share of the backbone's;
-2. the BentoML service (service.py, adaptive batching, guard and monitoring on) and the same
-   with ``serve.monitoring.enabled=false``, both running, measured in alternating rounds so that
-   the "monitoring on / off" ratio compares like with like on a shared machine;
+2. the BentoML service (service.py, adaptive batching, guard and monitoring on), the same
+   with ``serve.monitoring.enabled=false``, and the same with two model processes
+   (``serve.model_workers=2``, the cores shared among them), all running, measured in
+   alternating rounds so that their ratios compare like with like on a shared machine;
 3. the naive Flask app (benchmarks/naive_server.py: ``model.predict`` per request, as the
    tutorial's web app), for the same uploads.
 
 Each server is driven by ``--clients`` concurrent clients posting photos to /predict: 224-px
 JPEGs (``small``) and 12-megapixel phone JPEGs (``phone``: 4032x3024, half with an EXIF
 orientation), both synthetic, or ``--images`` for the small ones. It prints requests/s,
-p50/p95/p99 latency, errors and peak memory, then the ratios. Servers are stopped by pid.
+p50/p95/p99 latency, errors, peak memory and the CPU time per request of each process (the
+API, the model, and this script's own load generator, which shares the cores), then the
+ratios. Servers are stopped by pid.
 
 The champion is, by default, EfficientNet-Lite0 (the MSLD champion's family) with
 its ImageNet backbone from the pip wheel and an untrained head, published as select publishes
@@ -67,10 +70,12 @@ SERVERS = {
     "bentoml": "BentoML service, adaptive batching, guard and monitoring on",
     "bentoml-nomonitor": "BentoML service, adaptive batching, guard on, monitoring off",
     "bentoml-nobatch": "BentoML service, adaptive batching off",
+    "bentoml-2models": "BentoML service, guard and monitoring on, two model processes "
+                       "(serve.model_workers=2), the cores shared among them",
     "naive": "Flask + model.predict per request",
 }
-# Measured in alternating rounds while both run (the others one at a time).
-PAIRED = ("bentoml", "bentoml-nomonitor")
+# Measured in alternating rounds while all run (the others one at a time).
+PAIRED = ("bentoml", "bentoml-nomonitor", "bentoml-2models")
 KINDS = {"small": "224-px JPEGs", "phone": "4032x3024 phone JPEGs"}
 READY_TIMEOUT_S = 300
 # Without a bound, uvicorn in BentoML's API worker can wait ~50 s for connections to drain.
@@ -103,6 +108,10 @@ class Result:
     p95_ms: float
     p99_ms: float
     peak_rss_mib: float
+    # CPU time per answered request, by process: BentoML's services by name (the API's
+    # "pox-classifier", the model's "pox-model"), "server" for the rest of the server's tree,
+    # and "client": this script's load generator, which shares the machine's cores.
+    cpu_ms_per_request: dict[str, float]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -129,8 +138,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=3.0,
                         help="seconds of unmeasured load before each server's runs (default: 3)")
     parser.add_argument("--servers", nargs="+", choices=list(SERVERS),
-                        default=["bentoml", "bentoml-nomonitor", "naive"],
-                        help="which servers to measure (default: bentoml bentoml-nomonitor naive)")
+                        default=["bentoml", "bentoml-nomonitor", "bentoml-2models", "naive"],
+                        help="which servers to measure (default: bentoml bentoml-nomonitor "
+                             "bentoml-2models naive)")
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS),
                         help="uploads to send (default: small phone)")
     parser.add_argument("--backend", choices=(AUTO, *BACKENDS), default="tflite_fp32",
@@ -379,6 +389,41 @@ def stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def process_role(proc: psutil.Process) -> str:
+    """A BentoML service worker's ``--service-name``, else ``server``."""
+    with suppress(psutil.Error, ValueError, IndexError):
+        cmdline = proc.cmdline()
+        return cmdline[cmdline.index("--service-name") + 1]
+    return "server"
+
+
+class CpuTime:
+    """CPU seconds spent by a server's processes (by role) and by this process's load
+    generator while the context is open."""
+
+    def __init__(self, root: psutil.Process) -> None:
+        self.root = root
+        self.seconds: dict[str, float] = {}
+
+    def _sample(self) -> dict[int, tuple[str, float]]:
+        sample = {}
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            with suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                sample[proc.pid] = (process_role(proc), times.user + times.system)
+        return sample
+
+    def __enter__(self) -> CpuTime:
+        self._before, self._client = self._sample(), time.process_time()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.seconds = {"client": time.process_time() - self._client}
+        for pid, (role, seconds) in self._sample().items():
+            spent = seconds - self._before.get(pid, (role, 0.0))[1]
+            self.seconds[role] = self.seconds.get(role, 0.0) + spent
+
+
 class PeakRss:
     """Samples the summed RSS of a process and its children in the background."""
 
@@ -445,14 +490,24 @@ def drive(
 
 
 def result(name: str, kind: str, clients: int, latencies: list[float], errors: int,
-           seconds: float, peak_rss: int) -> Result:  # fmt: skip
+           seconds: float, peak_rss: int, cpu_seconds: dict[str, float]) -> Result:  # fmt: skip
     ms = np.percentile(latencies, [50, 95, 99]) * 1000 if latencies else [float("nan")] * 3
+    answered = max(len(latencies), 1)
+    cpu_ms = {role: round(spent / answered * 1000, 2) for role, spent in cpu_seconds.items()}
     row = Result(name, kind, clients, len(latencies), errors, round(seconds, 2),
                  round(len(latencies) / seconds, 2), *(round(float(v), 1) for v in ms),
-                 round(peak_rss / 2**20, 1))  # fmt: skip
+                 round(peak_rss / 2**20, 1), cpu_ms)  # fmt: skip
     print(f"  {name:<18} {kind:<6} {clients:>3} clients: {row.requests_per_s:8.2f} req/s, "
-          f"p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms, errors {errors}", flush=True)
+          f"p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms, errors {errors}; CPU ms per "
+          f"request: {cpu_summary(cpu_ms)}", flush=True)
     return row
+
+
+def cpu_summary(cpu_ms: dict[str, float]) -> str:
+    """``pox-classifier 12.3, pox-model 10.1, server 0.2, client 3.4 (total 26.0)``."""
+    parts = [f"{role} {ms:.1f}" for role, ms in cpu_ms.items() if role != "client"]
+    parts.append(f"client {cpu_ms.get('client', 0.0):.1f}")
+    return ", ".join(parts) + f" (total {sum(cpu_ms.values()):.1f})"
 
 
 def measure(
@@ -471,17 +526,21 @@ def measure(
         for clients in args.clients:
             latencies = {name: [] for name in servers}
             errors, seconds, peak = dict.fromkeys(servers, 0), dict.fromkeys(servers, 0.0), {}
+            cpu: dict[str, dict[str, float]] = {name: {} for name in servers}
             for round_ in range(rounds):
                 for name in list(servers)[:: 1 if round_ % 2 == 0 else -1]:
                     url, root = servers[name]
-                    with PeakRss(root) as rss:
+                    with PeakRss(root) as rss, CpuTime(root) as spent:
                         lats, errs, secs = drive(url, bodies, clients, args.duration / rounds)
                     latencies[name] += lats
                     errors[name] += errs
                     seconds[name] += secs
                     peak[name] = max(peak.get(name, 0), rss.peak)
+                    for role, used in spent.seconds.items():
+                        cpu[name][role] = cpu[name].get(role, 0.0) + used
             results += [result(name, kind, clients, latencies[name], errors[name],
-                               seconds[name], peak[name]) for name in servers]  # fmt: skip
+                               seconds[name], peak[name], cpu[name])
+                        for name in servers]  # fmt: skip
     return results
 
 
@@ -519,12 +578,14 @@ def report(results: list[Result], model_only: ModelOnly | None) -> str:
             parts.append(f"phone / small {r.requests_per_s / small.requests_per_s:.2f}x")
         for other, label in (("bentoml-nomonitor", "monitoring on / off"),
                              ("naive", "BentoML / naive"),
-                             ("bentoml-nobatch", "batching on / off")):
+                             ("bentoml-nobatch", "batching on / off"),
+                             ("bentoml-2models", "one / two model processes")):
             base = row.get((other, kind, clients))
             if base is not None and base.requests_per_s > 0:
                 parts.append(f"{label} {r.requests_per_s / base.requests_per_s:.2f}x")
         lines.append(f"{kind} uploads, {clients} clients: p50 {r.p50_ms:.0f} ms, "
                      f"p99 {r.p99_ms:.0f} ms; " + ", ".join(parts))
+        lines.append(f"  CPU ms per request: {cpu_summary(r.cpu_ms_per_request)}")
     goals = [f"{name} {'<=' if 'ms' in name or 'guard' in name else '>='} {value}"
              for name, value in GOALS.items()]  # fmt: skip
     lines.append("issue 18's goals: " + ", ".join(goals))
@@ -534,6 +595,7 @@ def report(results: list[Result], model_only: ModelOnly | None) -> str:
 def server_params(cfg: DictConfig, name: str, backend: str, workdir: Path) -> Path:
     params = workdir / f"{name}.params.yaml"
     serve_cfg = {"batching": name != "bentoml-nobatch", "backend": backend,
+                 "model_workers": 2 if name == "bentoml-2models" else 1,
                  "monitoring": {"enabled": name != "bentoml-nomonitor",
                                 "log_path": str(workdir / f"monitoring-{name}")}}  # fmt: skip
     OmegaConf.save(OmegaConf.merge(cfg, {"serve": serve_cfg}), params)

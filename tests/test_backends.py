@@ -236,8 +236,10 @@ def test_auto_threads_follow_the_cgroup_cpu_quota(
     path = tmp_path / "cpu.max"
     if cpu_max is not None:
         path.write_text(cpu_max)
-    assert tflite.thread_count("auto", str(path)) == min(cores, expected or cores)
-    assert tflite.thread_count(3, str(path)) == 3
+    usable = min(cores, expected or cores)
+    assert tflite.thread_count("auto", cpu_max=str(path)) == usable
+    assert tflite.thread_count("auto", 2, str(path)) == max(1, usable // 2)  # two model workers
+    assert tflite.thread_count(3, 2, str(path)) == 3
 
 
 def test_the_runner_runs_fixed_sizes_and_never_reallocates(published_tag: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+import psutil
 import pytest
 import requests
 from PIL import Image
@@ -172,14 +173,19 @@ def test_uploads_leave_no_trace_on_disk_or_in_the_log(server: Server) -> None:
 # ---------------------------------------------------------------------------- with a guard
 
 
+GUARDED_MODEL_WORKERS = 2
+
+
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A second server whose champion carries an out-of-distribution guard fitted on
-    skin-like photos (the module's first server serves one without)."""
+    skin-like photos (the module's first server serves one without), run by two model
+    processes (``serve.model_workers``)."""
     tag = save_champion(guard_photos=skin_like_photos(24))
     root = tmp_path_factory.mktemp("e2e-guarded")
     params = write_serve_params(root / "params.yaml", f"serve.model_tag={tag}",
-                                f"serve.upload_dir={root / 'uploads'}")  # fmt: skip
+                                f"serve.upload_dir={root / 'uploads'}",
+                                f"serve.model_workers={GUARDED_MODEL_WORKERS}")  # fmt: skip
     with running_service(params, root / "server.log") as url:
         yield Server(url, root, tag)
 
@@ -228,3 +234,38 @@ def test_images_that_are_not_skin_get_no_label_through_both_processes(guarded: S
     explained = guarded.post("/explain", uploads["flat-blue"]).json()
     assert explained["label"] is None and explained["ood"]["score"] > 1
     assert explained["heatmap_png_base64"] is None  # nothing to explain
+
+
+def model_processes(params: Path) -> list[psutil.Process]:
+    """The model service's workers of the server started with ``POX_PARAMS=params``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+            if "pox-model" in cmdline and proc.environ().get("POX_PARAMS") == str(params):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_model_workers_run_side_by_side_and_answer_alike(guarded: Server) -> None:
+    """``serve.model_workers`` starts that many model processes, each with its share of the
+    cores as TFLite threads; concurrent requests spread over them get the in-process answers."""
+    workers = model_processes(guarded.root / "params.yaml")
+    assert len(workers) == GUARDED_MODEL_WORKERS, [w.cmdline() for w in workers]
+    predictor = serve.Predictor.from_stored(bentoml.models.get(guarded.tag))
+    images = []
+    for photo in skin_like_photos(8, seed=11):
+        buffer = io.BytesIO()
+        Image.fromarray(photo.astype(np.uint8)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    jobs = [images[i % len(images)] for i in range(48)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda data: guarded.post("/predict", data), jobs))
+    for data, response in zip(jobs, responses, strict=True):
+        assert response.status_code == 200, response.text
+        got, want = response.json(), expected(predictor, data)
+        assert got["in_distribution"] is want["in_distribution"]
+        assert got["ood"]["score"] == pytest.approx(want["ood"]["score"], rel=1e-4)
+        assert_same_answer(got, want)

@@ -79,6 +79,7 @@ class ServeConfig:
     max_batch_size: int
     max_latency_ms: int
     api_workers: int
+    model_workers: int
     model_threads: int
     model_call_attempts: int
     model_call_timeout_s: float
@@ -117,7 +118,10 @@ class ServeConfig:
         if unknown:
             raise ValueError(f"serve.publish_backends: {sorted(unknown)} are no TFLite backends")
         values["publish_backends"] = tuple(values["publish_backends"])
-        values["tflite_threads"] = tflite.thread_count(values["tflite_threads"])
+        if int(values["model_workers"]) < 1:
+            raise ValueError(f"serve.model_workers={values['model_workers']}: at least 1")
+        values["tflite_threads"] = tflite.thread_count(values["tflite_threads"],
+                                                       int(values["model_workers"]))
         values["batch_sizes"] = tuple(int(size) for size in values["batch_sizes"])
         if not values["batch_sizes"] or min(values["batch_sizes"]) < 1:
             raise ValueError(f"serve.batch_sizes={list(values['batch_sizes'])}: sizes >= 1")

@@ -41,13 +41,15 @@ AUTO_THREADS = "auto"  # serve.tflite_threads: every core this process may use
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" or "max <period>"
 
 
-def thread_count(setting: int | str, cpu_max: str = CGROUP_CPU_MAX) -> int:
+def thread_count(setting: int | str, processes: int = 1, cpu_max: str = CGROUP_CPU_MAX) -> int:
     """``serve.tflite_threads``: a count, or ``auto``: the cores this process may run on
-    (:func:`usable_cores`). Measured on 2 idle cores (README, Serving): 2 threads answered 24%
-    more 224-px uploads than 1, and as many phone uploads, beside the API process."""
+    (:func:`usable_cores`) shared among the ``processes`` that run the model side by side
+    (``serve.model_workers``), at least one each. Measured on 2 idle cores (README, Serving): one
+    model process with 2 threads answered 24% more 224-px uploads than with 1, and as many phone
+    uploads, beside the API process."""
     if setting != AUTO_THREADS:
         return int(setting)
-    return usable_cores(cpu_max)
+    return max(1, usable_cores(cpu_max) // processes)
 
 
 def usable_cores(cpu_max: str = CGROUP_CPU_MAX) -> int:
