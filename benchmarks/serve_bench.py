@@ -5,7 +5,9 @@ One run measures, on this machine:
 1. the model alone: the champion's TFLite fp32 conversion without the guard, batch 8, as
    images/s (all cores, and the threads the service gives it), and the guard's cost per image
    (the stored conversion, image statistics inside, minus the one without; plus its k-nearest
-   search) as a share of the backbone's;
+   search) as a share of the backbone's; it runs again, all cores, in a round after each round
+   of the servers in 2., so that "served / model-only" divides rates from the same minutes
+   (the machine's speed drifts by tens of percent over an hour);
 2. the BentoML service (service.py, adaptive batching, guard and monitoring on), the same
    with ``serve.monitoring.enabled=false``, and the same with two model processes
    (``serve.model_workers=2``, the cores shared among them), all running, measured in
@@ -108,6 +110,10 @@ class Result:
     p95_ms: float
     p99_ms: float
     peak_rss_mib: float
+    # The model alone (TFLite fp32, batch MODEL_BATCH, no guard, all cores) in rounds taking
+    # turns with the paired servers' (None for a server measured on its own): the denominator
+    # of "served / model-only", from the same minutes as the served rate.
+    model_alone_images_per_s: float | None
     # CPU time per answered request, by process: BentoML's services by name (the API's
     # "pox-classifier", the model's "pox-model"), "server" for the rest of the server's tree,
     # and "client": this script's load generator, which shares the machine's cores.
@@ -292,8 +298,25 @@ def median_ms_per_image(runs: dict[str, Callable[[np.ndarray], object]],
     return {name: float(np.median(values)) for name, values in timings.items()}
 
 
-def measure_model_only(tag: str, cfg: DictConfig) -> ModelOnly:
-    """Model-only rates and the guard's cost, from the stored champion's own files."""
+class ModelAlone:
+    """The bare conversion called back to back on a batch, for rounds between the servers'."""
+
+    def __init__(self, runner: Callable[[np.ndarray], object], batch: np.ndarray) -> None:
+        self.runner = runner
+        self.batch = batch
+
+    def run(self, seconds: float) -> tuple[int, float]:
+        """(images, seconds) of batches run for about ``seconds``."""
+        images, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            self.runner(self.batch)
+            images += len(self.batch)
+        return images, time.perf_counter() - started
+
+
+def measure_model_only(tag: str, cfg: DictConfig) -> tuple[ModelOnly, ModelAlone]:
+    """Model-only rates and the guard's cost, from the stored champion's own files, and the
+    bare model for rounds beside the servers'."""
     import bentoml
 
     from pox_pipeline import ood, tflite
@@ -313,8 +336,9 @@ def measure_model_only(tag: str, cfg: DictConfig) -> ModelOnly:
     extract = ood.feature_extractor(model, size, tuple(guard.guards), guard.statistics_size,
                                     tflite.Runner(guarded, cores, [MODEL_BATCH]))  # fmt: skip
     features = extract(batch)[1]
+    alone = ModelAlone(tflite.Runner(bare, cores, [MODEL_BATCH]), batch)
     ms = median_ms_per_image({
-        "model": tflite.Runner(bare, cores, [MODEL_BATCH]),
+        "model": alone.runner,
         "model, served threads": tflite.Runner(bare, threads, [MODEL_BATCH]),
         "with statistics": extract.run,
         "search": lambda _: guard.scores(features),
@@ -322,7 +346,7 @@ def measure_model_only(tag: str, cfg: DictConfig) -> ModelOnly:
     statistics_ms = max(0.0, ms["with statistics"] - ms["model"])
     return ModelOnly(1000 / ms["model"], 1000 / ms["model, served threads"], threads,
                      ms["model"], statistics_ms + ms["search"], statistics_ms,
-                     ms["search"])  # fmt: skip
+                     ms["search"]), alone  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- servers
@@ -490,13 +514,14 @@ def drive(
 
 
 def result(name: str, kind: str, clients: int, latencies: list[float], errors: int,
-           seconds: float, peak_rss: int, cpu_seconds: dict[str, float]) -> Result:  # fmt: skip
+           seconds: float, peak_rss: int, cpu_seconds: dict[str, float],
+           model_alone: float | None) -> Result:  # fmt: skip
     ms = np.percentile(latencies, [50, 95, 99]) * 1000 if latencies else [float("nan")] * 3
     answered = max(len(latencies), 1)
     cpu_ms = {role: round(spent / answered * 1000, 2) for role, spent in cpu_seconds.items()}
     row = Result(name, kind, clients, len(latencies), errors, round(seconds, 2),
                  round(len(latencies) / seconds, 2), *(round(float(v), 1) for v in ms),
-                 round(peak_rss / 2**20, 1), cpu_ms)  # fmt: skip
+                 round(peak_rss / 2**20, 1), model_alone, cpu_ms)  # fmt: skip
     print(f"  {name:<18} {kind:<6} {clients:>3} clients: {row.requests_per_s:8.2f} req/s, "
           f"p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms, errors {errors}; CPU ms per "
           f"request: {cpu_summary(cpu_ms)}", flush=True)
@@ -515,10 +540,12 @@ def measure(
     args: argparse.Namespace,
     payloads: dict[str, list[bytes]],
     rounds: int,
+    alone: ModelAlone | None = None,
 ) -> list[Result]:
     """Each upload kind and client count on each of ``servers`` (all running): ``rounds``
     alternating rounds (A B, B A, ...) of ``args.duration / rounds`` seconds each, so that
-    servers compared in one run share the machine's moments of load alike."""
+    servers compared in one run share the machine's moments of load alike; with ``alone``,
+    a round of the model alone follows each round of the servers (their denominator)."""
     results = []
     for kind, bodies in payloads.items():
         for url, _ in servers.values():
@@ -527,6 +554,7 @@ def measure(
             latencies = {name: [] for name in servers}
             errors, seconds, peak = dict.fromkeys(servers, 0), dict.fromkeys(servers, 0.0), {}
             cpu: dict[str, dict[str, float]] = {name: {} for name in servers}
+            alone_images, alone_seconds = 0, 0.0
             for round_ in range(rounds):
                 for name in list(servers)[:: 1 if round_ % 2 == 0 else -1]:
                     url, root = servers[name]
@@ -538,8 +566,12 @@ def measure(
                     peak[name] = max(peak.get(name, 0), rss.peak)
                     for role, used in spent.seconds.items():
                         cpu[name][role] = cpu[name].get(role, 0.0) + used
+                if alone is not None:
+                    images, secs = alone.run(args.duration / rounds)
+                    alone_images, alone_seconds = alone_images + images, alone_seconds + secs
+            model_alone = round(alone_images / alone_seconds, 2) if alone_seconds else None
             results += [result(name, kind, clients, latencies[name], errors[name],
-                               seconds[name], peak[name], cpu[name])
+                               seconds[name], peak[name], cpu[name], model_alone)
                         for name in servers]  # fmt: skip
     return results
 
@@ -570,7 +602,11 @@ def report(results: list[Result], model_only: ModelOnly | None) -> str:
         if server != "bentoml":
             continue
         parts = []
-        if model_only is not None:
+        if r.model_alone_images_per_s:
+            share = r.requests_per_s / r.model_alone_images_per_s
+            parts.append(f"served / model-only {share:.2f}x (the model alone "
+                         f"{r.model_alone_images_per_s:.1f} images/s in rounds between)")
+        elif model_only is not None:
             share = r.requests_per_s / model_only.images_per_s_all_cores
             parts.append(f"served / model-only {share:.2f}x")
         small = row.get(("bentoml", "small", clients))
@@ -627,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for kind, bodies in payloads.items():
             print(f"{kind}: {len(bodies)} {KINDS[kind]}, mean "
                   f"{np.mean([len(b) for b in bodies]) / 1e3:.0f} kB", flush=True)
-        model_only = measure_model_only(tag, cfg)
+        model_only, alone = measure_model_only(tag, cfg)
         print(report([], model_only), flush=True)
         paired = [name for name in PAIRED if name in args.servers]
         groups = [paired] if paired else []
@@ -639,7 +675,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(f"{name}: {SERVERS[name]}", flush=True)
                     params = server_params(cfg, name, args.backend, workdir)
                     servers[name] = stack.enter_context(running(name, tag, params, workdir))
-                results += measure(servers, args, payloads, args.rounds if len(group) > 1 else 1)
+                paired_group = len(group) > 1
+                results += measure(servers, args, payloads, args.rounds if paired_group else 1,
+                                   alone if paired_group else None)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print()
