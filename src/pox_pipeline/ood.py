@@ -276,6 +276,12 @@ class MemberFeatures:
     columns: tuple[int, int]
 
 
+def score_of(space_ratios: np.ndarray) -> np.ndarray:
+    """The OOD score of each row of (N, spaces) distance / threshold ratios: the largest over
+    the guarded spaces (above 1: out of distribution), nan where no space is guarded."""
+    return np.fmax.reduce(space_ratios, axis=1)
+
+
 @dataclass(frozen=True)
 class GuardSet:
     """One :class:`Guard` per feature space; an image's score is its worst distance /
@@ -360,8 +366,8 @@ class GuardSet:
         return np.stack(columns, axis=1)
 
     def scores(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
-        ratios = [guard.ratios(features[space_of(key)]) for key, guard in self.guards.items()]
-        return np.max(ratios, axis=0)
+        """Each photo's OOD score (:func:`score_of` its :meth:`space_ratios`)."""
+        return score_of(self.space_ratios(features))
 
     def metadata(self) -> dict[str, Any]:
         """What travels in the model's metadata (and the model card)."""

@@ -118,10 +118,11 @@ class ServeConfig:
         if unknown:
             raise ValueError(f"serve.publish_backends: {sorted(unknown)} are no TFLite backends")
         values["publish_backends"] = tuple(values["publish_backends"])
-        if int(values["model_workers"]) < 1:
+        values["model_workers"] = int(values["model_workers"])
+        if values["model_workers"] < 1:
             raise ValueError(f"serve.model_workers={values['model_workers']}: at least 1")
         values["tflite_threads"] = tflite.thread_count(values["tflite_threads"],
-                                                       int(values["model_workers"]))
+                                                       values["model_workers"])  # fmt: skip
         values["batch_sizes"] = tuple(int(size) for size in values["batch_sizes"])
         if not values["batch_sizes"] or min(values["batch_sizes"]) < 1:
             raise ValueError(f"serve.batch_sizes={list(values['batch_sizes'])}: sizes >= 1")
@@ -246,7 +247,7 @@ class Predictor:
             return self.outputs_with_ood_score(batch)
         model_outputs, features = self._features(*self._view_batch(batch))
         ratios = monitor.guard_ratios(features, self.guard)  # each neighbour search runs once
-        scores = np.fmax.reduce(ratios, axis=1)  # nan only without a guard
+        scores = ood.score_of(ratios)
         columns = monitor.monitored_columns(ratios, features, self.basis)
         return np.concatenate([model_outputs, scores[:, None], columns], axis=1)
 
