@@ -156,12 +156,17 @@ def write_serve_params(path: Path, *overrides: str) -> Path:
     return path
 
 
+def encoded(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    """(H, W, 3) pixels in [0, 255] as an image file's bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels).astype(np.uint8)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
 def image_bytes(size: tuple[int, int] = (48, 40), fmt: str = "PNG", seed: int = 0) -> bytes:
     """A small deterministic noise photo, encoded."""
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
+    return encoded(pixels, fmt)
 
 
 def grey_photo_with_spot(size: tuple[int, int] = (120, 90), grain: float = 0.0) -> bytes:

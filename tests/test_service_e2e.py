@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bentoml
-import numpy as np
 import psutil
 import pytest
 import requests
@@ -23,6 +22,7 @@ from pox_pipeline import non_skin, preprocess, serve
 from serve_helpers import (
     CLASSES,
     coloured_pixels,
+    encoded,
     grey_photo_with_spot,
     image_bytes,
     msld_samples,
@@ -218,9 +218,7 @@ def test_images_that_are_not_skin_get_no_label_through_both_processes(guarded: S
         assert got["label"] is None and got["probability"] is None, name
         assert got["probabilities"] is None, name
         assert got["ood_reason"] and got["ood_reason"] in got["explanation"], name
-    skin = io.BytesIO()
-    Image.fromarray(skin_like_photos(1, seed=5)[0].astype(np.uint8)).save(skin, format="PNG")
-    sent = [*uploads.values(), skin.getvalue()]
+    sent = [*uploads.values(), encoded(skin_like_photos(1, seed=5)[0])]
     files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(sent)]
     batch = requests.post(f"{guarded.url}/predict_batch", files=files, timeout=TIMEOUT_S)
     assert batch.status_code == 200, batch.text
@@ -250,16 +248,12 @@ def model_processes(params: Path) -> list[psutil.Process]:
 
 
 def test_model_workers_run_side_by_side_and_answer_alike(guarded: Server) -> None:
-    """``serve.model_workers`` starts that many model processes, each with its share of the
-    cores as TFLite threads; concurrent requests spread over them get the in-process answers."""
+    """``serve.model_workers`` starts that many model processes; concurrent requests spread
+    over them get the in-process answers and guard scores."""
     workers = model_processes(guarded.root / "params.yaml")
     assert len(workers) == GUARDED_MODEL_WORKERS, [w.cmdline() for w in workers]
     predictor = serve.Predictor.from_stored(bentoml.models.get(guarded.tag))
-    images = []
-    for photo in skin_like_photos(8, seed=11):
-        buffer = io.BytesIO()
-        Image.fromarray(photo.astype(np.uint8)).save(buffer, format="PNG")
-        images.append(buffer.getvalue())
+    images = [encoded(photo) for photo in skin_like_photos(8, seed=11)]
     jobs = [images[i % len(images)] for i in range(48)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(pool.map(lambda data: guarded.post("/predict", data), jobs))
