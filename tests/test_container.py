@@ -177,6 +177,13 @@ def test_the_image_is_lean_and_labelled(container: Container, image: str, champi
         assert f'"{key}":"{value}"' in labels, (key, labels)
 
 
+def test_its_services_run_on_uvloop_and_httptools(container: Container) -> None:
+    """The Bento ships uvloop and httptools (bentofile.yaml), so uvicorn picks them inside the
+    container too, as tests/test_service_e2e.py checks for `make serve`."""
+    maps = podman("exec", container.name, "sh", "-c", "cat /proc/[0-9]*/maps").stdout
+    assert "/uvloop/loop." in maps and "/httptools/parser/parser." in maps
+
+
 def test_sigterm_stops_it_within_the_grace_period(container: Container) -> None:
     """Last in this module: it stops the container. Were SIGTERM ignored, podman would wait the
     whole grace period before its SIGKILL."""
