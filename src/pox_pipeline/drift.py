@@ -81,15 +81,17 @@ def write_reference(
     ``held_out``: the model's answers on ``val`` out of fold, when it trained on them."""
     import shutil
 
-    from pox_pipeline import serve
+    from pox_pipeline import serve, tflite
     from pox_pipeline.inference import NO_TTA, load_keras_model
     from pox_pipeline.policy import DecisionPolicy
 
-    settings = serve.ServeConfig.from_cfg(serve_cfg)
-    head_only = dataclasses.replace(settings.ood, spaces=(ood.HEAD,))
+    # Only the settings that shape the reference, so that a serving-only knob (port, workers,
+    # upload limits) leaves select's DVC params, and the published model, as they are.
+    guard = ood.OODSettings.from_cfg(serve_cfg["ood"])
+    head_only = dataclasses.replace(guard, spaces=(ood.HEAD,))
     head = ood.features_of(load_keras_model(model_file), np.asarray(train, np.float32),
                            head_only, str(metadata.get("tta", NO_TTA)))[ood.HEAD]  # fmt: skip
-    basis = Basis.fit(head, settings.monitoring.components)
+    basis = Basis.fit(head, int(serve_cfg["monitoring"]["components"]))
     basis_file = basis.save(Path(out_dir) / BASIS_FILE)
     policy = DecisionPolicy.from_metadata(str(metadata.get("registered_model_name", "model")),
                                    "reference", metadata)  # fmt: skip
@@ -99,10 +101,11 @@ def write_reference(
         for name, path in served_files.items():
             shutil.copyfile(path, Path(tmp) / name)
         predictor = serve.Predictor(
-            Path(tmp), policy, settings.backend, settings.tflite_threads, settings.ood.enabled,
-            monitoring=True, batch_sizes=settings.batch_sizes,
+            Path(tmp), policy, str(serve_cfg["backend"]),
+            tflite.thread_count(serve_cfg["tflite_threads"]), guard.enabled, monitoring=True,
+            batch_sizes=tuple(int(size) for size in serve_cfg["batch_sizes"]),
         )  # fmt: skip
-        size = settings.ood.batch_size
+        size = guard.batch_size
         parts = [predictor.outputs_with_monitoring(val[start : start + size])
                  for start in range(0, len(val), size)]  # fmt: skip
     scored, columns = split_columns(np.concatenate(parts), len(basis.columns))
