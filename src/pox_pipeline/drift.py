@@ -56,9 +56,7 @@ class HeldOutScores:
         """(outputs with the OOD score, monitored columns) of the served path, with the
         model's outputs, the guard ratios and the OOD score (their largest) held out."""
         ratios = np.asarray(self.guard_ratios, np.float64)
-        guarded = ~np.isnan(ratios).all(axis=1)
-        score = np.full(len(ratios), np.nan)
-        score[guarded] = np.nanmax(ratios[guarded], axis=1)
+        score = ood.score_of(ratios)
         columns = columns.copy()
         columns[:, : ratios.shape[1]] = ratios
         return np.concatenate([np.asarray(self.outputs, np.float64), score[:, None]], 1), columns
