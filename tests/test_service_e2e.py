@@ -250,7 +250,7 @@ def service_processes(params: Path, service: str) -> list[psutil.Process]:
 
 def test_services_run_on_uvloop_and_httptools(guarded: Server) -> None:
     """Both services' uvicorn runs on uvloop with the httptools parser (uvicorn's "auto" picks
-    them when installed): 4-8% more answers a second than on asyncio + h11 (README, Benchmarks)."""
+    them when installed): 5-8% more answers a second than on asyncio + h11 (README, Benchmarks)."""
     for service in ("pox-classifier", "pox-model"):
         workers = service_processes(guarded.root / "params.yaml", service)
         assert workers, service
