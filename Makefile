@@ -52,32 +52,43 @@ params: install
 serve: install
 	bentoml serve service:PoxClassifier --host 127.0.0.1 --port 3000
 
-## container: the champion's Bento as an image ($(IMAGE):<bento version> and :latest), built with
-## podman (docker where its engine runs) from a base built here from the Debian mirror, or from
-## BASE_IMAGE (any Debian image with Python 3.11); EXTRA_CA_CERTS go into the build's trust store
-CONTAINER_ENGINE ?= $(if $(shell docker info >/dev/null 2>&1 && echo up),docker,podman)
-IMAGE ?= pox-classifier
-BASE_IMAGE ?=
-DEBIAN_IMAGE ?= localhost/debian:bookworm
-DEBIAN_MIRROR ?=
-EXTRA_CA_CERTS ?= $(wildcard /usr/local/share/ca-certificates/*.crt)
-PYPI_INDEX ?= https://pypi.org/simple
-CONTAINER_NAME ?= pox-classifier
-PORT ?= 3000
-READY_TIMEOUT_S ?= 300
-STOP_TIMEOUT_S ?= 10
+## container: the champion's Bento as an image ($(POX_IMAGE):<bento version> and :latest), built
+## with podman (docker where its engine runs) from a base built here from the Debian mirror, or
+## from POX_BASE_IMAGE (any Debian image with Python 3.11); POX_EXTRA_CA_CERTS go into the
+## build's trust store. The container targets read only POX_-prefixed variables, so a common
+## name in the environment (CONTAINER_NAME, IMAGE, PORT) changes nothing: set these on the
+## command line (`make container-run POX_PORT=3001`) or in the environment under these names.
+POX_CONTAINER_ENGINE ?= $(if $(shell docker info >/dev/null 2>&1 && echo up),docker,podman)
+POX_IMAGE ?= pox-classifier
+POX_BASE_IMAGE ?=
+POX_DEBIAN_IMAGE ?= localhost/debian:bookworm
+POX_DEBIAN_MIRROR ?=
+POX_EXTRA_CA_CERTS ?= $(wildcard /usr/local/share/ca-certificates/*.crt)
+POX_PYPI_INDEX ?= https://pypi.org/simple
+POX_CONTAINER_NAME ?= pox-classifier
+POX_PORT ?= 3000
+# The host folder mounted as the container's monitoring directory (the image's
+# POX_MONITORING_DIR): by default the project's own, so plain `pox monitor` reads its records.
+POX_MONITORING_DIR_HOST ?= $(CURDIR)/monitoring
+POX_READY_TIMEOUT_S ?= 300
+POX_STOP_TIMEOUT_S ?= 10
 export CONTAINERS_CONF ?= $(CURDIR)/deploy/podman/containers.conf
 export CONTAINERS_STORAGE_CONF ?= $(CURDIR)/deploy/podman/storage.conf
-CONTAINER_SETTINGS = CONTAINER_ENGINE=$(CONTAINER_ENGINE) IMAGE=$(IMAGE) \
-	BASE_IMAGE=$(BASE_IMAGE) DEBIAN_IMAGE=$(DEBIAN_IMAGE) DEBIAN_MIRROR=$(DEBIAN_MIRROR) \
-	EXTRA_CA_CERTS="$(EXTRA_CA_CERTS)" PYPI_INDEX=$(PYPI_INDEX) CONTAINER_NAME=$(CONTAINER_NAME) \
-	PORT=$(PORT) READY_TIMEOUT_S=$(READY_TIMEOUT_S) STOP_TIMEOUT_S=$(STOP_TIMEOUT_S)
+CONTAINER_SETTINGS = POX_CONTAINER_ENGINE='$(POX_CONTAINER_ENGINE)' POX_IMAGE='$(POX_IMAGE)' \
+	POX_BASE_IMAGE='$(POX_BASE_IMAGE)' POX_DEBIAN_IMAGE='$(POX_DEBIAN_IMAGE)' \
+	POX_DEBIAN_MIRROR='$(POX_DEBIAN_MIRROR)' POX_EXTRA_CA_CERTS='$(POX_EXTRA_CA_CERTS)' \
+	POX_PYPI_INDEX='$(POX_PYPI_INDEX)' POX_CONTAINER_NAME='$(POX_CONTAINER_NAME)' \
+	POX_PORT='$(POX_PORT)' POX_MONITORING_DIR_HOST='$(POX_MONITORING_DIR_HOST)' \
+	POX_READY_TIMEOUT_S='$(POX_READY_TIMEOUT_S)' POX_STOP_TIMEOUT_S='$(POX_STOP_TIMEOUT_S)'
 
 container: install
 	$(CONTAINER_SETTINGS) deploy/container.sh build
 
-## container-run: start $(IMAGE):latest on http://127.0.0.1:$(PORT), read-only; returns once
-## /readyz answers. container-stop: SIGTERM, then SIGKILL after $(STOP_TIMEOUT_S) s
+## container-run: start $(POX_IMAGE):latest on http://127.0.0.1:$(POX_PORT), read-only, with
+## $(POX_MONITORING_DIR_HOST) as its monitoring volume; returns once /readyz answers. One that
+## does not become ready is removed, its log shown; a stopped one of the same name, left by an
+## earlier run, is removed first (a running one is refused). container-stop: SIGTERM, then
+## SIGKILL after $(POX_STOP_TIMEOUT_S) s, then removed
 container-run:
 	$(CONTAINER_SETTINGS) deploy/container.sh run
 

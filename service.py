@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
+import functools
 import logging
+import math
 import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -31,7 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 # A built Bento (and its container) ships the package as source under src/, not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from pox_pipeline import model_card, monitor, serve  # noqa: E402
+from pox_pipeline import model_card, monitor, serve, upload_guard  # noqa: E402
 from pox_pipeline.policy import DecisionPolicy  # noqa: E402
 from pox_pipeline.preprocess import ImageError  # noqa: E402
 
@@ -39,6 +46,28 @@ SETTINGS = serve.ServeConfig.load()
 CHAMPION = bentoml.models.BentoModel(SETTINGS.model_tag)
 STATIC_DIR = Path(serve.__file__).parent / "static"
 logger = logging.getLogger("bentoml.service")
+# Decodes run in these threads only: a decode may take ~200 MB (serve.max_decode_pixels), so
+# their number bounds the API worker's memory; a request waiting for one holds no image.
+DECODES = ThreadPoolExecutor(SETTINGS.max_concurrent_decodes, thread_name_prefix="pox-decode")
+# What one request body may be (upload_guard.py): /predict_batch takes several files.
+ONE_FILE = upload_guard.BodyLimits(
+    1, SETTINGS.max_upload_bytes, SETTINGS.request_body_timeout_s, SETTINGS.max_request_bytes
+)
+# BentoML's access log is off unless serve.access_log; when on, without the client's address.
+ACCESS_LOG = {"access": {"enabled": SETTINGS.access_log}}
+
+
+class NoClientAddress(logging.Filter):
+    """Drops the client's ``IP:port`` that BentoML's access log puts first in each line
+    (bentoml/_internal/server/http/access.py): uploads are health data."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = ("-", *record.args[1:])
+        return True
+
+
+logging.getLogger("bentoml.access").addFilter(NoClientAddress())
 
 
 def served_policy(stored: bentoml.Model) -> DecisionPolicy:
@@ -109,6 +138,10 @@ ONE_SESSION = {"max_requests": 2**31 - 1, "max_age": float(2**31)}
 # not among them (aiohttp's ServerTimeoutError is a connection error too, caught first): the
 # batcher may still hold the call, and re-sending it would double the load when it is highest.
 DROPPED_CONNECTION = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, RuntimeError)
+# Grad-CAM runs on a thread of its own in each model process. A sync API would run on the
+# service's `threads` (serve.model_threads), the ones the batches run on: each unbatched, eager
+# Grad-CAM held every /predict batch behind it (benchmarks/explain_burst.py, README).
+GRADCAM_THREAD = ThreadPoolExecutor(1, thread_name_prefix="gradcam")
 
 
 @bentoml.service(
@@ -116,6 +149,7 @@ DROPPED_CONNECTION = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
     workers=SETTINGS.model_workers,
     threads=SETTINGS.model_threads,
     traffic={"timeout": SETTINGS.timeout_s},
+    logging=ACCESS_LOG,
     runner_connection=ONE_SESSION,
 )
 class PoxModel:
@@ -145,10 +179,11 @@ class PoxModel:
         return self.predictor.outputs_with_monitoring(images)
 
     @bentoml.api
-    def gradcam(self, image: np.ndarray) -> np.ndarray:
+    async def gradcam(self, image: np.ndarray) -> np.ndarray:
         """Grad-CAM map (or input-gradient saliency) of the positive class for one (S, S, 3)
-        image, in [0, 1]."""
-        return self.predictor.gradcam(image)
+        image, in [0, 1]; on :data:`GRADCAM_THREAD`, beside the batches."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(GRADCAM_THREAD, self.predictor.gradcam, image)
 
 
 class EntryPoints:
@@ -198,8 +233,67 @@ class ModelCardPage:
         await self.page(scope, receive, send)
 
 
+class ExplainBusy(Exception):
+    """Every /explain turn is taken and the queue is full: refused at once."""
+
+
+class ExplainLimit:
+    """``serve.explain``: at most ``max_concurrent`` /explain requests at the model at once and
+    ``max_waiting`` more waiting for a turn, per API worker; the rest are refused at once.
+
+    A burst of /explain then queues here, in the API process, instead of in the model process
+    ahead of /predict's batches. A request is counted from its arrival, so one that will be
+    refused costs no decode; it decodes while it waits, and holds a turn only at the model.
+    """
+
+    def __init__(self, settings: serve.ExplainConfig) -> None:
+        self.settings = settings
+        self._turns = asyncio.Semaphore(settings.max_concurrent)
+        self._admitted = 0
+        self._turn_s = 1.0  # a turn's duration, smoothed: what Retry-After is made of
+
+    @property
+    def retry_after_s(self) -> int:
+        """Seconds until the requests admitted now have likely had their turns (at least 1)."""
+        rounds = self._admitted / self.settings.max_concurrent
+        return max(1, math.ceil(rounds * self._turn_s))
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count a request in while it is inside; :class:`ExplainBusy` when full."""
+        if self._admitted >= self.settings.max_concurrent + self.settings.max_waiting:
+            raise ExplainBusy
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Wait for one of the ``max_concurrent`` turns at the model (inside :meth:`admitted`)."""
+        async with self._turns:
+            started = time.monotonic()
+            try:
+                yield
+            finally:
+                self._turn_s = 0.8 * self._turn_s + 0.2 * (time.monotonic() - started)
+
+    def busy(self) -> JSONResponse:
+        """The refusal: 429 with Retry-After and the reason."""
+        seconds = self.retry_after_s
+        return JSONResponse(
+            {"error": f"/explain is busy: {self._admitted} requests are being explained or "
+                      f"waiting, the limit is {self.settings.max_concurrent} + "
+                      f"{self.settings.max_waiting} waiting (serve.explain); retry in "
+                      f"{seconds} s (/predict is not limited by this)"},
+            status_code=429, headers={"Retry-After": str(seconds)},
+        )  # fmt: skip
+
+
 def rejection(error: ImageError, which: str = "") -> JSONResponse:
-    """A bad upload's answer: 413 over the limits, else 400, with the reason as ``error``.
+    """A bad upload's answer (413 over the limits, 415 in no accepted format, else 400), with
+    the reason as ``error``.
 
     Returned, not raised as ``bentoml.exceptions.InvalidArgument``: BentoML 1.4.40 wraps a
     raised 4xx's body in a list (``[{"error": ...}]``, _bentoml_impl/server/app.py) and has no
@@ -212,7 +306,8 @@ def rejection(error: ImageError, which: str = "") -> JSONResponse:
 @bentoml.service(
     name="pox-classifier",
     workers=SETTINGS.api_workers,
-    traffic={"timeout": SETTINGS.timeout_s},
+    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    logging=ACCESS_LOG,
     http={"host": SETTINGS.host, "port": SETTINGS.port},
 )
 class PoxClassifier:
@@ -222,13 +317,16 @@ class PoxClassifier:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
+        if SETTINGS.store_uploads:  # kept photos past their retention go at start
+            serve.open_upload_dir(SETTINGS.upload_dir, SETTINGS.upload_retention_days)
         self.policy = served_policy(CHAMPION.resolve())
         self.monitor = monitor.ServiceMonitor(
             SETTINGS.monitoring, Path(CHAMPION.resolve().path), self.policy
         )
 
     def __metrics__(self, exposition: str) -> str:
-        """BentoML's ``/metrics`` plus the last ``pox monitor`` result as gauges."""
+        """BentoML's ``/metrics`` plus whether answers are recorded (and why not) and the last
+        ``pox monitor`` result, as gauges; never fails because of a report file."""
         return self.monitor.metrics_text(exposition)
 
     def _rejected(self, response: JSONResponse) -> JSONResponse:
@@ -236,8 +334,12 @@ class PoxClassifier:
         return response
 
     async def _load(self, upload: Path) -> tuple[Image.Image, np.ndarray]:
-        """Decode off the event loop; raises ImageError with a reason for the client."""
-        return await asyncio.to_thread(serve.load_upload, upload, self.settings, self.policy)
+        """Decode in one of :data:`DECODES`' threads; raises ImageError with a reason for the
+        client. The upload is read there too, so a request waiting for a thread holds no bytes."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            DECODES, serve.load_upload, upload, self.settings, self.policy
+        )
 
     async def _call_model(self, api: str, **inputs: np.ndarray) -> np.ndarray:
         """Call the model service: a call lost with its connection is re-sent (inference has
@@ -300,18 +402,30 @@ class PoxClassifier:
         answers = await self._answers(np.stack(arrays), "predict_batch")
         return [Answer(**result) for result in answers]
 
+    @functools.cached_property
+    def explain_limit(self) -> ExplainLimit:
+        """This worker's /explain limit (made on first use, on the event loop that uses it)."""
+        return ExplainLimit(self.settings.explain)
+
     @bentoml.api
     async def explain(self, image: Path) -> ExplainedAnswer:
         """The ``/predict`` answer plus ``heatmap_png_base64``: the Grad-CAM map of the
         positive class over the photo (input-gradient saliency for a model without Conv2D,
-        such as ``colour_texture``), as a base64 PNG."""
+        such as ``colour_texture``), as a base64 PNG. Over ``serve.explain``'s limit: 429
+        with Retry-After."""
+        limit = self.explain_limit
         try:
-            photo, array = await self._load(image)
+            with limit.admitted():
+                photo, array = await self._load(image)
+                async with limit.turn():
+                    answers, cam = await asyncio.gather(
+                        self._answers(array[None], "explain"),
+                        self._call_model("gradcam", image=array),
+                    )
+        except ExplainBusy:
+            return self._rejected(limit.busy())
         except ImageError as error:
             return self._rejected(rejection(error))
-        answers, cam = await asyncio.gather(
-            self._answers(array[None], "explain"), self._call_model("gradcam", image=array)
-        )
         result = answers[0]
         if not result["in_distribution"]:  # no label, no probabilities: nothing to explain
             return ExplainedAnswer(**result, heatmap_png_base64=None)
@@ -321,3 +435,8 @@ class PoxClassifier:
 
 PoxClassifier.add_asgi_middleware(EntryPoints, ui_path=SETTINGS.ui_path)
 PoxClassifier.add_asgi_middleware(ModelCardPage, ui_path=SETTINGS.ui_path)
+PoxClassifier.add_asgi_middleware(
+    upload_guard.UploadGuard,
+    default=ONE_FILE,
+    routes={"/predict_batch": dataclasses.replace(ONE_FILE, files=SETTINGS.max_images_per_request)},
+)

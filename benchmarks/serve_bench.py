@@ -633,7 +633,7 @@ def server_params(cfg: DictConfig, name: str, backend: str, workdir: Path) -> Pa
     serve_cfg = {"batching": name != "bentoml-nobatch", "backend": backend,
                  "model_workers": 2 if name == "bentoml-2models" else 1,
                  "monitoring": {"enabled": name != "bentoml-nomonitor",
-                                "log_path": str(workdir / f"monitoring-{name}")}}  # fmt: skip
+                                "dir": str(workdir / f"monitoring-{name}")}}  # fmt: skip
     OmegaConf.save(OmegaConf.merge(cfg, {"serve": serve_cfg}), params)
     return params
 

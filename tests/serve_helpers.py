@@ -189,10 +189,11 @@ def coloured_pixels(png: bytes) -> int:
     return int(((pixels.max(axis=-1) - pixels.min(axis=-1)) > 12).sum())
 
 
-def animated_gif() -> bytes:
+def animated(fmt: str = "PNG") -> bytes:
+    """Two frames: an animated PNG (APNG) by default."""
     frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue")]
     buffer = io.BytesIO()
-    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], duration=100)
     return buffer.getvalue()
 
 
@@ -203,14 +204,15 @@ def bad_uploads(max_bytes: int, max_pixels: int) -> dict[str, tuple[bytes, int, 
     buffer = io.BytesIO()
     big_pixels.save(buffer, format="PNG")
     return {
-        "text": (b"this is not a photo\n", 400, "not an image"),
+        "text": (b"this is not a photo\n", 415, "accepted: JPEG, PNG, WEBP"),
         "truncated_jpeg": (image_bytes(fmt="JPEG")[:300], 400, "could not be decoded"),
         "zero_bytes": (b"", 400, "empty"),
         "over_max_bytes": (os.urandom(max_bytes + 1), 413, "limit"),
         "over_max_pixels": (buffer.getvalue(), 413, "pixels"),
-        "animated_gif": (animated_gif(), 400, "animated"),
+        "animated_png": (animated(), 400, "animated"),
+        "gif": (animated("GIF"), 415, "accepted"),  # not a format the service lists
         "unsupported_pdf": (
-            b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n", 400, "not an image"
+            b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n", 415, "accepted"
         ),
     }
 

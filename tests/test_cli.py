@@ -127,13 +127,17 @@ def test_explain_writes_the_services_overlay(project: dict) -> None:
     result = pox(project, "explain", str(source), "--out", str(out), "--model", stored.path)
     assert result.returncode == 0, result.stderr
     assert f"overlay written to {out}" in result.stdout
-    with Image.open(source) as image:
-        photo = image.convert("RGB")
+    settings = serve.ServeConfig.from_cfg(load_params(project["params"]).serve)
+    # the photo as the service decodes it: shrunk toward the model's input (120x90 -> 60x45
+    # for this 32-px model), as a JPEG is by DCT scaling
+    photo = preprocess.decode_image(source.read_bytes(), draft=bentoml.models.get(
+        project["tag"]).info.metadata["image_size"], **settings.decode_limits())
+    assert photo.size == (60, 45)
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == photo.size
         overlay = np.asarray(image.convert("RGB"), np.float32)
     pixels = np.asarray(photo, np.float32)
-    heatmap = serve.ServeConfig.from_cfg(load_params(project["params"]).serve).heatmap
+    heatmap = settings.heatmap
     # each pixel is (1 - w) * photo + w * colour with w <= alpha: the photo shows through ...
     assert np.abs(overlay - pixels).max() <= heatmap.alpha * 255 + 1
     shade = np.corrcoef(overlay.mean(axis=-1).ravel(), pixels.mean(axis=-1).ravel())[0, 1]
@@ -270,3 +274,28 @@ def test_the_cli_serves_a_published_backend_from_its_stored_bytes(
     np.testing.assert_allclose(
         predictor.outputs(image[None]), keras_predictor.outputs(image[None]), atol=0.1
     )
+
+
+def test_pox_monitor_exit_codes_never_make_an_error_read_as_drift(tmp_path: Path) -> None:
+    """0: no drift or not enough answers; 2: any error, with the reason (1 is drift alone, as
+    test_monitor.py shows on a served model). Run as cron runs it: a subprocess."""
+    params = write_serve_params(tmp_path / "params.yaml")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+
+    def monitor(*args: str, params_file: Path = params) -> subprocess.CompletedProcess:
+        return pox({"params": params_file, "root": tmp_path}, "monitor", *args)
+
+    empty = monitor()
+    assert empty.returncode == 0 and "not enough answers" in empty.stdout, empty.stderr
+    assert (tmp_path / "monitoring" / "reports" / "drift.json").is_file()  # the project root's
+    failures = {
+        "bad window": (monitor("--since", "7x"), "'7x': write a number"),
+        "unwritable reports": (monitor("--out", str(blocker / "reports")), "Not a directory"),
+        "missing --dir": (monitor("--dir", str(tmp_path / "missing")), "does not exist"),
+        "bad setting": (monitor(params_file=write_serve_params(
+            tmp_path / "bad.yaml", "serve.monitoring.timestamp_resolution=7m")), "divides a day"),
+        "no params": (monitor(params_file=tmp_path / "absent.yaml"), "absent.yaml not found"),
+    }  # fmt: skip
+    for case, (result, reason) in failures.items():
+        assert result.returncode == 2 and reason in result.stderr, (case, result.stderr)

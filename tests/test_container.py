@@ -1,32 +1,43 @@
 """The service's image, built and run as ``make container`` / ``make container-run`` /
-``make container-stop`` do it (podman), answering as ``make serve`` does for the same champion:
-a tiny model with its guard in the test BentoML store (the pipeline's champion would need
-``make run`` first). The first build downloads the base system and the Bento's packages (about
-ten minutes); later builds reuse their layers."""
+``make container-stop`` do it (podman), answering as ``make serve`` does for the same champion,
+with its monitoring records on the host folder that ``make container-run`` mounts, where
+``pox monitor --dir`` reads them. The champion is published by the pipeline's own ``select``
+(guard, TFLite backends, monitoring reference: conf/'s defaults) on a stand-in for ``train``
+(tests/fake_training.py) over the session's small synthetic data set, in the test BentoML store:
+``dvc repro`` would train for minutes first. The first build downloads the base system and the
+Bento's packages (about ten minutes); later builds reuse their layers."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import bentoml
 import pytest
 import requests
+from bentoml._internal.container.generate import DEFAULT_BENTO_ENVS
+from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import tmp_overrides
+from fake_training import fake_trained_model
+from pox_pipeline.config import compose
+from pox_pipeline.select import select
 from serve_helpers import (
     PROJECT_ROOT,
     free_port,
     msld_samples,
     running_service,
-    save_champion,
-    skin_like_photos,
 )
 
 IMAGE = "pox-classifier-test"
+IMAGE_UID = DEFAULT_BENTO_ENVS["uid_gid"]  # the image's user, BentoML's bentoml (1034)
 BUILD_TIMEOUT_S = 1800
 REQUEST_TIMEOUT_S = 60
 STOP_LIMIT_S = 10  # the grace period `make container-stop` gives before SIGKILL
@@ -48,11 +59,17 @@ pytestmark = [
 ]
 
 
-def make(*args: str, timeout: float = BUILD_TIMEOUT_S) -> str:
-    done = subprocess.run(
-        ["make", "--no-print-directory", *args, "CONTAINER_ENGINE=podman", f"IMAGE={IMAGE}"],
+def make_run(*args: str, timeout: float = BUILD_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``make ARGS`` with podman and the test image (a later ``POX_IMAGE=`` wins)."""
+    return subprocess.run(
+        ["make", "--no-print-directory", "POX_CONTAINER_ENGINE=podman", f"POX_IMAGE={IMAGE}",
+         *args],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def make(*args: str, timeout: float = BUILD_TIMEOUT_S) -> str:
+    done = make_run(*args, timeout=timeout)
     assert done.returncode == 0, f"make {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -69,10 +86,18 @@ def predict(url: str, photo: Path) -> requests.Response:
         return requests.post(f"{url}/predict", files={"image": data}, timeout=REQUEST_TIMEOUT_S)
 
 
+def metric_samples(url: str) -> dict[str, float]:
+    """``/metrics``' unlabelled samples by name (the project's gauges)."""
+    text = requests.get(f"{url}/metrics", timeout=REQUEST_TIMEOUT_S).text
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if not sample.labels}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Container:
     name: str
     url: str
+    monitoring: Path  # the host folder mounted as the container's monitoring directory
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +106,38 @@ def photo() -> Path:
 
 
 @pytest.fixture(scope="module")
-def champion() -> str:
-    return save_champion(guard_photos=skin_like_photos(24))
+def selected(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``select``'s result: one fake-trained candidate, published as the pipeline does, under
+    the model name bentofile.yaml ships (conf/'s ``select.bentoml_model_name``)."""
+    root = tmp_path_factory.mktemp("select")
+    data = prepared_root / "datas"
+    cfg = compose([*tmp_overrides(root), f"paths.prepared_dir={data}/prepared",
+                   f"synthetic.out_dir={data}/synthetic", "models=[cnn]"])  # fmt: skip
+    assert cfg.serve.monitoring.enabled and cfg.serve.ood.enabled  # what select publishes
+    fake_trained_model(cfg, "cnn")
+    evaluation = Path(cfg.paths.reports_dir) / "eval" / "cnn"
+    evaluation.mkdir(parents=True)
+    (evaluation / "val_metrics.json").write_text(json.dumps(
+        {"threshold": 0.5, "threshold_rule": "fixed", "auc": 0.8, "n_val": 10}
+    ))  # fmt: skip
+    return select(cfg)
+
+
+@pytest.fixture(scope="module")
+def champion(selected: dict) -> str:
+    stored = bentoml.models.get("pox-classifier:latest")  # what the Bento packs
+    assert str(stored.tag) == selected["bentoml_tag"]
+    assert stored.info.metadata["monitoring"] and stored.info.metadata["ood"]
+    return selected["bentoml_tag"]
 
 
 @pytest.fixture(scope="module")
 def served_answer(champion: str, photo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """``make serve``'s answer: the project's service with the params.yaml the Bento ships."""
-    log = tmp_path_factory.mktemp("make-serve") / "server.log"
-    with running_service(PROJECT_ROOT / "params.yaml", log) as url:
+    """``make serve``'s answer: the project's service with the params.yaml the Bento ships
+    (its records in a temporary folder, not the project's)."""
+    root = tmp_path_factory.mktemp("make-serve")
+    env = {"POX_MONITORING_DIR": str(root / "monitoring")}
+    with running_service(PROJECT_ROOT / "params.yaml", root / "server.log", env) as url:
         response = predict(url, photo)
     assert response.status_code == 200, response.text
     return response.json()
@@ -105,13 +153,17 @@ def image(champion: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def container(image: str) -> Iterator[Container]:
+def container(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    """``make container-run``, after a failed run left a stopped container of the same name."""
     name, port = f"{IMAGE}-{os.getpid()}", free_port()
+    monitoring = tmp_path_factory.mktemp("container") / "monitoring"
+    assert podman("create", "--name", name, image).returncode == 0  # the leftover
     try:
         started = time.monotonic()
-        make("container-run", f"CONTAINER_NAME={name}", f"PORT={port}")
+        make("container-run", f"POX_CONTAINER_NAME={name}", f"POX_PORT={port}",
+             f"POX_MONITORING_DIR_HOST={monitoring}")  # fmt: skip
         print(f"\nmake container-run (start to /readyz 200): {time.monotonic() - started:.1f} s")
-        yield Container(name, f"http://127.0.0.1:{port}")
+        yield Container(name, f"http://127.0.0.1:{port}", monitoring)
     finally:
         podman("rm", "--force", "--time", "0", name)
 
@@ -141,7 +193,7 @@ def test_a_bad_upload_gets_a_4xx_and_the_container_keeps_serving(
     text = tmp_path / "notes.txt"
     text.write_text("this is not a photo\n")
     response = predict(container.url, text)
-    assert response.status_code == 400
+    assert response.status_code == 415  # no accepted format
     assert "not an image" in response.json()["error"]
     assert predict(container.url, photo).status_code == 200
     for route in ("/readyz", "/livez", "/healthz", "/metrics", "/model-card"):
@@ -157,9 +209,69 @@ def test_it_runs_as_a_non_root_user_on_a_read_only_root(container: Container) ->
     write = podman("exec", container.name, "touch", "/home/bentoml/bento/written")
     assert write.returncode != 0 and "Read-only file system" in write.stderr
     assert podman("exec", container.name, "touch", "/tmp/written").returncode == 0
+    inside = podman("exec", container.name, "printenv", "POX_MONITORING_DIR").stdout.strip()
+    assert inside == "/var/lib/pox-monitoring"
+    assert podman("exec", container.name, "touch", f"{inside}/written").returncode == 0
+    assert (container.monitoring / "written").stat().st_uid == IMAGE_UID  # podman's :U
 
 
-def test_the_image_is_lean_and_labelled(container: Container, image: str, champion: str) -> None:
+def test_records_land_on_the_host_folder_where_pox_monitor_reads_them(
+    container: Container, champion: str
+) -> None:
+    """The answers' records are in the mounted host folder, monitoring says it is on, and
+    ``pox monitor --dir`` (the host's, as a cron job would run it) tests them and writes its
+    report there, which the container's /metrics then shows."""
+    photos = msld_samples(2)
+    for photo in photos:
+        assert predict(container.url, photo).status_code == 200
+    assert metric_samples(container.url)["pox_monitoring_enabled"] == 1
+    records = list((container.monitoring / "records").rglob("data.*.log"))
+    assert records and all(path.stat().st_uid == IMAGE_UID for path in records)
+    done = subprocess.run(
+        [sys.executable, "-m", "pox_pipeline.cli", "monitor", "--dir", str(container.monitoring),
+         "--since", "1d", "--min-answers", "1"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode in (0, 1), done.stdout + done.stderr  # no drift / drift, no error
+    report = json.loads((container.monitoring / "reports" / "drift.json").read_text())
+    (model,) = report["models"]
+    assert model["model_version"] == champion.split(":")[1]
+    assert model["answers"] >= len(photos)  # and those of the tests before
+    assert report["drift"] == (done.returncode == 1)
+    assert metric_samples(container.url)["pox_drift_detected"] == report["drift"]
+
+
+def test_a_container_that_does_not_become_ready_is_removed_with_its_log_shown(
+    container: Container, tmp_path: Path
+) -> None:
+    """An image whose server exits at once; and a second run on a running container's name."""
+    failing = f"{IMAGE}-failing"
+    (tmp_path / "Containerfile").write_text(
+        "FROM localhost/debian:bookworm\n"  # make container's base, built by the fixture
+        "ENV POX_MONITORING_DIR=/var/lib/pox-monitoring\n"
+        'CMD ["sh", "-c", "echo no-model-here >&2; exit 3"]\n'
+    )
+    assert podman("build", "--quiet", "--tag", failing, str(tmp_path)).returncode == 0
+    name = f"{failing}-{os.getpid()}"
+    folder = f"POX_MONITORING_DIR_HOST={tmp_path / 'monitoring'}"
+    try:
+        done = make_run("container-run", f"POX_IMAGE={failing}", f"POX_CONTAINER_NAME={name}",
+                        f"POX_PORT={free_port()}", folder, timeout=REQUEST_TIMEOUT_S)  # fmt: skip
+        left = podman("container", "exists", name).returncode  # 1: no such container
+    finally:
+        podman("rm", "--force", name)
+        podman("rmi", failing)
+    assert done.returncode != 0 and "no-model-here" in done.stderr, done.stderr
+    assert "the container is removed" in done.stderr and left == 1
+    again = make_run("container-run", f"POX_CONTAINER_NAME={container.name}",
+                     f"POX_PORT={free_port()}", folder, timeout=REQUEST_TIMEOUT_S)  # fmt: skip
+    assert again.returncode != 0 and "already running" in again.stderr, again.stderr
+    assert requests.get(f"{container.url}/readyz", timeout=REQUEST_TIMEOUT_S).ok
+
+
+def test_the_image_is_lean_and_labelled(
+    container: Container, image: str, champion: str, selected: dict
+) -> None:
     for tool in ("gcc", "cc", "make", "git"):
         found = podman("exec", container.name, "sh", "-c", f"command -v {tool}")
         assert found.returncode != 0, f"{tool} is in the image: {found.stdout}"
@@ -170,8 +282,8 @@ def test_the_image_is_lean_and_labelled(container: Container, image: str, champi
                             cwd=PROJECT_ROOT).stdout.strip()  # fmt: skip
     for key, value in {
         "io.pox-pipeline.model": champion,
-        "io.pox-pipeline.model.mlflow_run_id": "0123456789abcdef",
-        "io.pox-pipeline.model.registered_version": "1",
+        "io.pox-pipeline.model.mlflow_run_id": selected["mlflow_run_id"],
+        "io.pox-pipeline.model.registered_version": str(selected["registered_model_version"]),
         "org.opencontainers.image.revision": commit,
     }.items():
         assert f'"{key}":"{value}"' in labels, (key, labels)
@@ -188,7 +300,8 @@ def test_sigterm_stops_it_within_the_grace_period(container: Container) -> None:
     """Last in this module: it stops the container. Were SIGTERM ignored, podman would wait the
     whole grace period before its SIGKILL."""
     started = time.monotonic()
-    make("container-stop", f"CONTAINER_NAME={container.name}", f"STOP_TIMEOUT_S={STOP_LIMIT_S}")
+    make("container-stop", f"POX_CONTAINER_NAME={container.name}",
+         f"POX_STOP_TIMEOUT_S={STOP_LIMIT_S}")  # fmt: skip
     stopped_s = time.monotonic() - started
     print(f"\nmake container-stop: {stopped_s:.1f} s")
     assert stopped_s < STOP_LIMIT_S

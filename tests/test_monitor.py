@@ -1,13 +1,17 @@
-"""Production monitoring (issue 21): records of a real server on 127.0.0.1, the drift tests on
-them, the /metrics series, privacy of the files and their rotation."""
+"""Production monitoring (issues 21, 27): records of a real server on 127.0.0.1, the drift tests
+on them, the /metrics series, privacy of the files and their rotation; a monitoring folder the
+service cannot write; readers and writers of the same files at the same time."""
 
 from __future__ import annotations
 
 import io
 import json
+import threading
 import time
+import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import bentoml
 import numpy as np
@@ -15,6 +19,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 from PIL import Image
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pox_pipeline import drift, monitor, non_skin
@@ -30,6 +35,9 @@ from serve_helpers import (
 HELD_OUT = 30  # photos per case; the reference has the guard photos' last quarter (30)
 UPLOAD_NAME = "patient-0042-lesion"  # a file name that must not reach the records
 BATCH = 32  # serve.max_images_per_request
+# The served test's records are stamped to the second (the default, an hour, would put every
+# case in one window); a pause this long between cases keeps each in a window of its own.
+RESOLUTION_S = 1
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -49,6 +57,34 @@ def post_batch(url: str, photos: list[bytes]) -> list[dict]:
     return answers
 
 
+def test_a_monitoring_folder_it_cannot_write_leaves_the_service_answering(
+    tmp_path: Path,
+) -> None:
+    """The container's case (issue 27): the monitoring folder cannot be written (here: a path
+    under a regular file, which stops root too, where chmod would not). The service starts,
+    answers, logs one WARNING with the reason and says on /metrics that monitoring is off.
+    The folder comes from $POX_MONITORING_DIR, which replaces serve.monitoring.dir."""
+    save_champion(guard_photos=skin_like_photos(4 * HELD_OUT), monitored=True)
+    params = write_serve_params(tmp_path / "params.yaml")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    log = tmp_path / "server.log"
+    env = {monitor.MONITORING_DIR_ENV: str(blocker / "monitoring")}
+    with running_service(params, log, extra_env=env) as url:
+        photo = {"image": ("photo.png", png(skin_like_photos(1, seed=3)[0]), "image/png")}
+        answer = requests.post(f"{url}/predict", files=photo, timeout=120)
+        assert answer.status_code == 200, answer.text
+        samples = metric_samples(url)
+    assert samples[("pox_monitoring_enabled", ())] == 0
+    [reason] = [dict(labels)["reason"] for name, labels in samples
+                if name == "pox_monitoring_info"]  # fmt: skip
+    assert str(blocker / "monitoring" / "records") in reason and "Not a directory" in reason
+    assert sum(v for (name, _), v in samples.items() if name == "pox_answers_total") == 1
+    warned = [line for line in log.read_text().splitlines() if "monitoring is OFF" in line]
+    assert len(warned) == 1 and "WARNING" in warned[0] and "Not a directory" in warned[0], warned
+    assert not (tmp_path / "monitoring").exists()  # the setting's folder was not used either
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     """A monitored tiny champion served, and every case posted: held-out photos like the
@@ -57,8 +93,8 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("monitor")
     save_champion(guard_photos=skin_like_photos(4 * HELD_OUT), monitored=True)
     params = write_serve_params(
-        root / "params.yaml", f"serve.monitoring.log_path={root}/logs",
-        f"serve.monitoring.report_dir={root}/reports", "serve.monitoring.min_answers=20",
+        root / "params.yaml", "serve.monitoring.dir=monitoring", "serve.monitoring.min_answers=20",
+        f"serve.monitoring.timestamp_resolution={RESOLUTION_S}s",
     )  # fmt: skip
     held_out = skin_like_photos(HELD_OUT, seed=11)
     cases = {
@@ -73,19 +109,22 @@ def served(tmp_path_factory: pytest.TempPathFactory):
             start = datetime.now()
             answers[case] = post_batch(url, photos)
             windows[case] = (start, datetime.now())
+            time.sleep(RESOLUTION_S)  # the next answer's stamp is past this window
         extra = {"image": (f"{UPLOAD_NAME}.png", cases["held_out"][0], "image/png")}
         answers["explain"] = [requests.post(f"{url}/explain", files=extra, timeout=120).json()]
         answers["predict"] = [requests.post(f"{url}/predict", files=extra, timeout=120).json()]
         refused = requests.post(f"{url}/predict", files={"image": ("x.txt", b"not a photo")},
                                 timeout=60)  # fmt: skip
-        assert refused.status_code == 400
-        yield {"url": url, "root": root, "params": params, "windows": windows, "answers": answers}
+        assert refused.status_code in (400, 415)  # 415 once only photo formats are decoded
+        yield {"url": url, "root": root, "params": params, "windows": windows, "answers": answers,
+               "refused": refused.status_code}  # fmt: skip
 
 
 def report_of(served: dict, case: str) -> dict:
     settings = monitor.MonitoringSettings.from_cfg(
-        {**_monitoring_defaults(), "log_path": served["root"] / "logs", "min_answers": 20}
-    )
+        {**_monitoring_defaults(), "dir": "monitoring", "min_answers": 20,
+         "timestamp_resolution": f"{RESOLUTION_S}s"}, served["root"],
+    )  # fmt: skip
     start, end = served["windows"][case]
     report = drift.check(settings, MODEL_NAME, start, end)
     (model,) = report["models"]
@@ -130,24 +169,33 @@ def test_non_skin_images_drift_in_guard_flag_rate(served: dict) -> None:
 
 
 def test_records_hold_no_photo_and_no_file_name(served: dict) -> None:
-    files = [p for p in (served["root"] / "logs").rglob("*") if p.is_file()]
+    files = [p for p in (served["root"] / "monitoring").rglob("*") if p.is_file()]
     data = b"".join(p.read_bytes() for p in files)
     assert b"\x89PNG" not in data and b"iVBOR" not in data  # PNG bytes, raw or base64
     assert UPLOAD_NAME.encode() not in data
-    records = drift.read_records(served["root"] / "logs", datetime.now() - timedelta(hours=1))
+    records, skipped = drift.read_records(served["root"] / "monitoring" / "records",
+                                          datetime.now() - timedelta(hours=1))  # fmt: skip
     sent = sum(len(a) for a in served["answers"].values())
-    assert len(records) == sent
+    assert len(records) == sent and skipped == 0
     basis_columns = [c for c in records.columns if c.startswith("head_pc")]
+    # no request or trace id: nothing joins a record to an access log line
     assert set(records.columns) == {
-        "timestamp", "request_id", "trace_id", "endpoint", "model_version", *monitor.ANSWER_COLUMNS,
+        "timestamp", "endpoint", "model_version", *monitor.ANSWER_COLUMNS,
         *monitor.GUARD_COLUMNS, *monitor.STATISTICS, *basis_columns,
     }  # fmt: skip
     assert 0 < len(basis_columns) <= 8
     assert set(records["endpoint"]) == {"predict_batch", "explain", "predict"}
+    stamps = {datetime.fromisoformat(stamp) for stamp in records["timestamp"]}
+    assert all(stamp.microsecond == 0 for stamp in stamps)  # truncated to the second
 
 
 def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
-    text = requests.get(f"{url}/metrics", timeout=30).text
+    response = requests.get(f"{url}/metrics", timeout=30)
+    assert response.status_code == 200, response.text
+    return _samples(response.text)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -170,7 +218,7 @@ def test_metrics_count_the_answers_sent(served: dict) -> None:
     with_probability = sum(a["probabilities"] is not None for a in answers)
     assert samples[("pox_positive_probability_count", ())] == with_probability
     assert samples[("pox_guard_score_count", ())] == len(answers)
-    assert samples[("pox_rejected_uploads_total", (("status", "400"),))] == 1
+    assert samples[("pox_rejected_uploads_total", (("status", str(served["refused"])),))] == 1
 
 
 def test_pox_monitor_reports_and_exits_non_zero_on_drift(served: dict) -> None:
@@ -178,9 +226,10 @@ def test_pox_monitor_reports_and_exits_non_zero_on_drift(served: dict) -> None:
     env = {"POX_PARAMS": str(served["params"])}
     result = runner.invoke(pox, ["monitor", "--since", "1h"], env=env)
     assert result.exit_code == 1, result.output
-    report = json.loads((served["root"] / "reports" / monitor.REPORT_JSON).read_text())
+    reports = served["root"] / "monitoring" / "reports"
+    report = json.loads((reports / monitor.REPORT_JSON).read_text())
     assert report["drift"] and report["status"] == "drift"
-    html = (served["root"] / "reports" / monitor.REPORT_HTML).read_text()
+    html = (reports / monitor.REPORT_HTML).read_text()
     numeric = [t for t in report["models"][0]["tests"] if t["test"] == "ks_exact"]
     assert html.count("<img") == len(numeric) > 10
     assert "brightness" in result.output
@@ -191,6 +240,36 @@ def test_pox_monitor_reports_and_exits_non_zero_on_drift(served: dict) -> None:
     # too few answers: says so, exits 0
     few = runner.invoke(pox, ["monitor", "--since", "1h", "--min-answers", "100000"], env=env)
     assert few.exit_code == 0 and "not enough answers" in few.output
+    # another monitoring directory (a volume) by --dir: the same records, the same verdict
+    elsewhere = runner.invoke(pox, ["monitor", "--since", "1h", "--dir",
+                                    str(served["root"] / "monitoring")], env=env)  # fmt: skip
+    assert elsewhere.exit_code == 1, elsewhere.output
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b'{"drift": true, "answers": 3', b"\xff\xfe not json", b"[]", b'{"drift": true}',
+     b'{"drift": 1, "answers": 2, "generated_at_unix": 0, "models": [{"tests": [{}]}]}'],
+    ids=["empty", "half-written", "garbage", "a list", "wrong keys", "wrong tests"],
+)  # fmt: skip
+def test_metrics_never_fail_because_of_the_report(served: dict, content: bytes) -> None:
+    """A scrape while any report file lies there: the other series, and the report unreadable."""
+    report = served["root"] / "monitoring" / "reports" / monitor.REPORT_JSON
+    report.parent.mkdir(parents=True, exist_ok=True)
+    kept = report.read_bytes() if report.is_file() else None
+    report.write_bytes(content)  # in place, as an old writer did
+    try:
+        samples = metric_samples(served["url"])
+    finally:
+        if kept is None:
+            report.unlink()
+        else:
+            report.write_bytes(kept)
+    assert samples[("pox_drift_report_readable", ())] == 0
+    assert ("pox_drift_detected", ()) not in samples
+    assert samples[("pox_monitoring_enabled", ())] == 1
+    assert samples[("pox_monitoring_info", (("reason", "on"),))] == 1
+    assert any(name == "pox_answers_total" for name, _ in samples)
 
 
 def test_rotation_deletes_days_older_than_retention(tmp_path: Path) -> None:
@@ -296,3 +375,154 @@ def test_the_monitored_pass_answers_and_scores_as_the_guarded_pass() -> None:
     ratios = columns[:, : len(monitor.GUARD_COLUMNS)]
     np.testing.assert_allclose(ratios.max(axis=1), plain[:, -1], rtol=1e-6)
     assert plain[-1, -1] > 1  # the check covers an image the guard refuses
+
+
+# ---------------------------------------------------------------------------- without a server
+
+
+def _answer(version: str = "v1") -> dict:
+    return {"model": {"version": version}, "label": "pox", "in_distribution": True,
+            "probabilities": {"pox": 0.9, "other": 0.1}, "ood": {"score": 0.5}}  # fmt: skip
+
+
+def unit_monitor(root: Path, **settings: object) -> monitor.ServiceMonitor:
+    """A ServiceMonitor on a two-component basis, its live series in a registry of its own."""
+    model_dir = root / "model"
+    model_dir.mkdir(exist_ok=True)
+    monitor.Basis(np.zeros(4), np.eye(2, 4)).save(model_dir / monitor.BASIS_FILE)
+    values = monitor.MonitoringSettings.from_cfg({**_monitoring_defaults(), **settings}, root)
+    return monitor.ServiceMonitor(values, model_dir, SimpleNamespace(positive_class="pox"),
+                                  CollectorRegistry())  # fmt: skip
+
+
+def record_lines(records_dir: Path) -> list[dict]:
+    files = sorted(records_dir.rglob("data.*.log*"))
+    return [json.loads(line) for path in files for line in path.read_text().splitlines()]
+
+
+def test_a_record_keeps_the_hour_and_nothing_that_joins_it_to_a_request(tmp_path: Path) -> None:
+    service = unit_monitor(tmp_path)  # the shipped default: 1h
+    assert service.enabled and service.reason == "on"
+    before = datetime.now()
+    service.record("predict", [_answer()], np.zeros((1, len(service.columns))))
+    after = datetime.now()
+    [line] = record_lines(tmp_path / "monitoring" / "records")
+    assert "request_id" not in line and "trace_id" not in line
+    hours = {moment.replace(minute=0, second=0, microsecond=0) for moment in (before, after)}
+    assert datetime.fromisoformat(line["timestamp"]) in hours
+    assert line["timestamp"].endswith(":00:00")
+
+
+def _record_line(stamp: datetime) -> str:
+    row = monitor.records([_answer()], np.zeros((1, 0)), (), "pox")[0]
+    return json.dumps({**row, "timestamp": stamp.isoformat()})
+
+
+def test_windows_take_whole_buckets_of_coarse_timestamps(tmp_path: Path) -> None:
+    """A window from 10:20 must still find the records stamped 10:00 (not 08:00's): it starts
+    at the start of its first hour."""
+    records_dir = tmp_path / "monitoring" / "records" / "pox_answers" / "data"
+    records_dir.mkdir(parents=True)
+    hour = datetime.now().replace(minute=0, second=0, microsecond=0)
+    stamps = (hour - timedelta(hours=2), hour)
+    (records_dir / "data.1.log").write_text("".join(_record_line(t) + "\n" for t in stamps))
+    settings = monitor.MonitoringSettings.from_cfg(_monitoring_defaults(), tmp_path)
+    report = drift.check(settings, "no-such-model", hour + timedelta(minutes=20))
+    assert report["answers"] == 1 and report["window"]["start"] == hour.isoformat()
+    assert report["models"][0]["status"] == "no reference"
+
+
+def test_a_partial_or_damaged_record_line_is_skipped_and_counted(tmp_path: Path) -> None:
+    """A record being written (its last line half there) and a damaged line in the middle:
+    `pox monitor` reads the others, counts both, says so, and exits as without them."""
+    records_dir = tmp_path / "monitoring" / "records" / "pox_answers" / "data"
+    records_dir.mkdir(parents=True)
+    line = _record_line(datetime.now().replace(microsecond=0))
+    (records_dir / "data.1.log").write_text(f"{line}\n{line[:40]}\x00garbage\n{line}\n")
+    (records_dir / "data.2.log").write_text(f"{line}\n{line[: len(line) // 2]}")  # mid-write
+    frame, skipped = drift.read_records(records_dir, datetime.now() - timedelta(hours=1))
+    assert len(frame) == 3 and skipped == 2
+    params = write_serve_params(tmp_path / "params.yaml")
+    result = CliRunner().invoke(pox, ["monitor", "--dir", str(tmp_path / "monitoring")],
+                                env={"POX_PARAMS": str(params)})  # fmt: skip
+    assert result.exit_code == 0, result.output  # a model version without reference: no drift
+    assert "skipped 2 record lines" in result.output
+    report = json.loads((tmp_path / "monitoring" / "reports" / monitor.REPORT_JSON).read_text())
+    assert report["skipped_lines"] == 2 and report["answers"] == 3
+
+
+def test_an_unwritable_folder_turns_records_off_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="pox_pipeline.monitor"):
+        service = unit_monitor(tmp_path, dir=str(blocker / "monitoring"))
+    assert not service.enabled and "Not a directory" in service.reason
+    [warning] = [r for r in caplog.records if r.name == "pox_pipeline.monitor"]
+    assert warning.levelname == "WARNING" and "monitoring is OFF" in warning.getMessage()
+    service.record("predict", [_answer()], np.zeros((1, len(service.columns))))  # no error
+    assert service.metrics.answers.labels("predict", "pox", "true")._value.get() == 1
+    samples = _samples(service.metrics_text(""))
+    assert samples[("pox_monitoring_enabled", ())] == 0
+    assert samples[("pox_monitoring_info", (("reason", service.reason),))] == 1
+
+
+def test_a_report_being_rewritten_is_always_whole_to_a_reader(tmp_path: Path) -> None:
+    """pox monitor rewrites drift.json while /metrics scrapes read it: every read sees a
+    whole report (written through a temporary file and a rename)."""
+    tests = [{"column": f"c{i}", "test": "ks_exact", "p_value": 0.5, "p_adjusted": 0.5,
+              "drift": False, "current": 0.1, "reference": 0.2} for i in range(3000)]  # fmt: skip
+    report = {"status": "no drift", "drift": False, "answers": 40, "alpha": 0.01,
+              "generated_at_unix": 1.0, "skipped_lines": 0,
+              "window": {"start": "2025-01-01T00:00:00", "end": "2025-01-02T00:00:00"},
+              "models": [{"model": "m", "model_version": "v", "status": "no drift",
+                          "answers": 40, "tests": tests}]}  # fmt: skip
+    report_file = tmp_path / monitor.REPORT_JSON
+    drift.write_report(report, tmp_path)
+    done = threading.Event()
+
+    def rewrite() -> None:
+        while not done.is_set():
+            drift.write_report(report, tmp_path)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        reads = [monitor.drift_gauges(report_file) for _ in range(300)]
+    finally:
+        done.set()
+        writer.join()
+    assert all("pox_drift_report_readable 1" in text for text in reads)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [monitor.REPORT_HTML, monitor.REPORT_JSON]
+
+
+def test_the_monitoring_directory_starts_at_the_project_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative serve.monitoring.dir starts at the params file's folder, whatever the working
+    directory; $POX_MONITORING_DIR replaces it; the old keys still work, with a warning."""
+    defaults = _monitoring_defaults()
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "project"
+    settings = monitor.MonitoringSettings.from_cfg(defaults, root)
+    assert settings.records_dir == root / "monitoring" / "records"
+    assert settings.reports_dir == root / "monitoring" / "reports"
+    monkeypatch.setenv(monitor.MONITORING_DIR_ENV, "/var/lib/pox-monitoring")
+    settings = monitor.MonitoringSettings.from_cfg(defaults, root)
+    assert settings.records_dir == Path("/var/lib/pox-monitoring/records")
+    monkeypatch.delenv(monitor.MONITORING_DIR_ENV)
+    old = {k: v for k, v in defaults.items() if k != "dir"}
+    with pytest.warns(FutureWarning, match="serve.monitoring.dir"):
+        settings = monitor.MonitoringSettings.from_cfg(
+            {**old, "log_path": "monitoring", "report_dir": "reports/monitoring"}, root
+        )
+    assert settings.records_dir == root / "monitoring"  # where those records were
+    assert settings.reports_dir == root / "reports" / "monitoring"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new key alone: no warning
+        monitor.MonitoringSettings.from_cfg(defaults, root)
+    with pytest.raises(ValueError, match="divides a day"):
+        monitor.MonitoringSettings.from_cfg(
+            {**defaults, "timestamp_resolution": "7m"}, root
+        )

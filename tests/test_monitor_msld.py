@@ -52,9 +52,10 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     train.train(cfg, MODEL)
     evaluate.evaluate(cfg, MODEL)
     version = select.select(cfg)["bentoml_tag"].split(":")[1]
-    logs = root / "logs"
+    served_dir = root / "served-monitoring"
     params = write_serve_params(root / "params.yaml", *overrides,
-                                f"serve.monitoring.log_path={logs}")  # fmt: skip
+                                f"serve.monitoring.dir={served_dir}",
+                                "serve.monitoring.timestamp_resolution=1s")  # fmt: skip
     test_photos = sorted((root / "datas" / "prepared" / "test").rglob("*.png"))
     originals = {p.stem: p for p in MSLD_DIR.rglob("*.jpg")}
     held_out = [np.asarray(Image.open(originals[p.stem]).convert("RGB"), np.float32)
@@ -78,7 +79,7 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
             minutes = ((datetime.now() - start).total_seconds() + WINDOW_MARGIN_S) / 60
             out = root / "monitoring" / case
             result = CliRunner().invoke(
-                pox, ["monitor", "--logs", str(logs), "--since", f"{minutes:.2f}m",
+                pox, ["monitor", "--dir", str(served_dir), "--since", f"{minutes:.2f}m",
                       "--min-answers", str(MIN_ANSWERS), "--out", str(out)],
                 env={"POX_PARAMS": str(params)},
             )  # fmt: skip

@@ -3,12 +3,19 @@ service's ASGI app, BentoML's recommended HTTP test), with a tiny 32 px champion
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import importlib
 import io
 import logging
+import os
+import stat
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
@@ -20,7 +27,7 @@ from conftest import TEST_IMAGE_SIZE
 from pox_pipeline import inference, preprocess, serve
 from pox_pipeline.config import compose, project_root
 from pox_pipeline.policy import DecisionPolicy
-from pox_pipeline.preprocess import ImageError, ImageTooLarge
+from pox_pipeline.preprocess import ImageError, ImageTooLarge, UnsupportedFormat
 from serve_helpers import (
     CLASSES,
     THRESHOLD,
@@ -79,11 +86,18 @@ def test_serve_config_reads_every_key_of_the_composed_conf() -> None:
     assert settings.model_tag == cfg.serve.model_tag
     assert settings.max_upload_bytes == cfg.serve.max_upload_bytes
     assert settings.heatmap.alpha == cfg.serve.heatmap.alpha
-    assert settings.upload_dir == Path(cfg.serve.upload_dir)
+    # a relative folder starts at the project root (the params file's), never the CWD
+    assert settings.upload_dir == project_root() / cfg.serve.upload_dir
     with pytest.raises(ValueError, match="backend"):
         serve.ServeConfig.from_cfg({**cfg.serve, "backend": "onnx"})
     with pytest.raises(TypeError):
         serve.ServeConfig.from_cfg({**cfg.serve, "unknown_knob": 1})
+    assert settings.explain == serve.ExplainConfig(**cfg.serve.explain)
+    with pytest.raises(ValueError, match="upload_retention_days"):
+        serve.ServeConfig.from_cfg({**cfg.serve, "upload_retention_days": 0})
+    with pytest.raises(ValueError, match="max_concurrent"):
+        serve.ServeConfig.from_cfg({**cfg.serve, "explain": {"max_concurrent": 0,
+                                                             "max_waiting": 4}})  # fmt: skip
 
 
 def test_serve_config_load_follows_pox_params(
@@ -374,15 +388,165 @@ def test_uploads_are_not_stored_unless_asked(tmp_path: Path) -> None:
     data = image_bytes(fmt="JPEG")
     serve.decode_upload(data, settings(tmp_path), TEST_IMAGE_SIZE)
     assert not (tmp_path / "uploads").exists()
-    serve.decode_upload(data, settings(tmp_path, store_uploads=True), TEST_IMAGE_SIZE)
+    photo = serve.decode_upload(data, settings(tmp_path, store_uploads=True), TEST_IMAGE_SIZE)
     (stored,) = (tmp_path / "uploads").iterdir()
-    assert stored.read_bytes() == data
-    assert stored.suffix == ".jpeg" and stored.name[:8].isdigit()  # UTC timestamp first
+    assert np.array_equal(np.asarray(Image.open(stored)), np.asarray(photo))  # the decoded pixels
+    assert stored.suffix == ".png" and stored.name[:8].isdigit()  # UTC timestamp first
+
+
+def jpeg_with_gps() -> bytes:
+    """A phone-like JPEG: EXIF with the camera, an orientation and a GPS position."""
+    exif = Image.Exif()
+    exif[0x010F] = "PatientCam"  # Make
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to display
+    exif[0x8825] = {1: "N", 2: (48.0, 51.0, 29.0), 3: "E", 4: (2.0, 17.0, 40.0)}  # GPSInfo
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes((48, 40), seed=4))).save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_a_stored_upload_keeps_no_exif_and_no_gps(tmp_path: Path) -> None:
+    data = jpeg_with_gps()
+    assert Image.open(io.BytesIO(data)).getexif().get_ifd(0x8825)[1] == "N", "GPS went in"
+    photo = serve.decode_upload(data, settings(tmp_path, store_uploads=True), TEST_IMAGE_SIZE)
+    (stored,) = (tmp_path / "uploads").iterdir()
+    kept = Image.open(stored)
+    assert kept.format == "PNG" and not kept.getexif() and not kept.info
+    assert b"Exif" not in stored.read_bytes() and b"PatientCam" not in stored.read_bytes()
+    assert kept.size == photo.size == (40, 48)  # stored upright: the orientation was applied
+
+
+def test_the_default_upload_folder_is_git_ignored() -> None:
+    """The team workflow runs `git add -A`: kept photos must never reach git."""
+    folder = Path(compose().serve.upload_dir)
+    assert not folder.is_absolute()
+    probe = f"{folder.as_posix()}/20240101T000000.000000Z-0123abcd.png"
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "-q", probe],
+                             cwd=project_root(), check=False)  # fmt: skip
+    assert ignored.returncode == 0, f"{probe} is not git-ignored"
+
+
+def test_stored_uploads_are_owner_only(tmp_path: Path) -> None:
+    folder = tmp_path / "uploads"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)  # made before, with a wider mode
+    serve.open_upload_dir(folder, retention_days=30)
+    serve.decode_upload(image_bytes(), settings(tmp_path, store_uploads=True), TEST_IMAGE_SIZE)
+    (stored,) = folder.iterdir()
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_uploads_past_their_retention_are_deleted_at_start_and_as_photos_are_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    day = 86400
+
+    def kept(name: str, age_days: float) -> Path:
+        path = folder / name
+        path.write_bytes(b"photo")
+        os.utime(path, (time.time() - age_days * day,) * 2)
+        return path
+
+    old = kept("20240101T000000.000000Z-0123abcd.jpeg", 31)  # an earlier version's original
+    young = kept("20240301T000000.000000Z-4567cdef.png", 29)
+    other = kept("notes.txt", 400)  # not a kept upload: never touched
+    assert serve.open_upload_dir(folder, retention_days=30) == 1
+    assert not old.exists() and young.exists() and other.exists()
+    # then at most every UPLOAD_PURGE_EVERY_S, as photos are stored
+    os.utime(young, (time.time() - 31 * day,) * 2)
+    serve.store_upload(Image.new("RGB", (8, 8)), folder, retention_days=30)
+    assert young.exists(), "purged again within UPLOAD_PURGE_EVERY_S"
+    monkeypatch.setattr(serve, "UPLOAD_PURGE_EVERY_S", 0.0)
+    serve.store_upload(Image.new("RGB", (8, 8)), folder, retention_days=30)
+    assert not young.exists() and other.exists() and len(list(folder.iterdir())) == 3
 
 
 def test_http_status_separates_too_large_from_bad() -> None:
     assert serve.http_status(ImageTooLarge("x")) == 413
+    assert serve.http_status(UnsupportedFormat("x")) == 415
     assert serve.http_status(ImageError("x")) == 400
+
+
+def encoded_as(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_16_bit_samples_become_8_bit_exactly_without_a_float_copy() -> None:
+    samples = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    got = preprocess.to_rgb(Image.fromarray(samples))
+    want = np.clip(samples / 65535 * 255, 0, 255).round().astype(np.uint8)  # the old float64 way
+    assert np.array_equal(np.asarray(got)[..., 0], want)
+
+
+@pytest.mark.parametrize(
+    ("mode", "colour", "options"),
+    [("I;16", 40000, {}), ("RGBA", (200, 150, 120, 128), {}), ("LA", (90, 200), {}),
+     ("1", 1, {}), ("RGB", (10, 20, 30), {}), ("P", 7, {}), ("P", 7, {"transparency": 7})],
+)  # fmt: skip
+def test_a_large_png_is_shrunk_before_its_colours_are_converted(
+    mode: str, colour: object, options: dict
+) -> None:
+    """1000 x 800 at draft 224: reduced by 3 (800 // 224) in its own mode (widened first where
+    pixels cannot be averaged), then converted: the colour of the full-size conversion."""
+    image = Image.new(mode, (1000, 800), colour)
+    if mode == "P":
+        image.putpalette([value % 251 for value in range(768)])
+    data = encoded_as(image, **options)
+    shrunk = preprocess.decode_image(data, draft=224)
+    whole = preprocess.decode_image(data)
+    assert shrunk.size == (334, 267) and whole.size == (1000, 800)
+    assert shrunk.mode == whole.mode == "RGB"
+    difference = np.abs(np.asarray(shrunk, int) - np.asarray(whole, int)[0, 0]).max()
+    assert difference <= 1  # alpha is averaged premultiplied: at most a rounding apart
+
+
+def test_a_shrunk_png_is_still_turned_upright() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    data = encoded_as(Image.new("RGB", (1000, 500), "red"), exif=exif.tobytes())
+    assert preprocess.decode_image(data, draft=224).size == (250, 500)  # 1/2, then upright
+
+
+def test_over_the_decode_limit_is_refused_before_decoding_a_jpeg_counts_its_draft() -> None:
+    big = Image.new("RGB", (2000, 2000), "white")
+    limits = {"max_decode_pixels": 1_000_000, "draft": 224}
+    with pytest.raises(ImageTooLarge, match=r"4,000,000 pixels; the limit is 1,000,000"):
+        preprocess.decode_image(encoded_as(big), **limits)
+    jpeg = preprocess.decode_image(encoded_as(big, "JPEG"), **limits)  # decoded at 1/8
+    assert jpeg.size == (250, 250)
+
+
+def test_only_the_listed_formats_are_decoded_prepare_reads_any() -> None:
+    tiff = encoded_as(Image.new("RGB", (40, 30), "white"), "TIFF")
+    listed = serve.ServeConfig.from_cfg(compose().serve).formats
+    assert listed == ("JPEG", "PNG", "WEBP")
+    with pytest.raises(UnsupportedFormat, match="accepted: JPEG, PNG, WEBP"):
+        preprocess.decode_image(tiff, formats=listed)
+    assert preprocess.decode_image(tiff).size == (40, 30)  # prepare's own, broader acceptance
+    with pytest.raises(ValueError, match="EPSS"):
+        serve.ServeConfig.from_cfg({**compose().serve, "formats": ["JPEG", "EPSS"]})
+
+
+def test_a_phones_mpo_is_its_first_picture_drafted_as_a_jpeg() -> None:
+    first, second = Image.new("RGB", (900, 900), "red"), Image.new("RGB", (900, 900), "blue")
+    mpo = encoded_as(first, "MPO", save_all=True, append_images=[second])
+    photo = preprocess.decode_image(mpo, formats=("JPEG",), draft=224)
+    assert photo.size == (225, 225) and photo.getpixel((100, 100))[0] > 200  # red, 1/4
+
+
+def test_upload_settings_are_checked() -> None:
+    base = compose().serve
+    with pytest.raises(ValueError, match="request_body_timeout_s"):
+        serve.ServeConfig.from_cfg({**base, "request_body_timeout_s": base.timeout_s})
+    with pytest.raises(ValueError, match="max_images_per_request"):
+        serve.ServeConfig.from_cfg({**base, "max_images_per_request": 1001})
+    with pytest.raises(ValueError, match="max_concurrent_decodes"):
+        serve.ServeConfig.from_cfg({**base, "max_concurrent_decodes": 0})
 
 
 # ---------------------------------------------------------------------------- the service
@@ -455,7 +619,7 @@ def test_predict_batch_limits_and_names_the_bad_image(api) -> None:
         ("images", ("b.txt", b"hello", "text/plain")),
     ]
     response = api.post("/predict_batch", files=mixed)
-    assert response.status_code == 400
+    assert response.status_code == 415
     assert response.json()["error"].startswith("image 2 of 2: ")
 
 
@@ -470,6 +634,37 @@ def test_explain_adds_a_heatmap_png(api) -> None:
     assert body["label"] in CLASSES
 
 
+def test_the_explain_limit_queues_up_to_max_waiting_then_refuses(service_app) -> None:
+    module, _ = service_app
+
+    async def burst() -> tuple[list[str], object]:
+        limit = module.ExplainLimit(serve.ExplainConfig(max_concurrent=1, max_waiting=1))
+        gate, turns = asyncio.Event(), []
+
+        async def request(name: str) -> None:
+            with limit.admitted():
+                async with limit.turn():
+                    turns.append(name)
+                    await gate.wait()
+
+        waiting = [asyncio.create_task(request(name)) for name in ("first", "second")]
+        await asyncio.sleep(0.01)
+        assert turns == ["first"], "one turn at a time"
+        with pytest.raises(module.ExplainBusy), limit.admitted():
+            pass
+        refusal = limit.busy()
+        gate.set()
+        await asyncio.gather(*waiting)
+        with limit.admitted():  # room again
+            pass
+        return turns, refusal
+
+    turns, refusal = asyncio.run(burst())
+    assert turns == ["first", "second"]
+    # two admitted, one turn at a time, a turn taken as 1 s until one is measured
+    assert refusal.status_code == 429 and refusal.headers["retry-after"] == "2"
+
+
 @pytest.mark.parametrize("kind", sorted(BAD_UPLOADS))
 @pytest.mark.parametrize("route", ["/predict", "/explain"])
 def test_bad_uploads_get_a_reason_and_the_service_keeps_serving(api, route: str, kind: str) -> None:
@@ -481,9 +676,10 @@ def test_bad_uploads_get_a_reason_and_the_service_keeps_serving(api, route: str,
 
 
 def test_requests_without_the_image_field_are_client_errors(api) -> None:
-    for request in ({"files": {"other": ("a.txt", b"text", "text/plain")}}, {"json": {"x": 1}}):
-        response = api.post("/predict", **request)
-        assert response.status_code == 400 and "image" in response.text
+    response = api.post("/predict", files={"other": ("a.txt", b"text", "text/plain")})
+    assert response.status_code == 400 and "image" in response.text
+    response = api.post("/predict", json={"image": "https://example.com/photo.jpg"})
+    assert response.status_code == 415 and "multipart/form-data" in response.json()["error"]
 
 
 def test_health_docs_and_web_page_routes(api) -> None:
@@ -530,7 +726,7 @@ def test_uploads_are_neither_stored_nor_logged(
             client.post(
                 "/predict", files=upload(b"not an image " * 4, name=marker_name)
             ).status_code
-            == 400
+            == 415
         )
     assert not (tmp_path / "uploads").exists()
     assert "Service pox-classifier initialized" in caplog.text, "BentoML's logs were captured"
@@ -543,7 +739,41 @@ def test_store_uploads_keeps_accepted_photos_under_a_timestamp(service_app, tmp_
         assert client.post("/predict", files=upload(data, name="jane-doe.png")).status_code == 200
         assert client.post("/predict", files=upload(b"", name="empty.png")).status_code == 400
     (stored,) = (tmp_path / "uploads").iterdir()
-    assert stored.read_bytes() == data and "jane" not in stored.name and stored.suffix == ".png"
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(stored)), pixels)
+    assert "jane" not in stored.name and stored.suffix == ".png"
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+
+
+def test_explain_over_its_limit_gets_429_with_retry_after_while_predict_answers(
+    service_app, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Grad-CAM held in the model service: the next /explain is refused at once with the
+    reason, /predict still answers, and the held one completes."""
+    entered, release = threading.Event(), threading.Event()
+    gradcam = serve.Predictor.gradcam
+
+    def held(predictor: serve.Predictor, image: np.ndarray) -> np.ndarray:
+        entered.set()
+        release.wait(60)
+        return gradcam(predictor, image)
+
+    monkeypatch.setattr(serve.Predictor, "gradcam", held)
+    off = dataclasses.replace(settings(tmp_path).ood, enabled=False)
+    limit = serve.ExplainConfig(max_concurrent=1, max_waiting=0)
+    with client_for(service_app, tmp_path, ood=off, explain=limit) as client:
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                first = pool.submit(client.post, "/explain", files=upload(image_bytes(seed=5)))
+                assert entered.wait(60), "the first /explain never reached Grad-CAM"
+                refused = client.post("/explain", files=upload(image_bytes(seed=6)))
+                predicted = client.post("/predict", files=upload(image_bytes(seed=7)))
+            finally:
+                release.set()
+            assert first.result(60).status_code == 200
+    assert refused.status_code == 429, refused.text
+    assert int(refused.headers["retry-after"]) >= 1 and "serve.explain" in refused.json()["error"]
+    assert predicted.status_code == 200, predicted.text
 
 
 def png_of(pixels: np.ndarray) -> bytes:

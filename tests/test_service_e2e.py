@@ -136,7 +136,7 @@ def test_predict_batch_keeps_order(server: Server, predictor: serve.Predictor) -
 
 
 def test_bad_uploads_are_refused_and_the_next_photo_works(server: Server) -> None:
-    for data, status in ((b"plain text, no photo", 400), (b"\0" * (MAX_UPLOAD_BYTES + 1), 413)):
+    for data, status in ((b"plain text, no photo", 415), (b"\0" * (MAX_UPLOAD_BYTES + 1), 413)):
         response = server.post("/predict", data, name="bad.jpg")
         assert response.status_code == status, response.text
         assert response.json()["error"]
@@ -160,10 +160,11 @@ def test_uploads_leave_no_trace_on_disk_or_in_the_log(server: Server) -> None:
     marker = b"TRAILING-MARKER-BYTES"
     accepted = server.post("/predict", image_bytes(seed=6) + marker, name=PRIVATE_NAME)
     assert accepted.status_code == 200
-    assert server.post("/predict", b"not an image" + marker, name=PRIVATE_NAME).status_code == 400
+    assert server.post("/predict", b"not an image" + marker, name=PRIVATE_NAME).status_code == 415
     assert not (server.root / "uploads").exists()
     log = (server.root / "server.log").read_text(errors="replace")
-    assert "/predict" in log, "the access log is in this file"
+    assert "Service pox-classifier initialized" in log, "the service's log is in this file"
+    assert "path=/predict" not in log, "the access log is off by default (serve.access_log)"
     assert "jane-doe" not in log and marker.decode() not in log
     # BentoML parks a multipart file in a per-request temp dir while the request runs.
     leftovers = [p for p in (server.root / "tmp").rglob("*") if p.is_file()]
@@ -180,12 +181,13 @@ GUARDED_MODEL_WORKERS = 2
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A second server whose champion carries an out-of-distribution guard fitted on
     skin-like photos (the module's first server serves one without), run by two model
-    processes (``serve.model_workers``)."""
+    processes (``serve.model_workers``), its access log on (``serve.access_log``)."""
     tag = save_champion(guard_photos=skin_like_photos(24))
     root = tmp_path_factory.mktemp("e2e-guarded")
     params = write_serve_params(root / "params.yaml", f"serve.model_tag={tag}",
                                 f"serve.upload_dir={root / 'uploads'}",
-                                f"serve.model_workers={GUARDED_MODEL_WORKERS}")  # fmt: skip
+                                f"serve.model_workers={GUARDED_MODEL_WORKERS}",
+                                "serve.access_log=true")  # fmt: skip
     with running_service(params, root / "server.log") as url:
         yield Server(url, root, tag)
 
@@ -276,3 +278,13 @@ def test_model_workers_run_side_by_side_and_answer_alike(guarded: Server) -> Non
         assert got["in_distribution"] is want["in_distribution"]
         assert got["ood"]["score"] == pytest.approx(want["ood"]["score"], rel=1e-4)
         assert_same_answer(got, want)
+
+
+def test_the_access_log_when_on_carries_no_client_address(guarded: Server) -> None:
+    """``serve.access_log: true`` logs method, path, status and sizes; BentoML's first field,
+    the client's IP:port, is replaced by "-"."""
+    assert guarded.post("/predict", encoded(skin_like_photos(1, seed=3)[0])).status_code == 200
+    log = (guarded.root / "server.log").read_text(errors="replace")
+    lines = [line for line in log.splitlines() if "path=/predict" in line]
+    assert lines and all(" - (scheme=http,method=POST,path=/predict" in line for line in lines)
+    assert not re.search(r"\d+\.\d+\.\d+\.\d+:\d+ \(scheme=", log), "a client address"

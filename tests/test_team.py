@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -197,6 +198,25 @@ def test_only_select_and_ensemble_move_the_alias() -> None:
     assert movers <= {"select.py", "ensemble.py"} and "select.py" in movers
 
 
+@pytest.mark.parametrize("key", ["backend_store_uri", "auth_database_uri"])
+def test_a_database_uri_with_a_password_is_refused_before_anything_starts(
+    key: str, tmp_path: Path
+) -> None:
+    """The tracking store's URI goes on `mlflow server`'s command line, which every user of the
+    machine can read (ps): a password there is refused, and the message never repeats it."""
+    cfg = compose([f"team_server.state_dir={tmp_path / 'state'}"]).team_server
+    cfg.backend_store_uri = "postgresql+psycopg2://mlflow@db.example.org:5432/mlflow"
+    cfg.auth_database_uri = "postgresql+psycopg2://mlflow@/mlflow_auth?host=/var/run/postgresql"
+    cfg[key] = "postgresql+psycopg2://mlflow:s3cret%40pw@db.example.org:5432/mlflow"
+    with pytest.raises(ValueError, match=f"team_server.{key} carries a password") as refused:
+        with team_server.running(cfg, "admin-password"):
+            pytest.fail("started")
+    message = str(refused.value)
+    assert "s3cret" not in message and "PGPASSFILE" in message
+    assert "postgresql+psycopg2://mlflow@db.example.org:5432/mlflow" in message
+    assert not (tmp_path / "state").exists()
+
+
 def test_the_pipeline_logs_comparable_runs_to_the_team_server(
     finished_run: dict, server: dict[str, str], as_user
 ) -> None:
@@ -242,6 +262,27 @@ def test_the_pipeline_logs_comparable_runs_to_the_team_server(
     assert champion.run_id == train_run.info.run_id == selected["mlflow_run_id"]
     assert int(champion.version) == selected["registered_model_version"]
     assert champion.tags["model_name"] == MODEL
+
+
+def test_the_server_state_is_owner_only(finished_run: dict, server: dict[str, str]) -> None:
+    """basic_auth.ini, the secret key, the server log, the artifacts and the local cluster are
+    written under umask 077, whatever this process's umask: no file or folder under the state
+    folder is open to group or others (the cluster's socket is a socket in an owner-only
+    folder)."""
+    state = Path(server["state"])
+    written = [state / name for name in (team_server.AUTH_CONFIG_FILE, "mlflow-server.log",
+                                         team_server.SECRET_KEY_FILE)]  # fmt: skip
+    assert all(path.is_file() for path in written)
+    assert any(path.is_file() for path in (state / "artifacts").rglob("*"))
+    assert (state / "postgres" / "data" / "PG_VERSION").is_file()
+    open_to_others = [
+        f"{path.relative_to(state)} {oct(mode)}"
+        for path in state.rglob("*")
+        if not path.is_socket() and (mode := stat.S_IMODE(path.lstat().st_mode)) & 0o077
+    ]
+    assert not open_to_others
+    # as root, `postgres` must pass through the state folder to its cluster: 0711, no listing
+    assert stat.S_IMODE(state.stat().st_mode) == (0o711 if os.geteuid() == 0 else 0o700)
 
 
 def test_cross_validation_is_a_parent_run_with_one_child_per_fold(

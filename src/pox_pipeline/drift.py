@@ -29,8 +29,10 @@ from pox_pipeline.monitor import (
     STATISTICS,
     Basis,
     MonitoringSettings,
+    coarse_time,
     records,
     split_columns,
+    write_atomically,
 )
 
 if TYPE_CHECKING:
@@ -123,24 +125,38 @@ def write_reference(
 # ---------------------------------------------------------------------------- reading the logs
 
 
-def read_records(log_path: Path, start: datetime, end: datetime | None = None) -> pd.DataFrame:
-    """Every record under ``log_path`` (any depth: each monitor and worker, current and
-    rotated files) with ``start <= timestamp <= end``."""
-    import pandas as pd
+def read_records(
+    records_dir: Path, start: datetime, end: datetime | None = None
+) -> tuple[pd.DataFrame, int]:
+    """Every record under ``records_dir`` (any depth: each monitor and worker, current and
+    rotated files) with ``start <= timestamp <= end``, and how many lines were skipped: a
+    line that is no record (the last one while a worker writes it, or a damaged file's) is
+    counted, never fatal."""
+    rows, skipped = [], 0
+    for path in sorted(Path(records_dir).rglob("data.*.log*")):
+        try:
+            text = path.read_bytes().decode("utf-8", errors="replace")
+        except FileNotFoundError:  # renamed by the midnight rotation since the listing
+            continue
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            row, stamp = _record_of(line)
+            if row is None:
+                skipped += 1
+            elif stamp >= start and (end is None or stamp <= end):
+                rows.append(row)
+    return _frame(rows), skipped
 
-    rows = []
-    for path in sorted(Path(log_path).rglob("data.*.log*")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rows.append(json.loads(line))
-    frame = _frame(rows)
-    if frame.empty:
-        return frame
-    stamps = pd.to_datetime(frame["timestamp"])
-    keep = stamps >= start
-    if end is not None:
-        keep &= stamps <= end
-    return frame[keep].reset_index(drop=True)
+
+def _record_of(line: str) -> tuple[dict[str, Any] | None, datetime | None]:
+    """A JSON-lines record and its time (local, naive, as written), or (None, None)."""
+    try:
+        row = json.loads(line)
+        stamp = datetime.fromisoformat(row["timestamp"])
+    except (ValueError, TypeError, KeyError):  # not JSON, or not an object with a time
+        return None, None
+    return row, stamp.astimezone().replace(tzinfo=None) if stamp.tzinfo else stamp
 
 
 def _frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -285,8 +301,11 @@ def check(
     end: datetime | None = None,
     min_answers: int | None = None,
 ) -> dict[str, Any]:
-    """Read the records of [start, end] and test each model version against its reference."""
-    frame = read_records(settings.log_path, start, end)
+    """Read the records of [start, end] and test each model version against its reference.
+    ``start`` is truncated to ``serve.monitoring.timestamp_resolution``, as the records' times
+    are: ``--since 30m`` at 10:20 tests the records stamped 09:00 and 10:00 (with 1h)."""
+    start = coarse_time(start, settings.timestamp_resolution)
+    frame, skipped = read_records(settings.records_dir, start, end)
     floor = settings.min_answers if min_answers is None else min_answers
     models = []
     for version, current in (frame.groupby("model_version") if not frame.empty else []):
@@ -305,8 +324,10 @@ def check(
         "generated_at_unix": time.time(),
         "window": {"start": start.isoformat(timespec="seconds"),
                    "end": (end or datetime.now()).isoformat(timespec="seconds")},  # fmt: skip
-        "log_path": str(settings.log_path),
+        "records_dir": str(settings.records_dir),
+        "timestamp_resolution_s": settings.timestamp_resolution.total_seconds(),
         "answers": len(frame),
+        "skipped_lines": skipped,
         "min_answers": floor,
         "alpha": settings.alpha,
         "correction": "holm",
@@ -320,16 +341,16 @@ def check(
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """drift.json (the tables, without the records) and drift.html (a plot per column)."""
+    """drift.json (the tables, without the records) and drift.html (a plot per column), each
+    through a temporary file and a rename: a ``/metrics`` scrape reading drift.json meanwhile
+    sees the last report or this one, and a failure leaves the last one whole."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     public = {**report, "models": [{k: v for k, v in m.items() if not k.startswith("_")}
                                    for m in report["models"]]}  # fmt: skip
-    json_file = out_dir / REPORT_JSON
-    json_file.write_text(json.dumps(public, indent=2) + "\n")
-    html_file = out_dir / REPORT_HTML
-    html_file.write_text(render_html(report))
-    return json_file, html_file
+    text, page = json.dumps(public, indent=2) + "\n", render_html(report)
+    return (write_atomically(out_dir / REPORT_JSON, text),
+            write_atomically(out_dir / REPORT_HTML, page))  # fmt: skip
 
 
 def _plot(current: np.ndarray, reference: np.ndarray, title: str) -> str:
@@ -359,7 +380,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         "<!doctype html><html><head><meta charset='utf-8'><title>pox monitor</title></head><body>",
         f"<h1>Drift report: {html.escape(report['status'])}</h1>",
         f"<p>{report['answers']} answers from {html.escape(report['window']['start'])} to "
-        f"{html.escape(report['window']['end'])}; family-wise alpha {report['alpha']} (Holm).</p>",
+        f"{html.escape(report['window']['end'])}; family-wise alpha {report['alpha']} (Holm); "
+        f"{report['skipped_lines']} record lines skipped (no record).</p>",
     ]
     for model in report["models"]:
         name = html.escape(f"{model['model']}:{model['model_version']}")
@@ -384,6 +406,9 @@ def table(report: Mapping[str, Any]) -> str:
     """The printed summary: one line per test."""
     lines = [f"{report['status']}: {report['answers']} answers, {report['window']['start']} .. "
              f"{report['window']['end']}"]  # fmt: skip
+    if report["skipped_lines"]:
+        lines.append(f"skipped {report['skipped_lines']} record lines that are no record (one "
+                     "being written, or a damaged file)")  # fmt: skip
     for model in report["models"]:
         lines.append(f"{model['model']}:{model['model_version']}  {model['status']}  "
                      f"({model['answers']} answers)")  # fmt: skip

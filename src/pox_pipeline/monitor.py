@@ -3,9 +3,10 @@ validated on? Without keeping a photo.
 
 Three parts, one home:
 
-- **Records** (serving): for every answered image a few numbers go through ``bentoml.monitor``
-  (JSON lines, one file per API worker per day under ``serve.monitoring.log_path``, deleted
-  after ``retention_days``): the answer (label, positive probability, in_distribution, the
+- **Records** (serving): for every answered image a few numbers go through BentoML's monitor
+  (JSON lines, one file per API worker per day under ``<serve.monitoring.dir>/records``,
+  deleted after ``retention_days``; the timestamp truncated to ``timestamp_resolution``, no
+  request or trace id): the answer (label, positive probability, in_distribution, the
   guard's score per feature space), ten named image statistics (brightness, contrast, colour
   means, edges, texture: read off the guard's colour/texture features) and a few principal
   components of the model's head features. Never the photo, its file name or the embedding.
@@ -16,7 +17,11 @@ Three parts, one home:
 - **Tests** (``pox monitor``): each model version's records against its reference, with
   scipy tests whose method is pinned (Fisher's exact test, exact two-sample KS, an exact
   binomial test), Holm's correction over all of them, PSI for the probability as a
-  conventional reading. Writes drift.json and an HTML page; non-zero exit on drift.
+  conventional reading. Writes drift.json and an HTML page (``<dir>/reports``, each through a
+  temporary file and a rename); exit 1 on drift, 2 on an error.
+
+Monitoring never stops the service: when its folder cannot be written, the service answers
+without records, logs why once, and says so on ``/metrics`` (``pox_monitoring_enabled 0``).
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ import functools
 import json
 import logging.handlers
 import math
+import os
 import re
+import tempfile
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,9 +45,19 @@ import numpy as np
 from pox_pipeline import ood
 
 if TYPE_CHECKING:
+    from collections import deque
+
+    from bentoml.monitoring import DefaultMonitor
 
     from pox_pipeline.policy import DecisionPolicy
 
+logger = logging.getLogger(__name__)
+
+MONITORING_DIR_ENV = "POX_MONITORING_DIR"  # overrides serve.monitoring.dir (the container's)
+RECORDS_DIR = "records"  # inside the monitoring directory: bentoml's JSON lines
+REPORTS_DIR = "reports"  # inside the monitoring directory: drift.json, drift.html
+# The keys serve.monitoring.dir replaced, kept working for one release: old key -> its folder.
+DEPRECATED_KEYS = {"log_path": RECORDS_DIR, "report_dir": REPORTS_DIR}
 MONITOR_NAME = "pox_answers"  # one bentoml.monitor per process (its loggers are global)
 BASIS_FILE = "monitoring_basis.npz"  # beside the model, like ood.npz
 REFERENCE_FILE = "monitoring_reference.csv"
@@ -72,13 +90,15 @@ def component_columns(count: int) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class MonitoringSettings:
-    """``serve.monitoring`` (conf/serve/default.yaml says what each is)."""
+    """``serve.monitoring`` (conf/serve/default.yaml says what each is). ``records_dir`` and
+    ``reports_dir`` are absolute: ``records/`` and ``reports/`` of the monitoring directory."""
 
     enabled: bool
-    log_path: Path
+    records_dir: Path
+    reports_dir: Path
     retention_days: int
+    timestamp_resolution: timedelta
     components: int
-    report_dir: Path
     since: str
     min_answers: int
     alpha: float
@@ -87,10 +107,33 @@ class MonitoringSettings:
     guard_score_buckets: tuple[float, ...]
 
     @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any]) -> MonitoringSettings:
+    def from_cfg(cls, cfg: Mapping[str, Any], root: Path) -> MonitoringSettings:
+        """``root``: the project root (the params file's folder), where a relative
+        ``serve.monitoring.dir`` starts; ``$POX_MONITORING_DIR`` replaces the setting."""
         values = dict(cfg)
-        values["log_path"] = Path(values["log_path"])
-        values["report_dir"] = Path(values["report_dir"])
+        old = {key: values.pop(key) for key in DEPRECATED_KEYS if key in values}
+        folder = values.pop("dir", None)
+        if folder is None and not old:
+            raise ValueError("serve.monitoring.dir is missing: the monitoring directory")
+        folder = _resolved(folder or "monitoring", root)
+        values["records_dir"], values["reports_dir"] = folder / RECORDS_DIR, folder / REPORTS_DIR
+        if os.environ.get(MONITORING_DIR_ENV):
+            folder = _resolved(os.environ[MONITORING_DIR_ENV], root)
+            values["records_dir"], values["reports_dir"] = (folder / RECORDS_DIR,
+                                                            folder / REPORTS_DIR)  # fmt: skip
+        elif old:
+            for key, value in old.items():
+                values[f"{DEPRECATED_KEYS[key]}_dir"] = _resolved(value, root)
+        if old:
+            warnings.warn(
+                f"serve.monitoring.{' and serve.monitoring.'.join(old)}: deprecated, removed "
+                "in the next release. Set serve.monitoring.dir to one folder (records/ and "
+                "reports/ are made in it) "
+                f"or ${MONITORING_DIR_ENV}. Using records {values['records_dir']} and reports "
+                f"{values['reports_dir']}.",
+                FutureWarning, stacklevel=2,
+            )  # fmt: skip
+        values["timestamp_resolution"] = parse_since(values["timestamp_resolution"])
         for key in ("probability_buckets", "guard_score_buckets"):
             values[key] = tuple(float(b) for b in values[key])
         settings = cls(**values)
@@ -98,17 +141,57 @@ class MonitoringSettings:
             raise ValueError("serve.monitoring.retention_days must be at least 1")
         if not 0 < settings.alpha < 1:
             raise ValueError(f"serve.monitoring.alpha must be in (0, 1), got {settings.alpha}")
+        resolution = settings.timestamp_resolution.total_seconds()
+        if not (resolution >= 1 and resolution.is_integer() and 86400 % resolution == 0):
+            raise ValueError(
+                f"serve.monitoring.timestamp_resolution={cfg['timestamp_resolution']!r}: a "
+                "whole number of seconds that divides a day (1s .. 1d, e.g. 15m, 1h, 6h)"
+            )
         parse_since(settings.since)
         return settings
 
+    def in_dir(self, folder: Path) -> MonitoringSettings:
+        """The same settings on another monitoring directory (``pox monitor --dir``)."""
+        folder = Path(folder).resolve()
+        return replace(self, records_dir=folder / RECORDS_DIR, reports_dir=folder / REPORTS_DIR)
+
+
+def _resolved(folder: str | Path, root: Path) -> Path:
+    """An absolute folder: a relative one starts at ``root``, never the working directory."""
+    return (Path(root) / Path(folder).expanduser()).resolve()
+
 
 def parse_since(text: str) -> timedelta:
-    """``7d``, ``12h``, ``30m`` -> a timedelta."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhm])\s*", str(text))
+    """``7d``, ``12h``, ``30m``, ``10s`` -> a timedelta."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhms])\s*", str(text))
     if not match:
-        raise ValueError(f"since={text!r}: write a number and d, h or m, e.g. 7d")
-    unit = {"d": "days", "h": "hours", "m": "minutes"}[match.group(2)]
+        raise ValueError(f"{text!r}: write a number and d, h, m or s, e.g. 7d")
+    unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[match.group(2)]
     return timedelta(**{unit: float(match.group(1))})
+
+
+def coarse_time(moment: datetime, resolution: timedelta) -> datetime:
+    """``moment`` truncated to a multiple of ``resolution`` (one that divides a day): for 1h,
+    the start of its hour. What a record keeps of when it was written."""
+    return moment - (moment - datetime.min.replace(tzinfo=moment.tzinfo)) % resolution
+
+
+def write_atomically(path: Path, text: str, mode: int = 0o644) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a
+    reader (a ``/metrics`` scrape, another worker) sees the old file or the new one, never
+    half of one. ``mode`` 0644: the service may run as another user than ``pox monitor``."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
 
 
 # ---------------------------------------------------------------------------- the columns
@@ -343,28 +426,92 @@ class RetainedDailyFileHandler(logging.handlers.TimedRotatingFileHandler):
         return deleted
 
 
+@functools.cache  # bentoml is imported on first use: `pox` and the offline side need none of it
+def record_monitor_class() -> type[DefaultMonitor]:
+    """BentoML's default monitor (JSON lines through ``logging``), writing each record with a
+    coarse timestamp and without the request and trace ids it adds: a record cannot be joined
+    to an access log line, by id or by time."""
+    from bentoml.monitoring import DefaultMonitor
+
+    class CoarseMonitor(DefaultMonitor):
+        PRESERVED_COLUMNS = ("timestamp",)
+
+        def __init__(self, name: str, log_path: str, log_config_file: str,
+                     resolution: timedelta) -> None:  # fmt: skip
+            super().__init__(name, log_path, log_config_file)
+            self.resolution = resolution
+
+        def open(self) -> None:
+            """Open the day file now (BentoML opens it at the first record), so that a folder
+            the service cannot write is found at start, not as a 500 on an answer."""
+            self._init_logger()
+
+        def export_data(self, datas: dict[str, deque[Any]]) -> None:
+            stamp = coarse_time(datetime.now(), self.resolution).isoformat(timespec="seconds")
+            for values in zip(*datas.values(), strict=True):
+                self.data_logger.info({**dict(zip(datas, values, strict=True)),
+                                       "timestamp": stamp})  # fmt: skip
+
+    return CoarseMonitor
+
+
 class ServiceMonitor:
     """The API process's side: splits the monitored columns off the model service's array,
-    writes one record per answer and keeps the live ``/metrics`` series. A disabled monitor
-    (``serve.monitoring.enabled: false``, or a model published without a reference) passes
-    the array through and records nothing."""
+    writes one record per answer and keeps the live ``/metrics`` series. The columns are split
+    off whenever the model service adds them (``serve.monitoring.enabled`` and a model
+    published with a reference); records are written only where the records folder can be
+    written. Otherwise the service answers as before, ``reason`` says why nothing is kept, and
+    ``/metrics`` shows it."""
 
     def __init__(
-        self, settings: MonitoringSettings, model_dir: Path | None, policy: DecisionPolicy | None
+        self,
+        settings: MonitoringSettings,
+        model_dir: Path | None,
+        policy: DecisionPolicy | None,
+        registry: Any = None,
     ) -> None:
+        """``registry``: the live series' prometheus_client registry (default: the global one,
+        which BentoML serves)."""
         basis_file = None if model_dir is None else Path(model_dir) / BASIS_FILE
-        self.enabled = bool(settings.enabled and basis_file is not None and basis_file.is_file())
+        monitored = bool(settings.enabled and basis_file is not None and basis_file.is_file())
         self.settings = settings
-        self.columns: tuple[str, ...] = Basis.load(basis_file).columns if self.enabled else ()
+        self.columns: tuple[str, ...] = Basis.load(basis_file).columns if monitored else ()
         self.policy = policy
-        self.metrics = LiveMetrics(settings) if self.enabled else None
-        self._options: dict[str, str] = {}
-        if self.enabled:
-            settings.log_path.mkdir(parents=True, exist_ok=True)
-            config = settings.log_path / f".{MONITOR_NAME}.logging.yaml"
-            config.write_text(LOG_CONFIG % {"retention_days": settings.retention_days})
-            self._options = {"log_path": str(settings.log_path.resolve()),
-                             "log_config_file": str(config)}  # fmt: skip
+        self.metrics = LiveMetrics(settings, registry) if monitored else None
+        self.recorder: DefaultMonitor | None = None
+        if not settings.enabled:
+            self.reason = "serve.monitoring.enabled is false"
+        elif not monitored:
+            self.reason = "the model was published without a monitoring reference"
+        else:
+            try:
+                self.recorder = self._open_recorder()
+                self.reason = "on"
+            except (OSError, ValueError) as error:  # logging wraps its OSError in a ValueError
+                cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+                self.reason = f"records folder {settings.records_dir} not writable: {cause}"
+                logger.warning(
+                    "monitoring is OFF: %s. The service answers, but keeps no records for "
+                    "`pox monitor`: set serve.monitoring.dir or $%s to a writable folder (in a "
+                    "container, a mounted volume).", self.reason, MONITORING_DIR_ENV,
+                )  # fmt: skip
+
+    @property
+    def enabled(self) -> bool:
+        """Whether answers are recorded."""
+        return self.recorder is not None
+
+    def _open_recorder(self) -> DefaultMonitor:
+        folder = self.settings.records_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        config = write_atomically(
+            folder / f".{MONITOR_NAME}.logging.yaml",
+            LOG_CONFIG % {"retention_days": self.settings.retention_days},
+        )
+        recorder = record_monitor_class()(MONITOR_NAME, str(folder), str(config),
+                                          self.settings.timestamp_resolution)  # fmt: skip
+        recorder.open()
+        return recorder
 
     def split(self, scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return split_columns(scored, len(self.columns))
@@ -372,20 +519,20 @@ class ServiceMonitor:
     def record(
         self, endpoint: str, answers: Sequence[Mapping[str, Any]], columns: np.ndarray
     ) -> None:
-        """One record per answer through ``bentoml.monitor`` (columns of equal length: its
-        own length check is a no-op), and the live series."""
-        if not self.enabled or not answers:
+        """One record per answer through the monitor (what ``bentoml.monitor`` does, on the
+        monitor opened at start; columns of equal length: its own length check is a no-op),
+        and the live series."""
+        if self.metrics is None or not answers:
             return
-        import bentoml
-
         rows = records(answers, columns, self.columns, self.policy.positive_class)
-        with bentoml.monitor(MONITOR_NAME, monitor_class="default",
-                             monitor_options=self._options) as mon:  # fmt: skip
-            mon.log_batch([endpoint] * len(rows), "endpoint", "feature", "categorical")
+        if self.recorder is not None:
+            self.recorder.start_record()
+            self.recorder.log_batch([endpoint] * len(rows), "endpoint", "feature", "categorical")
             for name in rows[0]:
                 role = "prediction" if name in ANSWER_COLUMNS else "feature"
                 kind = "categorical" if name in CATEGORICAL else "numerical"
-                mon.log_batch([row[name] for row in rows], name, role, kind)
+                self.recorder.log_batch([row[name] for row in rows], name, role, kind)
+            self.recorder.stop_record()
         self.metrics.observe(endpoint, rows)
 
     def rejected(self, status: int) -> None:
@@ -393,10 +540,12 @@ class ServiceMonitor:
             self.metrics.rejected.labels(status=str(status)).inc()
 
     def metrics_text(self, exposition: str) -> str:
-        """``/metrics`` plus the last ``pox monitor`` result as gauges."""
-        if not self.enabled:
-            return exposition
-        return exposition + drift_gauges(self.settings.report_dir / REPORT_JSON)
+        """``/metrics`` plus whether answers are recorded (and why not), and the last
+        ``pox monitor`` result as gauges."""
+        text = exposition + status_gauges(self.enabled, self.reason)
+        if self.settings.enabled:
+            text += drift_gauges(self.settings.reports_dir / REPORT_JSON)
+        return text
 
 
 class LiveMetrics:
@@ -434,28 +583,66 @@ class LiveMetrics:
                 self.guard_score.observe(row["ood_score"])
 
 
+def label_value(text: str) -> str:
+    """``text`` escaped as a Prometheus label value."""
+    return str(text).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def status_gauges(enabled: bool, reason: str) -> str:
+    """Whether answers are recorded, and why (text exposition)."""
+    return "\n".join([
+        "# HELP pox_monitoring_enabled 1 when answers are recorded for pox monitor",
+        "# TYPE pox_monitoring_enabled gauge",
+        f"pox_monitoring_enabled {int(enabled)}",
+        "# HELP pox_monitoring_info Why answers are recorded or not (reason=on when they are)",
+        "# TYPE pox_monitoring_info gauge",
+        f'pox_monitoring_info{{reason="{label_value(reason)}"}} 1',
+    ]) + "\n"  # fmt: skip
+
+
 def drift_gauges(report_file: Path) -> str:
-    """The last drift report as Prometheus gauges (text exposition); empty without one."""
-    if not report_file.is_file():
+    """The last drift report as Prometheus gauges (text exposition); empty without one. A
+    report that cannot be read or makes no sense (garbage, wrong keys, a file a writer left
+    half done) gives ``pox_drift_report_readable 0`` and no other drift series: ``/metrics``
+    never fails because of it."""
+    try:
+        text = report_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return ""
-    report = json.loads(report_file.read_text())
+    except (OSError, ValueError):  # unreadable, or not UTF-8
+        text = None
+    try:
+        lines = [] if text is None else _report_lines(json.loads(text))
+    except Exception:  # whatever the file holds, the scrape must succeed
+        lines = []
+    header = [
+        "# HELP pox_drift_report_readable 0 when the drift report exists but cannot be read",
+        "# TYPE pox_drift_report_readable gauge",
+        f"pox_drift_report_readable {int(bool(lines))}",
+    ]
+    return "\n".join(header + lines) + "\n"
+
+
+def _report_lines(report: Mapping[str, Any]) -> list[str]:
+    """The drift gauges of a parsed report; raises on anything missing or of the wrong type."""
     lines = [
         "# HELP pox_drift_detected 1 when the last pox monitor run found drift",
         "# TYPE pox_drift_detected gauge",
-        f"pox_drift_detected {int(report['drift'])}",
+        f"pox_drift_detected {int(bool(report['drift']))}",
         "# HELP pox_drift_answers Answers the last pox monitor run tested",
         "# TYPE pox_drift_answers gauge",
-        f"pox_drift_answers {report['answers']}",
+        f"pox_drift_answers {int(report['answers'])}",
         "# HELP pox_drift_report_timestamp_seconds When the last pox monitor run ended",
         "# TYPE pox_drift_report_timestamp_seconds gauge",
-        f"pox_drift_report_timestamp_seconds {report['generated_at_unix']}",
+        f"pox_drift_report_timestamp_seconds {float(report['generated_at_unix'])!r}",
         "# HELP pox_drift_p_value Holm-adjusted p-value per model version and column",
         "# TYPE pox_drift_p_value gauge",
     ]
     for model in report["models"]:
+        version = label_value(model["model_version"])
         for test in model.get("tests", []):
             lines.append(
-                f'pox_drift_p_value{{model_version="{model["model_version"]}",'
-                f'column="{test["column"]}"}} {test["p_adjusted"]}'
+                f'pox_drift_p_value{{model_version="{version}",'
+                f'column="{label_value(test["column"])}"}} {float(test["p_adjusted"])!r}'
             )
-    return "\n".join(lines) + "\n"
+    return lines

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +33,7 @@ from pox_pipeline.inference import (
     tta_views,
 )
 from pox_pipeline.policy import DecisionPolicy
-from pox_pipeline.preprocess import ImageError, ImageTooLarge
+from pox_pipeline.preprocess import ImageError, ImageTooLarge, UnsupportedFormat
 
 if TYPE_CHECKING:
     import keras
@@ -61,6 +63,21 @@ class HeatmapConfig:
 
 
 @dataclass(frozen=True)
+class ExplainConfig:
+    """``serve.explain``: /explain's own bound, so a burst of it cannot starve /predict."""
+
+    max_concurrent: int  # Grad-CAM calls in flight per API worker
+    max_waiting: int  # requests waiting for a turn; beyond that a 429 with Retry-After
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1 or self.max_waiting < 0:
+            raise ValueError(
+                f"serve.explain: max_concurrent={self.max_concurrent} must be >= 1 and "
+                f"max_waiting={self.max_waiting} >= 0"
+            )
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """The ``serve:`` section of the composed params (conf/serve/default.yaml says what each is)."""
 
@@ -72,9 +89,16 @@ class ServeConfig:
     batch_sizes: tuple[int, ...]
     publish_backends: tuple[str, ...]
     backend_check: tflite.BackendCheck
+    formats: tuple[str, ...]
     max_upload_bytes: int
     max_pixels: int
+    max_decode_pixels: int
+    max_concurrent_decodes: int
     max_images_per_request: int
+    max_request_bytes: int
+    request_body_timeout_s: float
+    max_concurrency: int
+    access_log: bool
     batching: bool
     max_batch_size: int
     max_latency_ms: int
@@ -86,9 +110,11 @@ class ServeConfig:
     timeout_s: float
     ui_path: str
     heatmap: HeatmapConfig
+    explain: ExplainConfig
     ood: ood.OODSettings
     store_uploads: bool
     upload_dir: Path
+    upload_retention_days: float
     monitoring: monitor.MonitoringSettings
     threshold_override: float | None = None  # a site's own threshold (pox validate)
 
@@ -102,9 +128,33 @@ class ServeConfig:
                 f"that long before running it) and serve.timeout_s={self.timeout_s:g} (so the "
                 "503 reaches the client before its request times out)"
             )
+        if not 0 < self.request_body_timeout_s < self.timeout_s:
+            raise ValueError(
+                f"serve.request_body_timeout_s={self.request_body_timeout_s:g} must be > 0 and "
+                f"below serve.timeout_s={self.timeout_s:g} (a slow body gets its 408 first)"
+            )
+        # Starlette, which parses the forms, refuses more than 1000 files with a 500.
+        if not 1 <= self.max_images_per_request <= 1000:
+            raise ValueError(
+                f"serve.max_images_per_request={self.max_images_per_request}: 1 to 1000"
+            )
+        if self.max_request_bytes < self.max_upload_bytes:
+            raise ValueError(
+                f"serve.max_request_bytes={self.max_request_bytes:,} is below "
+                f"serve.max_upload_bytes={self.max_upload_bytes:,}: one photo could not be sent"
+            )
+        if min(self.max_concurrent_decodes, self.max_concurrency) < 1:
+            raise ValueError(
+                f"serve.max_concurrent_decodes={self.max_concurrent_decodes} and "
+                f"serve.max_concurrency={self.max_concurrency} must be >= 1"
+            )
 
     @classmethod
-    def from_cfg(cls, serve_cfg: DictConfig | Mapping[str, Any]) -> ServeConfig:
+    def from_cfg(
+        cls, serve_cfg: DictConfig | Mapping[str, Any], root: Path | None = None
+    ) -> ServeConfig:
+        """``root``: where relative folders start (default: the folder of :func:`params_file`,
+        the project root)."""
         values = (
             OmegaConf.to_container(serve_cfg, resolve=True)
             if isinstance(serve_cfg, DictConfig)
@@ -126,25 +176,51 @@ class ServeConfig:
         values["batch_sizes"] = tuple(int(size) for size in values["batch_sizes"])
         if not values["batch_sizes"] or min(values["batch_sizes"]) < 1:
             raise ValueError(f"serve.batch_sizes={list(values['batch_sizes'])}: sizes >= 1")
+        values["formats"] = tuple(name.upper() for name in values["formats"])
+        Image.init()  # every plugin, so that OPEN lists each format Pillow can decode
+        unknown = set(values["formats"]) - set(Image.OPEN)
+        if unknown or not values["formats"]:
+            raise ValueError(f"serve.formats={list(values['formats'])}: list formats Pillow reads, "
+                             f"not {sorted(unknown)}")  # fmt: skip
         values["backend_check"] = tflite.BackendCheck(**values["backend_check"])
         values["heatmap"] = HeatmapConfig(**values["heatmap"])
+        values["explain"] = ExplainConfig(**values["explain"])
         values["ood"] = ood.OODSettings.from_cfg(values["ood"])
-        values["monitoring"] = monitor.MonitoringSettings.from_cfg(values["monitoring"])
-        values["upload_dir"] = Path(values["upload_dir"])
+        root = params_file().resolve().parent if root is None else root
+        values["monitoring"] = monitor.MonitoringSettings.from_cfg(values["monitoring"], root)
+        values["upload_dir"] = (Path(root) / Path(values["upload_dir"]).expanduser()).resolve()
+        if not values["upload_retention_days"] > 0:
+            raise ValueError(
+                f"serve.upload_retention_days={values['upload_retention_days']}: kept uploads "
+                "are health data and must be deleted after a number of days > 0"
+            )
         return cls(**values)
+
+    def decode_limits(self) -> dict[str, Any]:
+        """:func:`preprocess.decode_image`'s limits for an upload (also ``pox predict``'s)."""
+        return {"max_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
+                "max_decode_pixels": self.max_decode_pixels, "formats": self.formats}  # fmt: skip
 
     @classmethod
     def load(cls, overrides: Sequence[str] = ()) -> ServeConfig:
         """Read ``$POX_PARAMS`` (default: the project's ``params.yaml``)."""
-        from pox_pipeline.config import load_params, params_path
+        from pox_pipeline.config import load_params
 
-        path = os.environ.get(PARAMS_ENV) or params_path()
+        path = params_file()
         if not Path(path).is_file():
             raise FileNotFoundError(
                 f"{path} not found (from {Path.cwd()}): run `python -m pox_pipeline.config` "
                 f"in the project root, or set {PARAMS_ENV} to a composed params file"
             )
-        return cls.from_cfg(load_params(path, overrides).serve)
+        return cls.from_cfg(load_params(path, overrides).serve, Path(path).resolve().parent)
+
+
+def params_file() -> Path:
+    """``$POX_PARAMS``, else the project's params.yaml (in a built Bento: the working
+    directory's, its src/): the settings in use, and the project root as their folder."""
+    from pox_pipeline.config import params_path
+
+    return Path(os.environ.get(PARAMS_ENV) or params_path())
 
 
 # ---------------------------------------------------------------------------- predictor
@@ -377,27 +453,67 @@ def decode_upload(data: bytes, settings: ServeConfig, image_size: int) -> Image.
     """Upload bytes -> upright RGB photo within the limits, a JPEG shrunk as it is decoded to
     the smallest size that covers ``image_size`` (as prepare decodes training photos), or
     :class:`ImageError`."""
-    photo = preprocess.decode_image(
-        data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
-        draft=image_size,
-    )  # fmt: skip
+    photo = preprocess.decode_image(data, draft=image_size, **settings.decode_limits())
     if settings.store_uploads:
-        store_upload(data, settings.upload_dir)
+        store_upload(photo, settings.upload_dir, settings.upload_retention_days)
     return photo
 
 
-def store_upload(data: bytes, upload_dir: Path, now: datetime | None = None) -> Path:
-    """Keep an accepted upload (only when ``serve.store_uploads``) under a timestamped name.
+# The names store_upload gives (the purge deletes nothing else, wherever upload_dir points).
+STORED_UPLOAD_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}\.[a-z0-9]+")
+# After the purge at service start, kept uploads past their retention are deleted at most this
+# often, as photos are stored: a scan at every upload would grow with the folder.
+UPLOAD_PURGE_EVERY_S = 3600.0
+_last_upload_purge: dict[Path, float] = {}  # folder -> time.monotonic() of its last purge
 
-    The client's filename is never used: it may itself identify the patient.
+
+def open_upload_dir(upload_dir: Path, retention_days: float) -> int:
+    """At service start (``serve.store_uploads``): the folder, owner-only (0700, also one made
+    before with a wider mode), its uploads past ``retention_days`` deleted; returns how many."""
+    upload_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    upload_dir.chmod(0o700)
+    return purge_uploads(upload_dir, retention_days)
+
+
+def store_upload(
+    photo: Image.Image, upload_dir: Path, retention_days: float, now: datetime | None = None
+) -> Path:
+    """Keep an accepted photo (only when ``serve.store_uploads``) as PNG, owner-only (0600).
+
+    The photo as decoded (upright RGB, shrunk as served) is re-encoded from its pixels alone:
+    nothing of the upload's metadata (EXIF with GPS and the camera, ICC profile, text chunks)
+    is kept. The client's filename is never used (it may itself identify the patient): the
+    name is a UTC timestamp and a random suffix. Uploads past ``retention_days`` are deleted
+    when the last purge is older than :data:`UPLOAD_PURGE_EVERY_S`.
     """
-    with Image.open(io.BytesIO(data)) as image:
-        suffix = (image.format or "img").lower()
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S.%fZ")
-    upload_dir.mkdir(parents=True, exist_ok=True)
-    path = upload_dir / f"{stamp}-{secrets.token_hex(4)}.{suffix}"
-    path.write_bytes(data)
+    upload_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = upload_dir / f"{stamp}-{secrets.token_hex(4)}.png"
+    # O_EXCL: never through a link or over a file someone placed there; 0600 whatever the umask
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+        Image.fromarray(np.asarray(photo)).save(handle, format="PNG")
+    last = _last_upload_purge.get(upload_dir)
+    if last is None or time.monotonic() - last >= UPLOAD_PURGE_EVERY_S:
+        purge_uploads(upload_dir, retention_days)
     return path
+
+
+def purge_uploads(upload_dir: Path, retention_days: float, now: float | None = None) -> int:
+    """Delete the kept uploads (:data:`STORED_UPLOAD_NAME`) last written more than
+    ``retention_days`` before ``now`` (epoch seconds, default: now); returns how many."""
+    cutoff = (time.time() if now is None else now) - retention_days * 86400
+    _last_upload_purge[upload_dir] = time.monotonic()
+    deleted = 0
+    with os.scandir(upload_dir) as entries:
+        for entry in entries:
+            if (
+                STORED_UPLOAD_NAME.fullmatch(entry.name)
+                and entry.is_file(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_mtime < cutoff
+            ):
+                Path(entry.path).unlink(missing_ok=True)  # a concurrent purge may be first
+                deleted += 1
+    return deleted
 
 
 def load_upload(
@@ -410,8 +526,11 @@ def load_upload(
 
 
 def http_status(error: ImageError) -> int:
-    """413 for uploads over the limits, 400 for anything else that is not a usable photo."""
-    return 413 if isinstance(error, ImageTooLarge) else 400
+    """413 for uploads over the limits, 415 for a file in no accepted format, 400 for anything
+    else that is not a usable photo."""
+    if isinstance(error, ImageTooLarge):
+        return 413
+    return 415 if isinstance(error, UnsupportedFormat) else 400
 
 
 # ---------------------------------------------------------------------------- TFLite check

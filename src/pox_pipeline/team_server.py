@@ -6,7 +6,9 @@ With ``team_server.backend_store_uri: null`` a project-local PostgreSQL cluster 
 only on a unix socket in a folder no other user can enter; otherwise the URI names an existing
 server. The admin password comes from the environment (``MLFLOW_AUTH_ADMIN_PASSWORD``, which
 MLflow's sign-in app reads itself), never from a file: the sign-in config written into the
-state folder holds no secret. Colleagues then only set ``MLFLOW_TRACKING_URI`` /
+state folder holds no secret, and a database URI that carries a password is refused (it would
+show on ``mlflow server``'s command line). Everything is written under umask 077: the state's
+files are 0600, its folders 0700. Colleagues then only set ``MLFLOW_TRACKING_URI`` /
 ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` and the pipeline logs there::
 
     MLFLOW_AUTH_ADMIN_PASSWORD=... python -m pox_pipeline.team_server team_server.port=5001
@@ -24,9 +26,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import requests
 from omegaconf import DictConfig
@@ -44,6 +48,46 @@ SECRET_KEY_FILE = "flask_secret_key"
 POSTGRES_OS_USER = "postgres"
 POSTGRES_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 OWNER_ONLY = 0o700
+OWNER_ONLY_FILE = 0o600
+# What this server writes (the sign-in config, logs, the local cluster, local artifacts, by this
+# process and the ones it starts) is for its own user only.
+OWNER_ONLY_UMASK = 0o077
+
+
+@contextlib.contextmanager
+def owner_only_umask() -> Iterator[None]:
+    """Files and folders created inside (also by processes started inside) are owner-only."""
+    previous = os.umask(OWNER_ONLY_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def open_owner_only(path: Path, mode: str) -> IO:
+    """``path`` opened; made 0600, also when an earlier run created it with a wider mode."""
+    handle = path.open(mode)
+    os.fchmod(handle.fileno(), OWNER_ONLY_FILE)
+    return handle
+
+
+def refuse_password(key: str, uri: str | None) -> None:
+    """A database URI must not carry a password: ``mlflow server`` gets the tracking store's
+    URI on its command line, which every user of the machine can read (``ps``), and the
+    sign-in store's in its config file."""
+    parts = urllib.parse.urlsplit(uri or "")
+    if not parts.password:
+        return
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    shown = f"{parts.scheme}://{parts.username}@{host}{port}{parts.path}"  # never the password
+    raise ValueError(
+        f"team_server.{key} carries a password (user:password@): it would show on the "
+        f"server's command line to every user of this machine. Give it without one ({shown}) "
+        "and put the password in ~/.pgpass or a file named by PGPASSFILE (mode 0600, lines "
+        "host:port:database:user:password), or reach PostgreSQL over its unix socket "
+        "(?host=/var/run/postgresql) with peer authentication"
+    )
 
 
 def postgres_tool(name: str) -> str:
@@ -132,7 +176,7 @@ def write_auth_config(path: Path, cfg: DictConfig, database_uri: str) -> Path:
         "admin_username": cfg.admin_username,
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
     }
-    with path.open("w") as handle:
+    with open_owner_only(path, "w") as handle:
         parser.write(handle)
     return path
 
@@ -144,8 +188,8 @@ def secret_key(state_dir: Path) -> str:
         return os.environ[SECRET_KEY_ENV]
     path = state_dir / SECRET_KEY_FILE
     if not path.is_file():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(32))
+        with open_owner_only(path, "w") as handle:
+            handle.write(secrets.token_urlsafe(32))
     return path.read_text().strip()
 
 
@@ -192,33 +236,36 @@ class TeamServer:
 @contextlib.contextmanager
 def running(cfg: DictConfig, password: str, log_file: Path | None = None) -> Iterator[TeamServer]:
     """Start the store (the local cluster unless ``backend_store_uri`` is given) and ``mlflow
-    server`` with sign-in; yield it; stop both on exit."""
+    server`` with sign-in, both under umask 077; yield it; stop both on exit."""
+    refuse_password("backend_store_uri", cfg.backend_store_uri)
+    refuse_password("auth_database_uri", cfg.auth_database_uri)
     state = Path(cfg.state_dir).resolve()
-    state.mkdir(parents=True, exist_ok=True)
-    state.chmod(OWNER_ONLY if os.geteuid() else 0o711)  # root: `postgres` must pass through
     cluster = None
     backend, auth_db = cfg.backend_store_uri, cfg.auth_database_uri
-    if backend is None:
-        cluster = LocalCluster(state / "postgres", str(cfg.local_postgres.superuser),
-                               tuple(cfg.local_postgres.databases))  # fmt: skip
-        cluster.start()
-        backend = cluster.uri(cfg.local_postgres.databases[0])
-        auth_db = auth_db or cluster.uri(cfg.local_postgres.databases[1])
-    if auth_db is None:
+    if backend is not None and auth_db is None:
         raise ValueError("team_server.auth_database_uri is needed with an existing backend store")
-    artifacts = cfg.artifacts_destination or str(state / "artifacts")
-    env = {
-        **os.environ,
-        AUTH_CONFIG_ENV: str(write_auth_config(state / AUTH_CONFIG_FILE, cfg, auth_db)),
-        ADMIN_PASSWORD_ENV: password,
-        SECRET_KEY_ENV: secret_key(state),
-    }
-    url = f"http://{cfg.host}:{cfg.port}"
-    log = (log_file or state / "mlflow-server.log").open("ab")
-    process = subprocess.Popen(
-        server_command(cfg, backend, artifacts), env=env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,  # its workers stop with it
-    )
+    with owner_only_umask():  # mlflow server and the cluster inherit it
+        state.mkdir(parents=True, exist_ok=True)
+        state.chmod(OWNER_ONLY if os.geteuid() else 0o711)  # root: `postgres` must pass through
+        if backend is None:
+            cluster = LocalCluster(state / "postgres", str(cfg.local_postgres.superuser),
+                                   tuple(cfg.local_postgres.databases))  # fmt: skip
+            cluster.start()
+            backend = cluster.uri(cfg.local_postgres.databases[0])
+            auth_db = auth_db or cluster.uri(cfg.local_postgres.databases[1])
+        artifacts = cfg.artifacts_destination or str(state / "artifacts")
+        env = {
+            **os.environ,
+            AUTH_CONFIG_ENV: str(write_auth_config(state / AUTH_CONFIG_FILE, cfg, auth_db)),
+            ADMIN_PASSWORD_ENV: password,
+            SECRET_KEY_ENV: secret_key(state),
+        }
+        url = f"http://{cfg.host}:{cfg.port}"
+        log = open_owner_only(log_file or state / "mlflow-server.log", "ab")
+        process = subprocess.Popen(
+            server_command(cfg, backend, artifacts), env=env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,  # its workers stop with it
+        )  # fmt: skip
     try:
         wait_until_up(url, process, float(cfg.start_timeout_s))
         yield TeamServer(url, process)
