@@ -51,7 +51,7 @@ async def echo(scope: Scope, receive: Receive, send: Send) -> None:
     await JSONResponse({"bytes": size})(scope, receive, send)
 
 
-LIMITS = BodyLimits(files=1, file_bytes=1000, deadline_s=5)
+LIMITS = BodyLimits(files=1, file_bytes=1000, deadline_s=5, request_bytes=1000)
 MULTIPART_B = {"content-type": "multipart/form-data; boundary=b"}
 BOUNDARY = "hostile-boundary-7d1f"
 FORM = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
@@ -76,7 +76,11 @@ def chunked_zeros(size: int, block: int = 1024 * 1024) -> Iterator[bytes]:
 @pytest.fixture(scope="module")
 def guarded() -> TestClient:
     """The guard before :func:`echo` (no lifespan: the client is not entered)."""
-    routes = {"/many": BodyLimits(files=3, file_bytes=1000, deadline_s=5)}
+    routes = {
+        "/many": BodyLimits(files=3, file_bytes=1000, deadline_s=5, request_bytes=3000),
+        # three files of 100 kB each, but no more than 150 kB in all (a /predict_batch form)
+        "/capped": BodyLimits(files=3, file_bytes=100_000, deadline_s=5, request_bytes=150_000),
+    }
     return TestClient(UploadGuard(echo, default=LIMITS, routes=routes))
 
 
@@ -89,6 +93,15 @@ def test_the_guard_passes_forms_of_files_within_the_limits(guarded: TestClient) 
     assert response.status_code == 200 and response.json()["bytes"] > 900
     assert guarded.post("/many", files=files(3, 900)).status_code == 200
     assert guarded.get("/predict").status_code == 200
+
+
+def test_a_form_of_files_each_within_the_limit_is_refused_over_the_request_limit(
+    guarded: TestClient,
+) -> None:
+    assert guarded.post("/capped", files=files(1, 90_000)).status_code == 200
+    response = guarded.post("/capped", files=files(3, 90_000))
+    assert response.status_code == 413, response.text
+    assert "150,000 in all" in response.json()["error"]
 
 
 def test_the_guard_refuses_bodies_over_the_limit_sized_or_chunked(guarded: TestClient) -> None:
@@ -130,7 +143,7 @@ def test_the_guard_refuses_more_parts_than_files_and_text_in_place_of_a_file(
 
 def test_the_guard_answers_a_slow_body_with_408_at_its_deadline() -> None:
     """A (empty) chunk every 50 ms against a 0.3 s deadline: 408 at the deadline."""
-    limits = BodyLimits(files=1, file_bytes=1000, deadline_s=0.3)
+    limits = BodyLimits(files=1, file_bytes=1000, deadline_s=0.3, request_bytes=1000)
     sent: list[Message] = []
 
     async def slow() -> Message:
