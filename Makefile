@@ -24,9 +24,11 @@ install: $(VENV)/.installed
 run: install
 	dvc repro
 
-## lint: ruff (rules in pyproject.toml [tool.ruff])
+## lint: ruff (rules in pyproject.toml [tool.ruff]) and the architecture contracts (lint-imports,
+## pyproject.toml [tool.importlinter]; docs/architecture.md says what each forbids)
 lint: install
 	ruff check .
+	lint-imports
 
 ## test: the linter, then the test suite (real-data tests run when ../shared exists and skip
 ## without it, except in CI (CI=true) where they fail; `-m slow` and `-m soak` are opt-in), on
@@ -46,7 +48,7 @@ test-all: install
 
 ## params: recompose params.yaml from conf/ (what `dvc exp run -S` does by itself)
 params: install
-	python -m pox_pipeline.config
+	python -m pox_pipeline.common.config
 
 ## serve: serve the champion chosen by `select` on http://127.0.0.1:3000
 serve: install
@@ -100,9 +102,9 @@ test-container: install
 	python -m pytest -m container
 
 ## mlflow-server: the team's MLflow server (PostgreSQL, proxied artifacts, sign-in) on
-## http://127.0.0.1:5000; needs MLFLOW_AUTH_ADMIN_PASSWORD (README "Working as a team")
+## http://127.0.0.1:5000; needs MLFLOW_AUTH_ADMIN_PASSWORD (docs/team.md)
 mlflow-server: install
-	python -m pox_pipeline.team_server
+	python -m pox_pipeline.ops.team_server
 
 clean:
 	rm -rf $(VENV) datas/synthetic datas/prepared models reports outputs mlflow.db mlruns

@@ -38,13 +38,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 # A built Bento (and its container) ships the package as source under src/, not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from pox_pipeline import model_card, monitor, serve, upload_guard  # noqa: E402
-from pox_pipeline.policy import DecisionPolicy  # noqa: E402
-from pox_pipeline.preprocess import ImageError  # noqa: E402
+from pox_pipeline import serving  # noqa: E402
+from pox_pipeline.common.preprocess import ImageError  # noqa: E402
+from pox_pipeline.serving import model_card, monitor, upload_guard  # noqa: E402
+from pox_pipeline.serving.policy import DecisionPolicy  # noqa: E402
+from pox_pipeline.serving.predictor import Predictor, render_heatmap, split_ood_score
+from pox_pipeline.serving.settings import ExplainConfig, ServeConfig
+from pox_pipeline.serving.uploads import http_status, load_upload, open_upload_dir
 
-SETTINGS = serve.ServeConfig.load()
+SETTINGS = ServeConfig.load()
 CHAMPION = bentoml.models.BentoModel(SETTINGS.model_tag)
-STATIC_DIR = Path(serve.__file__).parent / "static"
+STATIC_DIR = Path(serving.__file__).parent / "static"
 logger = logging.getLogger("bentoml.service")
 # Decodes run in these threads only: a decode may take ~200 MB (serve.max_decode_pixels), so
 # their number bounds the API worker's memory; a request waiting for one holds no image.
@@ -140,7 +144,7 @@ ONE_SESSION = {"max_requests": 2**31 - 1, "max_age": float(2**31)}
 DROPPED_CONNECTION = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, RuntimeError)
 # Grad-CAM runs on a thread of its own in each model process. A sync API would run on the
 # service's `threads` (serve.model_threads), the ones the batches run on: each unbatched, eager
-# Grad-CAM held every /predict batch behind it (benchmarks/explain_burst.py, README).
+# Grad-CAM held every /predict batch behind it (benchmarks/explain_burst.py, docs/serving.md).
 GRADCAM_THREAD = ThreadPoolExecutor(1, thread_name_prefix="gradcam")
 
 
@@ -158,7 +162,7 @@ class PoxModel:
     model = CHAMPION
 
     def __init__(self) -> None:
-        self.predictor = serve.Predictor.from_stored(
+        self.predictor = Predictor.from_stored(
             self.model,
             SETTINGS.backend,
             SETTINGS.tflite_threads,
@@ -246,7 +250,7 @@ class ExplainLimit:
     refused costs no decode; it decodes while it waits, and holds a turn only at the model.
     """
 
-    def __init__(self, settings: serve.ExplainConfig) -> None:
+    def __init__(self, settings: ExplainConfig) -> None:
         self.settings = settings
         self._turns = asyncio.Semaphore(settings.max_concurrent)
         self._admitted = 0
@@ -299,7 +303,7 @@ def rejection(error: ImageError, which: str = "") -> JSONResponse:
     raised 4xx's body in a list (``[{"error": ...}]``, _bentoml_impl/server/app.py) and has no
     413 error type."""
     reason = f"{which}: {error}" if which else str(error)
-    return JSONResponse({"error": reason}, status_code=serve.http_status(error))
+    return JSONResponse({"error": reason}, status_code=http_status(error))
 
 
 @bentoml.asgi_app(web_page(), path=SETTINGS.ui_path, name="web-page")
@@ -318,7 +322,7 @@ class PoxClassifier:
     def __init__(self) -> None:
         self.settings = SETTINGS
         if SETTINGS.store_uploads:  # kept photos past their retention go at start
-            serve.open_upload_dir(SETTINGS.upload_dir, SETTINGS.upload_retention_days)
+            open_upload_dir(SETTINGS.upload_dir, SETTINGS.upload_retention_days)
         self.policy = served_policy(CHAMPION.resolve())
         self.monitor = monitor.ServiceMonitor(
             SETTINGS.monitoring, Path(CHAMPION.resolve().path), self.policy
@@ -338,7 +342,7 @@ class PoxClassifier:
         client. The upload is read there too, so a request waiting for a thread holds no bytes."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            DECODES, serve.load_upload, upload, self.settings, self.policy
+            DECODES, load_upload, upload, self.settings, self.policy
         )
 
     async def _call_model(self, api: str, **inputs: np.ndarray) -> np.ndarray:
@@ -367,10 +371,10 @@ class PoxClassifier:
 
     async def _answers(self, batch: np.ndarray, endpoint: str) -> list[dict]:
         """The answers for a batch of model inputs, each recorded by the monitor."""
-        # uint8 model inputs (serve.load_upload): exactly the photo's values in a quarter of
+        # uint8 model inputs (load_upload): exactly the photo's values in a quarter of
         # float32's bytes between the two processes; the model process converts them.
         scored, columns = self.monitor.split(await self._call_model("infer", images=batch))
-        answers = self.policy.results(*serve.split_ood_score(scored))
+        answers = self.policy.results(*split_ood_score(scored))
         self.monitor.record(endpoint, answers, columns)
         return answers
 
@@ -429,7 +433,7 @@ class PoxClassifier:
         result = answers[0]
         if not result["in_distribution"]:  # no label, no probabilities: nothing to explain
             return ExplainedAnswer(**result, heatmap_png_base64=None)
-        png = await asyncio.to_thread(serve.render_heatmap, photo, cam, self.settings.heatmap)
+        png = await asyncio.to_thread(render_heatmap, photo, cam, self.settings.heatmap)
         return ExplainedAnswer(**result, heatmap_png_base64=base64.b64encode(png).decode("ascii"))
 
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pox_pipeline.config import project_root
-from pox_pipeline.inference import median_call_ms
-from pox_pipeline.serve import PHOTO_SUFFIXES, Predictor, folder_inputs
+from pox_pipeline.common.params import project_root
+from pox_pipeline.models.inference import median_call_ms
+from pox_pipeline.ops.backends import folder_inputs
+from pox_pipeline.serving.scoring import Predictor
 
 PROJECT_ROOT = project_root()
 
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                        batch_sizes=(1, args.batch))  # the two timed sizes
         for backend in (args.backends or policy.backend_files) if backend != "keras"
     }
-    inputs, files = folder_inputs(args.images, policy, PHOTO_SUFFIXES)
+    inputs, files = folder_inputs(args.images, policy)
     truth = [p.parent.name for p in files]
     large = inputs[np.arange(args.batch) % len(inputs)]
     answers = {b: policy.results(p.outputs(inputs)) for b, p in predictors.items()}

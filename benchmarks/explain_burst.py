@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_bench import PROJECT_ROOT, running, small_photos, store_untrained_model  # noqa: E402
 
-from pox_pipeline.config import load_params  # noqa: E402
+from pox_pipeline.common.params import load_params  # noqa: E402
 
 SERVERS = ("limit", "nolimit")
 PHASES = ("alone", "burst")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from flask import Flask, jsonify, request
 
-from pox_pipeline import inference, preprocess
-from pox_pipeline.policy import DecisionPolicy
+from pox_pipeline.common import preprocess
+from pox_pipeline.models import inference
+from pox_pipeline.serving.policy import DecisionPolicy
 
 
 def create_app(bento_tag: str) -> Flask:

@@ -2,7 +2,7 @@
 
 For one stored model (its guard fitted at publish), prints the share of the held-out test
 photos flagged (goal: at most 5%) and of each kind of non-skin image
-(``pox_pipeline.non_skin``: flat colours, noise, text screenshots, charts, photos of objects
+(``pox_pipeline.guard.non_skin``: flat colours, noise, text screenshots, charts, photos of objects
 and animals; goal: at least 95%): by each feature space of the guard alone (the model's head
 features; the photo's colour/texture statistics) and by the served rule (flagged by any),
 which goes through the service's own Predictor. Without a guard, nothing is flagged.
@@ -23,10 +23,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pox_pipeline import non_skin, ood, preprocess
-from pox_pipeline.serve import Predictor, split_ood_score
+from pox_pipeline.common import preprocess
+from pox_pipeline.guard import non_skin, ood
+from pox_pipeline.serving.scoring import Predictor, split_ood_score
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 TEST_GOAL, NON_SKIN_GOAL = 0.05, 0.95
 BATCH = 32
 SERVED = "the served rule (any space)"
@@ -68,7 +68,7 @@ def flagged(predictor: Predictor, photos: list[Image.Image]) -> dict[str, np.nda
 
 def rates(predictor: Predictor, test_dir: Path) -> list[tuple[str, int, dict[str, int], str]]:
     """(set, images, {rule: flagged}, goal) rows: the test photos, each non-skin kind, all."""
-    files = sorted(p for p in test_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = preprocess.photo_files(test_dir)
     if not files:
         raise SystemExit(f"no photos under {test_dir}")
     test = flagged(predictor, [preprocess.decode_image(p.read_bytes()) for p in files])

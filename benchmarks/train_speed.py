@@ -1,5 +1,5 @@
 """Seconds per training epoch of VGG16: plain ``model.fit`` through the frozen layers vs the
-embedding cache used by ``pox_pipeline.train`` (cache build timed separately).
+embedding cache used by ``pox_pipeline.training.train`` (cache build timed separately).
 
 Same random images, same model config (params.yaml + the options below), for each freeze
 setting. Epoch 1 includes graph tracing, so with --epochs >= 2 it is left out of s/epoch.
@@ -19,9 +19,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pox_pipeline.config import load_params, project_root
-from pox_pipeline.models import build_model, compile_model, frozen_split
-from pox_pipeline.train import build_embedding_cache, cached_dataset, image_dataset
+from pox_pipeline.common.params import load_params, project_root
+from pox_pipeline.models.architectures import build_model, compile_model, frozen_split
+from pox_pipeline.training.train import build_embedding_cache, cached_dataset, image_dataset
 
 PROJECT_ROOT = project_root()
 

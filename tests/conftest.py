@@ -1,5 +1,7 @@
-"""Shared fixtures: configs composed from conf/ (as the pipeline does) with every path in a
-temporary folder, and one small prepared synthetic data set per test session."""
+"""The session's fixtures: configs composed from conf/ (as the pipeline does) with every path in
+a temporary folder, and one small prepared synthetic data set per test session; the suite's
+ordering and real-data rules. Settings the test modules share are in tests/helpers/suite.py
+(test modules never import conftest)."""
 
 from __future__ import annotations
 
@@ -17,22 +19,13 @@ os.environ["BENTOML_HOME"] = str(_SESSION_HOME / "bentoml")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pox_pipeline.config import compose, project_root  # noqa: E402
-
-PROJECT_ROOT = project_root()
-
-MSLD_DIR = (PROJECT_ROOT / ".." / "shared" / "datasets" / "msld").resolve()
-TEST_IMAGE_SIZE = 32
-
-REQUIRE_SHARED_ENV = "POX_REQUIRE_SHARED"
-# Tests marked `msld` need the real images: they skip, saying why, where ../shared is absent,
-# and fail the run instead in CI (CI=true) or with POX_REQUIRE_SHARED=1.
-requires_msld = pytest.mark.msld
-
-
-def shared_required() -> bool:
-    return os.environ.get(REQUIRE_SHARED_ENV) == "1" or os.environ.get("CI", "").lower() == "true"
-
+from helpers.suite import (  # noqa: E402
+    MSLD_DIR,
+    REQUIRE_SHARED_ENV,
+    shared_required,
+    tmp_overrides,
+)
+from pox_pipeline.common.config import compose  # noqa: E402
 
 # Files with these marks take the suite's longest (an image build that mostly waits on the
 # network, servers, real-data training, the pipeline): they run first, so that under `make
@@ -72,21 +65,6 @@ def require_or_skip_msld(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.skip(reason=reason))
 
 
-def tmp_overrides(root: Path) -> list[str]:
-    """Overrides that send every output of the pipeline under ``root`` and keep images tiny."""
-    return [
-        f"paths.prepared_dir={root}/datas/prepared",
-        f"paths.models_dir={root}/models",
-        f"paths.reports_dir={root}/reports",
-        f"synthetic.out_dir={root}/datas/synthetic",
-        f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
-        f"train.embedding_cache.dir={root}/.cache/embeddings",
-        f"data.image_size={TEST_IMAGE_SIZE}",
-        f"synthetic.image_size={TEST_IMAGE_SIZE * 2}",
-        "synthetic.patients_per_class=8",
-    ]
-
-
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """``make_cfg("model.cnn.epochs=1", ...)``: conf/ composed, outputs under tmp_path."""
@@ -100,8 +78,8 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 @pytest.fixture(scope="session")
 def prepared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic data set, synthesized and prepared once per session (read-only for tests)."""
-    from pox_pipeline.data import prepare
-    from pox_pipeline.synthetic import synthesize
+    from pox_pipeline.data.prepare import prepare
+    from pox_pipeline.data.synthetic import synthesize
 
     root = tmp_path_factory.mktemp("prepared")
     cfg = compose(tmp_overrides(root))

@@ -1,0 +1,2 @@
+"""What every layer shares: the composed config, output paths, photo decoding, temperature scaling.
+"""

@@ -1,0 +1,2 @@
+"""Operating a published model: the `pox` command, site validation, drift reports, the team server.
+"""

@@ -1,0 +1,1 @@
+"""Training, evaluation, metrics, MLflow tracking and cross-validation."""
