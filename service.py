@@ -166,7 +166,7 @@ class PoxModel:
             self.model,
             SETTINGS.backend,
             SETTINGS.tflite_threads,
-            SETTINGS.ood.enabled,
+            SETTINGS.guard_enabled,
             SETTINGS.monitoring.enabled,
             SETTINGS.batch_sizes,
         )

@@ -57,9 +57,8 @@ def flagged(predictor: Predictor, photos: list[Image.Image]) -> dict[str, np.nda
          for i in tqdm(range(0, len(inputs), BATCH), desc="photos", disable=None, leave=False)]
     )  # fmt: skip
     spaces = tuple(dict.fromkeys(ood.space_of(key) for key in guard.guards))
-    settings = ood.OODSettings(enabled=True, spaces=spaces,
-                               statistics_size=guard.statistics_size, k=1, alpha=0.01,
-                               batch_size=BATCH)  # fmt: skip
+    settings = ood.OODSettings(spaces=spaces, statistics_size=guard.statistics_size, k=1,
+                               alpha=0.01, batch_size=BATCH)  # fmt: skip
     features = ood.features_of(predictor.model, inputs, settings, policy.tta)
     alone = {key: part.ratios(features[ood.space_of(key)]) > 1.0
              for key, part in guard.guards.items()}  # fmt: skip

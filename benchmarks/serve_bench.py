@@ -176,6 +176,7 @@ def store_untrained_model(
     from pox_pipeline.models.architectures import build_model
     from pox_pipeline.models.inference import load_keras_model
     from pox_pipeline.release import publish, reference
+    from pox_pipeline.release.settings import PublishConfig
 
     data_cfg = OmegaConf.merge(cfg.data, {"image_size": image_size})
     weights = "imagenet" if architecture.startswith("efficientnet_lite") else None
@@ -197,24 +198,24 @@ def store_untrained_model(
                        for data in small_photos(None, image_size)])  # fmt: skip
     half = len(arrays) // 2
     labels = np.arange(len(arrays) - half) % 2
-    serve_cfg = OmegaConf.merge(cfg.serve, {"publish_backends": ["tflite_fp32"],
-                                            "ood": {"k": 1}})  # fmt: skip
+    config = PublishConfig.from_cfg(
+        OmegaConf.merge(cfg, {"publish": {"backends": ["tflite_fp32"], "guard": {"k": 1}}})
+    )
     metadata["backends"], metadata["backend_check"], extra = publish.measure_backends(
         model, metadata,
         publish.BackendPhotos(arrays[:half], (arrays[half:], labels), (arrays[half:], labels)),
-        serve_cfg, int(cfg.evaluate.ece_bins), workdir,
+        config, int(cfg.evaluate.ece_bins), workdir,
     )  # fmt: skip
     if not metadata["backends"]["tflite_fp32"]["published"]:
         raise SystemExit(f"tflite_fp32 did not pass the check: {metadata['backends']}")
-    settings = ood.OODSettings.from_cfg(serve_cfg.ood)
     model_file = workdir / "untrained.keras"
     model.save(model_file)
-    guard = ood.fit_guard(load_keras_model(model_file), arrays[:half], arrays[half:], settings,
-                          "none")  # fmt: skip
+    guard = ood.fit_guard(load_keras_model(model_file), arrays[:half], arrays[half:],
+                          config.guard, "none")  # fmt: skip
     metadata["ood"] = guard.metadata()
     extra[ood.OOD_FILE] = guard.save(workdir / ood.OOD_FILE)
     files, metadata["monitoring"] = reference.write_reference(
-        model_file, metadata, arrays[:half], arrays[half:], serve_cfg, workdir, extra
+        model_file, metadata, arrays[:half], arrays[half:], config, workdir, extra
     )
     return str(store_keras_model("pox-classifier", model, None, metadata, {**extra, **files}).tag)
 

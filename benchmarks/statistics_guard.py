@@ -4,7 +4,7 @@ before against the average-pooled thumbnail it uses now (inside the converted pa
 Model-free: the statistics do not depend on the champion, so no training is needed. Prepares
 the MSLD photos (patient-grouped split, into a temporary folder), fits the statistics space
 alone as publishing fits a fixed split (reference: the training photos; threshold: the
-split-conformal rank of the validation photos' distances at ``serve.ood.alpha`` shared over
+split-conformal rank of the validation photos' distances at ``publish.guard.alpha`` shared over
 the two spaces), and prints for each way of shrinking the photo the share of held-out test
 photos and of each kind of clearly non-skin image (``pox_pipeline.guard.non_skin``) it flags, and
 its milliseconds per photo (TensorFlow, batch 32).
@@ -29,7 +29,7 @@ from pox_pipeline.data.prepare import load_split, prepare
 from pox_pipeline.guard import non_skin, ood
 from pox_pipeline.models import forward
 
-BEFORE_SIZE = 128  # serve.ood.statistics_size before the pooled statistics
+BEFORE_SIZE = 128  # the guard's statistics_size before the pooled statistics
 BATCH = 32
 
 
@@ -40,7 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--raw", type=Path, default=Path("../shared/datasets/msld"),
                         help="class folders of photos (default: %(default)s)")  # fmt: skip
     parser.add_argument("--statistics-sizes", type=int, nargs="+",
-                        help="pooled sizes to compare (default: serve.ood.statistics_size)")
+                        help="pooled sizes to compare (default: publish.guard.statistics_size)")
     return parser.parse_args(argv)
 
 
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                        f"paths.prepared_dir={tmp}/prepared", f"paths.reports_dir={tmp}/reports"])
         prepare(cfg)
         splits = {split: load_split(cfg, split)[0] for split in ("train", "val", "test")}
-    size, settings = int(cfg.data.image_size), cfg.serve.ood
+    size, settings = int(cfg.data.image_size), cfg.publish.guard
     alpha = float(settings.alpha) / len(settings.spaces)
     others: dict[str, list[np.ndarray]] = defaultdict(list)
     for kind, _, image in non_skin.images():

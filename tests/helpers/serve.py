@@ -48,12 +48,14 @@ def save_champion(
     publishing fits it: the first three quarters are its reference, the rest set the threshold.
     ``monitored`` also stores the monitoring basis and reference table, from the same photos.
     ``backends`` are converted and measured as publishing does (``backend_overrides``: more
-    ``serve.`` overrides), calibrated on the reference photos and scored on the others
-    (labelled alternately), and stored when they pass.
+    config overrides, e.g. of ``publish.backend_check``), the full-integer one's activation ranges
+    set on the reference photos, scored on the others (labelled alternately), and stored when
+    they pass.
     """
     from pox_pipeline.common.config import compose
     from pox_pipeline.guard import ood
     from pox_pipeline.release import publish, reference
+    from pox_pipeline.release.settings import PublishConfig
 
     model = model or tiny_model(image_size)
     metadata = {
@@ -70,7 +72,7 @@ def save_champion(
         "mlflow_model_version": 1,
         "registered_model_name": MODEL_NAME,
         "git_commit": "unknown",
-        "val_metrics": {"balanced_accuracy": 0.5, "sensitivity": 0.95, "specificity": 0.6},
+        "selection_metrics": {"balanced_accuracy": 0.5, "sensitivity": 0.95, "specificity": 0.6},
         "test_metrics": {"balanced_accuracy": 0.5},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,14 +82,14 @@ def save_champion(
             split = len(photos) * 3 // 4
             labels = np.arange(len(photos) - split) % 2
             # the guard's settings, so the conversion's statistics are the guard's
-            cfg = compose([f"serve.publish_backends=[{','.join(backends)}]",
+            cfg = compose([f"publish.backends=[{','.join(backends)}]",
                            *tiny_guard_overrides(), *backend_overrides])  # fmt: skip
             metadata["backends"], metadata["backend_check"], extra_files = (
                 publish.measure_backends(
                     model, metadata,
                     publish.BackendPhotos(photos[:split], (photos[split:], labels),
                                           (photos[split:], labels)),
-                    cfg.serve, int(cfg.evaluate.ece_bins), Path(tmp),
+                    PublishConfig.from_cfg(cfg), int(cfg.evaluate.ece_bins), Path(tmp),
                 )
             )  # fmt: skip
         if guard_photos is not None:
@@ -100,9 +102,9 @@ def save_champion(
             if monitored:
                 model_file = Path(tmp) / "model.keras"
                 model.save(model_file)
-                serve_cfg = compose(tiny_guard_overrides()).serve
+                config = PublishConfig.from_cfg(compose(tiny_guard_overrides()))
                 files, metadata["monitoring"] = reference.write_reference(
-                    model_file, metadata, photos[:split], photos[split:], serve_cfg, Path(tmp),
+                    model_file, metadata, photos[:split], photos[split:], config, Path(tmp),
                     extra_files,
                 )  # fmt: skip
                 extra_files.update(files)
@@ -110,18 +112,18 @@ def save_champion(
 
 
 def tiny_guard_overrides() -> list[str]:
-    """:func:`tiny_guard_settings` as ``serve.ood`` overrides of the composed config."""
-    return [f"serve.ood.{key}={value}" for key, value in
+    """:func:`tiny_guard_settings` as ``publish.guard`` overrides of the composed config."""
+    return [f"publish.guard.{key}={value}" for key, value in
             {"statistics_size": TEST_IMAGE_SIZE, "k": 3, "alpha": 0.01}.items()]  # fmt: skip
 
 
 def tiny_guard_settings(**changes: object):
-    """``serve.ood`` for the tiny test models: both feature spaces, small k, at 32 px."""
+    """``publish.guard`` for the tiny test models: both feature spaces, small k, at 32 px."""
     from pox_pipeline.guard import ood
     from pox_pipeline.models import forward
 
-    values = {"enabled": True, "spaces": forward.FEATURE_SPACES, "statistics_size": TEST_IMAGE_SIZE,
-              "k": 3, "alpha": 0.01, "batch_size": 32, **changes}  # fmt: skip
+    values = {"spaces": forward.FEATURE_SPACES, "statistics_size": TEST_IMAGE_SIZE, "k": 3,
+              "alpha": 0.01, "batch_size": 32, **changes}  # fmt: skip
     return ood.OODSettings(**values)
 
 

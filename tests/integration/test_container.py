@@ -108,11 +108,11 @@ def selected(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     data = prepared_root / "datas"
     cfg = compose([*tmp_overrides(root), f"paths.prepared_dir={data}/prepared",
                    f"synthetic.out_dir={data}/synthetic", "models=[cnn]"])  # fmt: skip
-    assert cfg.serve.monitoring.enabled and cfg.serve.ood.enabled  # what select publishes
+    assert cfg.serve.monitoring.enabled and cfg.publish.guard.fit  # what select publishes
     fake_trained_model(cfg, "cnn")
     evaluation = Path(cfg.paths.reports_dir) / "eval" / "cnn"
     evaluation.mkdir(parents=True)
-    (evaluation / "val_metrics.json").write_text(json.dumps(
+    (evaluation / "selection_metrics.json").write_text(json.dumps(
         {"threshold": 0.5, "threshold_rule": "fixed", "auc": 0.8, "n_val": 10}
     ))  # fmt: skip
     return select(cfg)

@@ -33,6 +33,7 @@ from pox_pipeline.guard import non_skin
 from pox_pipeline.ops import drift
 from pox_pipeline.ops.cli import main as pox
 from pox_pipeline.release import reference
+from pox_pipeline.release.settings import PublishConfig
 from pox_pipeline.serving import monitor
 
 HELD_OUT = 30  # photos per case; the reference has the guard photos' last quarter (30)
@@ -136,9 +137,11 @@ def report_of(served: dict, case: str) -> dict:
 
 
 def _monitoring_defaults() -> dict:
+    from omegaconf import OmegaConf
+
     from pox_pipeline.common.config import compose
 
-    return dict(compose([]).serve.monitoring)
+    return OmegaConf.to_container(compose([]).serve.monitoring, resolve=True)
 
 
 def drifted(model: dict) -> set[str]:
@@ -346,10 +349,10 @@ def test_a_refitted_models_reference_holds_its_out_of_fold_answers(tmp_path: Pat
                 "image_size": photos.shape[1], "resample": "bilinear", "tta": "none",
                 "registered_model_name": MODEL_NAME, "ood": guard.metadata()}  # fmt: skip
     served = {ood.OOD_FILE: guard.save(tmp_path / ood.OOD_FILE)}
-    serve_cfg = compose(tiny_guard_overrides()).serve
+    config = PublishConfig.from_cfg(compose(tiny_guard_overrides()))
     held_out = reference.HeldOutScores(oof_outputs, ratios)
-    files, entry = reference.write_reference(model_file, metadata, photos, photos, serve_cfg,
-                                         tmp_path, served, held_out)  # fmt: skip
+    files, entry = reference.write_reference(model_file, metadata, photos, photos, config,
+                                             tmp_path, served, held_out)  # fmt: skip
     table = pd.read_csv(files[monitor.REFERENCE_FILE])
     assert entry["reference_answers"] == "out_of_fold"
     inside = ratios.max(axis=1) <= 1

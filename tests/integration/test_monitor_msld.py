@@ -47,7 +47,7 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("msld-monitor")
     overrides = [
         *tmp_overrides(root), "data=msld", f"data.raw_dir={MSLD_DIR}", "data.image_size=224",
-        f"models=[{MODEL}]", "train.verbose=0", "serve.publish_backends=[tflite_fp32]",
+        f"models=[{MODEL}]", "train.verbose=0", "publish.backends=[tflite_fp32]",
     ]  # fmt: skip
     cfg = compose(overrides)
     prepare(cfg)

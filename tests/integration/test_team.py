@@ -257,7 +257,7 @@ def test_the_pipeline_logs_comparable_runs_to_the_team_server(
     logged = {artifact.path for artifact in client.list_artifacts(train_run.info.run_id)}
     assert {"eval", "config.yaml"} <= logged
     stored = Path(server["state"]) / "artifacts" / experiment.experiment_id
-    assert any(stored.rglob("val_metrics.json"))
+    assert any(stored.rglob("selection_metrics.json"))
     # the registered champion links to its run, as select reported
     selected = json.loads((root / "reports" / "select.json").read_text())
     champion = client.get_model_version_by_alias(REGISTERED, ALIAS)
@@ -364,7 +364,7 @@ def test_a_colleague_pulls_the_run_and_publishes_the_champion_without_training(
     assert not (clone / "models").exists()
     run(["dvc", "pull"], clone, env)
     assert (clone / "models" / MODEL / "model.keras").is_file()
-    assert (clone / "reports" / "eval" / MODEL / "val_metrics.json").is_file()
+    assert (clone / "reports" / "eval" / MODEL / "selection_metrics.json").is_file()
     assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, env)
     assert stages_run(run(["dvc", "repro"], clone, env)) == set()
 

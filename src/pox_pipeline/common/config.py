@@ -18,7 +18,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pox_pipeline.common.params import CONF_DIR_NAME, PARAMS_FILE, project_root
+from pox_pipeline.common.params import (
+    CONF_DIR_NAME,
+    PARAMS_FILE,
+    project_root,
+    register_path_resolver,
+)
 
 # `${entry_command:}` and `${entry_doc:}` in conf/config.yaml's hydra.help: how the running
 # entry point is started (`python -m pox_pipeline.training.cv`) and its docstring.
@@ -44,7 +49,9 @@ def compose(overrides: Sequence[str] = (), conf_dir: Path | None = None) -> Dict
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(str(conf_dir or default_conf_dir()), version_base=None):
+    conf_dir = conf_dir or default_conf_dir()
+    register_path_resolver(conf_dir.parent)  # `${pox.abspath:...}` starts where conf/ sits
+    with initialize_config_dir(str(conf_dir), version_base=None):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))
     OmegaConf.resolve(cfg)
     return cfg
@@ -56,12 +63,13 @@ def write_params(
     conf_dir: Path | None = None,
 ) -> Path:
     """Write params.yaml (default: the project's) exactly as ``dvc exp run`` with Hydra
-    composition would."""
+    composition would (DVC's plugins path is its repository root, conf/'s parent)."""
     from dvc.utils.hydra import compose_and_dump
 
     output = output or project_root() / PARAMS_FILE
-    conf = str(conf_dir or default_conf_dir())
-    compose_and_dump(output, conf, None, "config", "", list(overrides))
+    conf_dir = conf_dir or default_conf_dir()
+    register_path_resolver(conf_dir.parent)
+    compose_and_dump(output, str(conf_dir), None, "config", str(conf_dir.parent), list(overrides))
     return output
 
 
@@ -131,6 +139,7 @@ def conf_entry(func: Callable[[DictConfig], Any]) -> Callable[[], Any]:
             conf = default_conf_dir()
         except FileNotFoundError as err:
             raise SystemExit(str(err)) from None
+        register_path_resolver(conf.parent)
         return hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(func)()
 
     return main

@@ -15,6 +15,8 @@ PROJECT_MARKER = "dvc.yaml"
 CONF_DIR_NAME = "conf"
 PARAMS_FILE = "params.yaml"
 PARAMS_ENV = "POX_PARAMS"  # another composed file for the service and pox (never a DVC stage)
+# `${pox.abspath:../shared/datasets/msld}` in conf/: that path made absolute when conf/ is composed
+PATH_RESOLVER = "pox.abspath"
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -31,6 +33,31 @@ def project_root(start: Path | None = None) -> Path:
     raise FileNotFoundError(
         f"no {PROJECT_MARKER} in {start} or any folder above it: run inside the project "
         f"(the folder holding {PROJECT_MARKER}, {CONF_DIR_NAME}/ and {PARAMS_FILE})"
+    )
+
+
+def project_path(value: str | os.PathLike[str], root: Path | None = None) -> Path:
+    """``value`` as an absolute path; a relative one starts at the project ``root`` (default:
+    :func:`project_root`), never at the working directory.
+
+    DVC runs experiments in copies of the project (``dvc exp run --temp``, ``--queue``: under
+    .dvc/tmp/exps/), where a relative path that leaves the project (``../shared/...``) names a
+    folder that is not there; its absolute form holds in every copy. So resolve such a path
+    where conf/ is composed (``${pox.abspath:...}``): in a copy, :func:`project_root` is the copy.
+    """
+    path = Path(value).expanduser()
+    return (path if path.is_absolute() else (root or project_root()) / path).resolve()
+
+
+def register_path_resolver(root: Path) -> None:
+    """Make ``${pox.abspath:<path>}`` resolve to :func:`project_path` of ``<path>`` from ``root``.
+
+    Whoever composes conf/ registers it with the project it composes: ``common.config`` here,
+    DVC's own composition (``dvc exp run -S``) through hydra_plugins/pox_resolvers.py.
+    """
+    root = root.resolve()
+    OmegaConf.register_new_resolver(
+        PATH_RESOLVER, lambda value: str(project_path(value, root)), replace=True
     )
 
 

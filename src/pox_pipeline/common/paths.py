@@ -16,12 +16,25 @@ RUN_INFO_FILE = "run.json"
 OOF_FILE = "oof.csv"
 # evaluate's reports: every validation figure and the threshold, calibration and TTA that
 # select ships with the champion; every test figure with its interval
-VAL_METRICS_FILE = "val_metrics.json"
+SELECTION_METRICS_FILE = "selection_metrics.json"
 TEST_METRICS_FILE = "test_metrics.json"
 # DVC `metrics:`: the handful of figures `dvc metrics show` / `dvc exp show` compare
 DVC_METRICS_FILE = "metrics.json"
+# crosscheck's leave-one-collection-out report (select ships the champion's in its card)
+CROSSCHECK_FILE = "crosscheck.json"
 SELECT_REPORT_FILE = "select.json"
 CHAMPION_FILE = "champion.json"
+
+
+def source_dirs(data_cfg: DictConfig) -> dict[str, Path]:
+    """Each collection's folder by name (``data.sources.<name>.dir``, relative to
+    ``data.raw_dir`` unless absolute); without sources, ``data.raw_dir`` is the one."""
+    raw_dir = Path(data_cfg.raw_dir)
+    sources = data_cfg.get("sources") or {}
+    if not sources:
+        return {raw_dir.name or "data": raw_dir}
+    return {str(name): raw_dir / str(source.dir)
+            for name, source in sources.items() if source is not None and "dir" in source}
 
 
 def model_dir(cfg: DictConfig, model_name: str) -> Path:
@@ -51,6 +64,15 @@ def train_report_dir(cfg: DictConfig, model_name: str) -> Path:
 def eval_dir(cfg: DictConfig, model_name: str) -> Path:
     """``evaluate@<model_name>``'s metrics, predictions, curves and figures."""
     return Path(cfg.paths.reports_dir) / "eval" / model_name
+
+
+def crosscheck_dir(cfg: DictConfig, model_name: str) -> Path:
+    """``crosscheck@<model_name>``'s leave-one-collection-out report and DVC metrics."""
+    return Path(cfg.paths.reports_dir) / "crosscheck" / model_name
+
+
+def crosscheck_report(cfg: DictConfig, model_name: str) -> Path:
+    return crosscheck_dir(cfg, model_name) / CROSSCHECK_FILE
 
 
 def select_report(cfg: DictConfig) -> Path:

@@ -27,12 +27,13 @@ from omegaconf import DictConfig
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
+from pox_pipeline.common import paths
 from pox_pipeline.common.config import stage_entry
 from pox_pipeline.common.preprocess import ImageError, decode_image, preprocess_file, resize
 
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.csv"
-MANIFEST_COLUMNS = ("file", "source", "class", "group", "split", "sha256")
+MANIFEST_COLUMNS = ("file", "source", "collection", "class", "group", "split", "sha256")
 REPORT_NAME = "report.json"
 SAMPLES_NAME = "samples.png"
 # Rows of the similarity matrix computed at once when looking for near duplicates.
@@ -55,6 +56,7 @@ class ImageRecord:
     detail: np.ndarray
     staged: Path
     patient: str
+    collection: str = ""
     group: str = ""
     split: str = ""
     file: str = ""
@@ -63,17 +65,82 @@ class ImageRecord:
 # --------------------------------------------------------------------------- discovery
 
 
+@dataclass(frozen=True)
+class Collection:
+    """One source of photos (``data.sources.<name>``): its folder, layout, class map and the
+    rule that groups photos of one person, so whole persons stay in one split or fold."""
+
+    name: str
+    folder: Path
+    layout: str
+    class_map: Mapping[str, str | None]
+    group_pattern: str | None
+
+
+def collections(data: DictConfig) -> list[Collection]:
+    """The configured collections; without ``data.sources``, ``data.raw_dir`` is the one.
+
+    A source's ``dir`` is relative to ``data.raw_dir`` (the folder DVC tracks as prepare's
+    dependency) unless absolute; ``class_map`` maps a source's class folder to a class of
+    ``data.classes`` (null leaves the folder out; absent: the folders are named as the classes);
+    ``group_pattern`` null means no person ids: near-duplicate clusters are the groups.
+    """
+    sources = data.get("sources") or {}
+    folders = paths.source_dirs(data)
+    if not sources:
+        ((name, folder),) = folders.items()
+        identity = {name: name for name in data.classes}
+        return [Collection(name, folder, str(data.layout), identity, data.group_pattern)]
+    found = []
+    for name, source in sources.items():
+        if source is None:  # `~data.sources.<name>` or null: the collection is switched off
+            continue
+        unknown = set(source) - {"dir", "layout", "class_map", "group_pattern"}
+        if unknown or "dir" not in source:
+            raise DataError(
+                f"data.sources.{name}: expected keys dir, layout, class_map, group_pattern; "
+                f"got {sorted(source)}"
+            )
+        class_map = source.get("class_map") or {c: c for c in data.classes}
+        strays = sorted({c for c in class_map.values() if c is not None} - set(data.classes))
+        if strays:
+            raise DataError(
+                f"data.sources.{name}.class_map maps to {strays}, which are not in "
+                f"data.classes {list(data.classes)}"
+            )
+        pattern = source.get("group_pattern", data.group_pattern)
+        found.append(Collection(str(name), folders[str(name)],
+                                str(source.get("layout") or data.layout), dict(class_map),
+                                None if pattern is None else str(pattern)))  # fmt: skip
+    if not found:
+        raise DataError("data.sources lists no collection")
+    return found
+
+
 def find_candidates(
     cfg: DictConfig,
+) -> tuple[list[tuple[Path, str, str | None, Collection]], list[dict[str, str]]]:
+    """(path, class, given split or None, collection) for every image file, and the skipped
+    entries, over every collection."""
+    candidates: list[tuple[Path, str, str | None, Collection]] = []
+    skipped: list[dict[str, str]] = []
+    for collection in collections(cfg.data):
+        found, passed = _collection_candidates(cfg.data, collection)
+        candidates += [(path, cls, split, collection) for path, cls, split in found]
+        skipped += passed
+    return candidates, skipped
+
+
+def _collection_candidates(
+    data: DictConfig, collection: Collection
 ) -> tuple[list[tuple[Path, str, str | None]], list[dict[str, str]]]:
-    """(path, class, given split or None) for every image file, and the skipped entries."""
-    data = cfg.data
-    raw_dir = Path(data.raw_dir)
+    raw_dir = collection.folder
+    where = "data.raw_dir" if raw_dir == Path(data.raw_dir) else f"data.sources.{collection.name}"
     if not raw_dir.is_dir():
-        raise DataError(f"data.raw_dir {raw_dir} does not exist or is not a folder")
-    if data.layout == "class_folders":
+        raise DataError(f"{where}: {raw_dir} does not exist or is not a folder")
+    if collection.layout == "class_folders":
         roots = {None: raw_dir}
-    elif data.layout == "presplit":
+    elif collection.layout == "presplit":
         roots = {split: raw_dir / data.presplit_dirs[split] for split in SPLITS}
         missing = [str(path) for path in roots.values() if not path.is_dir()]
         if missing:
@@ -82,28 +149,35 @@ def find_candidates(
                 f"under {raw_dir}; missing: {missing}"
             )
     else:
-        raise DataError(f"unknown data.layout {data.layout!r}; use class_folders or presplit")
+        raise DataError(f"unknown layout {collection.layout!r} ({where}); use class_folders or "
+                        "presplit")  # fmt: skip
 
     extensions = {ext.lower() for ext in data.image_extensions}
     candidates: list[tuple[Path, str, str | None]] = []
     skipped: list[dict[str, str]] = []
     expected_roots = {path.name for path in roots.values()}
-    if data.layout == "presplit":
+    if collection.layout == "presplit":
         skipped += _unexpected_entries(raw_dir, expected_roots, "data.presplit_dirs")
+    folders = {folder: cls for folder, cls in collection.class_map.items() if cls is not None}
+    left_out = {folder for folder, cls in collection.class_map.items() if cls is None}
     for split, root in roots.items():
-        missing = [name for name in data.classes if not (root / name).is_dir()]
+        missing = [name for name in folders if not (root / name).is_dir()]
         if missing:
             found = sorted(p.name for p in root.iterdir() if p.is_dir())
             raise DataError(
-                f"expected one folder per class of data.classes {list(data.classes)} under "
-                f"{root}; missing {missing}, found folders {found}"
+                f"expected one folder per class of {where} {sorted(folders)} under {root}; "
+                f"missing {missing}, found folders {found}"
             )
-        skipped += _unexpected_entries(root, set(data.classes), "data.classes")
-        for class_name in data.classes:
-            for path in sorted((root / class_name).rglob("*")):
+        setting = "data.classes" if where == "data.raw_dir" else f"{where}.class_map"
+        skipped += [
+            entry for entry in _unexpected_entries(root, set(folders), setting)
+            if Path(entry["file"]).name not in left_out
+        ]  # fmt: skip
+        for folder, class_name in folders.items():
+            for path in sorted((root / folder).rglob("*")):
                 if path.is_dir():
                     continue
-                relative = path.relative_to(root / class_name)
+                relative = path.relative_to(root / folder)
                 if any(part.startswith(".") for part in relative.parts):
                     skipped.append({"file": str(path), "reason": "hidden file or folder"})
                 elif path.suffix.lower() not in extensions:
@@ -146,16 +220,27 @@ def patient_of(stem: str, pattern: re.Pattern[str]) -> tuple[str, bool]:
 
 
 def read_images(
-    candidates: Sequence[tuple[Path, str, str | None]], cfg: DictConfig, staging: Path
+    candidates: Sequence[tuple[Path, str, str | None, Collection]],
+    cfg: DictConfig,
+    staging: Path,
 ) -> tuple[list[ImageRecord], list[dict[str, str]], list[str]]:
-    """Decode every candidate, stage it resized; (records, dropped files, stems without a group)."""
+    """Decode every candidate, stage it resized; (records, dropped files, stems without a group).
+
+    With several collections a patient id is prefixed with its collection's name, so ids that
+    two collections both use (``M01``) stay two people.
+    """
     data = cfg.data
-    pattern = _group_regex(data.group_pattern)
+    several = len({collection.name for *_, collection in candidates}) > 1
+    patterns = {
+        collection.name: _group_regex(collection.group_pattern)
+        for *_, collection in candidates
+        if collection.group_pattern is not None
+    }
     near = data.near_duplicates
     records: list[ImageRecord] = []
     dropped: list[dict[str, str]] = []
     ungrouped: list[str] = []
-    for index, (path, class_name, split) in enumerate(
+    for index, (path, class_name, split, collection) in enumerate(
         tqdm(candidates, desc="reading images", unit="file")
     ):
         try:
@@ -164,9 +249,12 @@ def read_images(
         except (ImageError, OSError) as err:
             dropped.append({"file": str(path), "reason": str(err)})
             continue
-        patient, matched = patient_of(path.stem, pattern)
-        if not matched:
-            ungrouped.append(str(path))
+        if collection.name in patterns:
+            patient, matched = patient_of(path.stem, patterns[collection.name])
+            if not matched:
+                ungrouped.append(str(path))
+        else:  # no person ids: each photo its own group until near duplicates merge them
+            patient = str(path.relative_to(collection.folder).with_suffix(""))
         staged = staging / f"{index}.png"
         resize(image, data.image_size, data.resample).save(
             staged, compress_level=data.png_compress_level
@@ -180,7 +268,8 @@ def read_images(
                 pixel_sha256=_pixel_digest(image),
                 detail=detail_map(image, near.thumbnail, near.blur_radius),
                 staged=staged,
-                patient=patient,
+                patient=f"{collection.name}:{patient}" if several else patient,
+                collection=collection.name,
             )
         )
     return records, dropped, ungrouped
@@ -190,9 +279,9 @@ def _group_regex(pattern: str) -> re.Pattern[str]:
     try:
         regex = re.compile(pattern)
     except re.error as err:
-        raise DataError(f"data.group_pattern {pattern!r} is not a valid regex: {err}") from None
+        raise DataError(f"group_pattern {pattern!r} is not a valid regex: {err}") from None
     if regex.groups < 1:
-        raise DataError(f"data.group_pattern {pattern!r} needs a capture group (the group id)")
+        raise DataError(f"group_pattern {pattern!r} needs a capture group (the group id)")
     return regex
 
 
@@ -259,6 +348,7 @@ def _pair(records: Sequence[ImageRecord], first: int, other: int, **what: Any) -
         "b": str(records[other].source),
         **what,
         "classes": [records[first].class_name, records[other].class_name],
+        "collections": [records[first].collection, records[other].collection],
     }
 
 
@@ -353,7 +443,7 @@ def _validate_split_settings(data: DictConfig) -> None:
             f"data.folds must be 0 (ratio split) or >= 2 with 0 <= data.fold < data.folds; "
             f"got folds={data.folds}, fold={data.fold}"
         )
-    if data.folds and data.layout == "presplit":
+    if data.folds and any(c.layout == "presplit" for c in collections(data)):
         raise DataError("data.folds needs layout class_folders: a presplit layout keeps its splits")
 
 
@@ -376,10 +466,13 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     """Run the `prepare` stage; returns the data report (also written to report.json)."""
     data = cfg.data
     _validate_split_settings(data)
-    _group_regex(data.group_pattern)
+    for collection in collections(data):
+        if collection.group_pattern is not None:
+            _group_regex(collection.group_pattern)
     prepared_dir = Path(cfg.paths.prepared_dir)
     report_dir = Path(cfg.paths.reports_dir) / "data"
-    _check_output_dir(prepared_dir, Path(data.raw_dir))
+    for collection in collections(data):
+        _check_output_dir(prepared_dir, collection.folder)
 
     candidates, skipped = find_candidates(cfg)
     prepared_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -403,7 +496,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         _assign_splits(records, data, int(data.split_seed))
 
         leaks = check_no_leaks(records)
-        if leaks and data.layout != "presplit":
+        if leaks and not any(c.layout == "presplit" for c in collections(data)):
             raise RuntimeError(f"internal error: groups in two splits: {leaks}")
         _place_files(records)
         out = work / "out"
@@ -444,15 +537,24 @@ def _check_every_class_present(records: Sequence[ImageRecord], data: DictConfig)
 
 
 def _assign_splits(records: Sequence[ImageRecord], data: DictConfig, seed: int) -> None:
-    if data.layout == "presplit":
-        for record in records:
-            record.split = record.given_split
-        return
-    labels: dict[str, list[int]] = defaultdict(list)
+    """Given splits (presplit collections) are kept; the other groups are split whole,
+    stratified by collection and class, so each split holds every collection in proportion."""
     for record in records:
-        labels[record.group].append(list(data.classes).index(record.class_name))
-    group_class = {g: Counter(ls).most_common(1)[0][0] for g, ls in labels.items()}
-    group_size = {g: len(ls) for g, ls in labels.items()}
+        if record.given_split is not None:
+            record.split = record.given_split
+    free = [r for r in records if r.given_split is None]
+    if not free:
+        return
+    strata: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for record in free:
+        strata[record.group].append((record.collection, record.class_name))
+    classes = list(data.classes)
+    keys = sorted(
+        {key for keys in strata.values() for key in keys},
+        key=lambda key: (key[0], classes.index(key[1])),
+    )
+    group_class = {g: keys.index(Counter(ks).most_common(1)[0][0]) for g, ks in strata.items()}
+    group_size = {g: len(ks) for g, ks in strata.items()}
     if data.folds:
         assignment = kfold_groups(
             group_class, group_size, data.folds, data.fold, data.split.val, seed
@@ -460,7 +562,7 @@ def _assign_splits(records: Sequence[ImageRecord], data: DictConfig, seed: int) 
     else:
         ratios = {split: float(data.split[split]) for split in SPLITS}
         assignment = split_groups(group_class, group_size, ratios, np.random.default_rng(seed))
-    for record in records:
+    for record in free:
         record.split = assignment[record.group]
 
 
@@ -492,7 +594,9 @@ def _write_prepared(out: Path, records: Sequence[ImageRecord]) -> None:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
         for r in _manifest_order(records):
-            writer.writerow([r.file, str(r.source), r.class_name, r.group, r.split, r.sha256])
+            writer.writerow(
+                [r.file, str(r.source), r.collection, r.class_name, r.group, r.split, r.sha256]
+            )
 
 
 def _build_report(
@@ -516,9 +620,15 @@ def _build_report(
     members: dict[str, set[str]] = defaultdict(set)
     for record in records:
         members[record.group].add(record.patient)
+    by_collection = {
+        collection: {c: sum(r.collection == collection and r.class_name == c for r in records)
+                     for c in data.classes}
+        for collection in dict.fromkeys(r.collection for r in records)
+    }  # fmt: skip
     return {
         "layout": data.layout,
         "raw_dir": str(data.raw_dir),
+        "collections": by_collection,
         "classes": list(data.classes),
         "folds": data.folds,
         "fold": data.fold,
@@ -546,6 +656,8 @@ def _build_report(
         "near_duplicates": near,
         "merged_groups": sorted(sorted(m) for m in members.values() if len(m) > 1),
         "label_conflicts": [p for p in exact + near if len(set(p["classes"])) > 1],
+        # the same photo in two collections: a group across them, never across splits
+        "cross_collection_pairs": [p for p in exact + near if len(set(p["collections"])) > 1],
         "leaks_between_given_splits": leaks,
     }
 
@@ -595,6 +707,13 @@ def _print_summary(report: dict[str, Any]) -> None:
         f"{totals['skipped']} skipped, {totals['duplicates']} duplicate and "
         f"{totals['near_duplicates']} near-duplicate pair(s), {totals['groups']} groups"
     )
+    if len(report["collections"]) > 1:
+        lines.append(
+            "collections: " + ", ".join(
+                f"{name} {sum(counts.values())}" for name, counts in report["collections"].items()
+            ) + f"; {len(report['cross_collection_pairs'])} duplicate pair(s) across them "
+            "(report.json: cross_collection_pairs)"
+        )
     if report["label_conflicts"]:
         lines.append(
             f"WARNING: {len(report['label_conflicts'])} duplicate pair(s) carry different "
@@ -627,6 +746,12 @@ def split_groups_of(cfg: DictConfig, split: str) -> list[str]:
     """The patient group (near duplicates merged) of each image of ``split``, in the order of
     :func:`load_split`: what keeps one patient's photos in one cross-validation fold."""
     return [row["group"] for row in _manifest_rows(cfg, split)]
+
+
+def split_collections_of(cfg: DictConfig, split: str) -> list[str]:
+    """The collection of each image of ``split``, in the order of :func:`load_split` (manifests
+    written before collections existed have none: one unnamed collection)."""
+    return [row.get("collection") or "" for row in _manifest_rows(cfg, split)]
 
 
 def group_folds(groups: Sequence[str], labels: np.ndarray, folds: int, seed: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 A classifier answers every input with one of its classes, a cat photo included. The guard
 measures how far an image lies from the training photos in up to two feature spaces
-(``serve.ood.spaces``):
+(``publish.guard.spaces``):
 
 - ``head``: the space the model's decision is made in, the input of its final Dense
   ``output`` layer (the penultimate features; for an ensemble, every member's, side by side,
@@ -19,7 +19,7 @@ held-out distances: each non-test photo's distance to a reference of the other f
 (out of fold; the validation photos' distance to the training photos on a fixed split; for
 an ensemble member, the distance of photos it never trained on to its training photos). For
 a new genuine photo exchangeable with those, the chance of exceeding the threshold is at
-most the space's effective alpha (``serve.ood.alpha`` shared over the spaces), which the
+most the space's effective alpha (``publish.guard.alpha`` shared over the spaces), which the
 metadata and the model card state. An image's score is its largest distance / threshold
 ratio over the spaces: above 1 it is out of distribution.
 
@@ -87,9 +87,9 @@ def member_key(index: int) -> str:
 
 @dataclass(frozen=True)
 class OODSettings:
-    """``serve.ood``: the off switch (serving) and how the guard is fitted (publishing)."""
+    """``publish.guard``: how the guard is fitted at publish (whether one is fitted, and whether
+    the service checks it, are the caller's: ``publish.guard.fit``, ``serve.guard_enabled``)."""
 
-    enabled: bool
     spaces: tuple[str, ...]
     statistics_size: int
     k: int
@@ -104,12 +104,12 @@ class OODSettings:
         unknown = set(settings.spaces) - set(FEATURE_SPACES)
         if unknown or not settings.spaces:
             raise ValueError(
-                f"serve.ood.spaces={list(settings.spaces)}; choose from {FEATURE_SPACES}"
+                f"publish.guard.spaces={list(settings.spaces)}; choose from {FEATURE_SPACES}"
             )
         if settings.k < 1:
-            raise ValueError(f"serve.ood.k must be at least 1, got {settings.k}")
+            raise ValueError(f"publish.guard.k must be at least 1, got {settings.k}")
         if not 0 < settings.alpha < 1:
-            raise ValueError(f"serve.ood.alpha must be in (0, 1), got {settings.alpha}")
+            raise ValueError(f"publish.guard.alpha must be in (0, 1), got {settings.alpha}")
         return settings
 
 

@@ -4,7 +4,7 @@
     pox explain photo.jpg --out overlay.png      the service's Grad-CAM overlay
     pox doctor                                   what a run needs, and the fix for what is missing
     pox model-card --out model_card.html         the model card of the served model
-    pox validate site_photos/                    the served model on a site's labelled photos
+    pox validate site_photos/                    a site's labelled photos; exit 1 when not fit
     pox monitor --since 7d                       drift of the served answers (exit 1 on drift)
     pox monitor --dir /var/lib/pox-monitoring    ... of another monitoring directory
 
@@ -74,7 +74,7 @@ class ModelSource:
         policy = self.served_policy(settings)
         return Predictor(
             self.model_dir, policy, settings.backend, settings.tflite_threads,
-            settings.ood.enabled, batch_sizes=settings.batch_sizes,
+            settings.guard_enabled, batch_sizes=settings.batch_sizes,
         )  # fmt: skip
 
 
@@ -121,7 +121,10 @@ def pipeline_model(model_dir: Path, params: Any) -> ModelSource:
 
     name = model_dir.name
     metadata = select.model_metadata(
-        params, name, select.read_val_metrics(params, name), select.read_test_metrics(params, name)
+        params,
+        name,
+        select.read_selection_metrics(params, name),
+        select.read_test_metrics(params, name),
     )
     run_info = model_dir / paths.RUN_INFO_FILE
     if run_info.is_file():
@@ -315,10 +318,41 @@ def validate(
     FOLDER holds one folder per class, named as the model's classes (FOLDER/Monkeypox/*.jpg,
     FOLDER/Others/*.jpg). Prints sensitivity, specificity, balanced accuracy and AUC with
     bootstrap intervals at the served threshold, the share of photos the out-of-distribution
-    guard refused, and a recommended site threshold, written as the config override
-    serve.threshold_override (threshold_override.yaml) that the service and pox honour.
-    The published model is never changed.
+    guard refused, and a verdict. Fit: the site threshold that keeps the sensitivity target,
+    written as the config override serve.threshold_override (threshold_override.yaml) that
+    the service and pox honour. Not fit (the AUC's interval reaches 0.5, or that threshold's
+    specificity is below validate.min_specificity): no threshold, no override file, and the
+    command that retrains with the site's photos. The published model is never changed.
+
+    Exit status: 0 fit, 1 not fit, 2 error or no verdict (photos of one class).
     """
+    from pox_pipeline.ops import validate as site
+
+    try:
+        report, written = validate_site(folder, model_ref, out_dir, sensitivity_target)
+    except click.UsageError:
+        raise  # exit 2, with the usage
+    except Exception as error:  # whatever failed, exit 1 must keep meaning "not fit"
+        click.echo(f"pox validate failed: {type(error).__name__}: {error}", err=True)
+        sys.exit(site.EXIT_NO_VERDICT)
+    served = report["at_served_threshold"]
+    click.echo(
+        f"{report['model']} on {report['photos']} photos of {folder}: the guard refused "
+        f"{report['refused']} ({report['refused_share']:.1%}); at the {report['threshold_source']}"
+        f" threshold {report['threshold']}: "
+        + ", ".join(f"{name} {interval_text(served, name)}"
+                    for name in ("sensitivity", "specificity", "balanced_accuracy", "auc")
+                    if name in served)  # fmt: skip
+    )
+    click.echo("\n".join(report["verdict"]["text"]))
+    click.echo("written: " + ", ".join(str(path) for path in written))
+    sys.exit(site.exit_status(report))
+
+
+def validate_site(
+    folder: Path, model_ref: str | None, out_dir: Path, sensitivity_target: float | None
+) -> tuple[dict[str, Any], list[Path]]:
+    """``pox validate``'s work: the photos through the served model, the report written."""
     from tqdm import tqdm
 
     from pox_pipeline.common import preprocess
@@ -326,6 +360,7 @@ def validate(
 
     params = load_params()
     settings = ServeConfig.from_cfg(params.serve)
+    site.VerdictSettings.from_cfg(params)  # a bad setting fails before the photos are scored
     source = resolve_model(model_ref, params)
     policy = source.served_policy(settings)
     target = float(sensitivity_target or params.evaluate.threshold.sensitivity_target)
@@ -341,40 +376,14 @@ def validate(
             photo = read_photo(path, settings, policy.image_size)
             return preprocess.to_model_input(photo, policy.image_size, policy.resample)
 
-        try:
-            readable, scored, unreadable = site.score_photos(
-                photos, to_input, predictor.outputs_with_ood_score, settings.max_batch_size
-            )
-        except ValueError as error:
-            raise click.ClickException(str(error)) from None
+        readable, scored, unreadable = site.score_photos(
+            photos, to_input, predictor.outputs_with_ood_score, settings.max_batch_size
+        )
     for bad in unreadable:
         click.echo(f"{bad['file']}: error: {bad['error']}", err=True)
-    try:
-        report = site.validate(params, policy, readable, scored, target)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
+    report = site.validate(params, policy, readable, scored, target, folder)
     report["unreadable"] = unreadable
-    written = site.write_report(report, out_dir, int(params.evaluate.ece_bins))
-    served = report["at_served_threshold"]
-    click.echo(
-        f"{report['model']} on {report['photos']} photos of {folder}: the guard refused "
-        f"{report['refused']} ({report['refused_share']:.1%}); at the {report['threshold_source']}"
-        f" threshold {report['threshold']}: "
-        + ", ".join(f"{name} {interval_text(served, name)}"
-                    for name in ("sensitivity", "specificity", "balanced_accuracy", "auc")
-                    if name in served)  # fmt: skip
-    )
-    if "recommended" in report:
-        recommended = report["recommended"]
-        click.echo(
-            f"recommended site threshold for sensitivity >= {target}: "
-            f"{recommended['threshold']:.6f} (sensitivity "
-            f"{interval_text(recommended, 'sensitivity')}, specificity "
-            f"{interval_text(recommended, 'specificity')}); apply it with\n"
-            f"  python -m pox_pipeline.common.config serve.threshold_override="
-            f"{recommended['threshold']:.6f}"
-        )
-    click.echo("written: " + ", ".join(str(path) for path in written))
+    return report, site.write_report(report, out_dir, int(params.evaluate.ece_bins))
 
 
 # ---------------------------------------------------------------------------- doctor

@@ -53,7 +53,7 @@ class Member:
     seed: int
     fold: int
     model_file: Path
-    val_metrics: dict[str, Any]
+    selection_metrics: dict[str, Any]
     test_metrics: dict[str, Any]
     run_info: dict[str, Any]
 
@@ -65,7 +65,11 @@ def read_members(cfg: DictConfig, model_name: str) -> list[Member]:
         fold_cfg = fold_config(cfg, fold, seed)
         eval_dir = paths.eval_dir(fold_cfg, model_name)
         model_file = paths.model_file(fold_cfg, model_name)
-        needed = [model_file, eval_dir / paths.VAL_METRICS_FILE, eval_dir / paths.TEST_METRICS_FILE]
+        needed = [
+            model_file,
+            eval_dir / paths.SELECTION_METRICS_FILE,
+            eval_dir / paths.TEST_METRICS_FILE,
+        ]
         missing = [str(path) for path in needed if not path.is_file()]
         if missing:
             raise FileNotFoundError(
@@ -77,7 +81,7 @@ def read_members(cfg: DictConfig, model_name: str) -> list[Member]:
                 seed=seed,
                 fold=fold,
                 model_file=model_file,
-                val_metrics=json.loads(needed[1].read_text()),
+                selection_metrics=json.loads(needed[1].read_text()),
                 test_metrics=json.loads(needed[2].read_text()),
                 run_info=tracking.read_run_info(fold_cfg, model_name),
             )
@@ -98,7 +102,7 @@ def choose_families(cfg: DictConfig, candidates: dict[str, list[Member]]) -> lis
     metric = str(cfg.select.metric)
     means = {
         name: {
-            metric: mean_std([m.val_metrics.get(metric) for m in members], metric)[
+            metric: mean_std([m.selection_metrics.get(metric) for m in members], metric)[
                 f"{metric}_mean"
             ]
         }
@@ -139,7 +143,7 @@ def build_ensemble(members: list[keras.Model], image_size: int, name: str) -> ke
 
 def ensemble_threshold(members: list[Member]) -> float | None:
     """The members' validation-chosen thresholds, averaged (None: multi-class argmax)."""
-    thresholds = [m.val_metrics.get("threshold") for m in members]
+    thresholds = [m.selection_metrics.get("threshold") for m in members]
     if any(t is None for t in thresholds):
         return None
     return statistics.fmean(thresholds)
@@ -147,7 +151,7 @@ def ensemble_threshold(members: list[Member]) -> float | None:
 
 def load_member(member: Member) -> keras.Model:
     model = load_keras_model(member.model_file)
-    temperature = float(member.val_metrics.get("temperature", IDENTITY_TEMPERATURE))
+    temperature = float(member.selection_metrics.get("temperature", IDENTITY_TEMPERATURE))
     return bake_temperature(model, temperature)
 
 
@@ -201,8 +205,10 @@ def publish(
             "protocol": report["protocol"], "git_commit": tracking.git_commit()}  # fmt: skip
     with mlflow.start_run(run_name=f"ensemble-{family}", tags=tags) as run:
         tracking.log_params(cfg)
-        for prefix in ("val", "cv_test", "held_out_ensemble"):
-            values = publishing.without_nulls(report[f"{prefix}_metrics"] or {})
+        # MLflow keeps its `val_` prefix for the selection evidence: runs stay comparable
+        for key, prefix in (("selection_metrics", "val"), ("cv_test_metrics", "cv_test"),
+                            ("held_out_ensemble_metrics", "held_out_ensemble")):  # fmt: skip
+            values = publishing.without_nulls(report[key] or {})
             mlflow.log_metrics({f"{prefix}_{key}": value for key, value in values.items()
                                 if isinstance(value, (int, float))})  # fmt: skip
         mlflow.log_dict(report, REPORT_FILE)
@@ -226,7 +232,7 @@ def publish(
         "mlflow_model_version": int(version.version),
         "registered_model_name": cfg.select.registered_model_name,
         "git_commit": tags["git_commit"],
-        "val_metrics": publishing.without_nulls(report["val_metrics"]),
+        "selection_metrics": publishing.without_nulls(report["selection_metrics"]),
         "cv_test_metrics": publishing.without_nulls(report["cv_test_metrics"]),
     }
     # the backends and the monitoring reference: the first member's split (skin photos of the
@@ -260,24 +266,25 @@ def make_ensemble(cfg: DictConfig) -> dict[str, Any]:
 
     metric_names = list(cfg.cv.metrics)
     first = members[0]
-    rules = {m.val_metrics.get("threshold_rule") for m in members}
+    rules = {m.selection_metrics.get("threshold_rule") for m in members}
     report: dict[str, Any] = {
         "model_name": model_name,
         "family": family,
         "members": [{"seed": m.seed, "fold": m.fold, "model_file": str(m.model_file),
-                     "temperature": m.val_metrics.get("temperature"),
-                     "threshold": m.val_metrics.get("threshold")} for m in members],  # fmt: skip
+                     "temperature": m.selection_metrics.get("temperature"),
+                     "threshold": m.selection_metrics.get("threshold")}
+                    for m in members],  # fmt: skip
         "architecture": f"mean of {len(members)} "
         + " + ".join(sorted({m.run_info["architecture"] for m in members})),
         "weights": first.run_info.get("weights") or "none",
         "protocol": f"cv{cfg.cv.folds} seeds {list(cfg.cv.seeds)}",
         "threshold": ensemble_threshold(members),
         "threshold_rule": f"mean of the members' ({', '.join(sorted(map(str, rules)))})",
-        "calibration": f"per member ({first.val_metrics.get('calibration')}), in the weights",
-        "tta": first.val_metrics.get("tta", "none"),
-        "candidates": {name: summarise([m.val_metrics for m in ms], [str(cfg.select.metric)])
+        "calibration": f"per member ({first.selection_metrics.get('calibration')}), in the weights",
+        "tta": first.selection_metrics.get("tta", "none"),
+        "candidates": {name: summarise([m.selection_metrics for m in ms], [str(cfg.select.metric)])
                        for name, ms in candidates.items()},  # fmt: skip
-        "val_metrics": summarise([m.val_metrics for m in members], metric_names),
+        "selection_metrics": summarise([m.selection_metrics for m in members], metric_names),
         "cv_test_metrics": summarise([m.test_metrics for m in members], metric_names),
         # the same folds' test images, scored by each fold's ensemble of seed models
         "held_out_ensemble_metrics": held_out_ensembles(cfg, members, member_models, keras_name),
@@ -299,7 +306,7 @@ def main(cfg: DictConfig) -> None:
         if cfg.ensemble.publish
         else "not published (ensemble.publish=false)"
     )
-    val = report["val_metrics"].get(f"{cfg.select.metric}_mean")
+    val = report["selection_metrics"].get(f"{cfg.select.metric}_mean")
     held_out = report["held_out_ensemble_metrics"]
     if held_out is not None:
         for metric in cfg.cv.metrics:

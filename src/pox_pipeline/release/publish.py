@@ -2,12 +2,12 @@
 
 ``select`` (the pipeline's champion) and ``ensemble`` (a fold ensemble) call :func:`publish`;
 nothing else writes into a stored model. A published model is the Keras model plus, beside it
-in its BentoML folder: its TFLite conversions (``serve.publish_backends``, each scored as
-Keras is and published only when it agrees with Keras within ``serve.backend_check``), the
+in its BentoML folder: its TFLite conversions (``publish.backends``, each scored as
+Keras is and published only when it agrees with Keras within ``publish.backend_check``), the
 out-of-distribution guard (:data:`ood.OOD_FILE`), fitted through the serving path (same
 extractor, same TTA) on the photos the model's evidence came from, and the model card
 (Markdown + HTML) rendered from the metadata. The card and guard are also logged to the
-model's MLflow run.
+model's MLflow run. What it reads of the config: :class:`settings.PublishConfig`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from bentoml.exceptions import NotFound
 from mlflow import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pox_pipeline.common import paths
 from pox_pipeline.common.reporting import undefined
@@ -42,6 +42,7 @@ from pox_pipeline.models.inference import (
     tta_views,
 )
 from pox_pipeline.release import reference
+from pox_pipeline.release.settings import PublishConfig
 from pox_pipeline.serving import model_card, monitor, tflite
 from pox_pipeline.training import evaluate
 
@@ -153,8 +154,10 @@ def with_training_data(data_cfg: DictConfig, metadata: Mapping[str, Any]) -> dic
 
 
 def without_nulls(values: Mapping[str, Any]) -> dict[str, Any]:
-    """BentoML metadata takes no None: undefined metrics are left out."""
-    return {k: v for k, v in values.items() if v is not None}
+    """BentoML metadata takes no None: undefined metrics are left out, in nested mappings too
+    (a collection's test figures)."""
+    return {k: without_nulls(v) if isinstance(v, Mapping) else v
+            for k, v in values.items() if v is not None}  # fmt: skip
 
 
 def content_hash(
@@ -250,44 +253,41 @@ class Scored:
 
 @dataclass(frozen=True)
 class BackendPhotos:
-    """What converted backends are calibrated and scored on: training photos (model inputs)
-    for full-integer calibration; the selection evidence's photos and the test split, each
-    (images, labels)."""
+    """What converted backends are built with and scored on: ``representative``, training
+    photos (model inputs), TFLite's representative dataset for the full-integer conversion's
+    activation ranges; the selection evidence's photos and the test split, each (images,
+    labels)."""
 
-    calibration: np.ndarray
+    representative: np.ndarray
     evidence: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray]
 
     @classmethod
     def of(
-        cls, data_cfg: DictConfig, photos: GuardPhotos, calibration_images: int
+        cls, data_cfg: DictConfig, photos: GuardPhotos, representative_photos: int
     ) -> BackendPhotos:
         test_images, test_labels, _ = load_split(data_cfg, "test")
-        calibration = tflite.calibration_photos(photos.images, calibration_images)
-        return cls(calibration, photos.evidence, (test_images, test_labels))
+        representative = tflite.representative_photos(photos.images, representative_photos)
+        return cls(representative, photos.evidence, (test_images, test_labels))
 
 
 def measure_backends(
     model: keras.Model,
     metadata: Mapping[str, Any],
     photos: BackendPhotos,
-    serve_cfg: DictConfig,
+    config: PublishConfig,
     ece_bins: int,
     out_dir: Path,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Path]]:
-    """Convert ``model`` to each of ``serve.publish_backends``; score Keras and each
+    """Convert ``model`` to each of ``publish.backends``; score Keras and each
     conversion on the evidence and test photos (``evaluate``'s metrics at the metadata's
     threshold and temperature) and for speed. Returns metadata["backends"] (Keras first), the
     check's metadata and the files of the published backends (written under ``out_dir``)."""
-    check = tflite.BackendCheck(**OmegaConf.to_container(serve_cfg.backend_check, resolve=True))
+    check = config.backend_check
     size = int(metadata["image_size"])
-    threads = tflite.thread_count(serve_cfg.tflite_threads)
-    batch_sizes = list(serve_cfg.batch_sizes)
-    settings = ood.OODSettings.from_cfg(serve_cfg.ood)
-    # The image statistics go into the converted pass whenever the service will compute them
-    # (the guard, or monitoring), and every backend is timed with them, as it serves.
-    guarded = serve_cfg.ood.enabled or serve_cfg.monitoring.enabled
-    spaces = settings.spaces if guarded else (forward.HEAD,)
+    threads, batch_sizes = config.tflite_threads, list(config.batch_sizes)
+    settings = config.guard
+    spaces = settings.spaces if config.image_statistics else (forward.HEAD,)
     statistics_size = settings.statistics_size if forward.IMAGE_STATISTICS in spaces else None
     sets = {"evidence": photos.evidence, "test": photos.test}
     one_photo = np.concatenate(
@@ -308,9 +308,9 @@ def measure_backends(
     keras_scored, keras_row = measured(answering())
     backends: dict[str, Any] = {tflite.KERAS: {"published": True, **keras_row}}
     files = {}
-    for backend in serve_cfg.publish_backends:
+    for backend in config.backends:
         try:
-            flatbuffer = tflite.converted(model, size, backend, photos.calibration,
+            flatbuffer = tflite.converted(model, size, backend, photos.representative,
                                           statistics_size)  # fmt: skip
         except ValueError as err:  # an op TFLite lacks: recorded, not published
             backends[backend] = {"published": False, "error": str(err)}
@@ -332,7 +332,7 @@ def measure_backends(
     check_metadata = {
         "min_label_agreement": check.min_label_agreement,
         "max_probability_difference": check.max_probability_difference,
-        "calibration_photos": len(photos.calibration),
+        "representative_photos": len(photos.representative),
         "evidence_photos": len(photos.evidence[0]),
         "test_photos": len(photos.test[0]),
     }
@@ -356,10 +356,11 @@ class Release:
 
 def publish(cfg: DictConfig, release: Release) -> str:
     """Build the served bundle in one pass and store it: convert the model to
-    ``serve.publish_backends`` and measure them (the full-integer one calibrated on the
-    release's training photos), fit the out-of-distribution guard (``serve.ood``), write the
+    ``publish.backends`` and measure them (the full-integer one's activation ranges set on the
+    release's training photos), fit the out-of-distribution guard (``publish.guard``), write the
     monitoring reference and the model card, save them all to BentoML and log them to the
     release's MLflow run. Returns the BentoML tag. Never reads what the caller chose from."""
+    config = PublishConfig.from_cfg(cfg)
     model_file, run_id, photos, data_cfg = (
         release.model_file, release.run_id, release.photos, release.data_cfg
     )
@@ -367,21 +368,21 @@ def publish(cfg: DictConfig, release: Release) -> str:
     model = load_keras_model(model_file)
     with tempfile.TemporaryDirectory() as tmp:
         backend_photos = BackendPhotos.of(
-            data_cfg, photos, int(cfg.serve.backend_check.calibration_images)
+            data_cfg, photos, config.backend_check.representative_photos
         )
         metadata["backends"], metadata["backend_check"], extra_files = measure_backends(
-            model, metadata, backend_photos, cfg.serve, int(cfg.evaluate.ece_bins), Path(tmp)
+            model, metadata, backend_photos, config, int(cfg.evaluate.ece_bins), Path(tmp)
         )
         guard_ratios = None
-        if cfg.serve.ood.enabled:
-            settings = ood.OODSettings.from_cfg(cfg.serve.ood)
-            guard, guard_ratios = photos.fit(model, settings, str(metadata.get("tta", NO_TTA)))
+        if config.fit_guard:
+            guard, guard_ratios = photos.fit(model, config.guard,
+                                             str(metadata.get("tta", NO_TTA)))  # fmt: skip
             metadata["ood"] = guard.metadata()
             extra_files[ood.OOD_FILE] = guard.save(Path(tmp) / ood.OOD_FILE)
-        if cfg.serve.monitoring.enabled:  # the reference `pox monitor` compares uploads with
+        if config.monitored:  # the reference `pox monitor` compares uploads with
             basis_photos, reference_photos = photos.monitoring_photos
             files, metadata["monitoring"] = reference.write_reference(
-                model_file, metadata, basis_photos, reference_photos, cfg.serve, Path(tmp),
+                model_file, metadata, basis_photos, reference_photos, config, Path(tmp),
                 extra_files, photos.held_out_scores(guard_ratios),
             )  # fmt: skip
             extra_files.update(files)

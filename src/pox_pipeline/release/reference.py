@@ -17,6 +17,7 @@ import pandas as pd
 from pox_pipeline.common import paths
 from pox_pipeline.guard import ood
 from pox_pipeline.models import forward
+from pox_pipeline.release.settings import PublishConfig
 from pox_pipeline.serving.monitor import BASIS_FILE, REFERENCE_FILE, Basis, records, split_columns
 
 
@@ -47,30 +48,31 @@ def write_reference(
     metadata: Mapping[str, Any],
     train: np.ndarray,
     val: np.ndarray,
-    serve_cfg: Mapping[str, Any],
+    config: PublishConfig,
     out_dir: Path,
     served_files: Mapping[str, Path],
     held_out: HeldOutScores | None = None,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """The PCA basis (training photos' head features) and the reference table (the validation
     photos through the served path: ``serve.backend``'s stored conversion, the model's TTA,
-    its guard; ``served_files``, name -> file, are what is stored beside the model) in
-    ``out_dir``; returns name -> file, to store beside the model, and the metadata entry.
+    its guard if one was fitted; ``served_files``, name -> file, are what is stored beside the
+    model) in ``out_dir``; returns name -> file, to store beside the model, and the metadata
+    entry.
     ``held_out``: the model's answers on ``val`` out of fold, when it trained on them."""
     import shutil
 
     from pox_pipeline.models.inference import NO_TTA, load_keras_model
-    from pox_pipeline.serving import tflite
     from pox_pipeline.serving.policy import DecisionPolicy
     from pox_pipeline.serving.scoring import Predictor, split_ood_score
 
-    # Only the settings that shape the reference, so that a serving-only knob (port, workers,
-    # upload limits) leaves select's DVC params, and the published model, as they are.
-    guard = ood.OODSettings.from_cfg(serve_cfg["ood"])
+    # Only the settings that shape the reference (PublishConfig), so that a serving-only knob
+    # (port, workers, upload limits) leaves select's DVC params, and the published model, as
+    # they are.
+    guard = config.guard
     head_only = dataclasses.replace(guard, spaces=(forward.HEAD,))
     head = ood.features_of(load_keras_model(model_file), np.asarray(train, np.float32),
                            head_only, str(metadata.get("tta", NO_TTA)))[forward.HEAD]  # fmt: skip
-    basis = Basis.fit(head, int(serve_cfg["monitoring"]["components"]))
+    basis = Basis.fit(head, config.monitoring_components)
     basis_file = basis.save(Path(out_dir) / BASIS_FILE)
     policy = DecisionPolicy.from_metadata(str(metadata.get("registered_model_name", "model")),
                                    "reference", metadata)  # fmt: skip
@@ -79,10 +81,9 @@ def write_reference(
         shutil.copyfile(basis_file, Path(tmp) / BASIS_FILE)
         for name, path in served_files.items():
             shutil.copyfile(path, Path(tmp) / name)
-        predictor = Predictor(
-            Path(tmp), policy, str(serve_cfg["backend"]),
-            tflite.thread_count(serve_cfg["tflite_threads"]), guard.enabled, monitoring=True,
-            batch_sizes=tuple(int(size) for size in serve_cfg["batch_sizes"]),
+        predictor = Predictor(  # the guard if served_files hold one
+            Path(tmp), policy, config.served_backend, config.tflite_threads, ood_enabled=True,
+            monitoring=True, batch_sizes=config.batch_sizes,
         )  # fmt: skip
         size = guard.batch_size
         parts = [predictor.outputs_with_monitoring(val[start : start + size])

@@ -1,7 +1,7 @@
 """Stage `select`: choose the champion on its selection evidence, register it in the MLflow
 Model Registry (alias ``select.alias``) and publish it to the BentoML model store.
 
-The choice reads ``reports/eval/<name>/val_metrics.json`` and nothing else: the out-of-fold
+The choice reads ``reports/eval/<name>/selection_metrics.json`` and nothing else: the out-of-fold
 predictions over every non-test photo (or the validation split on a fixed split), so the test
 split stays an unbiased estimate. The rule (:func:`one_standard_error_rule`): the best mean over
 the folds, and every family within one standard error of it counts as as good; of those, the
@@ -30,16 +30,16 @@ from pox_pipeline.release.publish import GuardPhotos, Release, publish, without_
 from pox_pipeline.training.tracking import git_commit, read_run_info, setup_mlflow
 
 
-def read_val_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
+def read_selection_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     """The validation metrics and threshold of one candidate: all that the choice may see."""
-    path = paths.eval_dir(cfg, model_name) / paths.VAL_METRICS_FILE
+    path = paths.eval_dir(cfg, model_name) / paths.SELECTION_METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `evaluate@{model_name}` first")
     return json.loads(path.read_text())
 
 
 def choose_champion(
-    val_metrics: Mapping[str, Mapping[str, Any]], metric: str, greater_is_better: bool
+    selection_metrics: Mapping[str, Mapping[str, Any]], metric: str, greater_is_better: bool
 ) -> str:
     """The candidate with the best validation ``metric``.
 
@@ -47,9 +47,9 @@ def choose_champion(
     deterministic. A candidate whose metric is undefined (null / nan) cannot win.
     """
     scored = []
-    for order, (name, values) in enumerate(val_metrics.items()):
+    for order, (name, values) in enumerate(selection_metrics.items()):
         if metric not in values:
-            raise KeyError(f"{name}: {paths.VAL_METRICS_FILE} has no metric {metric!r}")
+            raise KeyError(f"{name}: {paths.SELECTION_METRICS_FILE} has no metric {metric!r}")
         value = values[metric]
         if not undefined(value):
             scored.append((value if greater_is_better else -value, -order, name))
@@ -59,13 +59,13 @@ def choose_champion(
 
 
 def one_standard_error_rule(
-    val_metrics: Mapping[str, Mapping[str, Any]], metric: str, greater_is_better: bool
+    selection_metrics: Mapping[str, Mapping[str, Any]], metric: str, greater_is_better: bool
 ) -> dict[str, dict[str, Any]]:
     """Each candidate's mean over the folds of ``metric`` (the metric itself on a fixed split),
     its standard error, and whether it lies within one standard error of the best: the
     families the evidence cannot tell apart from the best (Breiman's one-SE rule)."""
     table: dict[str, dict[str, Any]] = {}
-    for name, values in val_metrics.items():
+    for name, values in selection_metrics.items():
         mean = values.get(f"{metric}_fold_mean", values.get(metric))
         se = values.get(f"{metric}_fold_se")
         table[name] = {"mean": mean, "se": se, "pooled": values.get(metric),
@@ -92,7 +92,7 @@ def cheapest(table: dict[str, dict[str, Any]], cfg: DictConfig) -> str:
         return eligible[0]
     for name in eligible:
         model = load_keras_model(paths.model_file(cfg, name))
-        tta = read_val_metrics(cfg, name).get("tta", NO_TTA)
+        tta = read_selection_metrics(cfg, name).get("tta", NO_TTA)
         table[name]["gflops"] = flops_per_photo(model, int(cfg.data.image_size), tta) / 1e9
     return min(eligible, key=lambda name: (table[name]["gflops"], eligible.index(name)))
 
@@ -112,14 +112,14 @@ def read_test_metrics(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def inference_settings(val_metrics: Mapping[str, Any]) -> dict[str, Any]:
+def inference_settings(selection_metrics: Mapping[str, Any]) -> dict[str, Any]:
     """How evaluate turned model outputs into the probabilities its threshold was set on:
-    ``temperature`` and ``tta``. val_metrics.json written before calibration and TTA existed
+    ``temperature`` and ``tta``. selection_metrics.json written before calibration and TTA existed
     has neither: T = 1 and no TTA, which is what that evaluation did."""
     return {
-        "calibration": val_metrics.get("calibration", NO_CALIBRATION),
-        "temperature": float(val_metrics.get("temperature", IDENTITY_TEMPERATURE)),
-        "tta": val_metrics.get("tta", NO_TTA),
+        "calibration": selection_metrics.get("calibration", NO_CALIBRATION),
+        "temperature": float(selection_metrics.get("temperature", IDENTITY_TEMPERATURE)),
+        "tta": selection_metrics.get("tta", NO_TTA),
     }
 
 
@@ -142,15 +142,15 @@ def select(cfg: DictConfig) -> dict[str, Any]:
     """Choose, register and publish the champion; writes and returns ``reports/select.json``
     and writes the champion's compared figures to ``reports/champion.json`` (DVC metrics)."""
     metric = cfg.select.metric
-    val_metrics = {name: read_val_metrics(cfg, name) for name in cfg.models}
-    table = one_standard_error_rule(val_metrics, metric, bool(cfg.select.greater_is_better))
+    selection_metrics = {name: read_selection_metrics(cfg, name) for name in cfg.models}
+    table = one_standard_error_rule(selection_metrics, metric, bool(cfg.select.greater_is_better))
     winner = cheapest(table, cfg)
     candidates = {name: without_nulls(row) for name, row in table.items()}
     selection = {"metric": metric, "rule": RULE_WORDS.format(metric=metric),
                  "candidates": candidates}  # fmt: skip
 
     # From here on the choice is made; test metrics only travel with the model.
-    chosen = val_metrics[winner]
+    chosen = selection_metrics[winner]
     test_metrics = read_test_metrics(cfg, winner)
     inference = inference_settings(chosen)
     run_info = read_run_info(cfg, winner)
@@ -178,6 +178,11 @@ def select(cfg: DictConfig) -> dict[str, Any]:
         "git_commit": commit,
         "selection": selection,
     }
+    checked = paths.crosscheck_report(cfg, winner)
+    if checked.is_file():  # absent when select runs outside the pipeline (no crosscheck stage)
+        report = json.loads(checked.read_text())
+        metadata["crosscheck"] = without_nulls({k: v for k, v in report.items()
+                                                if k != "model_name"})  # fmt: skip
     model_file = paths.model_file(cfg, winner)
     release = Release(model_file, metadata, run_id, GuardPhotos.of_model(cfg, winner), cfg)
     bento_tag = publish(cfg, release)
@@ -223,7 +228,9 @@ def model_metadata(
         "threshold_rule": val.get("threshold_rule"),
         **inference_settings(val),
         "model_name": model_name,
-        "val_metrics": without_nulls({k: v for k, v in val.items() if k != "operating_points"}),
+        "selection_metrics": without_nulls(
+            {k: v for k, v in val.items() if k != "operating_points"}
+        ),
         "test_metrics": without_nulls({k: v for k, v in test.items() if k != "operating_points"}),
         "operating_points": points,
     }

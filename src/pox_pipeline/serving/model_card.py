@@ -17,10 +17,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from pox_pipeline.common import paths
 from pox_pipeline.common.reporting import interval, interval_text
 from pox_pipeline.guard import ood
 from pox_pipeline.serving import monitor, tflite
-from pox_pipeline.serving.policy import DecisionPolicy, evidence_words
+from pox_pipeline.serving.policy import DecisionPolicy, evidence_words, selection_evidence
 
 MARKDOWN_FILE = "model_card.md"  # inside the BentoML model directory and the MLflow run
 HTML_FILE = "model_card.html"
@@ -74,13 +75,17 @@ BACKEND_METRICS = ("balanced_accuracy", "sensitivity", "specificity")
 
 def training_data_metadata(cfg: DictConfig) -> dict[str, Any]:
     """What the card says about the training data and the split, taken at publish time."""
-    raw_dir = Path(cfg.data.raw_dir)
-    notes = next(
-        ((raw_dir / name).read_text() for name in DATA_DOCS if (raw_dir / name).is_file()),
-        "",
-    )
+    folders = paths.source_dirs(cfg.data)
+    notes = [
+        next(((folder / doc).read_text().strip() for doc in DATA_DOCS
+              if (folder / doc).is_file()), "")
+        for folder in folders.values()
+    ]  # fmt: skip
     return {
-        "training_data": {"source": str(cfg.data.raw_dir), "notes": notes.strip()},
+        "training_data": {
+            "source": ", ".join(str(folder) for folder in folders.values()),
+            "notes": "\n\n".join(note for note in notes if note),
+        },
         "split": {
             "train": float(cfg.data.split.train),
             "val": float(cfg.data.split.val),
@@ -202,9 +207,10 @@ def backends_section(metadata: Mapping[str, Any]) -> Section:
     served = served_backend(metadata)
     words = (
         "Each TFLite backend was converted once, at publish, from this Keras model and stored "
-        "beside it (the full-integer one calibrated on "
-        f"{check.get('calibration_photos', '?')} training photos); the service runs those "
-        "bytes. Each was scored, as Keras, on the "
+        "beside it (the full-integer one's activation ranges set on "
+        # models published before issue 28 named it calibration_photos
+        f"{check.get('representative_photos', check.get('calibration_photos', '?'))} training "
+        "photos); the service runs those bytes. Each was scored, as Keras, on the "
         f"{check.get('evidence_photos', '?')} photos the selection evidence came from and the "
         f"{check.get('test_photos', '?')} test photos, at the operating threshold with the "
         "temperature above. A backend is published only when, on the evidence photos, it "
@@ -214,7 +220,7 @@ def backends_section(metadata: Mapping[str, Any]) -> Section:
         "views in one batch) were measured at publish; serve.backend: auto serves the fastest "
         f"published. This card's service answers with {served}."
     )
-    if metadata.get("val_metrics", {}).get("evidence") == "out_of_fold":
+    if selection_evidence(metadata).get("evidence") == "out_of_fold":
         words += (
             " This model was refitted on those evidence photos, so its figures there are "
             "in-sample: they show only that each backend answers as Keras does; the test "
@@ -297,7 +303,7 @@ def data_sections(metadata: Mapping[str, Any]) -> list[Section]:
 def metric_sections(metadata: Mapping[str, Any]) -> list[Section]:
     """The figures: on the selection evidence, on the test photos, and an ensemble's
     cross-validated ones."""
-    evidence = metadata.get("val_metrics", {})
+    evidence = selection_evidence(metadata)
     sections = [
         Section(
             "Selection evidence",
@@ -322,6 +328,15 @@ def metric_sections(metadata: Mapping[str, Any]) -> list[Section]:
                 table=metric_rows(metadata["test_metrics"], with_intervals=True),
             )
         )
+    for name, figures in metadata.get("test_metrics", {}).get("by_collection", {}).items():
+        sections.append(
+            Section(
+                f"Test metrics: {name}",
+                paragraphs=[f"The test photos of collection {name} (n = "
+                            f"{figures.get('n_test', '?')}), at the same threshold."],
+                table=metric_rows(figures, with_intervals=True),
+            )
+        )  # fmt: skip
     if metadata.get("cv_test_metrics"):
         sections.append(
             Section(
@@ -335,7 +350,42 @@ def metric_sections(metadata: Mapping[str, Any]) -> list[Section]:
                 table=cv_rows(metadata["cv_test_metrics"]),
             )
         )
+    if "crosscheck" in metadata:
+        sections.append(crosscheck_section(metadata["crosscheck"]))
     return sections
+
+
+def crosscheck_section(crosscheck: Mapping[str, Any]) -> Section:
+    """Leave-one-collection-out: the figure a new clinic's photos are likelier to resemble."""
+    collections = crosscheck.get("collections") or {}
+    if not collections:
+        return Section("On a collection it never saw", paragraphs=[
+            f"Not measured: {crosscheck.get('note', 'no report')}. Every figure above comes "
+            "from photos of the collection(s) the model trained on; expect less on photos "
+            "taken elsewhere."
+        ])  # fmt: skip
+    header = ["left out", "photos", "AUC", "sensitivity (promised)", "specificity (promised)",
+              "guard refused"]  # fmt: skip
+    rows = [header]
+    for name, figures in collections.items():
+        promised = figures.get("promised", {})
+        refused = figures.get("guard_refused")
+        rows.append([
+            name, str(figures.get("n", "?")), interval_text(figures, "auc"),
+            f"{interval_text(figures, 'sensitivity')} ({_percent(promised.get('sensitivity'))})",
+            f"{interval_text(figures, 'specificity')} ({_percent(promised.get('specificity'))})",
+            "guard off" if refused is None else _percent(refused),
+        ])  # fmt: skip
+    return Section(
+        "On a collection it never saw",
+        paragraphs=[
+            "For each training collection in turn, the same family was retrained on the "
+            "others (same protocol and threshold rule) and scored on it. \"Promised\" is what "
+            "that model's own out-of-fold evidence said at its threshold: the gap is how far "
+            "the promise moves at a new site. Check a site with `pox validate` before use."
+        ],
+        table=rows,
+    )
 
 
 def threshold_sections(metadata: Mapping[str, Any], policy: DecisionPolicy) -> list[Section]:
@@ -412,7 +462,7 @@ def ood_rule(metadata: Mapping[str, Any]) -> str:
     guard = metadata.get("ood")
     if not guard:
         return (
-            "No guard was fitted for this model (serve.ood.enabled was false at publish): "
+            "No guard was fitted for this model (publish.guard.fit was false at publish): "
             "every upload gets a label, whatever it shows."
         )
     spaces = [
@@ -431,7 +481,7 @@ def ood_rule(metadata: Mapping[str, Any]) -> str:
         f"and the mean distance to the {first['k']} nearest training photos is compared with "
         "the threshold. Above it in any, the answer says the photo does not look like a skin "
         "photo like those the model was trained on, and gives no label. "
-        f"{stated_rate_in_words(rate)} Switch: serve.ood.enabled."
+        f"{stated_rate_in_words(rate)} Switch: serve.guard_enabled."
     )
 
 

@@ -99,7 +99,6 @@ class MonitoringSettings:
     reports_dir: Path
     retention_days: int
     timestamp_resolution: timedelta
-    components: int
     since: str
     min_answers: int
     alpha: float
@@ -112,6 +111,9 @@ class MonitoringSettings:
         """``root``: the project root (the params file's folder), where a relative
         ``serve.monitoring.dir`` starts; ``$POX_MONITORING_DIR`` replaces the setting."""
         values = dict(cfg)
+        # deprecated: publish.monitoring_components now (the basis is fitted at publish, and the
+        # service reads its size from the stored basis)
+        values.pop("components", None)
         old = {key: values.pop(key) for key in DEPRECATED_KEYS if key in values}
         folder = values.pop("dir", None)
         if folder is None and not old:

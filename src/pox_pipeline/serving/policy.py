@@ -82,9 +82,9 @@ class DecisionPolicy:
             mlflow_run_id=metadata.get("mlflow_run_id"),
             temperature=temperature,
             tta=tta,
-            val_sensitivity=with_interval(metadata.get("val_metrics", {}), "sensitivity"),
-            val_specificity=with_interval(metadata.get("val_metrics", {}), "specificity"),
-            evidence=evidence_words(metadata.get("val_metrics", {})),
+            val_sensitivity=with_interval(selection_evidence(metadata), "sensitivity"),
+            val_specificity=with_interval(selection_evidence(metadata), "specificity"),
+            evidence=evidence_words(selection_evidence(metadata)),
             backend_files=tflite.published(metadata.get("backends", {})),
             fastest_backend=tflite.fastest(metadata.get("backends", {})),
         )
@@ -209,7 +209,7 @@ def verdict(score: float | None) -> dict[str, Any]:
     """The answer's OOD fields: ``in_distribution`` and, when false, ``ood_reason``.
 
     ``score`` None (or nan) means the check did not run (no guard stored with the model, or
-    ``serve.ood.enabled: false``): the answer says so instead of pretending it passed.
+    ``serve.guard_enabled: false``): the answer says so instead of pretending it passed.
     """
     if undefined(score):
         return {"in_distribution": True, "ood": {"checked": False}}
@@ -244,12 +244,19 @@ def _rate(rate: tuple[float, float, float], complement: bool = False) -> str:
     return f"{value:.0%} (95% interval {low:.0%}-{high:.0%})"
 
 
-def evidence_words(val_metrics: Mapping[str, Any]) -> str:
+def selection_evidence(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The figures the threshold and the choice were set on. Models published before issue 28 keep
+    them under ``val_metrics`` (a name that hid that they are out-of-fold); read for one release."""
+    evidence = metadata.get("selection_metrics", metadata.get("val_metrics"))
+    return evidence if isinstance(evidence, Mapping) else {}
+
+
+def evidence_words(selection_metrics: Mapping[str, Any]) -> str:
     """What the threshold, the calibration and the choice were set on."""
-    n = val_metrics.get("n_val")
+    n = selection_metrics.get("n_val")
     if n is None:
         return "the validation photos"
-    if val_metrics.get("evidence") == "out_of_fold":
+    if selection_metrics.get("evidence") == "out_of_fold":
         return (
             f"{n} out-of-fold predictions (every non-test photo, each scored by a model that "
             "did not train on its patient)"

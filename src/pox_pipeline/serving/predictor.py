@@ -70,7 +70,7 @@ class Predictor:
             raise ValueError(
                 f"backend {backend!r} was not published with model {policy.name}:{policy.version} "
                 f"(published: {', '.join([tflite.KERAS, *policy.backend_files])}; its model card "
-                "says why): choose one of those, or list it in serve.publish_backends and publish"
+                "says why): choose one of those, or list it in publish.backends and publish"
             )
         self.policy = policy
         self.backend = backend

@@ -1,4 +1,8 @@
-"""The service's settings: the ``serve:`` section of the composed params, checked once."""
+"""The service's settings: the ``serve:`` section of the composed params, checked once.
+
+Only what the service reads at start-up: what publishing reads (the backends to convert, the
+guard's fitting, the monitoring basis) is ``publish:`` (:mod:`pox_pipeline.release.settings`).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from pox_pipeline.common.deprecated import moved_keys
 from pox_pipeline.common.params import load_params_file, params_file
-from pox_pipeline.guard import ood
 from pox_pipeline.serving import monitor, tflite
 
 BACKENDS = (tflite.KERAS, *tflite.BACKENDS)
+# Renamed: the deprecated key -> its new key in serve (common/deprecated.py).
+MOVED_TO_SERVE = {"serve.ood.enabled": "guard_enabled"}
+# Deprecated keys the service never read (they moved to publish:, read at publish only).
+PUBLISH_TIME_KEYS = ("publish_backends", "backend_check", "ood")
 
 
 # ---------------------------------------------------------------------------- settings
@@ -52,8 +60,6 @@ class ServeConfig:
     backend: str
     tflite_threads: int  # resolved from `auto` (tflite.thread_count)
     batch_sizes: tuple[int, ...]
-    publish_backends: tuple[str, ...]
-    backend_check: tflite.BackendCheck
     formats: tuple[str, ...]
     max_upload_bytes: int
     max_pixels: int
@@ -76,7 +82,7 @@ class ServeConfig:
     ui_path: str
     heatmap: HeatmapConfig
     explain: ExplainConfig
-    ood: ood.OODSettings
+    guard_enabled: bool  # check uploads against the guard stored with the model
     store_uploads: bool
     upload_dir: Path
     upload_retention_days: float
@@ -119,20 +125,20 @@ class ServeConfig:
         cls, serve_cfg: DictConfig | Mapping[str, Any], root: Path | None = None
     ) -> ServeConfig:
         """``root``: where relative folders start (default: the folder of :func:`params_file`,
-        the project root)."""
+        the project root). Deprecated keys still work for one release
+        (:data:`MOVED_TO_SERVE`, with a FutureWarning; :data:`PUBLISH_TIME_KEYS` are ignored)."""
         values = (
             OmegaConf.to_container(serve_cfg, resolve=True)
             if isinstance(serve_cfg, DictConfig)
             else dict(serve_cfg)
         )
+        values = moved_keys(values, "serve", MOVED_TO_SERVE, {"serve": values})
+        for key in PUBLISH_TIME_KEYS:
+            values.pop(key, None)
         if values["backend"] not in (tflite.AUTO, *BACKENDS):
             raise ValueError(
                 f"serve.backend={values['backend']!r}; choose {tflite.AUTO} or one of {BACKENDS}"
             )
-        unknown = set(values["publish_backends"]) - set(tflite.BACKENDS)
-        if unknown:
-            raise ValueError(f"serve.publish_backends: {sorted(unknown)} are no TFLite backends")
-        values["publish_backends"] = tuple(values["publish_backends"])
         values["model_workers"] = int(values["model_workers"])
         if values["model_workers"] < 1:
             raise ValueError(f"serve.model_workers={values['model_workers']}: at least 1")
@@ -147,10 +153,8 @@ class ServeConfig:
         if unknown or not values["formats"]:
             raise ValueError(f"serve.formats={list(values['formats'])}: list formats Pillow reads, "
                              f"not {sorted(unknown)}")  # fmt: skip
-        values["backend_check"] = tflite.BackendCheck(**values["backend_check"])
         values["heatmap"] = HeatmapConfig(**values["heatmap"])
         values["explain"] = ExplainConfig(**values["explain"])
-        values["ood"] = ood.OODSettings.from_cfg(values["ood"])
         root = params_file().resolve().parent if root is None else root
         values["monitoring"] = monitor.MonitoringSettings.from_cfg(values["monitoring"], root)
         values["upload_dir"] = (Path(root) / Path(values["upload_dir"]).expanduser()).resolve()

@@ -33,10 +33,10 @@ if TYPE_CHECKING:
 KERAS = "keras"
 AUTO = "auto"  # serve.backend: the fastest backend published with the model
 BACKENDS = ("tflite_fp32", "tflite_int8", "tflite_full_int8")
-# Backends whose conversion calibrates activation ranges on photos (training photos, at publish).
-# Their integer kernels cannot compute the image statistics (int8 division by a quantised zero
-# fails at run time), so those are converted without them.
-CALIBRATED_BACKENDS = ("tflite_full_int8",)
+# Backends whose conversion sets activation ranges on a representative dataset (training photos,
+# at publish). Their integer kernels cannot compute the image statistics (int8 division by a
+# quantised zero fails at run time), so those are converted without them.
+REPRESENTATIVE_DATA_BACKENDS = ("tflite_full_int8",)
 AUTO_THREADS = "auto"  # serve.tflite_threads: every core this process may use
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" or "max <period>"
 
@@ -82,10 +82,10 @@ def batch_plan(count: int, sizes: Sequence[int]) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class BackendCheck:
-    """``serve.backend_check``: how a converted backend is measured at publish, and how close
+    """``publish.backend_check``: how a converted backend is measured at publish, and how close
     to Keras it must answer on the selection evidence to be published."""
 
-    calibration_images: int
+    representative_photos: int  # TFLite's representative dataset for tflite_full_int8
     min_label_agreement: float
     max_probability_difference: float
     latency_repeats: int
@@ -118,13 +118,14 @@ def fastest(backends: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def convert(
-    function: Any, model: keras.Model, backend: str, calibration: np.ndarray | None
+    function: Any, model: keras.Model, backend: str, representative: np.ndarray | None
 ) -> bytes:
     """A traced function of ``model`` (:func:`forward.outputs_with_head`) converted to ``backend``,
     one signature whose outputs keep their names:
     ``tflite_fp32``; ``tflite_int8``, int8 weights with float activations (dynamic range); or
-    ``tflite_full_int8``, int8 weights and activations, the activation ranges calibrated on
-    ``calibration`` (model inputs of training photos), float32 in and out."""
+    ``tflite_full_int8``, int8 weights and activations, the activation ranges set on
+    ``representative`` (TFLite's representative dataset: model inputs of training photos),
+    float32 in and out."""
     import tensorflow as tf
 
     if backend not in BACKENDS:
@@ -138,10 +139,10 @@ def convert(
     )
     if backend != "tflite_fp32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if backend in CALIBRATED_BACKENDS:
-        if calibration is None or not len(calibration):
-            raise ValueError(f"{backend} needs calibration photos")
-        samples = np.asarray(calibration, np.float32)
+    if backend in REPRESENTATIVE_DATA_BACKENDS:
+        if representative is None or not len(representative):
+            raise ValueError(f"{backend} needs representative photos")
+        samples = np.asarray(representative, np.float32)
         converter.representative_dataset = lambda: ([image[None]] for image in samples)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     try:
@@ -237,8 +238,9 @@ class Runner:
         return {name: np.concatenate([part[name] for part in parts]) for name in self.output_names}
 
 
-def calibration_photos(images: np.ndarray, count: int) -> np.ndarray:
-    """At most ``count`` of ``images``, spread evenly over them (so over every class)."""
+def representative_photos(images: np.ndarray, count: int) -> np.ndarray:
+    """At most ``count`` of ``images``, spread evenly over them (so over every class): the
+    representative dataset a full-integer conversion sets its activation ranges on."""
     if len(images) <= count:
         return images
     return images[np.linspace(0, len(images) - 1, count).round().astype(int)]
@@ -248,12 +250,12 @@ def converted(
     model: keras.Model,
     image_size: int,
     backend: str,
-    calibration: np.ndarray | None,
+    representative: np.ndarray | None,
     statistics_size: int | None = None,
 ) -> bytes:
     """``model``'s outputs and head features, and the image statistics at ``statistics_size``
-    (None: none; never on a calibrated backend), as ``backend``'s bytes."""
-    if backend in CALIBRATED_BACKENDS:
+    (None: none; never on a full-integer backend), as ``backend``'s bytes."""
+    if backend in REPRESENTATIVE_DATA_BACKENDS:
         statistics_size = None
     function = outputs_with_head(model, image_size, statistics_size)
-    return convert(function, model, backend, calibration)
+    return convert(function, model, backend, representative)

@@ -7,7 +7,7 @@ The evidence is the out-of-fold predictions over every non-test photo that ``tra
 the validation split. The temperature, the served threshold and the other operating points
 (``evaluate.operating_points``, each with the rates it promises and their intervals) are all
 set there, so the test figures are an honest estimate of the deployed decision; they travel to
-the service through ``val_metrics.json`` (``evidence`` says which), which ``select`` ships as
+the service through ``selection_metrics.json`` (``evidence`` says which), which ``select`` ships as
 the model's metadata. Everything is logged to the MLflow run that trained the model
 (``models/<name>/run.json``).
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,19 +39,23 @@ from pox_pipeline.common.temperature import (
     NO_CALIBRATION,
     class_probabilities,
 )
-from pox_pipeline.data.prepare import load_split
+from pox_pipeline.data.prepare import load_split, split_collections_of
 from pox_pipeline.models.inference import load_keras_model, model_outputs
 from pox_pipeline.training import metrics
 from pox_pipeline.training.tracking import OUT_OF_FOLD_PROTOCOL, read_run_info, setup_mlflow
 
 FIGURE_DPI = 100
+# a title's lines wrap at this many characters per inch of figure width (medium font): a long
+# model name is never cut off at both ends
+TITLE_CHARS_PER_INCH = 9
 MULTICLASS_RULE = "argmax"
 MULTICLASS_NOTE = (
     "multi-class: the predicted class is the argmax of the softmax; evaluate.threshold "
     "applies to binary models only"
 )
 SPLITS = ("val", "test")
-# val_metrics.json's ``evidence`` after a refit: out-of-fold predictions over all non-test photos
+# selection_metrics.json's ``evidence`` after a refit: out-of-fold predictions over every
+# non-test photo
 OUT_OF_FOLD = "out_of_fold"
 
 
@@ -260,7 +265,16 @@ def _write_json(path: Path, values: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(json_ready(values), indent=2) + "\n")
 
 
-def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
+def set_title(fig: Figure, ax: Any, title: str) -> None:
+    """``title`` wrapped to the figure's width (each of its lines on its own); the figure's
+    tight_layout then makes room for the lines above the axes."""
+    width = int(fig.get_figwidth() * TITLE_CHARS_PER_INCH)
+    lines = [wrapped for line in title.splitlines()
+             for wrapped in textwrap.wrap(line, width, break_on_hyphens=False)]  # fmt: skip
+    ax.set_title("\n".join(lines), fontsize="medium")
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> Figure:
     # a Figure without pyplot renders with Agg: no display, no global figure state
     fig = Figure(figsize=(4 + 0.5 * len(classes), 3.5 + 0.5 * len(classes)))
     ax = fig.subplots()
@@ -272,9 +286,10 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Pat
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    ax.set_title(title)
+    set_title(fig, ax, title)
     fig.tight_layout()
     fig.savefig(path, dpi=FIGURE_DPI)
+    return fig
 
 
 def plot_curve(
@@ -284,7 +299,7 @@ def plot_curve(
     title: str,
     path: Path,
     diagonal: bool = False,
-) -> None:
+) -> Figure:
     fig = Figure(figsize=(4.5, 4.5))
     ax = fig.subplots()
     ax.plot(x, y, lw=2)
@@ -294,14 +309,15 @@ def plot_curve(
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
-    ax.set_title(title)
+    set_title(fig, ax, title)
     fig.tight_layout()
     fig.savefig(path, dpi=FIGURE_DPI)
+    return fig
 
 
 def plot_reliability(
     curves: Mapping[str, pd.DataFrame], axis_labels: tuple[str, str], title: str, path: Path
-) -> None:
+) -> Figure:
     """Reliability diagram: observed frequency against mean confidence in each non-empty bin,
     one line per curve (before / after calibration); the diagonal is perfect calibration."""
     fig = Figure(figsize=(4.5, 4.5))
@@ -314,10 +330,11 @@ def plot_reliability(
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
-    ax.set_title(title)
+    set_title(fig, ax, title)
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=FIGURE_DPI)
+    return fig
 
 
 def write_reliability(
@@ -419,8 +436,11 @@ def log_to_mlflow(
     numeric = {
         **{f"val_{k}": v for k, v in val.items() if k not in shared},
         **{f"test_{k}": v for k, v in test.items() if k not in shared},
+        **{f"test_{collection}_{k}": v
+           for collection, figures in test.get("by_collection", {}).items()
+           for k, v in figures.items()},
         **{k: val[k] for k in shared},
-    }
+    }  # fmt: skip
     finite = {
         k: float(v)
         for k, v in numeric.items()
@@ -431,7 +451,7 @@ def log_to_mlflow(
         mlflow.set_tags({k: val[k] for k in ("threshold_rule", "calibration", "tta")})
         mlflow.set_tag("dvc_evaluate_stage", f"evaluate@{model_name}")
         mlflow.log_artifacts(str(out / "figures"), artifact_path="eval/figures")
-        for name in (paths.VAL_METRICS_FILE, paths.TEST_METRICS_FILE):
+        for name in (paths.SELECTION_METRICS_FILE, paths.TEST_METRICS_FILE):
             mlflow.log_artifact(str(out / name), artifact_path="eval")
 
 
@@ -443,6 +463,20 @@ def compared(
     reports = {"val": val, "test": test}
     return {split: {name: reports[split][name] for name in names}
             for split, names in cfg.evaluate.compare.items()}  # fmt: skip
+
+
+def by_collection(cfg: DictConfig, test: SplitScores, threshold: float | None) -> dict[str, Any]:
+    """With several collections, the test figures of each one's own test photos: a pooled
+    figure can hide a collection the model does much worse on."""
+    collections = np.array(split_collections_of(cfg, "test"))
+    names = list(dict.fromkeys(collections))
+    if len(names) < 2:
+        return {}
+    return {"by_collection": {
+        name: {"n_test": int((collections == name).sum()),
+               **with_ci(test.subset(np.flatnonzero(collections == name)), threshold, cfg)}
+        for name in names
+    }}  # fmt: skip
 
 
 def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
@@ -480,7 +514,7 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
         "tta": str(cfg.evaluate.tta),
         **note,
     }
-    val_metrics = {
+    selection_metrics = {
         **header,
         "evidence": "validation" if folds is None else OUT_OF_FOLD,
         "n_val": len(val.labels),
@@ -493,22 +527,25 @@ def evaluate(cfg: DictConfig, model_name: str) -> dict[str, dict[str, Any]]:
         "n_test": len(test.labels),
         **with_ci(test, threshold, cfg),
         "ece_uncalibrated": split_ece(raw["test"], ece_bins),
+        **by_collection(cfg, test, threshold),
     }
 
     out = paths.eval_dir(cfg, model_name)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / paths.VAL_METRICS_FILE, {**val_metrics, "operating_points": val_points})
+    _write_json(
+        out / paths.SELECTION_METRICS_FILE, {**selection_metrics, "operating_points": val_points}
+    )
     _write_json(out / paths.TEST_METRICS_FILE, {**test_metrics, "operating_points": test_points})
-    _write_json(out / paths.DVC_METRICS_FILE, compared(cfg, val_metrics, test_metrics))
+    _write_json(out / paths.DVC_METRICS_FILE, compared(cfg, selection_metrics, test_metrics))
     predicted = predicted_indices(test, threshold)
     decision = MULTICLASS_RULE if threshold is None else f"threshold {threshold:.3f}"
     write_reports(out, model_name, classes, test, predicted, decision, test_metrics["auc"])
     write_reliability(
         out / "figures", model_name, classes[positive_index], raw, scored, temperature, ece_bins
     )
-    log_to_mlflow(cfg, model_name, out, val_metrics, test_metrics)
+    log_to_mlflow(cfg, model_name, out, selection_metrics, test_metrics)
     return {
-        "val": {**json_ready(val_metrics), "operating_points": val_points},
+        "val": {**json_ready(selection_metrics), "operating_points": val_points},
         "test": {**json_ready(test_metrics), "operating_points": test_points},
     }
 

@@ -42,7 +42,8 @@ def test_every_config_group_option_composes() -> None:
 
 def test_msld_data_config_points_at_shared_dataset() -> None:
     cfg = compose(["data=msld"])
-    assert cfg.data.raw_dir == "../shared/datasets/msld"
+    # made absolute from the project root (tests/unit/common/test_project_path.py says why)
+    assert cfg.data.raw_dir == str((PROJECT_ROOT / "../shared/datasets/msld").resolve())
     assert cfg.data.classes == ["Monkeypox", "Others"]
     # the synthetic defaults are inherited, only what differs is overridden
     assert cfg.data.image_size == compose().data.image_size
@@ -78,10 +79,11 @@ def _param_keys(stage) -> set[str]:
     return keys
 
 
-def test_pipeline_has_one_train_and_evaluate_stage_per_model(dvc_stages: dict) -> None:
+def test_pipeline_has_one_train_evaluate_and_crosscheck_stage_per_model(dvc_stages: dict) -> None:
     models = compose().models
     expected = {"synthesize", "prepare", "select"}
-    expected |= {f"train@{m}" for m in models} | {f"evaluate@{m}" for m in models}
+    for stage in ("train", "evaluate", "crosscheck"):
+        expected |= {f"{stage}@{m}" for m in models}
     assert set(dvc_stages) == expected
 
 
@@ -92,6 +94,8 @@ def test_model_stages_track_only_their_own_model_params(dvc_stages: dict) -> Non
         assert f"model.{name}" in keys
         assert not any(k.startswith("model.") and k != f"model.{name}" for k in keys)
         assert not any(k.startswith("model.") for k in _param_keys(dvc_stages[f"evaluate@{name}"]))
+        crosscheck = _param_keys(dvc_stages[f"crosscheck@{name}"])  # it retrains its own model
+        assert [k for k in crosscheck if k.startswith("model.")] == [f"model.{name}"]
 
 
 def test_stage_params_exist_in_params_yaml(dvc_stages: dict) -> None:

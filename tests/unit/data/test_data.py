@@ -38,6 +38,7 @@ REPORT_KEYS = {
     "layout", "raw_dir", "classes", "folds", "fold", "seed", "split", "image_size", "group_pattern",
     "totals", "counts", "groups", "dropped", "skipped", "ungrouped_files", "duplicates",
     "near_duplicates", "merged_groups", "label_conflicts", "leaks_between_given_splits",
+    "collections", "cross_collection_pairs",
 }
 
 
@@ -287,6 +288,77 @@ def test_duplicates_are_reported_and_kept_in_one_split(
         assert rows[original]["split"] == rows[copy]["split"]
         assert rows[sibling]["split"] == rows[copy]["split"]  # the patient follows its copy
     assert ["D01", "P01"] in report["merged_groups"]
+
+
+@pytest.fixture
+def two_collections(tmp_path: Path) -> Path:
+    """clinic_a: patient ids, class folders named as the classes; clinic_b: no ids, its own
+    folder names, a folder left out, and two photos that are clinic_a's (one mirrored)."""
+    root = tmp_path / "collections"
+    for class_name, offset in (("Monkeypox", 0), ("Others", 500)):
+        folder = root / "clinic_a" / class_name
+        folder.mkdir(parents=True)
+        for patient in range(6):
+            for photo in range(2):
+                _texture(offset + 10 * patient + photo).save(folder / f"A{patient:02d}_{photo}.png")
+    for folder_name, offset in (("pox", 1000), ("chickenpox", 2000), ("healthy", 3000)):
+        folder = root / "clinic_b" / folder_name
+        folder.mkdir(parents=True)
+        for photo in range(8):
+            _texture(offset + photo).save(folder / f"{folder_name}{photo}.png")
+    a = root / "clinic_a" / "Monkeypox"
+    (root / "clinic_b" / "pox" / "copied.png").write_bytes((a / "A01_0.png").read_bytes())
+    Image.open(a / "A02_1.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(
+        root / "clinic_b" / "pox" / "mirrored.png"
+    )
+    return root
+
+
+def test_several_collections_are_one_leak_free_set_with_their_names(
+    make_cfg: Callable[..., DictConfig], two_collections: Path
+) -> None:
+    cfg = make_cfg(
+        f"data.raw_dir={two_collections}",
+        "+data.sources.clinic_a={dir: clinic_a}",
+        "+data.sources.clinic_b={dir: clinic_b, group_pattern: null, class_map: "
+        "{pox: Monkeypox, chickenpox: Others, healthy: null}}",
+    )
+    report = prepare(cfg)
+    rows = _manifest(cfg)
+    assert report["collections"] == {"clinic_a": {"Monkeypox": 12, "Others": 12},
+                                     "clinic_b": {"Monkeypox": 10, "Others": 8}}  # fmt: skip
+    assert not any("healthy" in r["source"] for r in rows)  # left out by its class map
+    assert not any("healthy" in s["file"] for s in report["skipped"])
+    by_name = {Path(r["source"]).name: r for r in rows}
+    assert {r["collection"] for r in rows} == {"clinic_a", "clinic_b"}
+    assert by_name["A01_1.png"]["group"].startswith("clinic_a:A01")  # ids keep their collection
+    assert by_name["chickenpox3.png"]["group"] == "clinic_b:chickenpox/chickenpox3"
+    assert by_name["chickenpox3.png"]["class"] == "Others"
+
+    crossing = {frozenset(Path(p[k]).name for k in "ab") for p in report["cross_collection_pairs"]}
+    assert crossing == {frozenset({"A01_0.png", "copied.png"}),
+                        frozenset({"A02_1.png", "mirrored.png"})}  # fmt: skip
+    for original, copy, sibling in (("A01_0.png", "copied.png", "A01_1.png"),
+                                    ("A02_1.png", "mirrored.png", "A02_0.png")):  # fmt: skip
+        assert by_name[original]["group"] == by_name[copy]["group"]
+        assert by_name[sibling]["split"] == by_name[copy]["split"]
+    assert all(len(s) == 1 for s in _splits_by(rows, lambda r: r["group"]).values())
+    for collection in ("clinic_a", "clinic_b"):  # stratified by collection and class
+        assert {r["split"] for r in rows if r["collection"] == collection} == set(SPLITS)
+
+
+def test_a_bad_collection_entry_is_a_clear_error(
+    make_cfg: Callable[..., DictConfig], two_collections: Path
+) -> None:
+    raw = f"data.raw_dir={two_collections}"
+    with pytest.raises(DataError, match="not in data.classes"):
+        prepare(make_cfg(raw, "+data.sources.b={dir: clinic_b, class_map: {pox: Pox}}"))
+    with pytest.raises(DataError, match="expected keys dir"):
+        prepare(make_cfg(raw, "+data.sources.b={folder: clinic_b}"))
+    with pytest.raises(DataError, match=r"data.sources.b: .*missing does not exist"):
+        prepare(make_cfg(raw, "+data.sources.b={dir: missing}"))
+    with pytest.raises(DataError, match=r"missing \['Monkeypox', 'Others'\]"):
+        prepare(make_cfg(raw, "+data.sources.b={dir: clinic_b}"))
 
 
 def test_strict_mode_fails_with_the_list_of_bad_files(

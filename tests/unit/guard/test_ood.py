@@ -100,8 +100,8 @@ def test_the_score_is_the_worst_space_relative_to_its_threshold(tmp_path: Path) 
 
 
 def test_settings_are_checked() -> None:
-    base = {"enabled": True, "spaces": ["head"], "statistics_size": 64, "k": 5,
-            "alpha": 0.01, "batch_size": 8}  # fmt: skip
+    base = {"spaces": ["head"], "statistics_size": 64, "k": 5, "alpha": 0.01,
+            "batch_size": 8}  # fmt: skip
     assert ood.OODSettings.from_cfg(base).spaces == ("head",)
     for change, words in ({"alpha": 0}, "alpha"), ({"alpha": 1}, "alpha"), ({"k": 0}, "k must"), (
         {"spaces": ["pixels"]}, "spaces"), ({"spaces": []}, "spaces"):  # fmt: skip

@@ -492,7 +492,7 @@ def test_it_joins_cv_the_fold_ensemble_serving_tta_tflite_and_gradcam(make_cfg, 
         f"cv.work_dir={tmp_path}/cv-work", "select.bentoml_model_name=pox-lite-test",
         # a 2-epoch model's probabilities sit at its threshold: int8's 0.002 flips a label of
         # the 5 evidence photos, and the check would withhold the backend this test serves
-        "serve.backend_check.min_label_agreement=0.5",
+        "publish.backend_check.min_label_agreement=0.5",
     )  # fmt: skip
     synthesize(cfg)
     summary = cross_validate(cfg)["efficientnet_lite"]

@@ -3,6 +3,7 @@ store (conftest's BENTOML_HOME) and a params file named by POX_PARAMS."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -201,7 +202,7 @@ def test_an_unpublished_model_says_what_select_would_publish(make_cfg, tmp_path:
                                                     "weights": None}))  # fmt: skip
     eval_dir = Path(cfg.paths.reports_dir) / "eval" / "cnn"
     eval_dir.mkdir(parents=True)
-    (eval_dir / "val_metrics.json").write_text(json.dumps(
+    (eval_dir / "selection_metrics.json").write_text(json.dumps(
         {"threshold": 0.4, "threshold_rule": "fixed", "calibration": "temperature",
          "temperature": 1.3, "tta": "flips"}))  # fmt: skip
 
@@ -226,7 +227,7 @@ def test_a_trained_unpublished_model_folder_answers_unchecked(project: dict) -> 
     (root / "reports" / "eval" / "cnn").mkdir(parents=True)
     val = {"threshold": 0.4, "threshold_rule": "fixed", "temperature": 1.0, "tta": "none",
            "sensitivity": 0.9, "specificity": 0.5}  # fmt: skip
-    (root / "reports" / "eval" / "cnn" / "val_metrics.json").write_text(json.dumps(val))
+    (root / "reports" / "eval" / "cnn" / "selection_metrics.json").write_text(json.dumps(val))
     params = write_serve_params(root / "params.yaml", f"paths.reports_dir={root / 'reports'}",
                                 "data.image_size=32")  # fmt: skip
     result = pox({**project, "params": params}, "predict", "--json", "--model",
@@ -268,7 +269,7 @@ def test_the_cli_serves_a_published_backend_from_its_stored_bytes(
     image = np.asarray(Image.open(project["folder"] / "skin_a.png").convert("RGB"), np.float32)
     [answer] = predictor.predict([image])
     source = cli.resolve_model(tag, params)
-    keras_settings = ServeConfig.from_cfg({**params.serve, "backend": "keras"})
+    keras_settings = dataclasses.replace(settings, backend="keras")
     keras_predictor = source.predictor(keras_settings)
     [expected] = keras_predictor.predict([image])
     assert answer["model"] == expected["model"]

@@ -1,9 +1,12 @@
 """``pox validate``: a site's labelled photos through the service's own path, the figures it
-promises, and the threshold override that the CLI and the real service then honour."""
+promises, its verdict and exit status, and the threshold override that the CLI and the real
+service then honour."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from click.testing import CliRunner
 
 from helpers.serve import (
     CLASSES,
@@ -25,7 +29,8 @@ from helpers.serve import (
     write_serve_params,
 )
 from pox_pipeline.common import preprocess
-from pox_pipeline.ops.validate import OVERRIDE_FILE, REPORT_HTML, REPORT_JSON
+from pox_pipeline.ops.cli import main
+from pox_pipeline.ops.validate import EXIT_NOT_FIT, OVERRIDE_FILE, REPORT_HTML, REPORT_JSON
 from pox_pipeline.serving.predictor import Predictor
 
 TIMEOUT_S = 240
@@ -33,20 +38,35 @@ TIMEOUT_S = 240
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """A guarded tiny champion and a site folder: 12 photos per class, plus a flat colour the
-    guard refuses and a broken file."""
+    """A guarded tiny champion and two site folders of the same 16 photos, labelled by the
+    champion's own ranking of those the guard accepts: ``fit`` (the top half Monkeypox: it
+    separates them) and ``chance`` (the labels alternate in pairs down the ranking: AUC 0.5).
+    The refused ones are Others; each folder also holds a flat colour the guard refuses and
+    (``fit``) a broken file."""
     photos = skin_like_photos(40, seed=3)
     tag = save_champion(guard_photos=photos[:24])
     root = tmp_path_factory.mktemp("site")
-    folder = root / "photos"
-    for index, name in enumerate(CLASSES):
-        (folder / name).mkdir(parents=True)
-        for number, pixels in enumerate(photos[24 + 8 * index : 32 + 8 * index]):
-            save_png(folder / name / f"p{number}.png", pixels)
-    save_png(folder / CLASSES[1] / "flat.png", np.full((32, 32, 3), [20.0, 200.0, 40.0]))
-    (folder / CLASSES[0] / "broken.png").write_bytes(b"not a png")
+    (root / "pool").mkdir()
+    pool = [save_png(root / "pool" / f"p{n:02d}.png", pixels)
+            for n, pixels in enumerate(photos[24:])]  # fmt: skip
+    probability, ood_score = served_probabilities({"tag": tag}, pool)
+    ranked = [pool[i] for i in np.argsort(-probability) if ood_score[i] <= 1]
+    refused = [photo for photo, score in zip(pool, ood_score, strict=True) if score > 1]
+    folders = {
+        "fit": [rank < len(ranked) // 2 for rank in range(len(ranked))],
+        "chance": [rank % 4 in (0, 3) for rank in range(len(ranked))],
+    }
+    for name, positive in folders.items():
+        for label in CLASSES:
+            (root / name / label).mkdir(parents=True)
+        for photo, is_positive in zip(ranked + refused, positive + [False] * len(refused),
+                                      strict=True):  # fmt: skip
+            shutil.copy(photo, root / name / CLASSES[0 if is_positive else 1] / photo.name)
+        save_png(root / name / CLASSES[1] / "flat.png", np.full((32, 32, 3), [20.0, 200.0, 40.0]))
+    (root / "fit" / CLASSES[0] / "broken.png").write_bytes(b"not a png")
     params = write_serve_params(root / "params.yaml")
-    yield {"tag": tag, "root": root, "folder": folder, "params": params}
+    yield {"tag": tag, "root": root, "folder": root / "fit", "chance": root / "chance",
+           "params": params}  # fmt: skip
 
 
 def pox(site: dict, *args: str, params: Path | None = None) -> subprocess.CompletedProcess:
@@ -69,7 +89,7 @@ def test_validate_reports_the_site_figures_and_recommends_a_threshold(site: dict
     out = site["root"] / "report"
     result = pox(site, "validate", str(site["folder"]), "--out", str(out),
                  "--sensitivity-target", "0.75")  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr  # fit
     assert "broken.png: error" in result.stderr  # reported, not fatal
     report = yaml.safe_load((out / REPORT_JSON).read_text())
     files = sorted((site["folder"] / CLASSES[0]).glob("p*.png"))
@@ -88,11 +108,32 @@ def test_validate_reports_the_site_figures_and_recommends_a_threshold(site: dict
     positives = probability[kept & (labels == 1)]
     assert np.mean(positives >= recommended["threshold"]) >= 0.75
     assert recommended["threshold"] in positives  # the highest threshold that keeps 75%
+    assert report["verdict"]["fit"] is True
+    assert (f"Verdict: fit for this site at threshold {recommended['threshold']:.6f}: "
+            "sensitivity ") in result.stdout  # fmt: skip
     override = yaml.safe_load((out / OVERRIDE_FILE).read_text())
     assert override["serve"]["threshold_override"] == pytest.approx(recommended["threshold"])
     html = (out / REPORT_HTML).read_text()
     assert "data:image/png;base64," in html and "threshold_override" in html
     assert (out / "roc.png").stat().st_size > 0 and (out / "reliability.png").stat().st_size > 0
+
+
+def test_a_model_at_chance_on_the_site_is_not_fit_and_its_threshold_is_not_written(
+    site: dict, tmp_path: Path
+) -> None:
+    """Exit 1, the verdict and the retrain command printed, and no override file: not even an
+    earlier run's, which would read as advice."""
+    (tmp_path / OVERRIDE_FILE).write_text("serve:\n  threshold_override: 0.2\n")
+    result = CliRunner().invoke(main, ["validate", str(site["chance"]), "--out", str(tmp_path)],
+                                env={"POX_PARAMS": str(site["params"])})  # fmt: skip
+    assert result.exit_code == EXIT_NOT_FIT == 1, result.output
+    report = json.loads((tmp_path / REPORT_JSON).read_text())
+    assert report["at_served_threshold"]["auc"] == pytest.approx(0.5, abs=0.1)
+    assert report["verdict"]["fit"] is False and "recommended" not in report
+    assert "Verdict: NOT FIT for this site, and a threshold cannot fix it:" in result.stdout
+    source = f"{{dir: {site['chance'].resolve()}, group_pattern: null}}"
+    assert f"dvc exp run -S data=msld_msid -S '+data.sources.site={source}'" in result.stdout
+    assert not (tmp_path / OVERRIDE_FILE).exists()
 
 
 def test_a_folder_that_names_no_class_is_a_clear_error(site: dict, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from pox_pipeline.common.config import compose
 from pox_pipeline.models import forward
 from pox_pipeline.ops.backends import compare_backends
 from pox_pipeline.release.publish import BackendPhotos, measure_backends
+from pox_pipeline.release.settings import PublishConfig
 from pox_pipeline.serving import model_card, tflite
 from pox_pipeline.serving.predictor import Predictor
 
@@ -52,7 +53,7 @@ def test_publish_stores_each_backend_with_its_figures(published_tag: str) -> Non
         backends["tflite_fp32"]["evidence"], abs=1e-6
     )
     check = stored.info.metadata["backend_check"]
-    assert check["calibration_photos"] == 18 and check["evidence_photos"] == 6
+    assert check["representative_photos"] == 18 and check["evidence_photos"] == 6
     # the card names the backend that answers and lists every backend's figures
     served = tflite.fastest(backends)
     text = model_card.render("pox-classifier", stored.info.metadata)
@@ -114,7 +115,7 @@ def test_a_backend_outside_the_tolerance_is_not_published(photos: np.ndarray) ->
     and asking for full int8 at start-up is a clear error."""
     tag = save_champion(
         guard_photos=photos, backends=["tflite_fp32", "tflite_full_int8"],
-        backend_overrides=["serve.backend_check.max_probability_difference=1e-5"],
+        backend_overrides=["publish.backend_check.max_probability_difference=1e-5"],
     )  # fmt: skip
     stored = bentoml.models.get(tag)
     backends = stored.info.metadata["backends"]
@@ -155,13 +156,13 @@ def test_separate_outputs_keep_the_probabilitys_scale(photos: np.ndarray, tmp_pa
     np.testing.assert_allclose(answer[forward.OUTPUTS], expected, atol=0.01)
     np.testing.assert_allclose(answer[forward.HEAD], features[forward.HEAD], rtol=0.05)
     # and publishing measures the same thing: the full-integer backend passes the check
-    cfg = compose(["serve.publish_backends=[tflite_full_int8]"])
+    cfg = compose(["publish.backends=[tflite_full_int8]"])
     metadata = {"classes": ["Monkeypox", "Others"], "positive_class": "Monkeypox",
                 "threshold": 0.5, "image_size": TEST_IMAGE_SIZE}  # fmt: skip
     labels = np.arange(len(probe)) % 2
     backends, _, files = measure_backends(
-        model, metadata, BackendPhotos(photos, (probe, labels), (probe, labels)), cfg.serve,
-        int(cfg.evaluate.ece_bins), tmp_path,
+        model, metadata, BackendPhotos(photos, (probe, labels), (probe, labels)),
+        PublishConfig.from_cfg(cfg), int(cfg.evaluate.ece_bins), tmp_path,
     )  # fmt: skip
     assert backends["tflite_full_int8"]["published"], backends["tflite_full_int8"]
     assert list(files) == [tflite.file_name("tflite_full_int8")]
@@ -189,8 +190,8 @@ def test_the_card_says_a_refitted_models_evidence_figures_are_in_sample() -> Non
     """After a refit the backends are scored on photos the model trained on: the card must not
     let those figures read as performance."""
     backends = {"keras": {"published": True, "evidence": {"balanced_accuracy": 0.9}}}
-    refitted = {"backends": backends, "val_metrics": {"evidence": "out_of_fold"}}
-    fixed = {"backends": backends, "val_metrics": {"evidence": "validation"}}
+    refitted = {"backends": backends, "selection_metrics": {"evidence": "out_of_fold"}}
+    fixed = {"backends": backends, "selection_metrics": {"evidence": "validation"}}
     [words] = model_card.backends_section(refitted).paragraphs
     assert "in-sample" in words and "test figures are the ones to read" in words
     assert "in-sample" not in model_card.backends_section(fixed).paragraphs[0]

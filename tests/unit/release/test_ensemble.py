@@ -61,7 +61,7 @@ def test_baking_needs_a_dense_probability_head() -> None:
 
 def _member(fold: int, auc: float) -> Member:
     return Member(seed=42, fold=fold, model_file=Path("unused"),
-                  val_metrics={"auc": auc}, test_metrics={},
+                  selection_metrics={"auc": auc}, test_metrics={},
                   run_info={})  # fmt: skip
 
 
@@ -224,7 +224,7 @@ def test_no_held_out_figure_when_seeds_redraw_the_folds(
 
     members = [
         Member(seed=seed, fold=fold, model_file=Path("unused"),
-               val_metrics={"threshold": 0.5}, test_metrics={}, run_info={})  # fmt: skip
+               selection_metrics={"threshold": 0.5}, test_metrics={}, run_info={})  # fmt: skip
         for seed in (1, 2) for fold in (0, 1)
     ]
     scored: list[int] = []

@@ -22,7 +22,7 @@ from pox_pipeline.training.tracking import setup_mlflow
 METADATA_KEYS = {
     "classes", "positive_class", "threshold", "image_size", "resample", "architecture",
     "model_name", "weights", "mlflow_run_id", "mlflow_model_version",
-    "registered_model_name", "git_commit", "val_metrics", "test_metrics",
+    "registered_model_name", "git_commit", "selection_metrics", "test_metrics",
     "calibration", "temperature", "tta",
 }
 
@@ -63,8 +63,8 @@ def candidates(prepared_cfg: Callable[..., DictConfig]) -> DictConfig:
     assert list(cfg.models) == ["cnn", "vgg16"]
     for seed, name in enumerate(cfg.models):
         fake_trained_model(cfg, name, seed=seed)
-    _write_eval(cfg, "cnn", "val_metrics.json", _val(0.70, 0.4))
-    _write_eval(cfg, "vgg16", "val_metrics.json", _val(0.90, 0.3))
+    _write_eval(cfg, "cnn", "selection_metrics.json", _val(0.70, 0.4))
+    _write_eval(cfg, "vgg16", "selection_metrics.json", _val(0.90, 0.3))
     # would win on test, and is garbage: select must never look at it
     _write_eval(cfg, "cnn", "test_metrics.json", "{balanced_accuracy: 1.0, not json")
     _write_eval(cfg, "cnn", "metrics.json", "{auc: 1.0, not json")
@@ -113,12 +113,12 @@ def test_select_registers_saves_and_is_idempotent(
     assert METADATA_KEYS <= set(bento.info.metadata)
     assert bento.info.metadata["threshold"] == 0.3
     assert bento.info.metadata["test_metrics"] == {}  # the winner has no test_metrics.json
-    assert bento.info.metadata["val_metrics"]["auc"] == 0.90
-    # val_metrics.json from before calibration / TTA: what that evaluation did, T = 1, no TTA
+    assert bento.info.metadata["selection_metrics"]["auc"] == 0.90
+    # selection_metrics.json from before calibration / TTA: what that evaluation did, T = 1, no TTA
     assert bento.info.metadata["temperature"] == 1.0 and bento.info.metadata["tta"] == "none"
     # the out-of-distribution guard and the model card travel with the model and its run
     spaces = bento.info.metadata["ood"]["spaces"]
-    assert set(spaces) == {"head", "image_statistics"}  # serve.ood.spaces
+    assert set(spaces) == {"head", "image_statistics"}  # publish.guard.spaces
     assert all(part["reference_photos"] > 0 and part["threshold"] > 0 for part in spaces.values())
     assert bento.info.metadata["split"]["group_pattern"] == cfg.data.group_pattern
     served_files = {path.name for path in Path(bento.path).iterdir()}
@@ -126,10 +126,10 @@ def test_select_registers_saves_and_is_idempotent(
     logged = {a.path for a in MlflowClient().list_artifacts(first["mlflow_run_id"])}
     assert {"ood.npz", "model_card.md", "model_card.html"} <= logged
     assert "Not a diagnosis" in (Path(bento.path) / "model_card.md").read_text()
-    # serve.publish_backends, converted at publish and measured on the evidence and test photos
+    # publish.backends, converted at publish and measured on the evidence and test photos
     backends = bento.info.metadata["backends"]
-    assert list(backends) == ["keras", *cfg.serve.publish_backends]
-    for backend in cfg.serve.publish_backends:
+    assert list(backends) == ["keras", *cfg.publish.backends]
+    for backend in cfg.publish.backends:
         assert (backends[backend]["file"] in served_files) == backends[backend]["published"]
         assert {"evidence", "test", "label_agreement", "ms_per_photo"} <= set(backends[backend])
     check = bento.info.metadata["backend_check"]
@@ -156,12 +156,12 @@ def test_select_registers_saves_and_is_idempotent(
     assert len(bentoml.models.list(cfg.select.bentoml_model_name)) == 1
 
     # cnn wins on val -> version 2; back to vgg16 -> version 1 again, served model follows
-    _write_eval(cfg, "cnn", "val_metrics.json", _val(0.95, 0.4))
+    _write_eval(cfg, "cnn", "selection_metrics.json", _val(0.95, 0.4))
     cnn_test = {"balanced_accuracy": 1.0, "n_test": 9}
     _write_eval(cfg, "cnn", "test_metrics.json", json.dumps(cnn_test))
     _write_eval(cfg, "cnn", "metrics.json", json.dumps({"test": {"balanced_accuracy": 1.0}}))
     assert select(cfg)["registered_model_version"] == 2
-    _write_eval(cfg, "cnn", "val_metrics.json", _val(0.70, 0.4))
+    _write_eval(cfg, "cnn", "selection_metrics.json", _val(0.70, 0.4))
     back = select(cfg)
     assert back["registered_model_version"] == 1
     assert int(client.get_model_version_by_alias(name, "champion").version) == 1
@@ -191,7 +191,7 @@ def test_select_ships_the_temperature_and_tta_of_the_winner(candidates: DictConf
     cfg = candidates
     calibrated = {**json.loads(_val(0.90, 0.3)), "calibration": "temperature",
                   "temperature": 1.7, "tta": "flips"}  # fmt: skip
-    _write_eval(cfg, "vgg16", "val_metrics.json", json.dumps(calibrated))
+    _write_eval(cfg, "vgg16", "selection_metrics.json", json.dumps(calibrated))
     result = select(cfg)
     assert result["winner"] == "vgg16"
     shipped = (result["temperature"], result["tta"], result["calibration"])
@@ -208,14 +208,15 @@ def test_select_ships_the_temperature_and_tta_of_the_winner(candidates: DictConf
     assert version.tags["temperature"] == "1.7" and version.tags["tta"] == "flips"
 
     # a new temperature alone is a new BentoML model: the served probabilities change
-    _write_eval(cfg, "vgg16", "val_metrics.json", json.dumps({**calibrated, "temperature": 1.2}))
+    recalibrated = json.dumps({**calibrated, "temperature": 1.2})
+    _write_eval(cfg, "vgg16", "selection_metrics.json", recalibrated)
     again = select(cfg)
     assert again["bentoml_tag"] != result["bentoml_tag"]
     assert bentoml.models.get(again["bentoml_tag"]).info.metadata["temperature"] == 1.2
 
 
-def test_missing_val_metrics_is_a_clear_error(make_cfg: Callable[..., DictConfig]) -> None:
+def test_missing_selection_metrics_is_a_clear_error(make_cfg: Callable[..., DictConfig]) -> None:
     cfg = make_cfg()
-    _write_eval(cfg, "cnn", "val_metrics.json", _val(0.70, 0.4))
+    _write_eval(cfg, "cnn", "selection_metrics.json", _val(0.70, 0.4))
     with pytest.raises(FileNotFoundError, match="evaluate@vgg16"):
         select(cfg)

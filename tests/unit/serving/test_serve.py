@@ -14,6 +14,7 @@ import stat
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import bentoml
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from helpers.serve import (
@@ -100,24 +102,53 @@ def card(
 # ---------------------------------------------------------------------------- settings, card
 
 
+def serve_values(*overrides: str) -> dict:
+    """The composed ``serve:`` as plain dicts (its deprecated keys are ``???``, which a
+    DictConfig refuses to unpack)."""
+    return OmegaConf.to_container(compose(list(overrides)).serve, resolve=True)
+
+
 def test_serve_config_reads_every_key_of_the_composed_conf() -> None:
     cfg = compose()
     settings = ServeConfig.from_cfg(cfg.serve)
     assert settings.model_tag == cfg.serve.model_tag
     assert settings.max_upload_bytes == cfg.serve.max_upload_bytes
     assert settings.heatmap.alpha == cfg.serve.heatmap.alpha
+    assert settings.guard_enabled is True
     # a relative folder starts at the project root (the params file's), never the CWD
     assert settings.upload_dir == project_root() / cfg.serve.upload_dir
+    serve = serve_values()
     with pytest.raises(ValueError, match="backend"):
-        ServeConfig.from_cfg({**cfg.serve, "backend": "onnx"})
+        ServeConfig.from_cfg({**serve, "backend": "onnx"})
     with pytest.raises(TypeError):
-        ServeConfig.from_cfg({**cfg.serve, "unknown_knob": 1})
+        ServeConfig.from_cfg({**serve, "unknown_knob": 1})
     assert settings.explain == ExplainConfig(**cfg.serve.explain)
     with pytest.raises(ValueError, match="upload_retention_days"):
-        ServeConfig.from_cfg({**cfg.serve, "upload_retention_days": 0})
+        ServeConfig.from_cfg({**serve, "upload_retention_days": 0})
     with pytest.raises(ValueError, match="max_concurrent"):
-        ServeConfig.from_cfg({**cfg.serve, "explain": {"max_concurrent": 0,
-                                                             "max_waiting": 4}})  # fmt: skip
+        ServeConfig.from_cfg({**serve, "explain": {"max_concurrent": 0, "max_waiting": 4}})
+
+
+def test_the_old_guard_switch_still_works_for_one_release() -> None:
+    """serve.ood.enabled (the service's switch and publish's, before issue 28) is
+    serve.guard_enabled for the service: from a composed override, or from a params file
+    written before the rename, with a FutureWarning naming the new key; set both, differently:
+    an error. The publish-only keys an old params file holds are ignored here."""
+    with pytest.warns(FutureWarning, match="serve.ood.enabled -> serve.guard_enabled"):
+        overridden = ServeConfig.from_cfg(compose(["serve.ood.enabled=false"]).serve)
+    assert overridden.guard_enabled is False
+    new = serve_values()
+    old = {key: value for key, value in new.items() if key != "guard_enabled"}
+    old |= {"publish_backends": ["tflite_fp32"], "ood": {"enabled": False, "k": 5},
+            "monitoring": {**new["monitoring"], "components": 8}}  # fmt: skip
+    with pytest.warns(FutureWarning, match="serve.guard_enabled"):
+        assert ServeConfig.from_cfg(old).guard_enabled is False
+    with pytest.raises(ValueError, match="set only serve.guard_enabled"):
+        ServeConfig.from_cfg(compose(["serve.ood.enabled=false", "serve.guard_enabled=true"]).serve)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new key alone: no warning
+        off = ServeConfig.from_cfg(compose(["serve.guard_enabled=false"]).serve)
+    assert off.guard_enabled is False
 
 
 def test_serve_config_load_follows_pox_params(
@@ -549,7 +580,7 @@ def test_only_the_listed_formats_are_decoded_prepare_reads_any() -> None:
         preprocess.decode_image(tiff, formats=listed)
     assert preprocess.decode_image(tiff).size == (40, 30)  # prepare's own, broader acceptance
     with pytest.raises(ValueError, match="EPSS"):
-        ServeConfig.from_cfg({**compose().serve, "formats": ["JPEG", "EPSS"]})
+        ServeConfig.from_cfg({**serve_values(), "formats": ["JPEG", "EPSS"]})
 
 
 def test_a_phones_mpo_is_its_first_picture_drafted_as_a_jpeg() -> None:
@@ -560,9 +591,9 @@ def test_a_phones_mpo_is_its_first_picture_drafted_as_a_jpeg() -> None:
 
 
 def test_upload_settings_are_checked() -> None:
-    base = compose().serve
+    base = serve_values()
     with pytest.raises(ValueError, match="request_body_timeout_s"):
-        ServeConfig.from_cfg({**base, "request_body_timeout_s": base.timeout_s})
+        ServeConfig.from_cfg({**base, "request_body_timeout_s": base["timeout_s"]})
     with pytest.raises(ValueError, match="max_images_per_request"):
         ServeConfig.from_cfg({**base, "max_images_per_request": 1001})
     with pytest.raises(ValueError, match="max_concurrent_decodes"):
@@ -599,8 +630,7 @@ def api(service_app, tmp_path_factory: pytest.TempPathFactory) -> Iterator[objec
     """The service with its guard off: the noise test photos get labels (the guard's own
     tests below turn it on)."""
     root = tmp_path_factory.mktemp("api")
-    off = dataclasses.replace(settings(root).ood, enabled=False)
-    with client_for(service_app, root, ood=off) as client:
+    with client_for(service_app, root, guard_enabled=False) as client:
         yield client
 
 
@@ -779,9 +809,8 @@ def test_explain_over_its_limit_gets_429_with_retry_after_while_predict_answers(
         return gradcam(predictor, image)
 
     monkeypatch.setattr(Predictor, "gradcam", held)
-    off = dataclasses.replace(settings(tmp_path).ood, enabled=False)
     limit = ExplainConfig(max_concurrent=1, max_waiting=0)
-    with client_for(service_app, tmp_path, ood=off, explain=limit) as client:
+    with client_for(service_app, tmp_path, guard_enabled=False, explain=limit) as client:
         with ThreadPoolExecutor(1) as pool:
             try:
                 first = pool.submit(client.post, "/explain", files=upload(image_bytes(seed=5)))
@@ -822,8 +851,7 @@ def test_every_answer_says_whether_the_photo_looks_like_the_training_photos(
 
 
 def test_the_guard_has_an_off_switch(service_app, tmp_path: Path) -> None:
-    off = dataclasses.replace(settings(tmp_path).ood, enabled=False)
-    with client_for(service_app, tmp_path, ood=off) as client:
+    with client_for(service_app, tmp_path, guard_enabled=False) as client:
         blue = png_of(np.full((32, 32, 3), [30, 60, 220]))
         body = client.post("/predict", files=upload(blue)).json()
     assert body["in_distribution"] is True and body["ood"] == {"checked": False, "score": None}

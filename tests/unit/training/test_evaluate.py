@@ -29,7 +29,7 @@ def _read_outputs(cfg: DictConfig, name: str) -> tuple[dict, dict, pd.DataFrame]
     assert {p.name for p in (out / "figures").iterdir()} == FIGURES
     for figure in FIGURES:
         assert (out / "figures" / figure).read_bytes()[:4] == PNG_MAGIC
-    val = json.loads((out / "val_metrics.json").read_text())
+    val = json.loads((out / "selection_metrics.json").read_text())
     test = json.loads((out / "test_metrics.json").read_text())
     # DVC's metrics file: only the compared figures, the same numbers as the full reports
     compared = json.loads((out / "metrics.json").read_text())
@@ -201,7 +201,7 @@ def test_uncalibrated_evaluation_keeps_the_model_probabilities(
 def test_calibrated_tta_evaluation_is_what_the_service_computes(
     prepared_cfg: Callable[..., DictConfig],
 ) -> None:
-    """Temperature and TTA from val_metrics.json, as select ships them, make the serving
+    """Temperature and TTA from selection_metrics.json, as select ships them, make the serving
     Predictor reproduce predictions.csv: same probabilities, same decisions."""
     from helpers.models import tiny_model
     from pox_pipeline.data.prepare import load_split
@@ -273,3 +273,31 @@ def test_split_scores_carry_every_class_probability() -> None:
     np.testing.assert_array_equal(multi.targets, [1, 2])
     np.testing.assert_array_equal(multi.positive_score, [0.2, 0.2])
     np.testing.assert_array_equal(evaluate_module.predicted_indices(multi, None), [1, 0])
+
+
+def test_each_collection_gets_its_own_test_figures(make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg("evaluate.bootstrap.samples=50")
+    prepared = Path(cfg.paths.prepared_dir)
+    prepared.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    collections = ["a"] * 30 + ["b"] * 20
+    labels = np.array([0, 1] * 25)
+    # a is ranked well, b at random: the pooled figure hides b
+    proba = np.where(np.arange(50) < 30, 0.8 * labels + 0.1, rng.uniform(size=50))
+    rows = ["file,source,collection,class,group,split,sha256"] + [
+        f"test/{i}.png,/raw/{i}.png,{c},Monkeypox,g{i},test,0" for i, c in enumerate(collections)
+    ]
+    (prepared / "manifest.csv").write_text("\n".join(rows) + "\n")
+    scores = evaluate_module.SplitScores(
+        [], labels, np.stack([1 - proba, proba], axis=1), 1, binary=True
+    )
+    found = evaluate_module.by_collection(cfg, scores, 0.5)["by_collection"]
+    assert list(found) == ["a", "b"]
+    assert found["a"]["n_test"] == 30 and found["b"]["n_test"] == 20
+    assert found["a"]["auc"] == 1.0 and found["b"]["auc"] < 0.8
+    expected = evaluate_module.with_ci(scores.subset(np.arange(30, 50)), 0.5, cfg)
+    assert found["b"]["auc"] == expected["auc"]
+    assert found["b"]["auc_ci_low"] == expected["auc_ci_low"]
+    one = [r.replace(",b,", ",a,") for r in rows]
+    (prepared / "manifest.csv").write_text("\n".join(one) + "\n")
+    assert evaluate_module.by_collection(cfg, scores, 0.5) == {}

@@ -146,7 +146,7 @@ def test_the_cheapest_eligible_model_wins(
     for name in ("big", "small", "weak"):
         evaluated = paths.eval_dir(cfg, name)
         evaluated.mkdir(parents=True)
-        (evaluated / paths.VAL_METRICS_FILE).write_text("{}")
+        (evaluated / paths.SELECTION_METRICS_FILE).write_text("{}")
     cost = {"big": 30e9, "small": 8e9, "weak": 1e9}
     counted: list[str] = []
     monkeypatch.setattr(select, "load_keras_model", lambda path: path.parent.name)
@@ -181,9 +181,10 @@ def test_flops_count_the_models_work_and_its_tta_views() -> None:
 METADATA = {
     "classes": ["Monkeypox", "Others"], "positive_class": "Monkeypox", "threshold": 0.2,
     "image_size": 32, "resample": "bilinear",
-    "val_metrics": {"evidence": "out_of_fold", "n_val": 182, "sensitivity": 0.9,
-                    "sensitivity_ci_low": 0.84, "sensitivity_ci_high": 0.95,
-                    "specificity": 0.6, "specificity_ci_low": 0.5, "specificity_ci_high": 0.7},
+    "selection_metrics": {"evidence": "out_of_fold", "n_val": 182, "sensitivity": 0.9,
+                          "sensitivity_ci_low": 0.84, "sensitivity_ci_high": 0.95,
+                          "specificity": 0.6, "specificity_ci_low": 0.5,
+                          "specificity_ci_high": 0.7},
 }  # fmt: skip
 
 
@@ -194,6 +195,15 @@ def test_the_answer_states_the_promised_rates_with_their_intervals() -> None:
     assert "90% (95% interval 84%-95%)" in trade and "40% (95% interval 30%-50%)" in trade
     (answer,) = card.results(np.array([[0.3]]))
     assert trade in answer["explanation"] and answer["label"] == "Monkeypox"
+
+
+def test_a_model_published_with_the_old_val_metrics_key_still_states_its_evidence() -> None:
+    old = {k: v for k, v in METADATA.items() if k != "selection_metrics"}
+    old["val_metrics"] = METADATA["selection_metrics"]
+    trade = DecisionPolicy.from_metadata("pox", "v1", old).threshold_trade()
+    assert trade == DecisionPolicy.from_metadata("pox", "v1", METADATA).threshold_trade()
+    assert "182 out-of-fold predictions" in trade
+    assert "182 out-of-fold" in model_card.render("pox", old)
 
 
 def test_a_site_threshold_override_changes_the_decision_and_says_so() -> None:
