@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pox_pipeline.common import paths
@@ -38,10 +39,10 @@ def manifest_rows(cfg: DictConfig) -> list[dict[str, str]]:
 
 
 def left_out_view(rows: list[dict[str, str]], collection: str, root: Path, prepared: Path) -> int:
-    """Write a prepared set under ``root`` whose test split is ``collection`` and whose training
-    photos are the other collections' (their test photos train too: nobody scores them here),
-    minus any group that reaches into ``collection``. The photos are linked, not copied.
-    Returns the number of training photos."""
+    """Write a prepared set under ``root`` whose test split is all of ``collection`` beside the
+    other collections' own test photos, and whose training photos are the other collections'
+    train and val photos (as the pipeline's model has them), minus any group that reaches into
+    ``collection``. The photos are linked, not copied. Returns the number of training photos."""
     root.mkdir(parents=True)
     for split in SPLITS:
         if (prepared / split).exists():
@@ -52,7 +53,7 @@ def left_out_view(rows: list[dict[str, str]], collection: str, root: Path, prepa
         if row["collection"] == collection:
             kept.append({**row, "split": "test"})
         elif row["group"] not in scored_groups:
-            kept.append({**row, "split": "train" if row["split"] == "test" else row["split"]})
+            kept.append(row)
     with (root / MANIFEST_NAME).open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -60,10 +61,10 @@ def left_out_view(rows: list[dict[str, str]], collection: str, root: Path, prepa
     return sum(row["split"] != "test" for row in kept)
 
 
-def guard_refusals(cfg: DictConfig, model_name: str) -> float | None:
-    """The share of the left-out (test) photos the guard refuses, the guard fitted on the
-    training collections' photos as publish fits it (None when the guard is off)."""
-    from pox_pipeline.data.prepare import load_split
+def guard_refusals(cfg: DictConfig, model_name: str, collection: str) -> float | None:
+    """The share of ``collection``'s photos (in the view's test split) the guard refuses, the
+    guard fitted on the training collections' photos as publish fits it (None: guard off)."""
+    from pox_pipeline.data.prepare import load_split, split_collections_of
     from pox_pipeline.guard import ood
     from pox_pipeline.models.inference import load_keras_model
     from pox_pipeline.release.publish import GuardPhotos
@@ -76,6 +77,7 @@ def guard_refusals(cfg: DictConfig, model_name: str) -> float | None:
     tta = str(cfg.evaluate.tta)
     guard, _ = GuardPhotos.of_model(cfg, model_name).fit(model, settings, tta)
     images, _, _ = load_split(cfg, "test")
+    images = images[np.array(split_collections_of(cfg, "test")) == collection]
     scores = guard.scores(ood.features_of(model, images, settings, tta))
     return float((scores > 1).mean())
 
@@ -94,7 +96,9 @@ def check_collection(cfg: DictConfig, model_name: str, collection: str, work: Pa
                             Path(cfg.paths.prepared_dir))  # fmt: skip
     train(view, model_name, parent_run_id=parent_run_id)
     figures = evaluate(view, model_name)
-    evidence, scored = figures["val"], figures["test"]
+    evidence = figures["val"]
+    by_collection = figures["test"].get("by_collection") or {collection: figures["test"]}
+    scored = by_collection[collection]
     keep = ("auc", "auc_ci_low", "auc_ci_high", "sensitivity", "sensitivity_ci_low",
             "sensitivity_ci_high", "specificity", "specificity_ci_low", "specificity_ci_high",
             "balanced_accuracy", "balanced_accuracy_ci_low", "balanced_accuracy_ci_high")
@@ -105,7 +109,12 @@ def check_collection(cfg: DictConfig, model_name: str, collection: str, work: Pa
         **{key: scored.get(key) for key in keep},
         # what the evidence on the other collections promised at that threshold
         "promised": {key: evidence.get(key) for key in PROMISED},
-        "guard_refused": guard_refusals(view, model_name),
+        "guard_refused": guard_refusals(view, model_name, collection),
+        # the same model on the test photos of the collections it trained on
+        "on_training_collections": {
+            name: {key: figures.get(key) for key in ("n_test", *keep)}
+            for name, figures in by_collection.items() if name != collection
+        },
     }
     result["moved"] = {
         key: _difference(result.get(key), evidence.get(key)) for key in PROMISED

@@ -365,7 +365,7 @@ def crosscheck_section(crosscheck: Mapping[str, Any]) -> Section:
             "taken elsewhere."
         ])  # fmt: skip
     header = ["left out", "photos", "AUC", "sensitivity (promised)", "specificity (promised)",
-              "guard refused"]  # fmt: skip
+              "guard refused", "AUC on the test photos of the rest"]  # fmt: skip
     rows = [header]
     for name, figures in collections.items():
         promised = figures.get("promised", {})
@@ -375,6 +375,8 @@ def crosscheck_section(crosscheck: Mapping[str, Any]) -> Section:
             f"{interval_text(figures, 'sensitivity')} ({_percent(promised.get('sensitivity'))})",
             f"{interval_text(figures, 'specificity')} ({_percent(promised.get('specificity'))})",
             "guard off" if refused is None else _percent(refused),
+            ", ".join(f"{other}: {interval_text(seen, 'auc')}" for other, seen
+                      in figures.get("on_training_collections", {}).items()) or "n/a",
         ])  # fmt: skip
     return Section(
         "On a collection it never saw",

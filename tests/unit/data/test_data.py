@@ -505,6 +505,28 @@ def test_msld_split_is_patient_independent_and_balanced(
         assert abs(len(in_split) / len(rows) - cfg.data.split[split]) < 0.05
 
 
+@requires_msld
+def test_msld_and_msid_are_one_leak_free_set_of_two_collections(
+    make_cfg: Callable[..., DictConfig],
+) -> None:
+    cfg = make_cfg("data=msld_msid", f"data.raw_dir={MSLD_DIR.parent}")
+    report = prepare(cfg)
+    rows = _manifest(cfg)
+    assert report["collections"] == {"msld": {"Monkeypox": 102, "Others": 126},
+                                     "msid": {"Monkeypox": 191, "Others": 430}}  # fmt: skip
+    assert len(rows) == 849 and report["totals"]["dropped"] == 0
+    assert {Path(s["file"]).name for s in report["skipped"]} == {"MANIFEST.md"}
+    assert all(len(s) == 1 for s in _splits_by(rows, lambda r: r["group"]).values())
+    for collection in ("msld", "msid"):  # each collection in every split, in proportion
+        mine = [r for r in rows if r["collection"] == collection]
+        for split in SPLITS:
+            share = sum(r["split"] == split for r in mine) / len(mine)
+            assert abs(share - cfg.data.split[split]) < 0.06, (collection, split, share)
+    for pair in report["cross_collection_pairs"]:  # a photo in both: one group, one split
+        groups = {r["group"] for r in rows if r["source"] in (pair["a"], pair["b"])}
+        assert len(groups) == 1
+
+
 def _phone_jpeg(size: tuple[int, int] = (1200, 900), orientation: int = 6) -> bytes:
     """A large JPEG with an EXIF orientation, as phones write them (at a test's size)."""
     exif = Image.Exif()

@@ -46,9 +46,9 @@ def test_the_left_out_view_scores_one_collection_and_trains_on_the_rest(tmp_path
     n_train = crosscheck.left_out_view(rows, "b", tmp_path / "view", prepared)
     with (tmp_path / "view" / "manifest.csv").open(newline="") as handle:
         view = {row["file"]: row["split"] for row in csv.DictReader(handle)}
-    assert view == {"train/a1.png": "train", "test/a2.png": "train", "val/a3.png": "val",
+    assert view == {"train/a1.png": "train", "test/a2.png": "test", "val/a3.png": "val",
                     "val/b9.png": "test", "train/b1.png": "test"}  # fmt: skip
-    assert n_train == 3
+    assert n_train == 2
     assert (tmp_path / "view" / "train").resolve() == (prepared / "train").resolve()
 
 
@@ -90,6 +90,10 @@ def test_each_collection_is_scored_by_a_model_that_never_saw_it(two_clinics: Dic
         assert moved == pytest.approx(figures["sensitivity"] - figures["promised"]["sensitivity"],
                                       abs=1e-4)  # fmt: skip
         assert 0 <= figures["guard_refused"] <= 1
+        (other,) = figures["on_training_collections"]  # its own collection's test photos
+        assert figures["on_training_collections"][other]["n_test"] == sum(
+            row["collection"] == other and row["split"] == "test" for row in rows
+        )
 
     out = paths.crosscheck_dir(two_clinics, "cnn")
     assert json.loads((out / "crosscheck.json").read_text()) == json.loads(json.dumps(report))
