@@ -68,7 +68,8 @@ def project_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_dvc_repro_runs_every_stage_then_nothing(project_copy: Path) -> None:
     first = _run(["dvc", "repro"], project_copy)
     assert stages_run(first) == {
-        "synthesize", "prepare", *(f"{stage}@{name}" for stage in ("train", "evaluate")
+        "synthesize", "prepare", *(f"{stage}@{name}" for stage in ("train", "evaluate",
+                                                                    "crosscheck")
                                     for name in MODELS), "select",
     }  # fmt: skip
     reports = project_copy / "reports"
@@ -102,7 +103,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(project_copy: Path) -> None:
     assert "failed to load" not in shown
     [revision] = json.JSONDecoder().raw_decode(shown, shown.index("{"))[0].values()
     files = revision["data"]
-    expected = {f"reports/eval/{m}/metrics.json" for m in MODELS} | {"reports/champion.json"}
+    expected = {f"reports/{stage}/{m}/metrics.json" for m in MODELS
+                for stage in ("eval", "crosscheck")} | {"reports/champion.json"}  # fmt: skip
     assert set(files) == expected
     assert not any("error" in result for result in files.values())
 
@@ -119,4 +121,4 @@ def test_dvc_repro_runs_every_stage_then_nothing(project_copy: Path) -> None:
 def test_changing_a_cnn_param_reruns_only_cnn_stages(project_copy: Path) -> None:
     changed = [o.replace("model.cnn.epochs=1", "model.cnn.epochs=2") for o in TINY]
     output = _run(["dvc", "exp", "run", *(a for o in changed for a in ("-S", o))], project_copy)
-    assert stages_run(output) == {"train@cnn", "evaluate@cnn", "select"}
+    assert stages_run(output) == {"train@cnn", "evaluate@cnn", "crosscheck@cnn", "select"}

@@ -144,7 +144,7 @@ def finished_run(pipeline_env: dict, tmp_path_factory: pytest.TempPathFactory) -
         root, pipeline_env,
     )  # fmt: skip
     assert stages_run(output) == {"synthesize", "prepare", f"train@{MODEL}",
-                                  f"evaluate@{MODEL}", "select"}  # fmt: skip
+                                  f"evaluate@{MODEL}", f"crosscheck@{MODEL}", "select"}  # fmt: skip
     run(["git", "add", "-A"], root, pipeline_env)
     run([*git, "commit", "-qm", "a finished run"], root, pipeline_env)
     run(["dvc", "push"], root, pipeline_env)

@@ -153,6 +153,7 @@ def test_evaluate_multiclass_uses_argmax_and_writes_per_class(
         return images, labels, files
 
     monkeypatch.setattr(evaluate_module, "load_split", fake_split)
+    monkeypatch.setattr(evaluate_module, "split_collections_of", lambda _cfg, _split: [])
     fake_trained_model(cfg, "cnn", n_classes=3)
     evaluate(cfg, "cnn")
     val, test, predictions = _read_outputs(cfg, "cnn")
@@ -187,6 +188,7 @@ def test_uncalibrated_evaluation_keeps_the_model_probabilities(
         return images, labels, files
 
     monkeypatch.setattr(evaluate_module, "load_split", fake_split)
+    monkeypatch.setattr(evaluate_module, "split_collections_of", lambda _cfg, _split: [])
     model = fake_trained_model(cfg, "cnn")
     evaluate(cfg, "cnn")
     images, _, _ = fake_split(cfg, "test")
